@@ -1,0 +1,35 @@
+"""Grouped-query attention with Uni-RoPE over the FlashMask operator.
+
+Legend: B batch, S sequence, H query heads, K key/value heads, D head_dim, M model width.
+Every attention pattern (causal text, packed documents, block-causal vision) arrives as FlashMask
+`startend_row_indices` [B, 1|K, S, C]; this layer never builds an S x S mask itself.
+"""
+
+from __future__ import annotations
+
+from paddle import nn
+
+from ..config import AttentionConfig
+from ..ops.flashmask import flashmask_attention
+from .rope import apply_rope
+
+
+class Attention(nn.Layer):
+    def __init__(self, hidden_size: int, cfg: AttentionConfig, init_std: float):
+        super().__init__()
+        self.cfg = cfg
+        h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        init = nn.initializer.Normal(std=init_std)
+        self.qkv = nn.Linear(hidden_size, (h + 2 * k) * d, weight_attr=init, bias_attr=False)
+        self.out = nn.Linear(h * d, hidden_size, weight_attr=init, bias_attr=False)
+
+    def forward(self, x_BSM, cos, sin, startend_row_indices):
+        b, s, _ = x_BSM.shape
+        h, k, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
+        qkv = self.qkv(x_BSM).reshape([b, s, h + 2 * k, d])
+        q_BSHD, k_BSKD, v_BSKD = qkv.split([h, k, k], axis=2)
+        q_BSHD = apply_rope(q_BSHD, cos, sin)
+        k_BSKD = apply_rope(k_BSKD, cos, sin)
+        o_BSHD = flashmask_attention(q_BSHD, k_BSKD, v_BSKD, startend_row_indices, causal=True,
+                                     softmax_scale=d ** -0.5, backend=self.cfg.backend)
+        return self.out(o_BSHD.reshape([b, s, h * d]))

@@ -1,0 +1,35 @@
+"""Transformer block: pre-norm attention and feed-forward (MoE or dense), two residual lines.
+
+    x ─┬─ RMSNorm ─ Attention ─(+)─┬─ RMSNorm ─ MoE / SwiGLU ─(+)─> x
+       └────────────────────────────┘  └──────────────────────────┘
+"""
+
+from __future__ import annotations
+
+from paddle import nn
+
+from ..config import ModelConfig
+from .attention import Attention
+from .experts import SwiGLU
+from .moe import MoE
+from .norm import RMSNorm
+from .view import FULL_VIEW
+
+
+class Block(nn.Layer):
+    def __init__(self, cfg: ModelConfig, use_moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.attn = Attention(cfg.hidden_size, cfg.attention, cfg.init_std)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        moe = cfg.moe
+        self.ffn = (MoE(cfg.hidden_size, moe, cfg.init_std) if use_moe
+                    else SwiGLU(cfg.hidden_size, moe.expert_hidden * moe.top_k
+                                + moe.shared_expert_hidden * moe.num_shared_experts, cfg.init_std))
+
+    def forward(self, x, cos, sin, startend_row_indices, view=FULL_VIEW):
+        x = x + self.attn(self.attn_norm(x), cos, sin, startend_row_indices)
+        if isinstance(self.ffn, MoE):
+            y, stats = self.ffn(self.ffn_norm(x), view)
+            return x + y, stats
+        return x + self.ffn(self.ffn_norm(x)), None

@@ -1,0 +1,64 @@
+"""Per-modality input embeddings behind one registry.
+
+Each modality registers a factory building a layer that maps the batch to [B, S, M] for the positions
+whose `token_types` equal its id. Adding a modality means registering one class; the blocks never
+change. Text is built in; image, video and audio register themselves from their own modules.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import paddle
+from paddle import nn
+
+from ..config import MODALITIES, ModelConfig
+
+MODALITY_IDS = {name: i for i, name in enumerate(MODALITIES)}
+_REGISTRY: dict[str, Callable[[ModelConfig], nn.Layer]] = {}
+
+
+def register_modality(name: str):
+    """Class decorator: `@register_modality("image") class ImageEmbedding(nn.Layer)`."""
+    if name not in MODALITY_IDS:
+        raise ValueError(f"unknown modality {name!r}; known: {list(MODALITY_IDS)}")
+
+    def wrap(factory):
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+@register_modality("text")
+class TextEmbedding(nn.Layer):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.table = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                  weight_attr=nn.initializer.Normal(std=cfg.init_std))
+
+    def forward(self, batch):
+        return self.table(batch["input_ids"])
+
+
+class ModalityEmbeddings(nn.Layer):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        missing = [m for m in cfg.modalities if m not in _REGISTRY]
+        if missing:
+            raise ValueError(f"model.modalities lists {missing}, which have no embedding registered "
+                             f"in this build; available: {sorted(_REGISTRY)}")
+        self.by_modality = nn.LayerDict({m: _REGISTRY[m](cfg) for m in cfg.modalities})
+
+    def forward(self, batch):
+        if len(self.by_modality) == 1:
+            return next(iter(self.by_modality.values()))(batch)
+        types_BS1 = batch["token_types"].unsqueeze(-1)
+        x = None
+        for name, layer in self.by_modality.items():
+            part = layer(batch)
+            x = part if x is None else paddle.where(types_BS1 == MODALITY_IDS[name], part, x)
+        return x
+
+    def text_table(self):
+        return self.by_modality["text"].table

@@ -1,0 +1,51 @@
+"""SwiGLU feed-forward networks: one dense FFN and a stacked pool of experts.
+
+Legend: T tokens, M model width, F expert hidden width, E experts, C tokens per expert (capacity).
+"""
+
+from __future__ import annotations
+
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+
+
+class SwiGLU(nn.Layer):
+    """Dense SwiGLU FFN (shared expert, dense layers); gate and up projections fused in one matmul."""
+
+    def __init__(self, hidden_size: int, ffn_hidden: int, init_std: float):
+        super().__init__()
+        init = nn.initializer.Normal(std=init_std)
+        self.gate_up = nn.Linear(hidden_size, 2 * ffn_hidden, weight_attr=init, bias_attr=False)
+        self.down = nn.Linear(ffn_hidden, hidden_size, weight_attr=init, bias_attr=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, axis=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class GroupedExperts(nn.Layer):
+    """E SwiGLU experts applied to tokens already grouped per expert: [E, C, M] -> [E, C, M].
+
+    One batched matmul per projection for all experts (no loop over experts or tokens)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden: int, init_std: float):
+        super().__init__()
+        init = nn.initializer.Normal(std=init_std)
+        self.w_gate_up = self.create_parameter([num_experts, hidden_size, 2 * ffn_hidden],
+                                               default_initializer=init)
+        self.w_down = self.create_parameter([num_experts, ffn_hidden, hidden_size],
+                                            default_initializer=init)
+
+    def forward(self, x_ECM, experts=None):
+        """`experts`: optional int64 tensor of the expert indices the rows of x_ECM belong to."""
+        w_gate_up, w_down = self.w_gate_up, self.w_down
+        if experts is not None:
+            w_gate_up, w_down = paddle.gather(w_gate_up, experts), paddle.gather(w_down, experts)
+        gate, up = paddle.bmm(x_ECM, w_gate_up).chunk(2, axis=-1)
+        return paddle.bmm(F.silu(gate) * up, w_down)
+
+    def expert_forward(self, e: int, x_CM):
+        """One expert on its own tokens; used by the naive reference path."""
+        gate, up = paddle.matmul(x_CM, self.w_gate_up[e]).chunk(2, axis=-1)
+        return paddle.matmul(F.silu(gate) * up, self.w_down[e])

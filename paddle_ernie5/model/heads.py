@@ -1,0 +1,51 @@
+"""Output heads: text next-token head and the multi-token-prediction (MTP) module.
+
+MTP (DeepSeek-V3 style, depth 1): at position i the module combines the final hidden state h_i with
+the embedding of token i+1 and predicts token i+2 through one extra block and the shared text head.
+
+    h_i ─ RMSNorm ─┐
+                   concat ─ Linear(2M -> M) ─ Block ─ RMSNorm ─ text head ─> logits for x_{i+2}
+    emb(x_{i+1}) ─ RMSNorm ─┘
+
+The MTP block uses a dense SwiGLU (width of the activated experts) rather than the expert pool: it is
+a training-time auxiliary, and keeping it dense keeps expert statistics those of the backbone only.
+"""
+
+from __future__ import annotations
+
+import paddle
+from paddle import nn
+
+from ..config import ModelConfig
+from .block import Block
+from .norm import RMSNorm
+
+
+class TextHead(nn.Layer):
+    def __init__(self, cfg: ModelConfig, tied_table=None):
+        super().__init__()
+        self.tied_table = tied_table
+        self.proj = None if tied_table is not None else nn.Linear(
+            cfg.hidden_size, cfg.vocab_size, weight_attr=nn.initializer.Normal(std=cfg.init_std),
+            bias_attr=False)
+
+    def forward(self, h_BSM):
+        if self.tied_table is not None:
+            return paddle.matmul(h_BSM, self.tied_table.weight, transpose_y=True)
+        return self.proj(h_BSM)
+
+
+class MTPModule(nn.Layer):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.embed_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.merge = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size,
+                               weight_attr=nn.initializer.Normal(std=cfg.init_std), bias_attr=False)
+        self.block = Block(cfg, use_moe=False)
+        self.out_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+
+    def forward(self, h_BSM, next_embed_BSM, cos, sin, startend_row_indices):
+        x = self.merge(paddle.concat([self.hidden_norm(h_BSM), self.embed_norm(next_embed_BSM)], -1))
+        x, _ = self.block(x, cos, sin, startend_row_indices)
+        return self.out_norm(x)

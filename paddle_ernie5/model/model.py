@@ -1,0 +1,75 @@
+"""The unified ERNIE 5.0 backbone.
+
+Legend: B batch, S sequence, M width, V text vocabulary.
+
+    batch ─ ModalityEmbeddings ─ [Block] x L ─ RMSNorm ─ text head ─> logits_BSV
+                                                    └─ MTP module ─ text head ─> mtp_logits_BSV
+
+Inputs (dict of tensors): input_ids [B,S] int64, token_types [B,S] int64, positions [B,3,S] int64
+(Uni-RoPE t, h, w), startend_row_indices [B,1,S,C] int32 (FlashMask). Outputs: `ModelOutput` with
+logits and one `RouterStats` per MoE layer that ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import paddle
+from paddle import nn
+
+from ..config import ModelConfig
+from .block import Block
+from .embeddings import ModalityEmbeddings
+from .heads import MTPModule, TextHead
+from .moe import RouterStats
+from .norm import RMSNorm
+from .rope import rope_cos_sin
+from .params import count_params  # noqa: F401  (re-exported)
+from .view import FULL_VIEW, ElasticView
+
+
+@dataclass
+class ModelOutput:
+    logits: paddle.Tensor
+    mtp_logits: paddle.Tensor | None
+    hidden: paddle.Tensor
+    router_stats: dict[int, RouterStats]  # layer index -> stats, MoE layers that ran
+
+
+class Ernie5Model(nn.Layer):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = ModalityEmbeddings(cfg)
+        self.blocks = nn.LayerList([Block(cfg, use_moe=i >= cfg.moe.first_dense_layers)
+                                    for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.text_head = TextHead(cfg, self.embed.text_table() if cfg.tie_embeddings else None)
+        self.mtp = MTPModule(cfg) if cfg.num_mtp_modules > 0 else None
+
+    def forward(self, batch, view: ElasticView = FULL_VIEW, with_mtp: bool = True) -> ModelOutput:
+        att = self.cfg.attention
+        cos, sin = rope_cos_sin(batch["positions"], att.head_dim, att.rope_base, att.rope_sections)
+        mask = batch["startend_row_indices"]
+        x = self.embed(batch)
+        stats = {}
+        layers = range(len(self.blocks)) if view.layers is None else view.layers
+        for i in layers:
+            x, layer_stats = self.blocks[i](x, cos, sin, mask, view)
+            if layer_stats is not None:
+                stats[i] = layer_stats
+        h = self.norm(x)
+        logits = self.text_head(h)
+        mtp_logits = None
+        if with_mtp and self.mtp is not None:
+            next_ids = paddle.concat([batch["input_ids"][:, 1:], batch["input_ids"][:, -1:]], axis=1)
+            next_embed = self.embed.text_table()(next_ids)
+            mtp_logits = self.text_head(self.mtp(x, next_embed, cos, sin, mask))
+        return ModelOutput(logits, mtp_logits, h, stats)
+
+    def num_params(self) -> int:
+        return sum(int(p.numel()) for p in self.parameters())
+
+    def moe_layers(self):
+        """(layer index, MoE layer) for every block whose FFN is an MoE."""
+        return [(i, b.ffn) for i, b in enumerate(self.blocks) if hasattr(b.ffn, "router")]

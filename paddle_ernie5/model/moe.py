@@ -1,0 +1,79 @@
+"""Mixture-of-experts feed-forward: router -> dispatcher -> experts -> combine, plus a shared expert.
+
+Legend: B batch, S sequence, T = B*S tokens, M width, E experts, K top-k.
+
+    x_BSM -> router -> Routing(ids, weights, load)
+          -> dispatcher.dispatch -> expert_inputs_ECM -> experts -> dispatcher.combine -> y_TM
+          + shared_expert(x)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+from paddle import nn
+
+from ..config import MoEConfig
+from .dispatch import LocalDispatcher
+from .experts import GroupedExperts, SwiGLU
+from .router import Router, Routing
+from .view import FULL_VIEW, ElasticView
+
+
+@dataclass
+class RouterStats:
+    """What one MoE layer reports per forward (explicit outputs, consumed by losses and the trainer)."""
+
+    load_E: paddle.Tensor  # int64 assignments per expert
+    aux_loss: paddle.Tensor
+    z_loss: paddle.Tensor
+    expert_mask_E: np.ndarray | None  # experts the elastic view allowed (None = all)
+
+
+class MoE(nn.Layer):
+    def __init__(self, hidden_size: int, cfg: MoEConfig, init_std: float):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(hidden_size, cfg, init_std)
+        self.experts = GroupedExperts(cfg.num_experts, hidden_size, cfg.expert_hidden, init_std)
+        self.shared = (SwiGLU(hidden_size, cfg.shared_expert_hidden * cfg.num_shared_experts, init_std)
+                       if cfg.num_shared_experts > 0 else None)
+        # A strategy object without state; expert parallelism swaps it for a distributed one.
+        self.dispatcher = LocalDispatcher(cfg.capacity_factor)
+
+    def route(self, x_TM, num_seqs: int, view: ElasticView) -> Routing:
+        return self.router(x_TM, num_seqs=num_seqs, top_k=view.top_k,
+                           expert_mask_E=view.expert_mask(self.cfg.num_experts))
+
+    def forward(self, x_BSM, view: ElasticView = FULL_VIEW):
+        b, s, m = x_BSM.shape
+        x_TM = x_BSM.reshape([b * s, m])
+        routing = self.route(x_TM, b, view)
+        expert_inputs_ECM, _, meta = self.dispatcher.dispatch(x_TM, routing, self.cfg.num_experts)
+        y_TM = self.dispatcher.combine(self.experts(expert_inputs_ECM), meta)
+        if self.shared is not None:
+            y_TM = y_TM + self.shared(x_TM)
+        stats = RouterStats(routing.load_E, routing.aux_loss, routing.z_loss,
+                            view.expert_mask(self.cfg.num_experts))
+        return y_TM.reshape([b, s, m]), stats
+
+    def forward_reference(self, x_BSM, view: ElasticView = FULL_VIEW):
+        """Naive per-expert loop with the same routing: the oracle the grouped path is tested against."""
+        b, s, m = x_BSM.shape
+        x_TM = x_BSM.reshape([b * s, m])
+        routing = self.route(x_TM, b, view)
+        ids_TK = routing.topk_ids_TK.numpy()
+        y_TM = paddle.zeros_like(x_TM)
+        for e in range(self.cfg.num_experts):
+            tok, slot = np.nonzero(ids_TK == e)
+            if tok.size == 0:
+                continue
+            tok_t = paddle.to_tensor(tok)
+            w = paddle.gather_nd(routing.topk_weights_TK, paddle.to_tensor(np.stack([tok, slot], 1)))
+            out = self.experts.expert_forward(e, paddle.gather(x_TM, tok_t)) * w.unsqueeze(-1)
+            y_TM = paddle.scatter(y_TM, tok_t, out, overwrite=False)
+        if self.shared is not None:
+            y_TM = y_TM + self.shared(x_TM)
+        return y_TM.reshape([b, s, m])

@@ -1,0 +1,121 @@
+"""Checkpoints: safetensors for tensors, JSON for the rest, written atomically, verified on load.
+
+Layout of one checkpoint (a directory under <run_dir>/checkpoints/):
+
+    step_00000200/
+      model.safetensors      model parameters and persistable buffers (router selection bias)
+      optimizer.safetensors  optimizer moments keyed by structured parameter name
+      meta.json              step, data position, RNG states, config hash, sha256 of both files
+
+It is first written as `step_00000200.tmp`, flushed, then renamed: a crash leaves either the old set
+of checkpoints or the new one, never a half-written checkpoint that looks complete. Loading checks
+every file's size and sha256, so a truncated or corrupted file is refused with a clear error and
+`latest_valid` falls back to the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_FILES = ("model.safetensors", "optimizer.safetensors")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(root: str, step: int, model_state: dict[str, np.ndarray], optim_state: dict[str, np.ndarray],
+         meta: dict, keep_last: int) -> str:
+    """Write checkpoint `step` atomically under `root`; keep the newest `keep_last`. Returns its path."""
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    files = {}
+    for name, tensors in zip(_FILES, (model_state, optim_state)):
+        path = os.path.join(tmp, name)
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path)
+        files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump({**meta, "step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Complete checkpoint directories under `root`, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if _STEP_DIR.match(n))
+    return [os.path.join(root, n) for n in names]
+
+
+def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+    """(model_state, optimizer_state, meta) of the checkpoint at `path`, verified."""
+    meta_path = os.path.join(path, "meta.json")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        files = meta["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path} has no readable meta.json ({e}); "
+                              "delete the directory or point to another checkpoint") from None
+    states = []
+    for name in _FILES:
+        fpath = os.path.join(path, name)
+        want = files.get(name, {})
+        if not os.path.isfile(fpath):
+            raise CheckpointError(f"checkpoint {path} is missing {name}")
+        size = os.path.getsize(fpath)
+        if size != want.get("bytes") or _sha256(fpath) != want.get("sha256"):
+            raise CheckpointError(f"checkpoint file {fpath} is corrupt or truncated "
+                                  f"({size} bytes, expected {want.get('bytes')} with a matching sha256)")
+        try:
+            states.append(load_file(fpath))
+        except Exception as e:  # noqa: BLE001 - any parse failure means the same thing here
+            raise CheckpointError(f"checkpoint file {fpath} cannot be parsed: {e}") from None
+    return states[0], states[1], meta
+
+
+def latest_valid(root: str, warn=print):
+    """Newest checkpoint under `root` that loads, as (path, model, optim, meta); None if there is none.
+    Corrupt ones are reported through `warn` and skipped (never deleted: they may be inspected)."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            return (path, *load(path))
+        except CheckpointError as e:
+            warn(f"warning: {e}; falling back to the previous checkpoint")
+    return None

@@ -1,0 +1,68 @@
+"""Run logging: VisualDL scalars/histograms plus a metrics.jsonl file in the run directory.
+
+One VisualDL log directory per run (<run_dir>/vdl) so `visualdl --logdir runs` shows runs side by side.
+metrics.jsonl holds one JSON object per logged step; tests and tools read it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+def load_balance(load_E: np.ndarray) -> tuple[float, float]:
+    """(normalised entropy of the expert-load distribution, max/mean load). 1.0 and 1.0 = balanced."""
+    load = np.asarray(load_E, dtype=np.float64)
+    total = load.sum()
+    if total <= 0 or load.size < 2:
+        return 1.0, 1.0
+    p = load / total
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum() / np.log(load.size)), float(load.max() / load.mean())
+
+
+class RunLogger:
+    def __init__(self, run_dir: str, visualdl: bool = True):
+        os.makedirs(run_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._vdl = None
+        if visualdl:
+            from visualdl import LogWriter
+
+            self._vdl = LogWriter(logdir=os.path.join(run_dir, "vdl"))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()
+        if self._vdl is not None:
+            for tag, value in values.items():
+                self._vdl.add_scalar(tag=tag, value=float(value), step=step)
+
+    def histogram(self, step: int, tag: str, values: np.ndarray) -> None:
+        if self._vdl is not None:
+            self._vdl.add_histogram(tag=tag, values=np.asarray(values, dtype=np.float64), step=step,
+                                    buckets=min(64, max(2, np.asarray(values).size)))
+
+    def hparams(self, flat_config: dict, metrics: list[str]) -> None:
+        if self._vdl is not None:
+            hp = {k: (v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else str(v))
+                  for k, v in flat_config.items()}
+            self._vdl.add_hparams(hparams_dict=hp, metrics_list=metrics)
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._vdl is not None:
+            self._vdl.close()
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,225 @@
+"""The pretraining loop. It delegates: data (data/), model (model/), objective (losses), optimizer and
+clipping (optim), schedule (schedules), checkpoints (checkpoint), metrics (logging).
+
+One optimizer step = `grad_accum` micro-batches, each forward + backward; then clip, AdamW step,
+and the aux-loss-free bias update of every router from the loads of the whole step.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import pickle
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+
+from .. import config as C
+from ..data.loader import build_text_data, eval_batches
+from ..model.model import Ernie5Model
+from ..model.params import count_params
+from . import checkpoint
+from .logging import RunLogger, flatten, load_balance
+from .losses import IGNORE, compute_loss
+from .optim import (build_optimizer, clip_by_global_norm, load_optimizer_state,
+                    optimizer_state)
+from .schedules import learning_rate
+
+
+def to_model_batch(np_batch: dict) -> dict:
+    """Numpy batch from the data pipeline -> model inputs (positions broadcast to t = h = w)."""
+    pos = np_batch["positions"]
+    if pos.ndim == 2:
+        pos = np.broadcast_to(pos[:, None, :], (pos.shape[0], 3, pos.shape[1]))
+    return {
+        "input_ids": paddle.to_tensor(np_batch["input_ids"], dtype="int64"),
+        "labels": paddle.to_tensor(np_batch["labels"], dtype="int64"),
+        "token_types": paddle.to_tensor(np_batch["token_types"], dtype="int64"),
+        "positions": paddle.to_tensor(np.ascontiguousarray(pos), dtype="int64"),
+        "startend_row_indices": paddle.to_tensor(np_batch["startend_row_indices"], dtype="int32"),
+    }
+
+
+def unigram_baseline(train_docs: list[list[int]], val_labels: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of an add-one unigram model fit on training tokens, on val targets."""
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for doc in train_docs:
+        np.add.at(counts, np.asarray(doc, dtype=np.int64), 1)
+    logp = np.log(counts / counts.sum())
+    targets = val_labels[val_labels != IGNORE]
+    return float(-logp[targets].mean())
+
+
+@dataclass
+class FitResult:
+    step: int
+    val_loss: float
+    unigram_loss: float
+    run_dir: str
+
+
+class Trainer:
+    def __init__(self, cfg: C.Config, log=print):
+        self.cfg = cfg
+        self.log = log
+        self.run_dir = cfg.train.run_dir
+        self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
+        tc, dc = cfg.train, cfg.data
+        paddle.seed(tc.seed)
+        self.tokenizer, self.loader, self.val_packed = build_text_data(
+            dc.cache_dir, cfg.model.vocab_size, dc.seq_len, tc.batch_size, tc.seed, dc.bpe_dropout)
+        self.model = Ernie5Model(cfg.model)
+        self.optimizer = build_optimizer(self.model, tc)
+        self.step = 0
+
+    # ------------------------------------------------------------------ state
+    def _state_meta(self) -> dict:
+        return {
+            "data": self.loader.state_dict(),
+            "paddle_rng": base64.b64encode(pickle.dumps(paddle.get_rng_state())).decode(),
+            "model_config": C.to_plain(self.cfg.model),
+            "config_hash": C.config_hash(self.cfg),
+        }
+
+    def save(self) -> str:
+        model_state = {k: v.numpy() for k, v in self.model.state_dict().items()}
+        return checkpoint.save(self.ckpt_root, self.step, model_state,
+                               optimizer_state(self.model, self.optimizer), self._state_meta(),
+                               self.cfg.train.keep_last)
+
+    def try_resume(self) -> bool:
+        if self.cfg.train.resume != "auto":
+            return False
+        found = checkpoint.latest_valid(self.ckpt_root, warn=self.log)
+        if found is None:
+            return False
+        path, model_state, optim_state, meta = found
+        if meta.get("model_config") != C.to_plain(self.cfg.model):
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} was written with a different model config; set a new "
+                f"train.run_dir or train.resume=never to start over")
+        self.model.set_state_dict({k: paddle.to_tensor(v) for k, v in model_state.items()})
+        load_optimizer_state(self.model, self.optimizer, optim_state)
+        self.loader.load_state_dict(meta["data"])
+        paddle.set_rng_state(pickle.loads(base64.b64decode(meta["paddle_rng"])))
+        self.step = int(meta["step"])
+        self.log(f"resumed from {path} at step {self.step}")
+        return True
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.model.train()
+        loads: dict[int, np.ndarray] = {}
+        sums = {"loss": 0.0, "loss/text": 0.0, "loss/mtp": 0.0, "loss/aux": 0.0, "loss/z": 0.0}
+        tokens = 0
+        for _ in range(cfg.train.grad_accum):
+            batch = to_model_batch(self.loader.next_batch())
+            out = self.model(batch)
+            parts = compute_loss(out, batch["labels"], cfg.model)
+            (parts.total / cfg.train.grad_accum).backward()
+            sums["loss"] += float(parts.total)
+            sums["loss/text"] += float(parts.text)
+            sums["loss/mtp"] += float(parts.mtp) if parts.mtp is not None else 0.0
+            sums["loss/aux"] += float(parts.aux)
+            sums["loss/z"] += float(parts.z)
+            tokens += int(np.prod(batch["input_ids"].shape))
+            for i, s in out.router_stats.items():
+                loads[i] = loads.get(i, 0) + s.load_E.numpy()
+        lr = learning_rate(self.step, cfg.train)
+        self.optimizer.set_lr(lr)
+        grad_norm = clip_by_global_norm(self.model.parameters(), cfg.train.clip_norm)
+        self.optimizer.step()
+        self.optimizer.clear_grad(set_to_zero=False)
+        for i, moe in self.model.moe_layers():
+            if i in loads:
+                moe.router.update_selection_bias(loads[i], cfg.model.moe.bias_update_rate)
+        self.step += 1
+        metrics = {k: v / cfg.train.grad_accum for k, v in sums.items()}
+        metrics.update({"train/lr": lr, "train/grad_norm": grad_norm, "_tokens": tokens})
+        for i, load in loads.items():
+            ent, max_mean = load_balance(load)
+            metrics[f"moe/entropy/layer{i}"] = ent
+            metrics[f"moe/max_over_mean/layer{i}"] = max_mean
+        self._last_loads = loads
+        return metrics
+
+    @paddle.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token cross-entropy over the validation split (nats/token)."""
+        self.model.eval()
+        total, count = 0.0, 0.0
+        limit = self.cfg.data.eval_batches or None
+        for n, np_batch in enumerate(eval_batches(self.val_packed, self.cfg.train.batch_size)):
+            if limit is not None and n >= limit:
+                break
+            batch = to_model_batch(np_batch)
+            out = self.model(batch, with_mtp=False)
+            parts = compute_loss(out, batch["labels"], self.cfg.model)
+            c = float(parts.num_targets)
+            total += float(parts.text) * c
+            count += c
+        return total / max(count, 1.0)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, stop_at: int | None = None) -> FitResult:
+        """Train to `train.max_steps` (or stop after step `stop_at`, saving a checkpoint there)."""
+        cfg, tc = self.cfg, self.cfg.train
+        os.makedirs(self.run_dir, exist_ok=True)
+        C.save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.try_resume()
+        params = count_params(cfg.model)
+        self.log(f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M "
+                 f"activated per token; run dir {self.run_dir}")
+        logger = RunLogger(self.run_dir, tc.visualdl)
+        if self.step == 0:
+            logger.hparams(flatten(cfg.to_dict()), ["val/loss", "loss"])
+        end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
+        bar = _progress(self.step, end, tc.progress)
+        val_loss = float("nan")
+        train_seconds, tokens = 0.0, 0
+        try:
+            while self.step < end:
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                train_seconds += time.perf_counter() - t0
+                tokens += metrics.pop("_tokens")
+                if not math.isfinite(metrics["loss"]):
+                    raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}; "
+                                             "lower train.lr or enable train.clip_norm")
+                tok_s = tokens / max(train_seconds, 1e-9)  # eval and checkpoint time excluded
+                if self.step % tc.log_every == 0 or self.step == end:
+                    logger.scalars(self.step, {**metrics, "perf/tokens_per_s": tok_s})
+                    for i, load in self._last_loads.items():
+                        logger.histogram(self.step, f"moe/load/layer{i}", load)
+                if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
+                    val_loss = self.evaluate()
+                    logger.scalars(self.step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
+                if self.step % tc.save_every == 0 or self.step == end:
+                    self.save()
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tok_s:.0f}")
+        finally:
+            bar.close()
+            logger.close()
+        return FitResult(self.step, val_loss, float("nan"), self.run_dir)
+
+    def unigram_loss(self) -> float:
+        return unigram_baseline(self.loader.docs_ids_fn(0), self.val_packed["labels"],
+                                self.cfg.model.vocab_size)
+
+
+def _progress(start: int, end: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=end, initial=start, desc="train", unit="step", disable=not enabled,
+                dynamic_ncols=True)
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]

@@ -1,0 +1,16 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="paddle_ernie5",
+    version="0.1.0",
+    description="A PaddlePaddle-native reproduction of ERNIE 5.0: unified ultra-sparse MoE, "
+                "elastic training, RL post-training, FlashMask attention",
+    packages=find_packages(include=["paddle_ernie5", "paddle_ernie5.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # paddlepaddle (CPU) or paddlepaddle-gpu: installed by the Makefile / the user, see README
+        "visualdl", "sentencepiece", "numpy", "PyYAML", "safetensors", "tqdm",
+    ],
+    extras_require={"bench": ["torch==2.13.0"]},
+    entry_points={"console_scripts": ["ernie5=paddle_ernie5.cli:main"]},
+)
