@@ -73,7 +73,7 @@ class MoE(nn.Layer):
             tok_t = paddle.to_tensor(tok)
             w = paddle.gather_nd(routing.topk_weights_TK, paddle.to_tensor(np.stack([tok, slot], 1)))
             out = self.experts.expert_forward(e, paddle.gather(x_TM, tok_t)) * w.unsqueeze(-1)
-            y_TM = paddle.scatter(y_TM, tok_t, out, overwrite=False)
+            y_TM = paddle.index_add(y_TM, tok_t, 0, out)
         if self.shared is not None:
             y_TM = y_TM + self.shared(x_TM)
         return y_TM.reshape([b, s, m])

@@ -21,5 +21,5 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
         frac = min(1.0, (step - decay_start + 1) / decay_steps)
         return cfg.lr + (cfg.min_lr - cfg.lr) * frac
     span = max(1, cfg.max_steps - cfg.warmup_steps)
-    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    frac = min(1.0, (step - cfg.warmup_steps + 1) / span)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
