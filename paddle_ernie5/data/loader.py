@@ -76,7 +76,7 @@ def eval_batches(packed: dict[str, np.ndarray], batch_size: int) -> Iterator[dic
 
 
 def build_text_data(cache_dir: str, vocab_size: int, seq_len: int, batch_size: int, seed: int,
-                    bpe_dropout: float = 0.0):
+                    bpe_dropout: float = 0.0, val_fraction: float = 0.05):
     """(tokenizer, training loader, packed validation) for the built-in text corpus.
 
     Training documents are re-encoded each epoch with BPE-dropout seeded by seed + epoch; validation is
@@ -84,7 +84,7 @@ def build_text_data(cache_dir: str, vocab_size: int, seq_len: int, batch_size: i
     from paddle_ernie5.data.text import build_text_corpus
     from paddle_ernie5.tokenizers.text import get_text_tokenizer
 
-    train_docs, val_docs = build_text_corpus(seed)
+    train_docs, val_docs = build_text_corpus(seed, val_fraction)
     tok = get_text_tokenizer(cache_dir, vocab_size, seed)
     if bpe_dropout > 0.0:
         def docs_ids_fn(epoch: int) -> list[list[int]]:

@@ -71,7 +71,8 @@ class Trainer:
         tc, dc = cfg.train, cfg.data
         paddle.seed(tc.seed)
         self.tokenizer, self.loader, self.val_packed = build_text_data(
-            dc.cache_dir, cfg.model.vocab_size, dc.seq_len, tc.batch_size, tc.seed, dc.bpe_dropout)
+            dc.cache_dir, cfg.model.vocab_size, dc.seq_len, tc.batch_size, tc.seed, dc.bpe_dropout,
+            dc.val_fraction)
         self.model = Ernie5Model(cfg.model)
         self.optimizer = build_optimizer(self.model, tc)
         self.step = 0
