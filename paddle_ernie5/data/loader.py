@@ -85,7 +85,7 @@ def build_text_data(cache_dir: str, vocab_size: int, seq_len: int, batch_size: i
     from paddle_ernie5.tokenizers.text import get_text_tokenizer
 
     train_docs, val_docs = build_text_corpus(seed, val_fraction)
-    tok = get_text_tokenizer(cache_dir, vocab_size, seed)
+    tok = get_text_tokenizer(cache_dir, vocab_size, seed, val_fraction)
     if bpe_dropout > 0.0:
         def docs_ids_fn(epoch: int) -> list[list[int]]:
             return tok.encode_batch(train_docs, dropout=bpe_dropout, seed=seed + epoch)

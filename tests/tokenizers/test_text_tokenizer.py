@@ -94,3 +94,16 @@ def test_cache_reuses_model_file(tmp_path):
     assert os.stat(tmp_path / files[0]).st_mtime_ns == stamp and sorted(os.listdir(tmp_path)) == files
     get_text_tokenizer(str(tmp_path), VOCAB + 64, seed=0)
     assert len(os.listdir(tmp_path)) == 2
+
+
+def test_corrupt_cached_tokenizer_is_retrained(tmp_path, capsys):
+    from paddle_ernie5.tokenizers.text import get_text_tokenizer
+
+    tok = get_text_tokenizer(str(tmp_path), 512)
+    path = next(p for p in tmp_path.iterdir() if p.suffix == ".model")
+    path.write_bytes(path.read_bytes()[:100])
+    again = get_text_tokenizer(str(tmp_path), 512)
+    assert "unreadable" in capsys.readouterr().err
+    text = "def f(x): return x + 1"
+    assert again.encode(text) == tok.encode(text)
+    assert path.stat().st_size > 100

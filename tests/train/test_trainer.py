@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -82,3 +83,13 @@ def test_schedules(debug_config, schedule):
     assert np.all(np.diff(lrs[10:]) <= 1e-12)
     if schedule == "wsd":
         assert np.all(lrs[10:80] == 1.0) and lrs[85] < 1.0
+
+
+def test_golden_losses_of_the_debug_recipe(debug_config):
+    """Stored losses of the first 8 steps; a refactor that changes them must say why and regenerate."""
+    golden = json.load(open(os.path.join(os.path.dirname(__file__), "golden_debug.json")))
+    cfg = debug_config(*golden["overrides"])
+    Trainer(cfg, log=lambda *_: None).fit()
+    metrics = [m for m in read_metrics(cfg.train.run_dir) if "loss" in m]
+    np.testing.assert_allclose([m["loss/text"] for m in metrics], golden["loss/text"], rtol=1e-5)
+    np.testing.assert_allclose([m["loss/mtp"] for m in metrics], golden["loss/mtp"], rtol=1e-5)
