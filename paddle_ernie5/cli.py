@@ -13,11 +13,23 @@ USAGE_ERROR = 2
 
 
 def _set_threads(threads: int) -> None:
-    # Paddle pins OMP_NUM_THREADS=1 at import when unset; decide before it is imported.
+    """Pick the intra-op thread count, then import paddle (it pins OMP_NUM_THREADS=1 when unset)."""
+    import contextlib
+    import io
+
     n = threads or os.cpu_count() or 1
     os.environ["OMP_NUM_THREADS"] = str(n)
     os.environ.setdefault("MKL_NUM_THREADS", str(n))
     warnings.filterwarnings("ignore", message=".*ccache.*")
+    # Paddle prints a two-line caution at import whenever OMP_NUM_THREADS > 1; for single-process
+    # CPU training more threads is exactly what we want, so keep that caution out of the output.
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        import paddle  # noqa: F401
+    kept = [l for l in captured.getvalue().splitlines()
+            if "OMP_NUM_THREADS" not in l]
+    if kept:
+        print("\n".join(kept), file=sys.stderr)
 
 
 def cmd_train(args) -> int:
@@ -49,6 +61,19 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .train.checkpoint import CheckpointError
+    from .train.export import ExportError, export_from_checkpoint
+
+    _set_threads(0)
+    try:
+        export_from_checkpoint(args.checkpoint, args.layers, args.experts, args.top_k, args.out)
+    except (ExportError, CheckpointError) as e:
+        print(f"ernie5 export: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
+
+
 def _exp(x: float) -> float:
     import math
 
@@ -64,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/pretrain_tiny.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("export", help="slice an elastic sub-model into a standalone checkpoint")
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory, checkpoint directory (…/checkpoints/step_N) or exported model")
+    p.add_argument("--layers", type=int, required=True, help="layers to keep (evenly spaced)")
+    p.add_argument("--experts", type=int, required=True, help="experts per MoE layer (most loaded)")
+    p.add_argument("--top-k", type=int, required=True, help="experts per token")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(fn=cmd_export)
     return parser
 
 

@@ -66,11 +66,18 @@ class MoEConfig:
     num_shared_experts: int = 1
     shared_expert_hidden: int = 128
     first_dense_layers: int = 0  # layers before this index use a dense SwiGLU instead of MoE
+    # Width of those dense SwiGLUs (and of the MTP block's); 0 = top_k * expert_hidden + shared width,
+    # the activated width of an MoE layer.
+    dense_hidden: int = 0
     score_func: str = "softmax"  # router scores; top-k weights are renormalised to sum to 1
     bias_update_rate: float = 1e-3  # aux-free balancing; the paper uses 1e-4 at scale
     aux_loss_weight: float = 0.0  # optional sequence-level balance loss
     z_loss_weight: float = 0.0  # optional router z-loss
     capacity_factor: float = 0.0  # 0 = dropless (the default and the paper's choice)
+
+    def dense_width(self) -> int:
+        return self.dense_hidden or (self.top_k * self.expert_hidden
+                                     + self.num_shared_experts * self.shared_expert_hidden)
 
     def validate(self, at: str) -> None:
         _check(at, "num_experts", self.num_experts, self.num_experts >= 1, ">= 1")
@@ -81,6 +88,7 @@ class MoEConfig:
         _check(at, "shared_expert_hidden", self.shared_expert_hidden,
                self.shared_expert_hidden >= 1, ">= 1")
         _check(at, "first_dense_layers", self.first_dense_layers, self.first_dense_layers >= 0, ">= 0")
+        _check(at, "dense_hidden", self.dense_hidden, self.dense_hidden >= 0, ">= 0 (0 = derived)")
         _check(at, "score_func", self.score_func, self.score_func in ("softmax", "sigmoid"),
                "softmax or sigmoid")
         _check(at, "bias_update_rate", self.bias_update_rate, self.bias_update_rate >= 0, ">= 0")
@@ -160,6 +168,9 @@ class TrainConfig:
     save_every: int = 200
     keep_last: int = 2
     resume: str = "auto"  # auto: continue from the newest complete checkpoint | never
+    # Start from these model weights (a run dir, a checkpoint dir or an exported model) when the run
+    # has no checkpoint of its own yet; optimizer and data start fresh. "" = random initialisation.
+    init_from: str = ""
     visualdl: bool = True
     progress: bool = True
 
@@ -190,29 +201,50 @@ class ParallelConfig:
     ep: int = 1
     pp: int = 1
     mp: int = 1
-    order: tuple[str, ...] = ("dp", "pp", "sharding", "ep", "mp")
+    # Rank layout, slowest axis first. Expert-parallel ranks split Fleet's data axis, so ep comes
+    # directly after dp (parallel/topology.py).
+    order: tuple[str, ...] = ("dp", "ep", "pp", "sharding", "mp")
+    # auto: all-to-all on a GPU build (NCCL), all-gather otherwise (works on gloo).
     dispatcher: str = "auto"  # auto | local | allgather | alltoall
+    # Fleet pipeline schedule on GPUs (parallel/pipeline.py); micro-batches per step = train.grad_accum.
+    pp_schedule: str = "1F1B"  # 1F1B | FThenB | VPP
+    pp_chunks: int = 1  # virtual stages per rank (VPP); 1 otherwise
 
     def validate(self, at: str) -> None:
         for name in ("dp", "sharding", "ep", "pp", "mp"):
             _check(at, name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
         _check(at, "sharding_stage", self.sharding_stage, self.sharding_stage in (1, 2, 3), "1, 2 or 3")
-        _check(at, "order", self.order, sorted(self.order) == sorted(("dp", "pp", "sharding", "ep", "mp")),
-               "a permutation of dp, pp, sharding, ep, mp")
+        _check(at, "order", self.order,
+               sorted(self.order) == sorted(("dp", "pp", "sharding", "ep", "mp"))
+               and self.order.index("ep") == self.order.index("dp") + 1,
+               "a permutation of dp, pp, sharding, ep, mp with ep directly after dp")
         _check(at, "dispatcher", self.dispatcher,
                self.dispatcher in ("auto", "local", "allgather", "alltoall"),
                "one of auto, local, allgather, alltoall")
+        _check(at, "pp_schedule", self.pp_schedule, self.pp_schedule in ("1F1B", "FThenB", "VPP"),
+               "one of 1F1B, FThenB, VPP")
+        _check(at, "pp_chunks", self.pp_chunks,
+               self.pp_chunks >= 1 and (self.pp_chunks == 1 or self.pp_schedule == "VPP"),
+               ">= 1, and > 1 only with pp_schedule=VPP")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ElasticConfig:
-    """Once-for-all sampling of sub-models (depth, expert width, top-k) per training instance."""
+    """Once-for-all sampling of sub-models (depth, expert width, top-k), one draw per micro-batch.
+
+    Each axis independently keeps the full setting with its `*_full_prob` (ERNIE5.md: 0.75-0.8),
+    otherwise draws uniformly: a layer count in [min_layers, L-1], an expert-subset size in
+    [min_experts, E-1], a top-k in [1, k-1]. Which layers and experts: `depth_rule` and `width_rule`."""
 
     enabled: bool = False
     depth_full_prob: float = 0.75
     min_layers: int = 1
+    # even: keep n layers evenly spaced over the depth, first and last included; prefix: the first n.
+    depth_rule: str = "even"
     width_full_prob: float = 0.8
     min_experts: int = 0  # smallest expert subset; 0 = model.moe.top_k
+    # random: a uniformly random subset each draw (so any subset can be exported later); prefix: 0..n-1.
+    width_rule: str = "random"
     topk_full_prob: float = 0.8
 
     def validate(self, at: str) -> None:
@@ -220,6 +252,9 @@ class ElasticConfig:
             _check(at, name, getattr(self, name), 0 <= getattr(self, name) <= 1, "0..1")
         _check(at, "min_layers", self.min_layers, self.min_layers >= 1, ">= 1")
         _check(at, "min_experts", self.min_experts, self.min_experts >= 0, ">= 0 (0 = top_k)")
+        _check(at, "depth_rule", self.depth_rule, self.depth_rule in ("even", "prefix"), "even or prefix")
+        _check(at, "width_rule", self.width_rule, self.width_rule in ("random", "prefix"),
+               "random or prefix")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,6 +278,10 @@ class Config:
                f"<= model.max_seq_len={self.model.max_seq_len}")
         _check("parallel", "ep", self.parallel.ep, self.model.moe.num_experts % self.parallel.ep == 0,
                f"a divisor of model.moe.num_experts={self.model.moe.num_experts}")
+        data_ranks = self.parallel.dp * self.parallel.ep * self.parallel.sharding
+        _check("train", "batch_size", self.train.batch_size, self.train.batch_size % data_ranks == 0,
+               f"a multiple of parallel.dp * ep * sharding = {data_ranks} (batch_size is the global "
+               "batch; each rank takes an equal slice)")
         _check("elastic", "min_layers", self.elastic.min_layers,
                self.elastic.min_layers <= self.model.num_layers,
                f"<= model.num_layers={self.model.num_layers}")

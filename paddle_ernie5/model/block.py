@@ -24,8 +24,7 @@ class Block(nn.Layer):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         moe = cfg.moe
         self.ffn = (MoE(cfg.hidden_size, moe, cfg.init_std) if use_moe
-                    else SwiGLU(cfg.hidden_size, moe.expert_hidden * moe.top_k
-                                + moe.shared_expert_hidden * moe.num_shared_experts, cfg.init_std))
+                    else SwiGLU(cfg.hidden_size, moe.dense_width(), cfg.init_std))
 
     def forward(self, x, cos, sin, startend_row_indices, view=FULL_VIEW):
         x = x + self.attn(self.attn_norm(x), cos, sin, startend_row_indices)

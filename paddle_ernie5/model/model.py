@@ -55,7 +55,7 @@ class Ernie5Model(nn.Layer):
         stats = {}
         layers = range(len(self.blocks)) if view.layers is None else view.layers
         for i in layers:
-            x, layer_stats = self.blocks[i](x, cos, sin, mask, view)
+            x, layer_stats = self.blocks[i](x, cos, sin, mask, view.for_layer(i))
             if layer_stats is not None:
                 stats[i] = layer_stats
         h = self.norm(x)

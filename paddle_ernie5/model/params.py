@@ -16,7 +16,7 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     norms = 2 * m
     expert = 3 * m * moe.expert_hidden
     shared = 3 * m * moe.shared_expert_hidden * moe.num_shared_experts
-    dense_ffn = 3 * m * (moe.expert_hidden * moe.top_k + moe.shared_expert_hidden * moe.num_shared_experts)
+    dense_ffn = 3 * m * moe.dense_width()
     n_moe = l - moe.first_dense_layers
     n_dense = moe.first_dense_layers
     moe_layer_total = m * moe.num_experts + moe.num_experts * expert + shared

@@ -42,10 +42,14 @@ class Router(nn.Layer):
         cfg = self.cfg
         k = top_k or cfg.top_k
         logits_TE = paddle.matmul(x_TM.astype("float32"), self.weight)
+        if expert_mask_E is not None:
+            # Experts outside an elastic subset do not exist for this pass: the router behaves exactly
+            # like the router of a model sliced down to the subset (same scores, same choices).
+            allowed = paddle.to_tensor(expert_mask_E).unsqueeze(0)
+            logits_TE = paddle.where(allowed, logits_TE, paddle.full_like(logits_TE, float("-inf")))
         scores_TE = F.softmax(logits_TE, axis=-1) if cfg.score_func == "softmax" else F.sigmoid(logits_TE)
         select_TE = scores_TE.detach() + self.selection_bias
         if expert_mask_E is not None:
-            allowed = paddle.to_tensor(expert_mask_E).unsqueeze(0)
             select_TE = paddle.where(allowed, select_TE, paddle.full_like(select_TE, float("-inf")))
         topk_ids_TK = paddle.topk(select_TE, k, axis=-1).indices
         picked_TK = paddle.take_along_axis(scores_TE, topk_ids_TK, axis=-1)

@@ -119,3 +119,35 @@ def latest_valid(root: str, warn=print):
         except CheckpointError as e:
             warn(f"warning: {e}; falling back to the previous checkpoint")
     return None
+
+
+def find_run(path: str) -> tuple[str, str]:
+    """(config.yaml, weights source) for a run directory, a checkpoint directory or an exported model."""
+    path = os.path.normpath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist; pass a run directory, a checkpoint "
+                              "directory (…/checkpoints/step_N) or an exported model directory")
+    for cfg_dir in (path, os.path.dirname(os.path.dirname(path))):
+        candidate = os.path.join(cfg_dir, "config.yaml")
+        if os.path.isfile(candidate):
+            return candidate, path
+    raise CheckpointError(f"no config.yaml found for {path} (looked in it and in its run directory)")
+
+
+def load_model_weights(path: str, warn=print) -> dict[str, np.ndarray]:
+    """Model parameters from a checkpoint directory, the newest valid checkpoint of a run directory,
+    or an exported model directory (model.safetensors without optimizer state)."""
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return load(path)[0]
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        found = latest_valid(os.path.join(path, "checkpoints"), warn=warn)
+        if found is None:
+            raise CheckpointError(f"run directory {path} has no complete checkpoint")
+        return found[1]
+    weights = os.path.join(path, "model.safetensors")
+    if os.path.isfile(weights):
+        try:
+            return load_file(weights)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{weights} cannot be parsed ({e}); re-export it") from None
+    raise CheckpointError(f"{path} holds no model weights (no meta.json, checkpoints/ or model.safetensors)")

@@ -23,6 +23,7 @@ from ..data.loader import build_text_data, eval_batches
 from ..model.model import Ernie5Model
 from ..model.params import count_params
 from . import checkpoint
+from .elastic import ElasticSampler, LoadAccumulator
 from .logging import RunLogger, flatten, load_balance
 from .losses import IGNORE, compute_loss
 from .optim import (build_optimizer, clip_by_global_norm, load_optimizer_state,
@@ -75,12 +76,14 @@ class Trainer:
             dc.val_fraction)
         self.model = Ernie5Model(cfg.model)
         self.optimizer = build_optimizer(self.model, tc)
+        self.elastic = ElasticSampler(cfg.elastic, cfg.model, tc.seed)
         self.step = 0
 
     # ------------------------------------------------------------------ state
     def _state_meta(self) -> dict:
         return {
             "data": self.loader.state_dict(),
+            "elastic": self.elastic.state_dict(),
             "paddle_rng": base64.b64encode(pickle.dumps(paddle.get_rng_state())).decode(),
             "model_config": C.to_plain(self.cfg.model),
             "config_hash": C.config_hash(self.cfg),
@@ -106,21 +109,35 @@ class Trainer:
         self.model.set_state_dict({k: paddle.to_tensor(v) for k, v in model_state.items()})
         load_optimizer_state(self.model, self.optimizer, optim_state)
         self.loader.load_state_dict(meta["data"])
+        self.elastic.load_state_dict(meta["elastic"])
         paddle.set_rng_state(pickle.loads(base64.b64decode(meta["paddle_rng"])))
         self.step = int(meta["step"])
         self.log(f"resumed from {path} at step {self.step}")
         return True
 
+    def init_weights(self, path: str) -> None:
+        state = checkpoint.load_model_weights(path, warn=self.log)
+        own = self.model.state_dict()
+        missing = (set(own) ^ set(state)) | {k for k in own if k in state
+                                             and tuple(own[k].shape) != state[k].shape}
+        if missing:
+            raise checkpoint.CheckpointError(
+                f"train.init_from={path} does not match model config (differing keys: "
+                f"{sorted(missing)[:5]}); its config.yaml lists the model it holds")
+        self.model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
+        self.log(f"initialised model weights from {path}")
+
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         self.model.train()
-        loads: dict[int, np.ndarray] = {}
+        loads = LoadAccumulator()
         sums = {"loss": 0.0, "loss/text": 0.0, "loss/mtp": 0.0, "loss/aux": 0.0, "loss/z": 0.0}
         tokens = 0
         for _ in range(cfg.train.grad_accum):
             batch = to_model_batch(self.loader.next_batch())
-            out = self.model(batch)
+            view = self.elastic.sample()
+            out = self.model(batch, view)
             parts = compute_loss(out, batch["labels"], cfg.model)
             (parts.total / cfg.train.grad_accum).backward()
             sums["loss"] += float(parts.total)
@@ -130,23 +147,24 @@ class Trainer:
             sums["loss/z"] += float(parts.z)
             tokens += int(np.prod(batch["input_ids"].shape))
             for i, s in out.router_stats.items():
-                loads[i] = loads.get(i, 0) + s.load_E.numpy()
+                loads.add(i, s.load_E.numpy(), s.expert_mask_E)
         lr = learning_rate(self.step, cfg.train)
         self.optimizer.set_lr(lr)
         grad_norm = clip_by_global_norm(self.model.parameters(), cfg.train.clip_norm)
         self.optimizer.step()
         self.optimizer.clear_grad(set_to_zero=False)
         for i, moe in self.model.moe_layers():
-            if i in loads:
-                moe.router.update_selection_bias(loads[i], cfg.model.moe.bias_update_rate)
+            if i in loads.load:
+                load, seen = loads.mean_load(i)
+                moe.router.update_selection_bias(load, cfg.model.moe.bias_update_rate, seen)
         self.step += 1
         metrics = {k: v / cfg.train.grad_accum for k, v in sums.items()}
         metrics.update({"train/lr": lr, "train/grad_norm": grad_norm, "_tokens": tokens})
-        for i, load in loads.items():
+        for i, load in loads.load.items():
             ent, max_mean = load_balance(load)
             metrics[f"moe/entropy/layer{i}"] = ent
             metrics[f"moe/max_over_mean/layer{i}"] = max_mean
-        self._last_loads = loads
+        self._last_loads = loads.load
         return metrics
 
     @paddle.no_grad()
@@ -172,7 +190,8 @@ class Trainer:
         cfg, tc = self.cfg, self.cfg.train
         os.makedirs(self.run_dir, exist_ok=True)
         C.save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-        self.try_resume()
+        if not self.try_resume() and tc.init_from:
+            self.init_weights(tc.init_from)
         params = count_params(cfg.model)
         self.log(f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M "
                  f"activated per token; run dir {self.run_dir}")

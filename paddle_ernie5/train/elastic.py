@@ -1,0 +1,68 @@
+"""Elastic (once-for-all) training: draw a sub-model view for every micro-batch.
+
+The draws come from a generator seeded by train.seed and saved in checkpoints, so an elastic run is
+reproducible and resumes exactly. The sub-model trains through the same parameters and the same loss
+as the full model; gradients of every micro-batch (whatever its view) meet in one optimizer step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import ElasticConfig, ModelConfig
+from ..model.view import FULL_VIEW, ElasticView, evenly_spaced_layers
+
+
+class ElasticSampler:
+    def __init__(self, cfg: ElasticConfig, model_cfg: ModelConfig, seed: int):
+        self.cfg = cfg
+        self.num_layers = model_cfg.num_layers
+        self.num_experts = model_cfg.moe.num_experts
+        self.top_k = model_cfg.moe.top_k
+        self.min_experts = cfg.min_experts or self.top_k
+        self.rng = np.random.default_rng([seed, 0xE1A5])
+
+    def sample(self) -> ElasticView:
+        if not self.cfg.enabled:
+            return FULL_VIEW
+        cfg, rng = self.cfg, self.rng
+        # Three independent draws, always made, so the stream does not depend on earlier outcomes.
+        u_depth, u_width, u_topk = rng.random(3)
+        layers = experts = top_k = None
+        if u_depth >= cfg.depth_full_prob and cfg.min_layers < self.num_layers:
+            n = int(rng.integers(cfg.min_layers, self.num_layers))
+            layers = (evenly_spaced_layers(self.num_layers, n) if cfg.depth_rule == "even"
+                      else tuple(range(n)))
+        if u_width >= cfg.width_full_prob and self.min_experts < self.num_experts:
+            n = int(rng.integers(self.min_experts, self.num_experts))
+            experts = (tuple(sorted(rng.choice(self.num_experts, n, replace=False).tolist()))
+                       if cfg.width_rule == "random" else tuple(range(n)))
+        if u_topk >= cfg.topk_full_prob and self.top_k > 1:
+            top_k = int(rng.integers(1, self.top_k))
+        return ElasticView(layers=layers, experts=experts, top_k=top_k)
+
+    def state_dict(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+class LoadAccumulator:
+    """Expert loads of one optimizer step, per MoE layer, fair to experts that some micro-batches
+    masked out: an expert's load is averaged over the micro-batches in which it could be chosen."""
+
+    def __init__(self):
+        self.load: dict[int, np.ndarray] = {}
+        self.active: dict[int, np.ndarray] = {}
+
+    def add(self, layer: int, load_E: np.ndarray, mask_E: np.ndarray | None) -> None:
+        mask = np.ones_like(load_E, dtype=bool) if mask_E is None else mask_E
+        self.load[layer] = self.load.get(layer, 0) + load_E
+        self.active[layer] = self.active.get(layer, 0) + mask.astype(np.int64)
+
+    def mean_load(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(load per micro-batch in which the expert was allowed, mask of experts allowed at least once)"""
+        active = self.active[layer]
+        seen = active > 0
+        return np.where(seen, self.load[layer] / np.maximum(active, 1), 0.0), seen

@@ -1,0 +1,135 @@
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+from paddle_ernie5.config import ElasticConfig, load_config
+from paddle_ernie5.model.model import Ernie5Model
+from paddle_ernie5.model.view import evenly_spaced_layers
+from paddle_ernie5.train import checkpoint
+from paddle_ernie5.train.elastic import ElasticSampler, LoadAccumulator
+from paddle_ernie5.train.export import ExportError, export_from_checkpoint
+from paddle_ernie5.train.trainer import Trainer, read_metrics, to_model_batch
+
+from conftest import RECIPES
+
+
+def test_evenly_spaced_layers_rule():
+    assert evenly_spaced_layers(8, 8) == tuple(range(8))
+    assert evenly_spaced_layers(8, 4) == (0, 2, 5, 7)
+    assert evenly_spaced_layers(16, 12)[0] == 0 and evenly_spaced_layers(16, 12)[-1] == 15
+    assert evenly_spaced_layers(4, 1) == (3,)
+
+
+def test_sampling_frequencies_match_the_configured_probabilities():
+    cfg = load_config(os.path.join(RECIPES, "pretrain_tiny.yaml"), ["elastic.enabled=true"])
+    e, m = cfg.elastic, cfg.model
+    sampler = ElasticSampler(e, m, seed=7)
+    n = 20000
+    views = [sampler.sample() for _ in range(n)]
+    for attr, p_full in (("layers", e.depth_full_prob), ("experts", e.width_full_prob),
+                         ("top_k", e.topk_full_prob)):
+        full = sum(getattr(v, attr) is None for v in views)
+        sigma = np.sqrt(n * p_full * (1 - p_full))
+        assert abs(full - n * p_full) < 3 * sigma, (attr, full / n)
+    # Reduced draws are uniform over their ranges and respect the bounds.
+    ks = np.array([v.top_k for v in views if v.top_k is not None])
+    assert set(ks) == set(range(1, m.moe.top_k))
+    sizes = np.array([len(v.experts) for v in views if v.experts is not None])
+    assert sizes.min() >= m.moe.top_k and sizes.max() <= m.moe.num_experts - 1
+    counts = np.bincount(sizes - m.moe.top_k)
+    expected = len(sizes) / counts.size
+    assert np.all(np.abs(counts - expected) < 3 * np.sqrt(expected) + 1)
+    depths = {len(v.layers) for v in views if v.layers is not None}
+    assert depths == set(range(e.min_layers, m.num_layers))
+
+
+def test_sampler_is_reproducible_and_resumable():
+    cfg = load_config(os.path.join(RECIPES, "debug.yaml"), ["elastic.enabled=true"])
+    a = ElasticSampler(cfg.elastic, cfg.model, seed=3)
+    first = [a.sample() for _ in range(10)]
+    state = a.state_dict()
+    rest = [a.sample() for _ in range(10)]
+    b = ElasticSampler(cfg.elastic, cfg.model, seed=3)
+    assert [b.sample() for _ in range(10)] == first
+    c = ElasticSampler(cfg.elastic, cfg.model, seed=99)
+    c.load_state_dict(state)
+    assert [c.sample() for _ in range(10)] == rest
+
+
+def test_load_accumulator_averages_over_micro_batches_where_an_expert_was_allowed():
+    acc = LoadAccumulator()
+    acc.add(0, np.array([4, 4, 0, 0]), np.array([True, True, False, False]))
+    acc.add(0, np.array([2, 2, 2, 2]), None)
+    load, seen = acc.mean_load(0)
+    np.testing.assert_allclose(load, [3, 3, 2, 2])
+    assert seen.all()
+
+
+def test_elastic_run_is_reproducible(debug_config, tmp_path):
+    losses = []
+    for name in ("a", "b"):
+        cfg = debug_config("elastic.enabled=true", "elastic.depth_full_prob=0.5",
+                           f"train.run_dir={tmp_path / name}")
+        Trainer(cfg, log=lambda *_: None).fit()
+        losses.append([(m["loss"], m["train/grad_norm"]) for m in read_metrics(cfg.train.run_dir)
+                       if "loss" in m])
+    assert losses[0] == losses[1]
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_cache, tmp_path_factory):
+    """One short elastic run shared by the export tests (read-only for them)."""
+    run_dir = tmp_path_factory.mktemp("elastic_run")
+    cfg = load_config(os.path.join(RECIPES, "debug.yaml"), [
+        f"data.cache_dir={data_cache}", f"train.run_dir={run_dir}", "train.visualdl=false",
+        "elastic.enabled=true", "train.max_steps=6", "train.save_every=6", "model.num_layers=3",
+        "model.moe.first_dense_layers=1", "model.moe.top_k=3", "model.attention.backend=reference"])
+    Trainer(cfg, log=lambda *_: None).fit()
+    return cfg
+
+
+@pytest.mark.parametrize("layers,experts,top_k", [(2, 4, 2), (3, 8, 3), (1, 3, 1), (3, 5, 2)])
+def test_exported_submodel_equals_the_elastic_view(trained_run, tmp_path, layers, experts, top_k):
+    cfg = trained_run
+    out = str(tmp_path / f"export_{layers}_{experts}_{top_k}")
+    view = export_from_checkpoint(cfg.train.run_dir, layers, experts, top_k, out, log=lambda *_: None)
+
+    full = Ernie5Model(cfg.model)
+    full.set_state_dict({k: paddle.to_tensor(v) for k, v in
+                         checkpoint.load_model_weights(cfg.train.run_dir).items()})
+    sub_cfg = load_config(os.path.join(out, "config.yaml"))
+    assert (sub_cfg.model.num_layers, sub_cfg.model.moe.num_experts, sub_cfg.model.moe.top_k) == (
+        layers, experts, top_k)
+    sub = Ernie5Model(sub_cfg.model)
+    sub.set_state_dict({k: paddle.to_tensor(v) for k, v in checkpoint.load_model_weights(out).items()})
+    assert sub.num_params() < full.num_params() or (layers, experts) == (3, 8)
+
+    trainer = Trainer(cfg, log=lambda *_: None)
+    np_batch = trainer.loader.next_batch()
+    batch = to_model_batch(np_batch)
+    full.eval(), sub.eval()
+    want = full(batch, view).logits.numpy()
+    got = sub(batch).logits.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_exported_model_seeds_further_training(trained_run, tmp_path):
+    out = str(tmp_path / "sub")
+    export_from_checkpoint(trained_run.train.run_dir, 2, 4, 2, out, log=lambda *_: None)
+    cfg = load_config(os.path.join(out, "config.yaml"), ["train.max_steps=2", "train.visualdl=false"])
+    logs = []
+    Trainer(cfg, log=logs.append).fit()
+    assert any("initialised model weights from" in l for l in logs)
+
+
+@pytest.mark.parametrize("layers,experts,top_k,needle", [
+    (2, 99, 2, "--experts 99: the model has 8 experts per layer"),
+    (2, 4, 5, "--top-k 5: allowed 1..min(--experts=4, trained top_k=3)"),
+    (7, 4, 2, "--layers 7: the model has 3 layers"),
+])
+def test_impossible_export_is_refused(trained_run, tmp_path, layers, experts, top_k, needle):
+    with pytest.raises(ExportError, match=needle.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        export_from_checkpoint(trained_run.train.run_dir, layers, experts, top_k, str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
