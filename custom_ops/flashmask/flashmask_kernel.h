@@ -1,0 +1,23 @@
+// FlashMask attention on the CPU, fp32, plain pointers (no framework types).
+//
+// Layouts: q/out/dq [B, Sq, H, D], k/v/dk/dv [B, Sk, Hk, D], idx [B, Hm, Sk, C] int32,
+// lse [B, H, Sq] (natural log; +inf for a row that sees no key).
+#pragma once
+
+#include <cstdint>
+
+#include "mask.h"
+
+namespace flashmask {
+
+// Throws std::invalid_argument for indices outside [0, Sq].
+void forward(const Shape& s, const float* q, const float* k, const float* v, const int32_t* idx,
+             float* out, float* lse);
+
+// Gradients of `out` only (the lse output is treated as a non-differentiable statistic).
+// Deterministic: the summation order depends on the shapes only, never on thread timing.
+void backward(const Shape& s, const float* q, const float* k, const float* v, const int32_t* idx,
+              const float* out, const float* lse, const float* dout, float* dq, float* dk,
+              float* dv);
+
+}  // namespace flashmask

@@ -1,0 +1,116 @@
+// Paddle custom-op registration of the CPU FlashMask kernels.
+//
+//   flashmask_cpu(q, k, v, idx; causal, softmax_scale) -> (out, lse)
+//   flashmask_cpu_grad(q, k, v, idx, out, lse, d out)  -> (d q, d k, d v)
+// The Python seam (paddle_ernie5/ops/flashmask.py) validates arguments and fills a default idx;
+// the checks here guard direct calls. Threads: OMP_NUM_THREADS, the variable Paddle's own CPU
+// kernels follow (Paddle sets it to 1 at import when it is unset).
+#include <cstdlib>
+#include <exception>
+#include <vector>
+
+#include "flashmask_kernel.h"
+#include "paddle/extension.h"
+
+namespace {
+
+int num_threads() {
+  const char* env = std::getenv("OMP_NUM_THREADS");
+  const int n = env != nullptr ? std::atoi(env) : 0;
+  return n > 0 ? n : 1;
+}
+
+flashmask::Shape make_shape(const paddle::Tensor& q, const paddle::Tensor& k,
+                            const paddle::Tensor& v, const paddle::Tensor& idx, bool causal,
+                            float softmax_scale) {
+  for (const paddle::Tensor* t : {&q, &k, &v}) {
+    PD_CHECK(t->is_cpu(), "flashmask_cpu: tensors must be on the CPU");
+    PD_CHECK(t->dtype() == paddle::DataType::FLOAT32, "flashmask_cpu: q, k, v must be float32");
+    PD_CHECK(t->shape().size() == 4, "flashmask_cpu: q, k, v must be 4-D [B, S, heads, D]");
+  }
+  PD_CHECK(idx.dtype() == paddle::DataType::INT32,
+           "flashmask_cpu: startend_row_indices must be int32");
+  PD_CHECK(idx.shape().size() == 4, "flashmask_cpu: startend_row_indices must be 4-D");
+  const auto qs = q.shape(), ks = k.shape(), is = idx.shape();
+  flashmask::Shape s{qs[0], qs[1], ks[1], qs[2], ks[2], qs[3], is[1], is[3],
+                     causal, softmax_scale, num_threads()};
+  PD_CHECK(ks == v.shape(), "flashmask_cpu: k and v shapes differ");
+  PD_CHECK(ks[0] == s.B && ks[3] == s.D, "flashmask_cpu: q and k disagree on batch or head dim");
+  PD_CHECK(s.Hk > 0 && s.H % s.Hk == 0, "flashmask_cpu: query heads must be a multiple of kv heads");
+  PD_CHECK(is[0] == s.B && is[2] == s.Sk && (s.Hm == 1 || s.Hm == s.Hk || s.Hm == s.H),
+           "flashmask_cpu: startend_row_indices must be [B, 1|Hk|H, Sk, C]");
+  PD_CHECK(causal ? (s.C == 1 || s.C == 2) : (s.C == 2 || s.C == 4),
+           "flashmask_cpu: last dim of startend_row_indices must be 1|2 (causal) or 2|4");
+  return s;
+}
+
+std::vector<paddle::Tensor> FlashMaskForward(const paddle::Tensor& q, const paddle::Tensor& k,
+                                             const paddle::Tensor& v, const paddle::Tensor& idx,
+                                             bool causal, float softmax_scale) {
+  const flashmask::Shape s = make_shape(q, k, v, idx, causal, softmax_scale);
+  auto out = paddle::empty(q.shape(), paddle::DataType::FLOAT32, q.place());
+  auto lse = paddle::empty({s.B, s.H, s.Sq}, paddle::DataType::FLOAT32, q.place());
+  try {
+    flashmask::forward(s, q.data<float>(), k.data<float>(), v.data<float>(), idx.data<int32_t>(),
+                       out.data<float>(), lse.data<float>());
+  } catch (const std::exception& e) {
+    PD_THROW("flashmask_cpu: ", e.what());
+  }
+  return {out, lse};
+}
+
+std::vector<paddle::Tensor> FlashMaskBackward(const paddle::Tensor& q, const paddle::Tensor& k,
+                                              const paddle::Tensor& v, const paddle::Tensor& idx,
+                                              const paddle::Tensor& out, const paddle::Tensor& lse,
+                                              const paddle::Tensor& dout, bool causal,
+                                              float softmax_scale) {
+  const flashmask::Shape s = make_shape(q, k, v, idx, causal, softmax_scale);
+  auto dq = paddle::empty(q.shape(), paddle::DataType::FLOAT32, q.place());
+  auto dk = paddle::empty(k.shape(), paddle::DataType::FLOAT32, k.place());
+  auto dv = paddle::empty(v.shape(), paddle::DataType::FLOAT32, v.place());
+  try {
+    flashmask::backward(s, q.data<float>(), k.data<float>(), v.data<float>(),
+                        idx.data<int32_t>(), out.data<float>(), lse.data<float>(),
+                        dout.data<float>(), dq.data<float>(), dk.data<float>(), dv.data<float>());
+  } catch (const std::exception& e) {
+    PD_THROW("flashmask_cpu: ", e.what());
+  }
+  return {dq, dk, dv};
+}
+
+std::vector<std::vector<int64_t>> ForwardShape(const std::vector<int64_t>& q,
+                                               const std::vector<int64_t>& k,
+                                               const std::vector<int64_t>& v,
+                                               const std::vector<int64_t>& idx) {
+  return {q, {q[0], q[2], q[1]}};
+}
+
+std::vector<paddle::DataType> ForwardDtype(const paddle::DataType& q, const paddle::DataType& k,
+                                           const paddle::DataType& v,
+                                           const paddle::DataType& idx) {
+  return {q, paddle::DataType::FLOAT32};
+}
+
+std::vector<std::vector<int64_t>> BackwardShape(
+    const std::vector<int64_t>& q, const std::vector<int64_t>& k, const std::vector<int64_t>& v,
+    const std::vector<int64_t>& idx, const std::vector<int64_t>& out,
+    const std::vector<int64_t>& lse, const std::vector<int64_t>& dout) {
+  return {q, k, v};
+}
+
+}  // namespace
+
+PD_BUILD_OP(flashmask_cpu)
+    .Inputs({"Q", "K", "V", "Idx"})
+    .Outputs({"Out", "LSE"})
+    .Attrs({"causal: bool", "softmax_scale: float"})
+    .SetKernelFn(PD_KERNEL(FlashMaskForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(ForwardShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(ForwardDtype));
+
+PD_BUILD_GRAD_OP(flashmask_cpu)
+    .Inputs({"Q", "K", "V", "Idx", "Out", "LSE", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("Q"), paddle::Grad("K"), paddle::Grad("V")})
+    .Attrs({"causal: bool", "softmax_scale: float"})
+    .SetKernelFn(PD_KERNEL(FlashMaskBackward))
+    .SetInferShapeFn(PD_INFER_SHAPE(BackwardShape));

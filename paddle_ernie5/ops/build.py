@@ -1,0 +1,171 @@
+"""Build and load the C++ custom operators (`python -m paddle_ernie5.ops.build`, `make ops`).
+
+The shared library goes to build/custom_ops/<name>/ at the repository root. A stamp file holds a
+hash of the sources, the compiler flags, the Paddle and Python versions and the CPU's instruction
+set flags; when it matches, building is a no-op and loading never recompiles. Because the CPU
+flags are part of the hash, `-march=native` is safe: a build directory carried to another kind of
+CPU is rebuilt instead of crashing with an illegal instruction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import logging
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SOURCE_DIR = REPO_ROOT / "custom_ops" / "flashmask"
+BUILD_DIR = REPO_ROOT / "build" / "custom_ops"
+OP_NAME = "paddle_ernie5_flashmask"
+BUILD_COMMAND = "make ops  (or: python -m paddle_ernie5.ops.build)"
+
+
+def _sources() -> list[Path]:
+    return sorted(p for p in SOURCE_DIR.iterdir() if p.suffix in (".cc", ".h"))
+
+
+def _native_supported() -> bool:
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        return False
+    probe = subprocess.run([compiler, "-march=native", "-x", "c++", "-E", "-"], input=b"",
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def cxx_flags() -> list[str]:
+    # No -ffast-math: the kernels rely on -inf for masked scores.
+    flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
+    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64") and _native_supported():
+        flags.append("-march=native")
+    return flags
+
+
+def _cpu_signature() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    for line in info.splitlines():
+        if line.startswith(("flags", "Features")):
+            return line
+    return platform.processor()
+
+
+def fingerprint(flags: list[str]) -> str:
+    import paddle
+
+    h = hashlib.sha256()
+    for path in _sources():
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    for part in (" ".join(flags), paddle.__version__, sys.version, platform.machine(),
+                 _cpu_signature()):
+        h.update(part.encode())
+    return h.hexdigest()
+
+
+def library_dir() -> Path:
+    return BUILD_DIR / OP_NAME
+
+
+def _stamp() -> Path:
+    return library_dir() / "fingerprint.txt"
+
+
+def is_up_to_date(flags: list[str] | None = None) -> bool:
+    flags = cxx_flags() if flags is None else flags
+    lib = library_dir() / f"{OP_NAME}.so"
+    stamp = _stamp()
+    return lib.exists() and stamp.exists() and stamp.read_text().strip() == fingerprint(flags)
+
+
+@contextlib.contextmanager
+def _build_lock():
+    # Several processes (tests, distributed ranks) may ask for the op at once.
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    with open(BUILD_DIR / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool = False):
+    # Paddle's extension loader logs at INFO level even when asked not to be verbose.
+    log = logging.getLogger("utils.cpp_extension")
+    level = log.level
+    if not verbose:
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _compile(flags: list[str], verbose: bool):
+    from paddle.utils import cpp_extension
+
+    if library_dir().exists():
+        shutil.rmtree(library_dir())
+    start = time.perf_counter()
+    print(f"building the FlashMask CPU op into {library_dir()} ...", file=sys.stderr)
+    with _quiet(verbose):
+        module = cpp_extension.load(
+            name=OP_NAME, sources=[str(p) for p in _sources() if p.suffix == ".cc"],
+            extra_cxx_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(BUILD_DIR),
+            verbose=verbose)
+    _stamp().write_text(fingerprint(flags) + "\n")
+    print(f"built in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return module
+
+
+def build(force: bool = False, verbose: bool = False) -> bool:
+    """Compile the FlashMask op unless it is up to date; True when a compilation ran."""
+    flags = cxx_flags()
+    with _build_lock():
+        if not force and is_up_to_date(flags):
+            return False
+        _compile(flags, verbose)
+        return True
+
+
+def load(auto_build: bool = True):
+    """Return the module holding the registered ops, building first if allowed and needed.
+
+    Call once per process (flashmask.py caches the result): Paddle registers an op only once."""
+    from paddle.utils.cpp_extension import extension_utils
+
+    flags = cxx_flags()
+    with _build_lock():
+        if not is_up_to_date(flags):
+            if not auto_build:
+                raise RuntimeError(
+                    f"the FlashMask CPU op is not built or is stale; run {BUILD_COMMAND}")
+            return _compile(flags, verbose=False)
+    with _quiet():
+        return extension_utils._import_module_from_library(OP_NAME, str(library_dir()), False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
+    args = parser.parse_args(argv)
+    built = build(force=args.force, verbose=args.verbose)
+    print(f"FlashMask CPU op {'built' if built else 'up to date'}: {library_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,247 @@
+"""FlashMask attention: one entry point with Paddle's signature, several backends.
+
+Shapes: query [B, Sq, H, D], key/value [B, Sk, Hk, D] (H a multiple of Hk),
+startend_row_indices [B, 1|Hk|H, Sk, C] int32 (format in masks.py), lse [B, H, Sq].
+
+Backends (`backend=`, from the model config):
+  "cpu"        the C++ custom op in custom_ops/flashmask (fp32 math; fp16/bf16 inputs are cast)
+  "paddle"     paddle.nn.functional.flashmask_attention (GPU build, fp16/bf16 tensors on a GPU)
+  "reference"  flashmask_attention_reference below: dense, O(S^2) memory, exact
+  "auto"       "paddle" when that applies, otherwise "cpu"
+A backend that cannot run the given call raises an error that says why.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import paddle
+
+BACKENDS = ("auto", "cpu", "reference", "paddle")
+_FLOAT_DTYPES = (paddle.float32, paddle.float16, paddle.bfloat16)
+_BLOCK = 128  # block_mask granularity fixed by Paddle's GPU kernel
+
+
+def _gpu_capable(query) -> bool:
+    return (paddle.is_compiled_with_cuda() and query.place.is_gpu_place()
+            and query.dtype in (paddle.float16, paddle.bfloat16))
+
+
+def resolve_backend(backend: str, query) -> str:
+    """The concrete backend that `backend` means for this query tensor."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is unknown; choose one of {BACKENDS}")
+    if backend == "auto":
+        return "paddle" if _gpu_capable(query) else "cpu"
+    if backend == "paddle" and not _gpu_capable(query):
+        raise RuntimeError(
+            "attention backend 'paddle' needs a CUDA build of Paddle and float16/bfloat16 tensors "
+            f"on a GPU (got {query.dtype} on {query.place}); use 'cpu' or 'auto' instead")
+    return backend
+
+
+def window_indices(window_size, batch: int, sq: int, sk: int, causal: bool):
+    """startend_row_indices for Paddle's `window_size` argument (sliding-window attention)."""
+    left, right = (window_size, window_size) if isinstance(window_size, int) else window_size
+    cols = paddle.arange(sk, dtype="int32")
+    lts = paddle.clip(cols + (left + 1), 0, sq)
+    if causal:
+        idx = lts.reshape([1, 1, sk, 1])
+    else:
+        ute = paddle.clip(cols - right, 0, sq)
+        idx = paddle.stack([lts, ute], axis=-1).reshape([1, 1, sk, 2])
+    return idx.expand([batch, 1, sk, idx.shape[-1]])
+
+
+def default_indices(batch: int, sq: int, sk: int, causal: bool):
+    """Indices that mask nothing (the causal flag still adds its triangle)."""
+    if causal:
+        return paddle.full([batch, 1, sk, 1], sq, dtype="int32")
+    full = paddle.to_tensor([sq, 0], dtype="int32").reshape([1, 1, 1, 2])
+    return full.expand([batch, 1, sk, 2])
+
+
+def check_inputs(query, key, value, startend_row_indices, causal: bool) -> None:
+    """Raise TypeError/ValueError for arguments the FlashMask format does not allow."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"flashmask_attention: {name} must be float32/float16/bfloat16, "
+                            f"got {t.dtype}")
+        if len(t.shape) != 4:
+            raise ValueError(f"flashmask_attention: {name} must be 4-D [B, S, heads, D], "
+                             f"got shape {t.shape}")
+    b, sq, h, d = query.shape
+    if list(key.shape) != list(value.shape):
+        raise ValueError(f"flashmask_attention: key {key.shape} and value {value.shape} differ")
+    bk, sk, hk, dk = key.shape
+    if bk != b or dk != d:
+        raise ValueError(f"flashmask_attention: query {query.shape} and key {key.shape} disagree "
+                         "on batch size or head dim")
+    if hk == 0 or h % hk:
+        raise ValueError(f"flashmask_attention: query heads ({h}) must be a multiple of key/value "
+                         f"heads ({hk})")
+    if startend_row_indices is None:
+        return
+    idx = startend_row_indices
+    if idx.dtype != paddle.int32:
+        raise TypeError(f"flashmask_attention: startend_row_indices must be int32, got {idx.dtype}")
+    if len(idx.shape) != 4 or idx.shape[0] != b or idx.shape[2] != sk or idx.shape[1] not in (1, hk, h):
+        raise ValueError(f"flashmask_attention: startend_row_indices must be [B={b}, 1|{hk}|{h}, "
+                         f"Sk={sk}, C], got {idx.shape}")
+    c = idx.shape[3]
+    allowed = (1, 2) if causal else (2, 4)
+    if c not in allowed:
+        raise ValueError(f"flashmask_attention: with causal={causal} the last dim of "
+                         f"startend_row_indices must be one of {allowed}, got {c}")
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi > sq:
+        raise ValueError(f"flashmask_attention: startend_row_indices must lie in [0, Sq={sq}], "
+                         f"got values in [{lo}, {hi}]")
+
+
+def _reject_rng_options(backend, dropout, training, return_seed_offset, fixed_seed_offset, rng_name):
+    if dropout and training:
+        raise NotImplementedError(f"flashmask_attention: dropout={dropout} is only supported by "
+                                  f"the 'paddle' GPU backend, not {backend!r}")
+    if return_seed_offset or fixed_seed_offset is not None or rng_name:
+        raise NotImplementedError("flashmask_attention: return_seed_offset, fixed_seed_offset and "
+                                  f"rng_name belong to the GPU dropout RNG; backend {backend!r} "
+                                  "has no dropout")
+
+
+def dense_allowed_mask(startend_row_indices, sq: int, sk: int, causal: bool):
+    """Boolean [B, 1|Hk|H, Sq, Sk] mask: True where query row i may attend key column j."""
+    idx = startend_row_indices.astype("int64")
+    c = idx.shape[-1]
+    rows = paddle.arange(sq, dtype="int64").reshape([1, 1, sq, 1])
+    col = lambda t: t.transpose([0, 1, 3, 2])  # [B, h, Sk, 1] -> [B, h, 1, Sk]
+    if causal:
+        lts = col(idx[..., 0:1])
+        lte = col(idx[..., 1:2]) if c == 2 else paddle.full_like(lts, sq)
+        masked = (rows >= lts) & (rows < lte)
+    elif c == 2:
+        masked = (rows >= col(idx[..., 0:1])) | (rows < col(idx[..., 1:2]))
+    else:
+        lt = (rows >= col(idx[..., 0:1])) & (rows < col(idx[..., 1:2]))
+        ut = (rows >= col(idx[..., 2:3])) & (rows < col(idx[..., 3:4]))
+        masked = lt | ut
+    allowed = ~masked
+    if causal:
+        cols = paddle.arange(sk, dtype="int64").reshape([1, 1, 1, sk])
+        allowed = allowed & (cols <= rows + (sk - sq))
+    return allowed
+
+
+def flashmask_attention_reference(query, key, value, startend_row_indices=None, *, dropout=0.0,
+                                  causal=False, window_size=None, return_softmax_lse=False,
+                                  return_seed_offset=False, fixed_seed_offset=None, rng_name="",
+                                  training=True, name=None, softmax_scale=None, block_mask=None):
+    """Dense pure-Paddle reference: O(S^2) memory, exact semantics, differentiable."""
+    _reject_rng_options("reference", dropout, training, return_seed_offset, fixed_seed_offset,
+                        rng_name)
+    b, sq, h, d = query.shape
+    sk, hk = key.shape[1], key.shape[2]
+    if window_size is not None:
+        if startend_row_indices is not None:
+            raise ValueError("flashmask_attention: window_size and startend_row_indices are exclusive")
+        startend_row_indices = window_indices(window_size, b, sq, sk, causal)
+    check_inputs(query, key, value, startend_row_indices, causal)
+    scale = softmax_scale if softmax_scale is not None else d ** -0.5
+    q = query.astype("float32").transpose([0, 2, 1, 3])
+    k = key.astype("float32").transpose([0, 2, 1, 3])
+    v = value.astype("float32").transpose([0, 2, 1, 3])
+    if hk != h:
+        k = k.repeat_interleave(h // hk, axis=1)
+        v = v.repeat_interleave(h // hk, axis=1)
+    scores = paddle.matmul(q, k, transpose_y=True) * scale
+    if startend_row_indices is None:
+        startend_row_indices = default_indices(b, sq, sk, causal)
+    allowed = dense_allowed_mask(startend_row_indices, sq, sk, causal)
+    if block_mask is not None:
+        blocks = block_mask.astype("int32").repeat_interleave(_BLOCK, axis=2)
+        allowed = allowed & blocks.repeat_interleave(_BLOCK, axis=3)[:, :, :sq, :sk].astype("bool")
+    if allowed.shape[1] not in (1, h):  # one mask per kv head: repeat over its query heads
+        allowed = allowed.astype("int32").repeat_interleave(h // allowed.shape[1], axis=1)
+        allowed = allowed.astype("bool")
+    scores = paddle.where(allowed, scores, paddle.full_like(scores, float("-inf")))
+    row_max = scores.max(axis=-1, keepdim=True)
+    row_max = paddle.where(paddle.isfinite(row_max), row_max, paddle.zeros_like(row_max)).detach()
+    # where() again after exp: Paddle's CPU exp clamps its input, so exp(-inf) is not exactly 0.
+    p = paddle.where(allowed, paddle.exp(scores - row_max), paddle.zeros_like(scores))
+    denom = p.sum(axis=-1, keepdim=True)
+    probs = p / paddle.where(denom > 0, denom, paddle.ones_like(denom))
+    out = paddle.matmul(probs, v).astype(query.dtype).transpose([0, 2, 1, 3])
+    if not return_softmax_lse:
+        return out
+    lse = (row_max + paddle.log(denom)).squeeze(-1)
+    lse = paddle.where(denom.squeeze(-1) > 0, lse, paddle.full_like(lse, float("inf")))
+    return out, lse
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_op():
+    # Imported lazily: loading registers the op with Paddle and may build it on first use.
+    from paddle_ernie5.ops import build
+
+    return build.load(auto_build=True)
+
+
+def _flashmask_cpu(query, key, value, startend_row_indices, causal, softmax_scale,
+                   return_softmax_lse):
+    b, sq, h, d = query.shape
+    sk = key.shape[1]
+    idx = startend_row_indices
+    if idx is None:
+        idx = default_indices(b, sq, sk, causal)
+    scale = float(softmax_scale) if softmax_scale is not None else d ** -0.5
+    dtype = query.dtype
+    tensors = []
+    for t in (query, key, value, idx):
+        if t.dtype in (paddle.float16, paddle.bfloat16):
+            t = t.astype("float32")
+        tensors.append(t if t.is_contiguous() else t.contiguous())
+    out, lse = _cpu_op().flashmask_cpu(*tensors, bool(causal), scale)
+    if dtype != paddle.float32:
+        out = out.astype(dtype)
+    return (out, lse) if return_softmax_lse else out
+
+
+def flashmask_attention(query, key, value, startend_row_indices=None, *, dropout=0.0,
+                        causal=False, window_size=None, return_softmax_lse=False,
+                        return_seed_offset=False, fixed_seed_offset=None, rng_name="",
+                        training=True, name=None, softmax_scale=None, block_mask=None,
+                        backend="auto"):
+    """FlashMask attention with `paddle.nn.functional.flashmask_attention`'s signature.
+
+    Returns out, or (out, lse) with return_softmax_lse. On the "cpu" backend the gradient flows
+    through `out` only; lse is a statistic (as with Paddle's GPU kernel)."""
+    chosen = resolve_backend(backend, query)
+    if chosen == "paddle":
+        return paddle.nn.functional.flashmask_attention(
+            query, key, value, startend_row_indices, dropout=dropout, causal=causal,
+            window_size=window_size, return_softmax_lse=return_softmax_lse,
+            return_seed_offset=return_seed_offset, fixed_seed_offset=fixed_seed_offset,
+            rng_name=rng_name, training=training, name=name, softmax_scale=softmax_scale,
+            block_mask=block_mask)
+    if chosen == "reference":
+        return flashmask_attention_reference(
+            query, key, value, startend_row_indices, dropout=dropout, causal=causal,
+            window_size=window_size, return_softmax_lse=return_softmax_lse,
+            return_seed_offset=return_seed_offset, fixed_seed_offset=fixed_seed_offset,
+            rng_name=rng_name, training=training, softmax_scale=softmax_scale,
+            block_mask=block_mask)
+    _reject_rng_options("cpu", dropout, training, return_seed_offset, fixed_seed_offset, rng_name)
+    if block_mask is not None:
+        raise NotImplementedError("flashmask_attention: block_mask is supported by the 'paddle' "
+                                  "GPU backend and the 'reference' backend, not by 'cpu'")
+    if window_size is not None:
+        if startend_row_indices is not None:
+            raise ValueError("flashmask_attention: window_size and startend_row_indices are exclusive")
+        b, sq = query.shape[:2]
+        startend_row_indices = window_indices(window_size, b, sq, key.shape[1], causal)
+    check_inputs(query, key, value, startend_row_indices, causal)
+    if query.place.is_gpu_place():
+        raise RuntimeError("flashmask_attention: backend 'cpu' needs CPU tensors, got "
+                           f"{query.place}")
+    return _flashmask_cpu(query, key, value, startend_row_indices, causal, softmax_scale,
+                          return_softmax_lse)

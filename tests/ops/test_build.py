@@ -1,0 +1,32 @@
+"""The op build is cached by a fingerprint of its sources and flags."""
+
+import shutil
+
+import pytest
+
+from paddle_ernie5.ops import build
+
+
+def test_build_is_a_no_op_when_up_to_date(cpu_op):
+    assert build.is_up_to_date()
+    assert build.build() is False
+
+
+def test_fingerprint_follows_sources_and_flags(tmp_path, monkeypatch):
+    copy = tmp_path / "flashmask"
+    shutil.copytree(build.SOURCE_DIR, copy)
+    monkeypatch.setattr(build, "SOURCE_DIR", copy)
+    flags = build.cxx_flags()
+    before = build.fingerprint(flags)
+    assert build.fingerprint(flags) == before
+    assert build.fingerprint(flags + ["-DEXTRA"]) != before
+    kernel = copy / "flashmask_fwd.cc"
+    kernel.write_text(kernel.read_text() + "\n// changed\n")
+    assert build.fingerprint(flags) != before
+
+
+def test_missing_build_names_the_build_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "BUILD_DIR", tmp_path / "custom_ops")
+    assert not build.is_up_to_date()
+    with pytest.raises(RuntimeError, match="make ops"):
+        build.load(auto_build=False)
