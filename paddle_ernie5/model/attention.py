@@ -23,13 +23,17 @@ class Attention(nn.Layer):
         self.qkv = nn.Linear(hidden_size, (h + 2 * k) * d, weight_attr=init, bias_attr=False)
         self.out = nn.Linear(h * d, hidden_size, weight_attr=init, bias_attr=False)
 
-    def forward(self, x_BSM, cos, sin, startend_row_indices):
+    def forward(self, x_BSM, cos, sin, startend_row_indices, cache=None):
+        """`cache`: a `LayerCache` during incremental decoding (keys/values of earlier positions are
+        read from it and the new ones appended); the causal mask is then bottom-right aligned."""
         b, s, _ = x_BSM.shape
         h, k, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
         qkv = self.qkv(x_BSM).reshape([b, s, h + 2 * k, d])
         q_BSHD, k_BSKD, v_BSKD = qkv.split([h, k, k], axis=2)
         q_BSHD = apply_rope(q_BSHD, cos, sin)
         k_BSKD = apply_rope(k_BSKD, cos, sin)
+        if cache is not None:
+            k_BSKD, v_BSKD = cache.append(k_BSKD, v_BSKD)
         o_BSHD = flashmask_attention(q_BSHD, k_BSKD, v_BSKD, startend_row_indices, causal=True,
                                      softmax_scale=d ** -0.5, backend=self.cfg.backend)
         return self.out(o_BSHD.reshape([b, s, h * d]))

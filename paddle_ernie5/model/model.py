@@ -20,6 +20,7 @@ from paddle import nn
 from ..config import ModelConfig
 from .block import Block
 from .embeddings import ModalityEmbeddings
+from .generation import KVCache
 from .heads import MTPModule, TextHead
 from .moe import RouterStats
 from .norm import RMSNorm
@@ -47,15 +48,18 @@ class Ernie5Model(nn.Layer):
         self.text_head = TextHead(cfg, self.embed.text_table() if cfg.tie_embeddings else None)
         self.mtp = MTPModule(cfg) if cfg.num_mtp_modules > 0 else None
 
-    def forward(self, batch, view: ElasticView = FULL_VIEW, with_mtp: bool = True) -> ModelOutput:
+    def forward(self, batch, view: ElasticView = FULL_VIEW, with_mtp: bool = True,
+                cache: KVCache | None = None) -> ModelOutput:
+        """`cache`: incremental decoding (generation.py); batch then holds only the new positions."""
         att = self.cfg.attention
         cos, sin = rope_cos_sin(batch["positions"], att.head_dim, att.rope_base, att.rope_sections)
-        mask = batch["startend_row_indices"]
+        mask = batch.get("startend_row_indices")
         x = self.embed(batch)
         stats = {}
         layers = range(len(self.blocks)) if view.layers is None else view.layers
         for i in layers:
-            x, layer_stats = self.blocks[i](x, cos, sin, mask, view.for_layer(i))
+            x, layer_stats = self.blocks[i](x, cos, sin, mask, view.for_layer(i),
+                                            None if cache is None else cache.layer(i))
             if layer_stats is not None:
                 stats[i] = layer_stats
         h = self.norm(x)

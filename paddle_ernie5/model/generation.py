@@ -1,0 +1,102 @@
+"""Autoregressive sampling with a key/value cache.
+
+Legend: B batch (rows decode in lock-step), P prompt length, N new tokens, K/V [B, S, Hk, D].
+
+    prompt_BP --prefill--> logits of the last position, cache holds P positions
+    repeat N times: sample token -> forward that one token (cache grows by 1) -> next logits
+
+Each row is one document, so attention needs only the causal mask (bottom-right aligned against the
+cache); prompts of one call share a length (RL groups repeat one prompt). Per-token log-probabilities
+of the sampled tokens are returned with them (RL uses them as rollout log-probs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from .view import FULL_VIEW, ElasticView
+
+
+class LayerCache:
+    def __init__(self):
+        self.k = None
+        self.v = None
+
+    def append(self, k_BSKD, v_BSKD):
+        if self.k is not None:
+            k_BSKD = paddle.concat([self.k, k_BSKD], axis=1)
+            v_BSKD = paddle.concat([self.v, v_BSKD], axis=1)
+        self.k, self.v = k_BSKD, v_BSKD
+        return k_BSKD, v_BSKD
+
+
+class KVCache:
+    def __init__(self):
+        self._layers: dict[int, LayerCache] = {}
+
+    def layer(self, index: int) -> LayerCache:
+        return self._layers.setdefault(index, LayerCache())
+
+    def length(self) -> int:
+        first = next(iter(self._layers.values()), None)
+        return 0 if first is None or first.k is None else first.k.shape[1]
+
+
+@dataclass
+class Sample:
+    tokens: np.ndarray  # [B, N] sampled ids (after a row's stop token: pad_id)
+    logprobs: np.ndarray  # [B, N] log-prob of each sampled token (temperature-scaled; greedy: T = 1)
+    lengths: np.ndarray  # [B] new tokens up to and including the stop token
+
+
+def _text_batch(ids_BS, start: int) -> dict:
+    b, s = ids_BS.shape
+    pos = paddle.arange(start, start + s, dtype="int64").reshape([1, 1, s]).expand([b, 3, s])
+    return {"input_ids": ids_BS, "token_types": paddle.zeros([b, s], dtype="int64"), "positions": pos,
+            "startend_row_indices": None}
+
+
+@paddle.no_grad()
+def generate(model, prompt_BP: np.ndarray, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int = 0, stop_id: int | None = None, pad_id: int = 0, seed: int = 0,
+             view: ElasticView = FULL_VIEW) -> Sample:
+    """Sample continuations of equal-length prompts. temperature 0 = greedy."""
+    model.eval()
+    rng = np.random.default_rng(seed)
+    prompt = paddle.to_tensor(np.asarray(prompt_BP, dtype=np.int64))
+    b = prompt.shape[0]
+    cache = KVCache()
+    logits = model(_text_batch(prompt, 0), view, with_mtp=False, cache=cache).logits[:, -1]
+    tokens = np.full([b, max_new_tokens], pad_id, dtype=np.int64)
+    logprobs = np.zeros([b, max_new_tokens], dtype=np.float32)
+    done = np.zeros([b], dtype=bool)
+    lengths = np.full([b], max_new_tokens, dtype=np.int64)
+    for t in range(max_new_tokens):
+        # Log-probs of the distribution sampled from; greedy reports the model's own (temperature 1).
+        logp = F.log_softmax(logits.astype("float32") / (temperature or 1.0), axis=-1).numpy()
+        if top_k > 0:
+            kth = np.sort(logp, axis=-1)[:, -top_k][:, None]
+            logp = np.where(logp >= kth, logp, -np.inf)
+            logp = logp - np.logaddexp.reduce(logp, axis=-1, keepdims=True)
+        if temperature == 0:
+            nxt = logp.argmax(-1)
+        else:
+            gumbel = -np.log(-np.log(rng.random(logp.shape) + 1e-20) + 1e-20)
+            nxt = (logp + gumbel).argmax(-1)
+        nxt = np.where(done, pad_id, nxt)
+        tokens[:, t] = nxt
+        logprobs[:, t] = np.where(done, 0.0, logp[np.arange(b), nxt])
+        if stop_id is not None:
+            newly = (~done) & (nxt == stop_id)
+            lengths[newly] = t + 1
+            done |= newly
+            if done.all():
+                tokens, logprobs = tokens[:, :t + 1], logprobs[:, :t + 1]
+                break
+        step = paddle.to_tensor(nxt.reshape(b, 1))
+        logits = model(_text_batch(step, cache.length()), view, with_mtp=False, cache=cache).logits[:, -1]
+    return Sample(tokens, logprobs, lengths)
