@@ -37,11 +37,17 @@ def cmd_train(args) -> int:
     if cfg.build_only:
         raise C.ConfigError(f"recipe {args.recipe!r} is build-only (it sizes a model and is never "
                             "allocated); use `ernie5 config` to see its parameter count")
-    _set_threads(cfg.train.threads)
+    # Under paddle.distributed.launch the processes of one machine share its cores.
+    local_procs = int(os.environ.get("PADDLE_LOCAL_SIZE", "1"))
+    _set_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // local_procs))
+    from .parallel.runtime import init_runtime
+    from .parallel.topology import rank_from_env, world_size_from_env
     from .train.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, parallel=init_runtime(cfg, world_size_from_env(), rank_from_env()))
     result = trainer.fit()
+    if not trainer.par.is_main:
+        return 0
     unigram = trainer.unigram_loss()
     print(f"validation loss {result.val_loss:.4f} nats/token (ppl {_exp(result.val_loss):.1f}); "
           f"unigram baseline {unigram:.4f} (ppl {_exp(unigram):.1f}); run dir {result.run_dir}")
@@ -74,6 +80,18 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    _set_threads(0)
+    from .eval.runner import evaluate_run
+
+    rows, report = evaluate_run(args.checkpoint, elastic_grid=args.elastic_grid, compare=args.compare,
+                                max_batches=args.max_batches)
+    print(report)
+    return 0 if rows else 1
+
+
 def _exp(x: float) -> float:
     import math
 
@@ -97,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, required=True, help="experts per token")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("eval", help="evaluate a run: one table of metrics (and the elastic grid)")
+    p.add_argument("--checkpoint", required=True, help="run, checkpoint or exported-model directory")
+    p.add_argument("--elastic-grid", action="store_true",
+                   help="also measure a grid of sliced sub-models (params, metrics, decode speed)")
+    p.add_argument("--compare", action="append", default=[],
+                   help="another run to add to the grid (e.g. a sub-model shape trained from scratch)")
+    p.add_argument("--max-batches", type=int, default=0, help="validation batches (0 = all)")
+    p.set_defaults(fn=cmd_eval)
     return parser
 
 

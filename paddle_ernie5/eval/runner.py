@@ -1,0 +1,50 @@
+"""`ernie5 eval`: load a run's model, evaluate it, write Markdown and JSON next to it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import paddle
+
+from .. import config as C
+from ..model.model import Ernie5Model
+from ..train import checkpoint
+from .elastic_grid import markdown, run_grid
+from .suite import TextEval, text_metrics
+
+
+def load_model(path: str, log=print):
+    """(config, model with weights) for a run, checkpoint or exported-model directory."""
+    cfg_path, source = checkpoint.find_run(path)
+    cfg = C.load_config(cfg_path)
+    model = Ernie5Model(cfg.model)
+    model.set_state_dict({k: paddle.to_tensor(v)
+                          for k, v in checkpoint.load_model_weights(source, warn=log).items()})
+    model.eval()
+    return cfg, model
+
+
+def evaluate_run(path: str, elastic_grid: bool = False, compare: list[str] = (), max_batches: int = 0,
+                 log=print):
+    cfg, model = load_model(path, log)
+    ev = TextEval(cfg, max_batches)
+    out_dir = path if os.path.isfile(os.path.join(path, "config.yaml")) else os.path.dirname(
+        checkpoint.find_run(path)[0])
+    if elastic_grid:
+        others = [(os.path.basename(os.path.normpath(p)), load_model(p, log)[1]) for p in compare]
+        rows = run_grid(model, cfg, ev, others, log=log)
+        report = markdown(rows, rows[0]["text/unigram_ppl"])
+        name = "eval_elastic_grid"
+    else:
+        m = text_metrics(ev, model)
+        rows = [m]
+        report = ("| metric | value | baseline |\n|---|---:|---:|\n"
+                  f"| text perplexity (validation) | {m['text/ppl']:.2f} | unigram {m['text/unigram_ppl']:.1f} |\n"
+                  f"| decode tokens/s (batch 1, greedy) | {m['decode/tokens_per_s']:.0f} | |\n")
+        name = "eval"
+    with open(os.path.join(out_dir, f"{name}.md"), "w", encoding="utf-8") as f:
+        f.write(report)
+    with open(os.path.join(out_dir, f"{name}.json"), "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=1)
+    return rows, report
