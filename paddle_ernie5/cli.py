@@ -133,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     except C.ConfigError as e:
         print(f"ernie5: config error: {e}", file=sys.stderr)
         return USAGE_ERROR
+    except Exception as e:  # noqa: BLE001 - checkpoint and export errors are reported, not traced
+        from .train.checkpoint import CheckpointError
+
+        if not isinstance(e, CheckpointError):
+            raise
+        print(f"ernie5: checkpoint error: {e}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

@@ -137,6 +137,9 @@ def find_run(path: str) -> tuple[str, str]:
 def load_model_weights(path: str, warn=print) -> dict[str, np.ndarray]:
     """Model parameters from a checkpoint directory, the newest valid checkpoint of a run directory,
     or an exported model directory (model.safetensors without optimizer state)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist (expected a run, checkpoint or exported-model "
+                              "directory)")
     if os.path.isfile(os.path.join(path, "meta.json")):
         return load(path)[0]
     if os.path.isdir(os.path.join(path, "checkpoints")):
