@@ -128,6 +128,7 @@ class ModelConfig:
 
 
 MODALITIES = ("text", "image", "video", "audio")
+TASKS = ("pretrain", "visual_tokenizer", "vision_judge", "audio_codec", "speech_judge")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,6 +261,9 @@ class ElasticConfig:
 @dataclass(frozen=True, kw_only=True)
 class Config:
     name: str = "pretrain_tiny"
+    # What `ernie5 train` runs: the backbone, or one of the separately trained components
+    # (train/tasks.py maps each name to its trainer).
+    task: str = "pretrain"
     # large: the recipe only sizes a model (config + parameter count, the planner); never allocated.
     build_only: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -269,6 +273,7 @@ class Config:
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
 
     def validate(self) -> "Config":
+        _check("config", "task", self.task, self.task in TASKS, f"one of {', '.join(TASKS)}")
         self.model.validate("model")
         self.data.validate("data")
         self.train.validate("train")
