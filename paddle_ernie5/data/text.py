@@ -179,21 +179,34 @@ def _sentence(rng: np.random.Generator) -> str:
 
 
 GENERATORS = (
-    lambda rng: _qa(*_arithmetic(rng)),
-    _equation,
-    _word_problem,
-    _counting,
-    _sentence,
+    ("arithmetic_qa", lambda rng: _qa(*_arithmetic(rng))),
+    ("equations", _equation),
+    ("word_problems", _word_problem),
+    ("counting", _counting),
+    ("sentences", _sentence),
 )
+TEXT_KINDS = ("prose",) + tuple(name for name, _ in GENERATORS)
 
 
-def generated_documents(char_budget: int, seed: int) -> list[str]:
-    """Documents of 4-16 lines, each document one kind of line, until char_budget characters."""
+def generated_documents(char_budget: int, seed: int, with_kinds: bool = False):
+    """Documents of 4-16 lines, each document one kind of line, until char_budget characters.
+    with_kinds: return (document, kind name) pairs."""
     rng = np.random.default_rng(seed)
     docs, used = [], 0
     while used < char_budget:
-        make = GENERATORS[rng.integers(len(GENERATORS))]
+        kind, make = GENERATORS[rng.integers(len(GENERATORS))]
         doc = "\n".join(make(rng) for _ in range(int(rng.integers(4, 17))))
-        docs.append(doc)
+        docs.append((doc, kind) if with_kinds else doc)
         used += len(doc)
     return docs
+
+
+def validation_documents_by_kind(seed: int = 0, val_fraction: float = 0.05) -> dict[str, list[str]]:
+    """The validation split grouped by kind (prose, arithmetic_qa, ...): tasks for routing analysis."""
+    prose = pydoc_documents()
+    budget = int(sum(len(d) for d in prose) * GENERATED_FRACTION / (1.0 - GENERATED_FRACTION))
+    out: dict[str, list[str]] = {k: [] for k in TEXT_KINDS}
+    for doc, kind in [(d, "prose") for d in prose] + generated_documents(budget, seed, with_kinds=True):
+        if in_validation(doc, val_fraction):
+            out[kind].append(doc)
+    return out

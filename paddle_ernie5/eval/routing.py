@@ -1,0 +1,149 @@
+"""Routing analysis (ERNIE 5.0's figures, reproduced on our model).
+
+For every task (a modality or a kind of text) we run held-out batches and count, per MoE layer, how
+often each expert is chosen. From the usage matrix U[task][layer, expert]:
+- heatmaps (layers x experts) per task;
+- IoU of the top-25% most used experts between task pairs, per layer (first / middle / last);
+- normalised routing entropy per layer: NE = -sum p log p / log E (1 = uniform use of all experts).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import paddle
+
+PAPER_IOU = {  # first / middle / last layer, ERNIE5.md
+    ("text", "audio"): (0.12, 0.32, 0.40),
+    ("image understanding", "video understanding"): (0.98, 0.52, 0.64),
+    ("understanding", "generation"): (0.2, 0.2, 0.2),
+}
+
+
+@paddle.no_grad()
+def usage(model, batches) -> np.ndarray:
+    """[MoE layers, experts] assignment counts over `batches`."""
+    model.eval()
+    layers = [i for i, _ in model.moe_layers()]
+    counts = np.zeros([len(layers), model.cfg.moe.num_experts], dtype=np.int64)
+    for batch in batches:
+        stats = model(batch, with_mtp=False).router_stats
+        for row, layer in enumerate(layers):
+            counts[row] += stats[layer].load_E.numpy()
+    return counts
+
+
+def top_set(counts_E: np.ndarray, fraction: float = 0.25) -> set[int]:
+    """The ceil(fraction * E) most used experts (ties: lower index)."""
+    k = max(1, int(np.ceil(fraction * counts_E.size)))
+    order = np.lexsort((np.arange(counts_E.size), -counts_E))
+    return set(order[:k].tolist())
+
+
+def iou(a: set, b: set) -> float:
+    return len(a & b) / max(1, len(a | b))
+
+
+def normalised_entropy(counts_E: np.ndarray) -> float:
+    p = counts_E / max(1, counts_E.sum())
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum() / np.log(counts_E.size)) if counts_E.size > 1 else 1.0
+
+
+def analyse(usages: dict[str, np.ndarray]) -> dict:
+    """IoU matrices at the first/middle/last MoE layer and entropy per layer, per task."""
+    tasks = list(usages)
+    n_layers = next(iter(usages.values())).shape[0]
+    picks = {"first": 0, "middle": n_layers // 2, "last": n_layers - 1}
+    iou_mats = {}
+    for name, layer in picks.items():
+        sets = {t: top_set(usages[t][layer]) for t in tasks}
+        iou_mats[name] = np.array([[iou(sets[a], sets[b]) for b in tasks] for a in tasks])
+    entropy = {t: [normalised_entropy(u[l]) for l in range(n_layers)] for t, u in usages.items()}
+    return {"tasks": tasks, "layers": picks, "iou": iou_mats, "entropy": entropy}
+
+
+def write_report(usages: dict[str, np.ndarray], layer_ids: list[int], out_dir: str) -> str:
+    """PNG figures + report.md under out_dir; returns the Markdown text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    res = analyse(usages)
+    tasks = res["tasks"]
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(10, 1.2 + 0.9 * len(tasks) * 1.2), squeeze=False)
+    for ax, t in zip(axes[:, 0], tasks):
+        share = usages[t] / np.maximum(1, usages[t].sum(axis=1, keepdims=True))
+        ax.imshow(share, aspect="auto", cmap="viridis")
+        ax.set_title(f"{t}: expert usage share", fontsize=9)
+        ax.set_yticks(range(len(layer_ids)), [f"L{i}" for i in layer_ids], fontsize=7)
+        ax.set_xlabel("expert", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "usage_heatmaps.png"), dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(4 * 3, 4))
+    for ax, (name, mat) in zip(axes, res["iou"].items()):
+        ax.imshow(mat, vmin=0, vmax=1, cmap="magma")
+        ax.set_title(f"top-25% IoU, {name} MoE layer (L{layer_ids[res['layers'][name]]})", fontsize=8)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=60, fontsize=7)
+        ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
+        for i, j in itertools.product(range(len(tasks)), repeat=2):
+            ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "iou_top25.png"), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for t in tasks:
+        ax.plot(layer_ids, res["entropy"][t], marker="o", label=t)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("normalised routing entropy")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "entropy.png"), dpi=110)
+    plt.close(fig)
+
+    lines = ["# Routing report", "", "![usage](usage_heatmaps.png) ![iou](iou_top25.png) "
+             "![entropy](entropy.png)", "", "## Normalised routing entropy per layer", "",
+             "| task | " + " | ".join(f"L{i}" for i in layer_ids) + " |",
+             "|---|" + "---:|" * len(layer_ids)]
+    lines += [f"| {t} | " + " | ".join(f"{v:.3f}" for v in res["entropy"][t]) + " |" for t in tasks]
+    lines += ["", "## Top-25% expert IoU between tasks (first / middle / last MoE layer)", "",
+              "| task pair | first | middle | last |", "|---|---:|---:|---:|"]
+    for a, b in itertools.combinations(range(len(tasks)), 2):
+        vals = [res["iou"][n][a, b] for n in ("first", "middle", "last")]
+        lines.append(f"| {tasks[a]} vs {tasks[b]} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+    lines += ["", "## Against the paper", "", "| task pair | paper (first / middle / last) | ours |",
+              "|---|---|---|"]
+    for (a, b), vals in PAPER_IOU.items():
+        ours = "not measurable yet: the model has no such tasks" if not (a in tasks and b in tasks) else \
+            " / ".join(f"{res['iou'][n][tasks.index(a), tasks.index(b)]:.2f}" for n in ("first", "middle", "last"))
+        lines.append(f"| {a} vs {b} | {' / '.join(f'{v:.2f}' for v in vals)} | {ours} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    return text
+
+
+def text_task_batches(cfg, tokenizer, max_batches: int = 4) -> dict[str, list]:
+    """Held-out text grouped by kind (prose, arithmetic, counting, ...), packed into model batches."""
+    from ..data.loader import eval_batches
+    from ..data.packing import pack_documents
+    from ..data.text import validation_documents_by_kind
+    from ..train.trainer import to_model_batch
+
+    out = {}
+    for kind, docs in validation_documents_by_kind(cfg.train.seed, cfg.data.val_fraction).items():
+        if not docs:
+            continue
+        packed = pack_documents(tokenizer.encode_batch(docs), cfg.data.seq_len, tokenizer.pad_id,
+                                tokenizer.bos_id, tokenizer.eos_id)
+        out[f"text/{kind}"] = [to_model_batch(b) for b in
+                               itertools.islice(eval_batches(packed, cfg.train.batch_size), max_batches)]
+    return out
