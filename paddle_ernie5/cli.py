@@ -37,6 +37,13 @@ def cmd_train(args) -> int:
     if cfg.build_only:
         raise C.ConfigError(f"recipe {args.recipe!r} is build-only (it sizes a model and is never "
                             "allocated); use `ernie5 config` to see its parameter count")
+    if cfg.task != "pretrain":
+        _set_threads(cfg.train.threads)
+        from .train.tasks import run_task
+
+        metrics = run_task(cfg)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        return 0
     # Under paddle.distributed.launch the processes of one machine share its cores.
     local_procs = int(os.environ.get("PADDLE_LOCAL_SIZE", "1"))
     _set_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // local_procs))
@@ -92,6 +99,24 @@ def cmd_eval(args) -> int:
     return 0 if rows else 1
 
 
+def cmd_routing_report(args) -> int:
+    _set_threads(0)
+    from .eval.runner import routing_report
+
+    print(routing_report(args.checkpoint, args.out, args.max_batches))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """Parameters, memory per device and tokens per step of a recipe under its parallel degrees."""
+    from .parallel.planner import format_plan, make_plan
+
+    cfg = C.load_config(args.recipe, args.overrides)
+    print(f"ernie5 plan: {args.recipe} {' '.join(args.overrides)}".rstrip())
+    print(format_plan(cfg, make_plan(cfg)))
+    return 0
+
+
 def _exp(x: float) -> float:
     import math
 
@@ -102,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ernie5", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (("train", cmd_train, "train a recipe"),
-                            ("config", cmd_config, "print a recipe's resolved config and size")):
+                            ("config", cmd_config, "print a recipe's resolved config and size"),
+                            ("plan", cmd_plan, "size a recipe on a cluster: parameters, memory per "
+                                               "device, tokens per step (parallel.* overrides)")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/pretrain_tiny.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
@@ -123,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another run to add to the grid (e.g. a sub-model shape trained from scratch)")
     p.add_argument("--max-batches", type=int, default=0, help="validation batches (0 = all)")
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("routing-report", help="expert usage, top-25%% IoU and routing entropy per task")
+    p.add_argument("--checkpoint", required=True, help="run, checkpoint or exported-model directory")
+    p.add_argument("--out", default="", help="output directory (default: <run>/routing_report)")
+    p.add_argument("--max-batches", type=int, default=4, help="held-out batches per task")
+    p.set_defaults(fn=cmd_routing_report)
     return parser
 
 

@@ -128,7 +128,7 @@ class ModelConfig:
 
 
 MODALITIES = ("text", "image", "video", "audio")
-TASKS = ("pretrain", "visual_tokenizer", "vision_judge", "audio_codec", "speech_judge")
+TASKS = ("pretrain", "visual_tokenizer", "vision_judge", "audio_codec", "speech_judge", "sft", "rl")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,6 +259,194 @@ class ElasticConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VisualTokenizerConfig:
+    """Multi-scale bit-wise visual tokenizer (tokenizers/visual.py), trained by task visual_tokenizer.
+
+    A frame of image_size^2 pixels becomes a latent of (image_size / downsample)^2 cells; each scale
+    in `scales` is a token map of that side whose tokens are `bits` signs (vocabulary 2**bits)."""
+
+    image_size: int = 16  # frames are image_size x image_size RGB
+    frames: int = 8  # frames per video clip in training and evaluation
+    width: int = 32  # channels of the first conv stage; doubled per downsampling, capped at 4x
+    downsample: int = 4  # pixels per latent cell side (a power of 2)
+    bits: int = 12
+    scales: tuple[int, ...] = (1, 2, 4)  # token-map sides, increasing; the last is the latent side
+    # Progressive bits (ERNIE5.md): training is cut into equal phases that use these many bits, e.g.
+    # (6, 12); () = `bits` throughout. Unused bits are zero in the quantised latent.
+    bit_schedule: tuple[int, ...] = ()
+    temporal_kernel: int = 2  # causal temporal mixing over this frame and k-1 earlier ones
+    commit_weight: float = 0.25  # pulls encoder features toward their quantisation
+    video_every: int = 2  # add a video batch every n steps; 0 = images only
+    video_batch_size: int = 4  # clips per video batch
+    image_copies: int = 2  # colourings per handwritten sample in the training images
+    judge: str = ""  # a vision_judge run dir: also report its accuracy on reconstructions ("" = skip)
+
+    def validate(self, at: str) -> None:
+        for name in ("image_size", "frames", "width", "bits", "temporal_kernel", "video_batch_size",
+                     "image_copies"):
+            _check(at, name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
+        _check(at, "downsample", self.downsample,
+               self.downsample >= 1 and self.downsample & (self.downsample - 1) == 0
+               and self.image_size % self.downsample == 0,
+               f"a power of 2 dividing image_size={self.image_size}")
+        _check(at, "bits", self.bits, 1 <= self.bits <= 30, "1..30")
+        side = self.image_size // max(1, self.downsample)
+        _check(at, "scales", self.scales,
+               len(self.scales) >= 1 and all(a < b for a, b in zip(self.scales, self.scales[1:]))
+               and self.scales[0] >= 1 and self.scales[-1] == side,
+               f"increasing sides >= 1 ending at image_size / downsample = {side}")
+        _check(at, "bit_schedule", self.bit_schedule,
+               not self.bit_schedule or (all(a <= b for a, b in zip(self.bit_schedule, self.bit_schedule[1:]))
+                                         and self.bit_schedule[0] >= 1 and self.bit_schedule[-1] == self.bits),
+               f"() or non-decreasing bit counts >= 1 ending at bits={self.bits}")
+        _check(at, "commit_weight", self.commit_weight, self.commit_weight >= 0, ">= 0")
+        _check(at, "video_every", self.video_every, self.video_every >= 0, ">= 0 (0 = images only)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionJudgeConfig:
+    """Independent classifier of digit, colours and motion (eval/vision_judge.py), task vision_judge."""
+
+    image_size: int = 16
+    frames: int = 8
+    width: int = 32  # channels of the first conv; doubled at each of the two poolings
+    video_every: int = 2  # add a video batch every n steps; 0 = images only (no direction head)
+    video_batch_size: int = 16
+    image_copies: int = 2
+
+    def validate(self, at: str) -> None:
+        for name in ("image_size", "frames", "width", "video_batch_size", "image_copies"):
+            _check(at, name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
+        _check(at, "image_size", self.image_size, self.image_size >= 8, ">= 8")
+        _check(at, "frames", self.frames, self.frames >= 2, ">= 2 (motion needs two frames)")
+        _check(at, "video_every", self.video_every, self.video_every >= 0, ">= 0 (0 = images only)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AudioCodecConfig:
+    """Mel RVQ codec (tokenizers/audio.py), trained by task audio_codec on the built-in speech.
+
+    16 kHz audio -> 100 Hz log-mel (data/mel.py) -> conv encoder -> frames at `frame_rate` -> `levels`
+    residual codebooks of `codebook_size` codes; level 0 also feeds a character CTC head so that it
+    carries the words. Mel is turned back into a waveform by Griffin-Lim."""
+
+    frame_rate: float = 25.0  # codec frames per second: 12.5, 25 or 50 (100 Hz mel / 8, 4 or 2)
+    levels: int = 4
+    codebook_size: int = 256
+    code_dim: int = 64
+    channels: int = 128  # conv width of encoder and decoder
+    res_blocks: int = 2  # residual conv blocks at the codec frame rate, in encoder and in decoder
+    codebook_learning: str = "ema"  # ema (k-means-like running averages) | gradient (codebook loss)
+    ema_decay: float = 0.99
+    commit_weight: float = 0.25
+    # A code whose running usage (EMA of assignments per step) falls below this is restarted at a
+    # random residual of the current batch.
+    dead_code_threshold: float = 0.05
+    quantizer_dropout: float = 0.5  # share of steps that train with a random 1..levels prefix of levels
+    content_weight: float = 0.5  # character CTC loss on level-0 codes
+    max_seconds: float = 1.6  # utterances are zero-padded (masked) to this length in training
+    griffin_lim_iters: int = 32
+    judge: str = ""  # a speech_judge run dir: also report its accuracy on reconstructions ("" = skip)
+
+    def validate(self, at: str) -> None:
+        _check(at, "frame_rate", self.frame_rate, self.frame_rate in (12.5, 25.0, 50.0), "12.5, 25 or 50")
+        for name in ("levels", "codebook_size", "code_dim", "channels", "griffin_lim_iters"):
+            _check(at, name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
+        _check(at, "res_blocks", self.res_blocks, self.res_blocks >= 0, ">= 0")
+        _check(at, "codebook_learning", self.codebook_learning,
+               self.codebook_learning in ("ema", "gradient"), "ema or gradient")
+        _check(at, "ema_decay", self.ema_decay, 0 < self.ema_decay < 1, "0 < decay < 1")
+        for name in ("commit_weight", "dead_code_threshold", "content_weight"):
+            _check(at, name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
+        _check(at, "quantizer_dropout", self.quantizer_dropout, 0 <= self.quantizer_dropout <= 1, "0..1")
+        frame_s = 1 / self.frame_rate
+        _check(at, "max_seconds", self.max_seconds,
+               self.max_seconds > 0 and abs(self.max_seconds / frame_s - round(self.max_seconds / frame_s)) < 1e-6,
+               f"a positive multiple of one codec frame ({frame_s:g} s)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpeechJudgeConfig:
+    """Independent spoken-word classifier (eval/speech_judge.py), task speech_judge."""
+
+    channels: int = 64  # conv width over log-mel frames (25 Hz after the first conv)
+    max_seconds: float = 1.2  # input window; shorter speech is placed at a random offset in training
+    dropout: float = 0.1
+
+    def validate(self, at: str) -> None:
+        _check(at, "channels", self.channels, self.channels >= 1, ">= 1")
+        _check(at, "max_seconds", self.max_seconds, 0.2 <= self.max_seconds <= 10, "0.2..10")
+        _check(at, "dropout", self.dropout, 0 <= self.dropout < 1, "0 <= p < 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RLConfig:
+    """RL post-training on verifiable tasks (rl/): GSPO + token-level IcePop (MISC), WPSM, AHRL hints,
+    unbiased replay buffer (U-RB) and rollout router replay. ERNIE5.md names the techniques but not
+    their constants; where a value is not disclosed the default is our choice and says so.
+
+    `task: sft` reads the task list and problem pools from this section too (the supervised stage)."""
+
+    tasks: tuple[str, ...] = ("arithmetic", "counting")  # verifier task names (rl/verifiers.py)
+    train_problems: int = 4000  # problems drawn per task before the held-out split is removed
+    eval_problems: int = 64  # held-out prompts per task for the before/after measurement
+    heldout_fraction: float = 0.2  # share of question texts (by hash) never used for training
+    prompts_per_step: int = 8  # queries per iteration group (U-RB assigns queries to groups)
+    group_size: int = 8  # responses per query; GRPO normalises rewards inside the group
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    num_minibatches: int = 2  # gradient updates per group; the first is on-policy
+    # GSPO: sequence ratio s = exp(mean_t log(pi/pi_old)) clipped to [1 - clip_low, 1 + clip_high]
+    # (the GSPO paper's values; ERNIE 5.0 does not disclose its own).
+    clip_low: float = 3e-4
+    clip_high: float = 4e-4
+    # IcePop (MISC): tokens whose train/rollout probability ratio is outside [low, high] are masked.
+    # Not disclosed; these are IcePop's published bounds.
+    icepop_low: float = 0.5
+    icepop_high: float = 5.0
+    # WPSM: a response to a query with running accuracy > tau and mean token entropy < eta has its
+    # loss scaled by (1 - alpha). Not disclosed (our choice).
+    wpsm_tau: float = 0.8
+    wpsm_eta: float = 0.3
+    wpsm_alpha: float = 0.5
+    kl_coef: float = 0.0  # k3 KL to the initial (reference) policy; 0 = off, no reference model kept
+    # AHRL: a query whose running pass rate is below hint_below gets the first p_hint of its reference
+    # solution, p_hint = p_init * exp(-gamma * t * pass_init(x)), t = iteration. Not disclosed.
+    hints: bool = True
+    hint_p_init: float = 0.5
+    hint_gamma: float = 0.02
+    hint_below: float = 0.2
+    # U-RB: rollouts for up to `lookahead` future groups run in the background on `rollout_workers`
+    # threads with the weights of the step that started them; 0 workers = in the training thread.
+    lookahead: int = 1
+    rollout_workers: int = 1
+    router_replay: bool = True  # the training forward reuses the experts chosen during rollout
+    eval_every: int = 0  # held-out reward every N steps; 0 = only before and after
+
+    def validate(self, at: str) -> None:
+        _check(at, "tasks", self.tasks, len(self.tasks) > 0 and len(set(self.tasks)) == len(self.tasks),
+               "a non-empty list of distinct task names (rl/verifiers.py), e.g. [arithmetic, counting]")
+        for name in ("train_problems", "eval_problems", "prompts_per_step", "max_new_tokens",
+                     "num_minibatches"):
+            _check(at, name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
+        _check(at, "group_size", self.group_size, self.group_size >= 2,
+               ">= 2 (GRPO compares responses within a group)")
+        _check(at, "num_minibatches", self.num_minibatches,
+               self.prompts_per_step % self.num_minibatches == 0,
+               f"a divisor of prompts_per_step={self.prompts_per_step} (minibatches hold whole groups)")
+        _check(at, "heldout_fraction", self.heldout_fraction, 0 < self.heldout_fraction < 1, "0 < f < 1")
+        _check(at, "temperature", self.temperature, self.temperature > 0, "> 0 (rollouts sample)")
+        _check(at, "clip_low", self.clip_low, 0 <= self.clip_low < 1, "0 <= eps < 1")
+        _check(at, "clip_high", self.clip_high, self.clip_high >= 0, ">= 0")
+        _check(at, "icepop_low", self.icepop_low, 0 <= self.icepop_low <= 1, "0..1")
+        _check(at, "icepop_high", self.icepop_high, self.icepop_high >= 1, ">= 1")
+        for name in ("wpsm_tau", "wpsm_alpha", "hint_p_init", "hint_below"):
+            _check(at, name, getattr(self, name), 0 <= getattr(self, name) <= 1, "0..1")
+        for name in ("wpsm_eta", "kl_coef", "hint_gamma", "lookahead", "rollout_workers", "eval_every"):
+            _check(at, name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     name: str = "pretrain_tiny"
     # What `ernie5 train` runs: the backbone, or one of the separately trained components
@@ -271,6 +459,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    visual_tokenizer: VisualTokenizerConfig = field(default_factory=VisualTokenizerConfig)
+    vision_judge: VisionJudgeConfig = field(default_factory=VisionJudgeConfig)
+    audio_codec: AudioCodecConfig = field(default_factory=AudioCodecConfig)
+    speech_judge: SpeechJudgeConfig = field(default_factory=SpeechJudgeConfig)
 
     def validate(self) -> "Config":
         _check("config", "task", self.task, self.task in TASKS, f"one of {', '.join(TASKS)}")
@@ -279,6 +472,11 @@ class Config:
         self.train.validate("train")
         self.parallel.validate("parallel")
         self.elastic.validate("elastic")
+        self.rl.validate("rl")
+        self.visual_tokenizer.validate("visual_tokenizer")
+        self.vision_judge.validate("vision_judge")
+        self.audio_codec.validate("audio_codec")
+        self.speech_judge.validate("speech_judge")
         _check("data", "seq_len", self.data.seq_len, self.data.seq_len <= self.model.max_seq_len,
                f"<= model.max_seq_len={self.model.max_seq_len}")
         _check("parallel", "ep", self.parallel.ep, self.model.moe.num_experts % self.parallel.ep == 0,

@@ -7,7 +7,9 @@ Legend: B batch (rows decode in lock-step), P prompt length, N new tokens, K/V [
 
 Each row is one document, so attention needs only the causal mask (bottom-right aligned against the
 cache); prompts of one call share a length (RL groups repeat one prompt). Per-token log-probabilities
-of the sampled tokens are returned with them (RL uses them as rollout log-probs).
+of the sampled tokens are returned with them (RL uses them as rollout log-probs). With
+`record_routing`, the experts every MoE layer chose at every position that was run (the prompt and all
+sampled tokens but the last) are returned too, for router replay in the RL training forward.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class Sample:
     tokens: np.ndarray  # [B, N] sampled ids (after a row's stop token: pad_id)
     logprobs: np.ndarray  # [B, N] log-prob of each sampled token (temperature-scaled; greedy: T = 1)
     lengths: np.ndarray  # [B] new tokens up to and including the stop token
+    # layer -> [B, P + N - 1, K] expert ids per position run (record_routing=True), else None
+    routing: dict[int, np.ndarray] | None = None
 
 
 def _text_batch(ids_BS, start: int) -> dict:
@@ -63,14 +67,23 @@ def _text_batch(ids_BS, start: int) -> dict:
 @paddle.no_grad()
 def generate(model, prompt_BP: np.ndarray, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, stop_id: int | None = None, pad_id: int = 0, seed: int = 0,
-             view: ElasticView = FULL_VIEW) -> Sample:
+             view: ElasticView = FULL_VIEW, record_routing: bool = False) -> Sample:
     """Sample continuations of equal-length prompts. temperature 0 = greedy."""
     model.eval()
     rng = np.random.default_rng(seed)
     prompt = paddle.to_tensor(np.asarray(prompt_BP, dtype=np.int64))
     b = prompt.shape[0]
     cache = KVCache()
-    logits = model(_text_batch(prompt, 0), view, with_mtp=False, cache=cache).logits[:, -1]
+    routes: dict[int, list[np.ndarray]] = {}
+
+    def forward(ids_BS):
+        out = model(_text_batch(ids_BS, cache.length()), view, with_mtp=False, cache=cache)
+        if record_routing:
+            for i, stats in out.router_stats.items():
+                routes.setdefault(i, []).append(stats.topk_ids_TK.numpy().reshape(b, ids_BS.shape[1], -1))
+        return out.logits[:, -1]
+
+    logits = forward(prompt)
     tokens = np.full([b, max_new_tokens], pad_id, dtype=np.int64)
     logprobs = np.zeros([b, max_new_tokens], dtype=np.float32)
     done = np.zeros([b], dtype=bool)
@@ -97,6 +110,7 @@ def generate(model, prompt_BP: np.ndarray, max_new_tokens: int, *, temperature: 
             if done.all():
                 tokens, logprobs = tokens[:, :t + 1], logprobs[:, :t + 1]
                 break
-        step = paddle.to_tensor(nxt.reshape(b, 1))
-        logits = model(_text_batch(step, cache.length()), view, with_mtp=False, cache=cache).logits[:, -1]
-    return Sample(tokens, logprobs, lengths)
+        if t + 1 < max_new_tokens:  # the last sampled token is never run
+            logits = forward(paddle.to_tensor(nxt.reshape(b, 1)))
+    routing = {i: np.concatenate(r, axis=1) for i, r in routes.items()} if record_routing else None
+    return Sample(tokens, logprobs, lengths, routing)

@@ -7,7 +7,8 @@ Legend: B batch, S sequence, M width, V text vocabulary.
 
 Inputs (dict of tensors): input_ids [B,S] int64, token_types [B,S] int64, positions [B,3,S] int64
 (Uni-RoPE t, h, w), startend_row_indices [B,1,S,C] int32 (FlashMask). Outputs: `ModelOutput` with
-logits and one `RouterStats` per MoE layer that ran.
+logits and one `RouterStats` per MoE layer that ran. `router_replay` (RL): layer index -> expert ids
+[B,S,K] recorded during rollout; those layers use them instead of choosing (model/router.py).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Ernie5Model(nn.Layer):
         self.mtp = MTPModule(cfg) if cfg.num_mtp_modules > 0 else None
 
     def forward(self, batch, view: ElasticView = FULL_VIEW, with_mtp: bool = True,
-                cache: KVCache | None = None) -> ModelOutput:
+                cache: KVCache | None = None, router_replay: dict | None = None) -> ModelOutput:
         """`cache`: incremental decoding (generation.py); batch then holds only the new positions."""
         att = self.cfg.attention
         cos, sin = rope_cos_sin(batch["positions"], att.head_dim, att.rope_base, att.rope_sections)
@@ -59,7 +60,8 @@ class Ernie5Model(nn.Layer):
         layers = range(len(self.blocks)) if view.layers is None else view.layers
         for i in layers:
             x, layer_stats = self.blocks[i](x, cos, sin, mask, view.for_layer(i),
-                                            None if cache is None else cache.layer(i))
+                                            None if cache is None else cache.layer(i),
+                                            None if router_replay is None else router_replay.get(i))
             if layer_stats is not None:
                 stats[i] = layer_stats
         h = self.norm(x)

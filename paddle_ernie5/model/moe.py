@@ -30,6 +30,7 @@ class RouterStats:
     aux_loss: paddle.Tensor
     z_loss: paddle.Tensor
     expert_mask_E: np.ndarray | None  # experts the elastic view allowed (None = all)
+    topk_ids_TK: paddle.Tensor | None = None  # experts chosen per token (recorded for router replay)
 
 
 class MoE(nn.Layer):
@@ -43,20 +44,23 @@ class MoE(nn.Layer):
         # A strategy object without state; expert parallelism swaps it for a distributed one.
         self.dispatcher = LocalDispatcher(cfg.capacity_factor)
 
-    def route(self, x_TM, num_seqs: int, view: ElasticView) -> Routing:
+    def route(self, x_TM, num_seqs: int, view: ElasticView, forced_ids_TK=None) -> Routing:
         return self.router(x_TM, num_seqs=num_seqs, top_k=view.top_k,
-                           expert_mask_E=view.expert_mask(self.cfg.num_experts))
+                           expert_mask_E=view.expert_mask(self.cfg.num_experts),
+                           forced_ids_TK=forced_ids_TK)
 
-    def forward(self, x_BSM, view: ElasticView = FULL_VIEW):
+    def forward(self, x_BSM, view: ElasticView = FULL_VIEW, replay_ids_BSK=None):
+        """`replay_ids_BSK`: recorded expert ids to use instead of the router's choice (router replay)."""
         b, s, m = x_BSM.shape
         x_TM = x_BSM.reshape([b * s, m])
-        routing = self.route(x_TM, b, view)
+        forced = None if replay_ids_BSK is None else replay_ids_BSK.reshape([b * s, -1])
+        routing = self.route(x_TM, b, view, forced)
         expert_inputs_ECM, _, meta = self.dispatcher.dispatch(x_TM, routing, self.cfg.num_experts)
         y_TM = self.dispatcher.combine(self.experts(expert_inputs_ECM), meta)
         if self.shared is not None:
             y_TM = y_TM + self.shared(x_TM)
         stats = RouterStats(routing.load_E, routing.aux_loss, routing.z_loss,
-                            view.expert_mask(self.cfg.num_experts))
+                            view.expert_mask(self.cfg.num_experts), routing.topk_ids_TK)
         return y_TM.reshape([b, s, m]), stats
 
     def forward_reference(self, x_BSM, view: ElasticView = FULL_VIEW):

@@ -5,6 +5,10 @@ Legend: T tokens, M model width, E experts, K top-k.
 The router sees only hidden states (no modality id). Scores are fp32. The selection bias shifts which
 experts are *chosen* but never the combine weights; the trainer updates it after each optimizer step
 from the loads this router reports (`update_selection_bias`). Aux losses and loads are explicit outputs.
+
+Router replay (RL): `forced_ids_TK` makes the router use expert ids recorded elsewhere (the rollout)
+instead of its own top-k choice; the combine weights are still computed from the current scores at
+those ids, so gradients reach the router exactly as if it had chosen them.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class Router(nn.Layer):
                              persistable=True)
 
     def forward(self, x_TM, num_seqs: int = 1, top_k: int | None = None,
-                expert_mask_E: np.ndarray | None = None) -> Routing:
+                expert_mask_E: np.ndarray | None = None, forced_ids_TK=None) -> Routing:
         cfg = self.cfg
         k = top_k or cfg.top_k
         logits_TE = paddle.matmul(x_TM.astype("float32"), self.weight)
@@ -51,7 +55,10 @@ class Router(nn.Layer):
         select_TE = scores_TE.detach() + self.selection_bias
         if expert_mask_E is not None:
             select_TE = paddle.where(allowed, select_TE, paddle.full_like(select_TE, float("-inf")))
-        topk_ids_TK = paddle.topk(select_TE, k, axis=-1).indices
+        if forced_ids_TK is None:
+            topk_ids_TK = paddle.topk(select_TE, k, axis=-1).indices
+        else:
+            topk_ids_TK = forced_ids_TK.astype("int64")
         picked_TK = paddle.take_along_axis(scores_TE, topk_ids_TK, axis=-1)
         topk_weights_TK = picked_TK / (picked_TK.sum(axis=-1, keepdim=True) + 1e-20)
         load_E = paddle.bincount(topk_ids_TK.flatten(), minlength=cfg.num_experts)

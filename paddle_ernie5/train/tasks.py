@@ -13,6 +13,8 @@ RUNNERS = {
     "vision_judge": "paddle_ernie5.eval.vision_judge:train_from_config",
     "audio_codec": "paddle_ernie5.tokenizers.audio:train_from_config",
     "speech_judge": "paddle_ernie5.eval.speech_judge:train_from_config",
+    "sft": "paddle_ernie5.rl.sft:train_from_config",
+    "rl": "paddle_ernie5.rl.trainer:train_from_config",
 }
 
 

@@ -3,6 +3,10 @@ clipping (optim), schedule (schedules), checkpoints (checkpoint), metrics (loggi
 
 One optimizer step = `grad_accum` micro-batches, each forward + backward; then clip, AdamW step,
 and the aux-loss-free bias update of every router from the loads of the whole step.
+
+Multi-process runs (data, expert, sharding parallel) go through `parallel` (parallel/runtime.py):
+it slices each global batch, normalises the loss over the global batch, reduces gradients and router
+loads, and joins full weights for checkpoints, which rank 0 writes. One process: it does nothing.
 """
 
 from __future__ import annotations
@@ -22,12 +26,11 @@ from .. import config as C
 from ..data.loader import build_text_data, eval_batches
 from ..model.model import Ernie5Model
 from ..model.params import count_params
+from ..parallel.runtime import SingleProcess
 from . import checkpoint
 from .elastic import ElasticSampler, LoadAccumulator
 from .logging import RunLogger, flatten, load_balance
 from .losses import IGNORE, compute_loss
-from .optim import (build_optimizer, clip_by_global_norm, load_optimizer_state,
-                    optimizer_state)
 from .schedules import learning_rate
 
 
@@ -64,9 +67,10 @@ class FitResult:
 
 
 class Trainer:
-    def __init__(self, cfg: C.Config, log=print):
+    def __init__(self, cfg: C.Config, log=print, parallel=None):
         self.cfg = cfg
-        self.log = log
+        self.par = parallel or SingleProcess()
+        self.log = log if self.par.is_main else (lambda *_: None)
         self.run_dir = cfg.train.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         tc, dc = cfg.train, cfg.data
@@ -74,8 +78,8 @@ class Trainer:
         self.tokenizer, self.loader, self.val_packed = build_text_data(
             dc.cache_dir, cfg.model.vocab_size, dc.seq_len, tc.batch_size, tc.seed, dc.bpe_dropout,
             dc.val_fraction)
-        self.model = Ernie5Model(cfg.model)
-        self.optimizer = build_optimizer(self.model, tc)
+        self.model = self.par.wrap_model(Ernie5Model(cfg.model))
+        self.optimizer = self.par.build_optimizer(self.model, tc)
         self.elastic = ElasticSampler(cfg.elastic, cfg.model, tc.seed)
         self.step = 0
 
@@ -89,11 +93,14 @@ class Trainer:
             "config_hash": C.config_hash(self.cfg),
         }
 
-    def save(self) -> str:
-        model_state = {k: v.numpy() for k, v in self.model.state_dict().items()}
-        return checkpoint.save(self.ckpt_root, self.step, model_state,
-                               optimizer_state(self.model, self.optimizer), self._state_meta(),
-                               self.cfg.train.keep_last)
+    def save(self) -> str | None:
+        model_state, optim_state = self.par.full_states(self.model, self.optimizer)
+        path = None
+        if self.par.is_main:
+            path = checkpoint.save(self.ckpt_root, self.step, model_state, optim_state,
+                                   self._state_meta(), self.cfg.train.keep_last)
+        self.par.barrier()
+        return path
 
     def try_resume(self) -> bool:
         if self.cfg.train.resume != "auto":
@@ -106,8 +113,7 @@ class Trainer:
             raise checkpoint.CheckpointError(
                 f"checkpoint {path} was written with a different model config; set a new "
                 f"train.run_dir or train.resume=never to start over")
-        self.model.set_state_dict({k: paddle.to_tensor(v) for k, v in model_state.items()})
-        load_optimizer_state(self.model, self.optimizer, optim_state)
+        self.par.load_states(self.model, self.optimizer, model_state, optim_state)
         self.loader.load_state_dict(meta["data"])
         self.elastic.load_state_dict(meta["elastic"])
         paddle.set_rng_state(pickle.loads(base64.b64decode(meta["paddle_rng"])))
@@ -116,7 +122,11 @@ class Trainer:
         return True
 
     def init_weights(self, path: str) -> None:
-        state = checkpoint.load_model_weights(path, warn=self.log)
+        try:
+            state = self.par.local_state(checkpoint.load_model_weights(path, warn=self.log))
+        except checkpoint.CheckpointError as e:
+            raise checkpoint.CheckpointError(f"train.init_from: {e}; train that model first or fix "
+                                             "the path") from None
         own = self.model.state_dict()
         missing = (set(own) ^ set(state)) | {k for k in own if k in state
                                              and tuple(own[k].shape) != state[k].shape}
@@ -135,23 +145,24 @@ class Trainer:
         sums = {"loss": 0.0, "loss/text": 0.0, "loss/mtp": 0.0, "loss/aux": 0.0, "loss/z": 0.0}
         tokens = 0
         for _ in range(cfg.train.grad_accum):
-            batch = to_model_batch(self.loader.next_batch())
-            view = self.elastic.sample()
+            global_batch = self.loader.next_batch()
+            batch = to_model_batch(self.par.shard_batch(global_batch))
+            view = self.elastic.sample()  # same seed on every rank: every rank runs the same view
             out = self.model(batch, view)
             parts = compute_loss(out, batch["labels"], cfg.model)
-            (parts.total / cfg.train.grad_accum).backward()
-            sums["loss"] += float(parts.total)
-            sums["loss/text"] += float(parts.text)
-            sums["loss/mtp"] += float(parts.mtp) if parts.mtp is not None else 0.0
-            sums["loss/aux"] += float(parts.aux)
-            sums["loss/z"] += float(parts.z)
-            tokens += int(np.prod(batch["input_ids"].shape))
+            loss, values = self.par.objective(parts, batch["labels"], cfg.model)
+            (loss / cfg.train.grad_accum).backward()
+            for key, value in values.items():
+                sums[key] += value
+            tokens += int(global_batch["input_ids"].size)
             for i, s in out.router_stats.items():
                 loads.add(i, s.load_E.numpy(), s.expert_mask_E)
+        self.par.reduce_gradients(self.model)
+        loads.load = self.par.reduce_loads(loads.load)
         lr = learning_rate(self.step, cfg.train)
         self.optimizer.set_lr(lr)
-        grad_norm = clip_by_global_norm(self.model.parameters(), cfg.train.clip_norm)
-        self.optimizer.step()
+        grad_norm = self.par.clip(self.model, cfg.train.clip_norm)
+        self.par.optimizer_step(self.model, self.optimizer)
         self.optimizer.clear_grad(set_to_zero=False)
         for i, moe in self.model.moe_layers():
             if i in loads.load:
@@ -189,17 +200,18 @@ class Trainer:
         """Train to `train.max_steps` (or stop after step `stop_at`, saving a checkpoint there)."""
         cfg, tc = self.cfg, self.cfg.train
         os.makedirs(self.run_dir, exist_ok=True)
-        C.save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        if self.par.is_main:
+            C.save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         if not self.try_resume() and tc.init_from:
             self.init_weights(tc.init_from)
         params = count_params(cfg.model)
         self.log(f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M "
                  f"activated per token; run dir {self.run_dir}")
-        logger = RunLogger(self.run_dir, tc.visualdl)
+        logger = RunLogger(self.run_dir, tc.visualdl) if self.par.is_main else _NullLogger()
         if self.step == 0:
             logger.hparams(flatten(cfg.to_dict()), ["val/loss", "loss"])
         end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
-        bar = _progress(self.step, end, tc.progress)
+        bar = _progress(self.step, end, tc.progress and self.par.is_main)
         val_loss = float("nan")
         train_seconds, tokens = 0.0, 0
         try:
@@ -231,6 +243,18 @@ class Trainer:
     def unigram_loss(self) -> float:
         return unigram_baseline(self.loader.docs_ids_fn(0), self.val_packed["labels"],
                                 self.cfg.model.vocab_size)
+
+
+class _NullLogger:
+    """What ranks other than 0 log to: nothing (rank 0 logs the reduced, global metrics)."""
+
+    def scalars(self, *_):
+        pass
+
+    histogram = hparams = scalars
+
+    def close(self):
+        pass
 
 
 def _progress(start: int, end: int, enabled: bool):

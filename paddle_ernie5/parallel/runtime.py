@@ -1,0 +1,259 @@
+"""What the trainer calls to run on one process or many: the same methods, two implementations.
+
+`SingleProcess` is the identity (the trainer's single-process numbers stay bit-exact).
+`Distributed` runs data parallel (dp), expert parallel (ep) and optimizer-state sharding (stage 1)
+under `paddle.distributed.launch`, with only all_reduce / all_gather / broadcast, so it runs on gloo:
+
+    global batch ──shard_batch──> this rank's rows ──model──> loss normalised by GLOBAL target counts
+    backward ──reduce_gradients──> dense grads summed over data ranks, expert grads over the ranks
+                                   holding the same experts (sum, because each rank's loss is already
+                                   its share of the global mean)
+    clip (global norm, expert part summed over ep) ──optimizer step (stage 1: owned params, then
+    broadcast)──> router loads summed over data ranks ──> identical aux-free bias update everywhere
+
+`train.batch_size` is the global batch, so a recipe gives the same optimisation on any number of
+processes. Checkpoints hold full expert weights (rows joined over ep) and are written by rank 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+
+from ..config import Config
+from ..train.losses import IGNORE, mtp_labels
+from ..train.optim import (build_optimizer, clip_by_global_norm, global_grad_norm,
+                           load_optimizer_state, optimizer_state)
+from . import comm, expert, topology
+
+
+def _loss_values(parts) -> dict[str, float]:
+    return {"loss": float(parts.total), "loss/text": float(parts.text),
+            "loss/mtp": float(parts.mtp) if parts.mtp is not None else 0.0,
+            "loss/aux": float(parts.aux), "loss/z": float(parts.z)}
+
+
+class SingleProcess:
+    rank, world_size, is_main = 0, 1, True
+
+    def wrap_model(self, model):
+        return model
+
+    def build_optimizer(self, model, tc):
+        return build_optimizer(model, tc)
+
+    def shard_batch(self, np_batch: dict) -> dict:
+        return np_batch
+
+    def objective(self, parts, labels, model_cfg):
+        return parts.total, _loss_values(parts)
+
+    def reduce_gradients(self, model) -> None:
+        pass
+
+    def clip(self, model, max_norm: float) -> float:
+        return clip_by_global_norm(model.parameters(), max_norm)
+
+    def optimizer_step(self, model, optimizer) -> None:
+        optimizer.step()
+
+    def reduce_loads(self, loads: dict) -> dict:
+        return loads
+
+    def full_states(self, model, optimizer):
+        return ({k: v.numpy() for k, v in model.state_dict().items()}, optimizer_state(model, optimizer))
+
+    def local_state(self, state: dict) -> dict:
+        """This rank's share of a full (checkpoint) state: the identity on one process."""
+        return state
+
+    def load_states(self, model, optimizer, model_state, optim_state) -> None:
+        model.set_state_dict({k: paddle.to_tensor(v) for k, v in self.local_state(model_state).items()})
+        load_optimizer_state(model, optimizer, self.local_state(optim_state))
+
+    def barrier(self) -> None:
+        pass
+
+
+class Distributed(SingleProcess):
+    """One rank of a dp x ep x sharding run (pp = mp = 1)."""
+
+    def __init__(self, cfg: Config, rank: int, groups: dict, cuda: bool):
+        pcfg = cfg.parallel
+        self.cfg, self.rank = cfg, rank
+        self.world_size = topology.Layout.from_config(pcfg).world_size
+        self.is_main = rank == 0
+        self.groups = groups  # role -> (Group or None, ranks)
+        self.ep = pcfg.ep
+        self.ep_rank = groups["ep"][1].index(rank)
+        self.data_ranks = groups["data"][1]
+        self.data_index = self.data_ranks.index(rank)
+        self.dispatcher_kind = expert.resolve_dispatcher(pcfg.dispatcher, pcfg.ep, cuda)
+        self.sharding_ranks = groups["sharding"][1]
+        self.expert_names: list[str] = []
+        self.owner: dict[str, int] = {}  # stage 1: parameter -> index of its owner in the sharding group
+
+    def group(self, role: str):
+        return self.groups[role][0]
+
+    # ------------------------------------------------------------------ model and optimizer
+    def wrap_model(self, model):
+        if self.ep > 1:
+            dispatcher = expert.make_dispatcher(self.dispatcher_kind, self.group("ep"), self.ep_rank,
+                                                self.ep, self.cfg.model.moe.capacity_factor)
+            expert.shard_experts(model, self.ep_rank, self.ep, dispatcher)
+            self.expert_names = expert.expert_param_names(model)
+        return model
+
+    def build_optimizer(self, model, tc):
+        """Stage 1: the sharding ranks split the parameters; each keeps Adam moments only for its own."""
+        if len(self.sharding_ranks) == 1:
+            return build_optimizer(model, tc)
+        named = list(model.named_parameters())
+        sizes = np.zeros(len(self.sharding_ranks))
+        for name, p in sorted(named, key=lambda item: -int(item[1].numel())):  # greedy size balance
+            self.owner[name] = int(sizes.argmin())
+            sizes[self.owner[name]] += int(p.numel())
+        mine = self.sharding_ranks.index(self.rank)
+        return build_optimizer(_Subset(model, [n for n, _ in named if self.owner[n] == mine]), tc)
+
+    def optimizer_step(self, model, optimizer) -> None:
+        optimizer.step()
+        if self.owner:
+            group, ranks = self.groups["sharding"]
+            mine = ranks.index(self.rank)
+            for name, p in model.named_parameters():  # every rank, same order
+                paddle.distributed.broadcast(p, src=ranks[self.owner[name]], group=group)
+                if self.owner[name] != mine:
+                    p.clear_gradient(False)  # the optimizer clears only the gradients it owns
+
+    # ------------------------------------------------------------------ data and objective
+    def shard_batch(self, np_batch: dict) -> dict:
+        n = len(self.data_ranks)
+        rows = len(next(iter(np_batch.values()))) // n
+        return {k: v[self.data_index * rows:(self.data_index + 1) * rows] for k, v in np_batch.items()}
+
+    def objective(self, parts, labels, model_cfg):
+        """This rank's share of the global-batch loss: each mean is re-weighted by its local count
+        over the global count, so the shares sum to the loss of one process over the whole batch
+        (terms and weights as in train/losses.compute_loss)."""
+        n = len(self.data_ranks)
+        counts = np.array([float(parts.num_targets), float((mtp_labels(labels) != IGNORE).sum())])
+        totals = np.maximum(comm.all_reduce_numpy(counts, self.group("data")), 1.0)
+        text = parts.text * (counts[0] / totals[0])
+        total = text
+        mtp = paddle.zeros([], dtype="float32")
+        if parts.mtp is not None:
+            mtp = parts.mtp * (counts[1] / totals[1])
+            total = total + model_cfg.mtp_loss_weight * mtp
+        aux, z = parts.aux / n, parts.z / n
+        if model_cfg.moe.aux_loss_weight > 0:
+            total = total + model_cfg.moe.aux_loss_weight * aux
+        if model_cfg.moe.z_loss_weight > 0:
+            total = total + model_cfg.moe.z_loss_weight * z
+        shares = np.array([float(v) for v in (total, text, mtp, aux, z)])
+        values = comm.all_reduce_numpy(shares, self.group("data"))
+        return total, dict(zip(("loss", "loss/text", "loss/mtp", "loss/aux", "loss/z"), values.tolist()))
+
+    # ------------------------------------------------------------------ gradients
+    @paddle.no_grad()
+    def reduce_gradients(self, model) -> None:
+        dense, experts = [], []
+        for name, p in model.named_parameters():
+            # Layers an elastic view skipped have no gradient; every rank draws the same views (same
+            # seed), so the same parameters are skipped everywhere and the flat buffers agree.
+            if p.grad is not None:
+                (experts if name in self.expert_names else dense).append(p)
+        _all_reduce_grads(dense, self.group("data"), len(self.data_ranks))
+        _all_reduce_grads(experts, self.group("expert_data"), len(self.groups["expert_data"][1]))
+
+    @paddle.no_grad()
+    def clip(self, model, max_norm: float) -> float:
+        named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+        dense = [p for n, p in named if n not in self.expert_names]
+        experts = [p for n, p in named if n in self.expert_names]
+        sq = global_grad_norm(dense) ** 2
+        if experts:
+            sq += float(comm.all_reduce_numpy(np.array([global_grad_norm(experts) ** 2]),
+                                              self.group("ep"))[0])
+        norm = float(np.sqrt(sq))
+        if max_norm > 0 and norm > max_norm:
+            for _, p in named:
+                p.grad.scale_(max_norm / (norm + 1e-6))
+        return norm
+
+    def reduce_loads(self, loads: dict) -> dict:
+        layers = sorted(loads)
+        if not layers:
+            return loads
+        total = comm.all_reduce_numpy(np.stack([loads[i] for i in layers]).astype(np.int64),
+                                      self.group("data"))
+        return dict(zip(layers, total))
+
+    # ------------------------------------------------------------------ checkpoints
+    def full_states(self, model, optimizer):
+        model_state = {k: v.numpy() for k, v in model.state_dict().items()}
+        optim_state = optimizer_state(model, optimizer)
+        if self.owner:  # stage 1: every owner's moments, joined
+            parts: list = []
+            paddle.distributed.all_gather_object(parts, optim_state, group=self.group("sharding"))
+            optim_state = {k: v for part in parts for k, v in part.items()}
+        if self.ep > 1:
+            shapes = {n: tuple(model_state[n].shape) for n in self.expert_names}
+            model_state = expert.gather_expert_rows(model_state, self.expert_names, self.group("ep"), shapes)
+            optim_state = expert.gather_expert_rows(optim_state, self.expert_names, self.group("ep"), shapes)
+        return model_state, optim_state
+
+    def local_state(self, state: dict) -> dict:
+        """This rank's rows of the expert entries of a full state (model or optimizer)."""
+        if self.ep == 1:
+            return state
+        return expert.slice_expert_rows(state, self.expert_names, self.ep_rank, self.ep,
+                                        self.cfg.model.moe.num_experts)
+
+    def load_states(self, model, optimizer, model_state, optim_state) -> None:
+        model_state, optim_state = self.local_state(model_state), self.local_state(optim_state)
+        model.set_state_dict({k: paddle.to_tensor(v) for k, v in model_state.items()})
+        if self.owner:  # stage 1: only the moments of the parameters this rank owns
+            mine = self.sharding_ranks.index(self.rank)
+            optim_state = {k: v for k, v in optim_state.items() if self.owner[k.partition("::")[0]] == mine}
+        load_optimizer_state(model, optimizer, optim_state)
+
+    def barrier(self) -> None:
+        paddle.distributed.barrier()
+
+
+class _Subset:
+    """The named_parameters/parameters view of a model restricted to some structured names."""
+
+    def __init__(self, model, names):
+        self.model, self.names = model, None if names is None else set(names)
+
+    def named_parameters(self):
+        return [(n, p) for n, p in self.model.named_parameters() if self.names is None or n in self.names]
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+
+def _all_reduce_grads(params, group, size: int) -> None:
+    """Sum the gradients of `params` over `group` in one flat buffer."""
+    if size == 1 or not params:
+        return
+    flat = paddle.concat([p.grad.reshape([-1]) for p in params])
+    paddle.distributed.all_reduce(flat, group=group)
+    offset = 0
+    for p in params:
+        n = int(p.grad.numel())
+        paddle.assign(flat[offset:offset + n].reshape(p.grad.shape), output=p.grad)
+        offset += n
+
+
+def init_runtime(cfg: Config, world_size: int, rank: int):
+    """SingleProcess for one process; otherwise check the degrees, fleet.init and build the groups."""
+    cuda = paddle.is_compiled_with_cuda()
+    topology.check_degrees(cfg.parallel, world_size, cfg.model.moe.num_experts, cuda)
+    if world_size == 1:
+        return SingleProcess()
+    groups = topology.init_groups(cfg.parallel, rank)
+    return Distributed(cfg, rank, groups, cuda)

@@ -1,0 +1,142 @@
+"""Rank layout from ParallelConfig, checked before any work, and Fleet's hybrid topology.
+
+Expert-parallel ranks are dense data-parallel ranks (each sees its own slice of the batch); they differ
+only in which experts they hold. So for Fleet the data axis has degree dp * ep, and `ep` sits directly
+after `dp` in `parallel.order`: rank = ((d * ep + e) * ... ) with the remaining axes in order.
+
+Groups (ranks that differ only in the named axes):
+    ep          the experts of one MoE layer are split over these ranks (dispatch traffic)
+    data        dp x ep x sharding: every rank that sees different tokens (dense gradients, loads)
+    expert_data dp x sharding: ranks holding the same experts (expert gradients)
+    sharding    optimizer-state owners (stage 1)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from ..config import ConfigError, ParallelConfig
+
+AXES = ("dp", "ep", "pp", "sharding", "mp")
+
+
+def world_size_from_env() -> int:
+    """Number of processes `paddle.distributed.launch` started (1 when run directly)."""
+    return int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+
+
+def rank_from_env() -> int:
+    return int(os.environ.get("PADDLE_TRAINER_ID", "0"))
+
+
+def check_degrees(pcfg: ParallelConfig, world_size: int, num_experts: int, cuda: bool) -> None:
+    """Raise ConfigError for degrees this world or this build cannot run."""
+    degrees = {a: getattr(pcfg, a) for a in AXES}
+    product = math.prod(degrees.values())
+    if product != world_size:
+        shown = " * ".join(f"{a}={d}" for a, d in degrees.items())
+        raise ConfigError(f"parallel degrees {shown} = {product} is invalid: allowed a product equal to "
+                          f"the number of processes ({world_size}); launch with "
+                          f"`python -m paddle.distributed.launch --nproc_per_node {product}` or change them")
+    if num_experts % pcfg.ep:
+        raise ConfigError(f"parallel.ep={pcfg.ep} is invalid: allowed a divisor of "
+                          f"model.moe.num_experts={num_experts}")
+    for axis, what in (("mp", "tensor parallel"), ("pp", "pipeline parallel")):
+        if degrees[axis] > 1 and not cuda:
+            raise ConfigError(f"parallel.{axis}={degrees[axis]} is invalid on a CPU build of Paddle: "
+                              f"allowed 1 ({what} uses Fleet layers that only run on GPUs)")
+    if degrees["mp"] > 1 or degrees["pp"] > 1:
+        # The trainer wraps data, sharding and expert parallel; pipeline/tensor parallel are sized by
+        # the planner and partitioned by parallel/pipeline.py, but not driven by this trainer yet.
+        raise ConfigError(f"parallel.pp={pcfg.pp}, parallel.mp={pcfg.mp} is invalid for `ernie5 train`: "
+                          "allowed pp=1 and mp=1 (pipeline/tensor parallel are GPU paths sized by "
+                          "`ernie5 plan`; see parallel/pipeline.py)")
+    if pcfg.sharding > 1 and pcfg.sharding_stage != 1:
+        raise ConfigError(f"parallel.sharding_stage={pcfg.sharding_stage} is invalid for `ernie5 train`: "
+                          "allowed 1 (optimizer-state sharding)")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Coordinates of every rank along the five axes, in `order` (last axis varies fastest)."""
+
+    order: tuple[str, ...]
+    degrees: dict
+
+    @classmethod
+    def from_config(cls, pcfg: ParallelConfig) -> "Layout":
+        return cls(tuple(pcfg.order), {a: getattr(pcfg, a) for a in AXES})
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(self.degrees.values())
+
+    def coords(self, rank: int) -> dict[str, int]:
+        out = {}
+        for axis in reversed(self.order):
+            rank, out[axis] = divmod(rank, self.degrees[axis])
+        return out
+
+    def groups(self, axes: tuple[str, ...]) -> list[list[int]]:
+        """Partition of all ranks into groups that differ only along `axes` (sorted, deterministic)."""
+        fixed = [a for a in self.order if a not in axes]
+        by_key: dict[tuple, list[int]] = {}
+        for r in range(self.world_size):
+            c = self.coords(r)
+            by_key.setdefault(tuple(c[a] for a in fixed), []).append(r)
+        return [by_key[k] for k in sorted(by_key)]
+
+    def group_of(self, rank: int, axes: tuple[str, ...]) -> list[int]:
+        return next(g for g in self.groups(axes) if rank in g)
+
+
+GROUP_AXES = {
+    "ep": ("ep",),
+    "data": ("dp", "ep", "sharding"),
+    "expert_data": ("dp", "sharding"),
+    "sharding": ("sharding",),
+}
+
+
+def fleet_strategy(pcfg: ParallelConfig):
+    """Fleet's DistributedStrategy for these degrees: the data axis carries dp * ep ranks."""
+    from paddle.distributed import fleet
+
+    strategy = fleet.DistributedStrategy()
+    strategy.hybrid_configs = {
+        "dp_degree": pcfg.dp * pcfg.ep,
+        "mp_degree": pcfg.mp,
+        "pp_degree": pcfg.pp,
+        "sharding_degree": pcfg.sharding,
+        "order": _fleet_order(pcfg.order),
+    }
+    return strategy
+
+
+def _fleet_order(order: tuple[str, ...]) -> list[str]:
+    """Fleet's axis names in our order: ep folded into dp, then Fleet's axes we do not use (sep, cp;
+    degree 1, so where they sit moves no rank)."""
+    return [a for a in order if a != "ep"] + ["sep", "cp"]
+
+
+def init_groups(pcfg: ParallelConfig, rank: int, fleet_init: bool = True) -> dict:
+    """fleet.init with the hybrid topology, then role -> (Group or None, ranks) for this rank.
+
+    Every rank creates every group in the same order (group creation is collective). Fleet is
+    initialised once per process; `fleet_init=False` only adds the groups of another layout."""
+    import paddle.distributed as dist
+    from paddle.distributed import fleet
+
+    if fleet_init:
+        fleet.init(is_collective=True, strategy=fleet_strategy(pcfg))
+    layout = Layout.from_config(pcfg)
+    mine = {}
+    for role, axes in GROUP_AXES.items():
+        for ranks in layout.groups(axes):
+            group = dist.new_group(ranks) if len(ranks) > 1 else None
+            if rank in ranks:
+                mine[role] = (group, ranks)
+    return mine
+

@@ -1,0 +1,72 @@
+"""Two processes on CPU (gloo) under paddle.distributed.launch: parity with one process.
+
+All checks run in ONE launch (launch_worker.py; starting processes is the slow part); each test below
+reads its numbers. The worker trains the single-process reference in the same process, so both sides
+see the same seed and the same global batches."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, data_cache):
+    out = tmp_path_factory.mktemp("launch")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PADDLE_TRAINERS_NUM", None)
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+           "--log_dir", str(out / "log"), os.path.join(ROOT, "tests", "parallel", "launch_worker.py"),
+           data_cache, str(out)]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        failed = proc.returncode != 0
+    except subprocess.TimeoutExpired:
+        proc, failed = None, True
+    if failed or not os.path.exists(out / "rank1.json"):
+        logs = "".join(f"\n--- {p}\n" + open(p, errors="replace").read()[-4000:]
+                       for p in sorted(glob.glob(str(out / "log" / "*"))))
+        launcher = "" if proc is None else proc.stdout[-2000:] + proc.stderr[-2000:]
+        pytest.fail(f"2-process launch failed (rc={None if proc is None else proc.returncode})"
+                    f"{launcher}{logs}")
+    return [json.load(open(out / f"rank{r}.json")) for r in (0, 1)]
+
+
+def test_ep2_starts_from_the_same_weights_and_matches_forward_backward(results):
+    for r in results:
+        assert r["ep_start_params"] == 0.0  # this rank's experts are exactly rows of the full model
+        for key in ("ep_forward_backward", "ep_alltoall_forward_backward"):
+            fb = r[key]
+            assert fb["logits"] < TOL and fb["loss"] < TOL
+            assert fb["grads"] < 1e-6  # gradients themselves (Adam would hide a scale error)
+
+
+def test_ep2_five_training_steps_match_one_process(results):
+    for r in results:
+        train = r["ep_train"]
+        assert len(train["losses"]) == 5 and max(train["losses"]) < TOL  # loss and grad norm per step
+        assert train["params"] < TOL < train["moved"]
+        assert r["ep_bias"] == 0.0  # loads reduced over ranks: identical aux-free bias updates
+
+
+def test_dp2_and_sharding2_parameters_after_five_steps_match_the_concatenated_batch(results):
+    for r in results:
+        for name in ("dp", "sharding"):
+            assert r[f"{name}_forward_backward"]["grads"] < 1e-6
+            train = r[f"{name}_train"]
+            assert max(train["losses"]) < TOL
+            assert train["params"] < TOL < train["moved"]
+
+
+def test_checkpoints_move_between_ep2_and_one_process(results):
+    for r in results:
+        assert r["ep_ckpt_to_single_logits"] < TOL
+        assert r["single_ckpt_to_ep_logits"] < TOL
+        assert r["single_ckpt_to_ep_step"] == 5
