@@ -28,6 +28,9 @@ class DispatchMeta:
     weights_TK: paddle.Tensor
     num_tokens: int
     capacity: int
+    # Some assignment points at the zero row E*C (dropped, or owned by another rank): combine must
+    # append that row. Dropless single-device dispatch skips the copy.
+    has_sentinel: bool = True
 
 
 def group_by_expert(topk_ids_TK: np.ndarray, num_experts: int, capacity_factor: float = 0.0):
@@ -65,13 +68,15 @@ class LocalDispatcher:
             routing.topk_ids_TK.numpy(), num_experts, self.capacity_factor)
         x_pad = paddle.concat([x_TM, paddle.zeros([1, m], dtype=x_TM.dtype)], axis=0)
         expert_inputs_ECM = paddle.gather(x_pad, paddle.to_tensor(source_EC)).reshape([num_experts, capacity, m])
-        meta = DispatchMeta(paddle.to_tensor(slot_N), routing.topk_weights_TK, t, capacity)
+        meta = DispatchMeta(paddle.to_tensor(slot_N), routing.topk_weights_TK, t, capacity,
+                            has_sentinel=bool((slot_N == num_experts * capacity).any()))
         return expert_inputs_ECM, counts_E, meta
 
     def combine(self, expert_outputs_ECM, meta: DispatchMeta):
         e, c, m = expert_outputs_ECM.shape
-        flat = paddle.concat([expert_outputs_ECM.reshape([e * c, m]),
-                              paddle.zeros([1, m], dtype=expert_outputs_ECM.dtype)], axis=0)
+        flat = expert_outputs_ECM.reshape([e * c, m])
+        if meta.has_sentinel:
+            flat = paddle.concat([flat, paddle.zeros([1, m], dtype=flat.dtype)], axis=0)
         k = meta.weights_TK.shape[-1]
         picked_TKM = paddle.gather(flat, meta.slot_N).reshape([meta.num_tokens, k, m])
         weights_T1K = meta.weights_TK.astype(picked_TKM.dtype).unsqueeze(1)
