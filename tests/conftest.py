@@ -5,8 +5,7 @@ import pytest
 
 warnings.filterwarnings("ignore", message=".*ccache.*")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = os.path.join(ROOT, "recipes")
+from support import RECIPES, ROOT  # noqa: F401  (re-exported for older imports)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 from paddle_ernie5 import config as C
 from paddle_ernie5.model.params import count_params
 
-from conftest import RECIPES, ROOT
+from support import RECIPES, ROOT
 
 ALL_RECIPES = sorted(glob.glob(os.path.join(RECIPES, "*.yaml")))
 

@@ -8,7 +8,7 @@ from paddle_ernie5.model.model import Ernie5Model
 from paddle_ernie5.model.view import evenly_spaced_layers
 from paddle_ernie5.train.export import slice_state
 
-from conftest import RECIPES
+from support import RECIPES
 
 
 def test_grid_shapes_cover_each_axis_and_hit_the_target_fractions():

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from support import ROOT
 
 TOL = 1e-5
 

@@ -14,7 +14,7 @@ from paddle_ernie5.parallel.pipeline import layer_costs, partition, plan_stages
 from paddle_ernie5.parallel.planner import make_plan
 from paddle_ernie5.parallel.topology import Layout, check_degrees
 
-from conftest import RECIPES
+from support import RECIPES
 
 LARGE = os.path.join(RECIPES, "ernie5_large.yaml")
 

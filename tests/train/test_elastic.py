@@ -12,7 +12,7 @@ from paddle_ernie5.train.elastic import ElasticSampler, LoadAccumulator
 from paddle_ernie5.train.export import ExportError, export_from_checkpoint
 from paddle_ernie5.train.trainer import Trainer, read_metrics, to_model_batch
 
-from conftest import RECIPES
+from support import RECIPES
 
 
 def test_evenly_spaced_layers_rule():
