@@ -1,0 +1,332 @@
+"""RL post-training loop (`ernie5 train` with `task: rl`).
+
+One iteration = one U-RB group of `prompts_per_step` queries x `group_size` responses:
+
+    U-RB.next_group()  (rolled out in the background with the weights of an earlier step)
+      -> rewards (verifiers) -> query stats (running accuracy, AHRL pass_init)
+      -> old forward (no grad, router replay): old log-probs, entropy
+      -> IcePop token mask, GRPO advantages, WPSM weights
+      -> num_minibatches x [forward (router replay) -> GSPO loss (+ KL) -> backward -> AdamW step]
+
+Held-out reward per task is measured before the first and after the last step (and every
+`rl.eval_every` steps); the summary goes to <run_dir>/rl_summary.json and the scalars to VisualDL.
+The aux-loss-free router bias is not updated during RL: balancing is a pretraining concern, and a bias
+that moves between rollout and training would be one more source of routing mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import paddle
+
+from .. import config as C
+from ..model.model import Ernie5Model
+from ..tokenizers.text import get_text_tokenizer
+from ..train import checkpoint
+from ..train.logging import RunLogger, flatten
+from ..train.optim import build_optimizer, clip_by_global_norm, load_optimizer_state, optimizer_state
+from ..train.schedules import learning_rate
+from .evaluate import evaluate
+from .hints import QueryStats
+from .objectives import (grpo_advantages, gspo_loss, gspo_ratio, icepop_mask, k3_kl,
+                         response_logp_entropy, wpsm_weights)
+from .replay import UnbiasedReplayBuffer
+from .rollout import (RolloutModels, build_batch, model_inputs, rollout_group, select, snapshot)
+from .verifiers import split_problems
+
+
+def load_policy(cfg: C.Config, log=print) -> Ernie5Model:
+    model = Ernie5Model(cfg.model)
+    if cfg.train.init_from:
+        state = checkpoint.load_model_weights(cfg.train.init_from, warn=log)
+        own = model.state_dict()
+        bad = (set(own) ^ set(state)) | {k for k in own if k in state and tuple(own[k].shape) != state[k].shape}
+        if bad:
+            raise checkpoint.CheckpointError(f"train.init_from={cfg.train.init_from} does not match the "
+                                             f"model config (differing keys: {sorted(bad)[:5]})")
+        model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
+        log(f"initialised policy from {cfg.train.init_from}")
+    return model
+
+
+def task_problems(cfg: C.Config) -> tuple[list, dict[str, list]]:
+    """(training pool of all tasks, held-out prompts per task)."""
+    rc = cfg.rl
+    train, held = [], {}
+    for i, task in enumerate(rc.tasks):
+        tr, he = split_problems(task, rc.train_problems, cfg.train.seed + i, rc.heldout_fraction)
+        if not tr or not he:
+            raise C.ConfigError(f"rl.train_problems={rc.train_problems} leaves task {task!r} with "
+                                f"{len(tr)} training and {len(he)} held-out problems; raise it")
+        train += tr
+        held[task] = he[:rc.eval_problems]
+    return train, held
+
+
+class RLTrainer:
+    def __init__(self, cfg: C.Config, log=print):
+        self.cfg, self.log = cfg, log
+        tc, rc = cfg.train, cfg.rl
+        paddle.seed(tc.seed)
+        self.run_dir = tc.run_dir
+        self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
+        self.tokenizer = get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, tc.seed,
+                                            cfg.data.val_fraction)
+        self.model = load_policy(cfg, log)
+        self.ref = None
+        if rc.kl_coef > 0:
+            self.ref = Ernie5Model(cfg.model)
+            self.ref.set_state_dict(self.model.state_dict())
+            self.ref.eval()
+        self.optimizer = build_optimizer(self.model, tc)
+        self.pool, self.heldout_problems = task_problems(cfg)
+        self.stats = QueryStats()
+        self.rollout_models = RolloutModels(cfg.model)
+        self.step = 0
+        self._snap = None
+        self.buffer = UnbiasedReplayBuffer(self.assign, self._rollout, self._context, rc.lookahead,
+                                           rc.rollout_workers)
+
+    # ------------------------------------------------------------------ U-RB plumbing
+    def assign(self, g: int) -> list:
+        """Queries of iteration group g: consecutive slices of per-epoch permutations of the pool."""
+        p, n = self.cfg.rl.prompts_per_step, len(self.pool)
+        out = []
+        for i in range(g * p, (g + 1) * p):
+            epoch, j = divmod(i, n)
+            order = np.random.default_rng(self.cfg.train.seed + 7919 * epoch).permutation(n)
+            out.append(self.pool[order[j]])
+        return out
+
+    def _context(self, g: int) -> dict:
+        """Captured when group g is submitted: the current weights and each query's hint."""
+        rc = self.cfg.rl
+        if self._snap is None or self._snap.version != self.step:
+            self._snap = snapshot(self.model, self.step)
+        hints = {}
+        if rc.hints:
+            for q in self.assign(g):
+                hints[q.key] = self.stats.hint(q.key, self.step, rc.hint_p_init, rc.hint_gamma, rc.hint_below)
+        return {"snapshot": self._snap, "hints": hints}
+
+    def _rollout(self, g: int, j: int, problem, ctx):
+        rc = self.cfg.rl
+        model = self.rollout_models.get(ctx["snapshot"])
+        seed = (self.cfg.train.seed * 1_000_003 + g * 1009 + j) % (2 ** 31)
+        return rollout_group(model, self.tokenizer, problem, rc.group_size, rc.max_new_tokens,
+                             rc.temperature, seed, ctx["hints"].get(problem.key, 0.0),
+                             ctx["snapshot"].version, record_routing=True)
+
+    # ------------------------------------------------------------------ one iteration
+    def _forward_logp(self, model, batch, replay: bool):
+        out = model(model_inputs(batch.input_ids_BS), with_mtp=False,
+                    router_replay=_replay_tensors(batch) if replay else None)
+        logp, ent = response_logp_entropy(out.logits, batch.targets_BN, batch.start_B,
+                                          self.cfg.rl.temperature)
+        return logp, ent, out
+
+    def train_step(self) -> dict[str, float]:
+        cfg, rc = self.cfg, self.cfg.rl
+        t0 = time.perf_counter()
+        g, rollouts = self.buffer.next_group()
+        wait_s = time.perf_counter() - t0
+        for r in rollouts:
+            self.stats.update(r.problem.key, r.rewards)
+        batch = build_batch(rollouts, self.tokenizer.pad_id, cfg.model.moe.top_k)
+        valid = batch.valid_BN
+
+        self.model.eval()
+        with paddle.no_grad():
+            old_logp_t, ent_t, out = self._forward_logp(self.model, batch, rc.router_replay)
+            old_logp, ent = old_logp_t.numpy(), ent_t.numpy()
+            ref_logp = self._forward_logp(self.ref, batch, rc.router_replay)[0] if self.ref is not None else None
+        mismatch = _routing_mismatch(out.router_stats, batch)
+        mask = icepop_mask(old_logp, batch.rollout_logp_BN, valid, rc.icepop_low, rc.icepop_high)
+        adv = grpo_advantages(np.stack([r.rewards for r in rollouts])).reshape(-1)
+        tokens_B = np.maximum(valid.sum(1), 1)
+        resp_entropy = (ent * valid).sum(1) / tokens_B
+        acc = np.array([self.stats.accuracy(rollouts[q].problem.key) for q in batch.query_B])
+        weight = wpsm_weights(acc, resp_entropy, rc.wpsm_tau, rc.wpsm_eta, rc.wpsm_alpha)
+        used = mask.any(axis=1)
+
+        lr = learning_rate(self.step, cfg.train)
+        self.optimizer.set_lr(lr)
+        self.model.train()
+        clip_lo, clip_hi, kl_vals, norms, losses = [], [], [], [], []
+        for chunk in np.array_split(np.arange(len(rollouts)), rc.num_minibatches):
+            rows = np.flatnonzero(np.isin(batch.query_B, chunk))
+            mb = select(batch, rows)
+            new_logp, _, _ = self._forward_logp(self.model, mb, rc.router_replay)
+            mask_t = paddle.to_tensor(mask[rows])
+            ratio = gspo_ratio(new_logp, paddle.to_tensor(old_logp[rows]), mask_t)
+            obj = gspo_loss(ratio, adv[rows], weight[rows], used[rows], rc.clip_low, rc.clip_high)
+            loss = obj.loss
+            if ref_logp is not None:
+                kl = k3_kl(new_logp, paddle.gather(ref_logp, paddle.to_tensor(rows)), mask_t)
+                loss = loss + rc.kl_coef * kl
+                kl_vals.append(float(kl))
+            loss.backward()
+            norms.append(clip_by_global_norm(self.model.parameters(), cfg.train.clip_norm))
+            self.optimizer.step()
+            self.optimizer.clear_grad(set_to_zero=False)
+            clip_lo.append(obj.clip_low_frac)
+            clip_hi.append(obj.clip_high_frac)
+            losses.append(float(loss))
+        self.step += 1
+
+        d = old_logp - batch.rollout_logp_BN  # log(pi_train / pi_rollout) per token
+        metrics = {
+            "loss": float(np.mean(losses)), "train/lr": lr, "train/grad_norm": float(np.mean(norms)),
+            "reward/mean": float(np.mean([r.rewards.mean() for r in rollouts])),
+            "entropy": float((ent * valid).sum() / valid.sum()),
+            "clip/low_frac": float(np.mean(clip_lo)), "clip/high_frac": float(np.mean(clip_hi)),
+            "icepop/masked_frac": float(1 - mask.sum() / valid.sum()),
+            "kl/rollout": float(((np.exp(d) - d - 1) * valid).sum() / valid.sum()),
+            "response_length": float(np.mean([r.lengths.mean() for r in rollouts])),
+            "wpsm/damped_frac": float(np.mean(weight < 1)),
+            "hint/query_frac": float(np.mean([r.hint_len > 0 for r in rollouts])),
+            "urb/staleness": float(self.step - 1 - np.mean([r.version for r in rollouts])),
+            "urb/wait_s": wait_s,
+            "router/mismatch": mismatch,
+        }
+        if kl_vals:
+            metrics["kl/ref"] = float(np.mean(kl_vals))
+        for task in rc.tasks:
+            rs = [r.rewards.mean() for r in rollouts if r.problem.task == task]
+            if rs:
+                metrics[f"reward/{task}"] = float(np.mean(rs))
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+    def heldout(self) -> dict[str, dict[str, float]]:
+        rc = self.cfg.rl
+        problems = [p for task in rc.tasks for p in self.heldout_problems[task]]
+        return evaluate(self.model, self.tokenizer, problems, rc.group_size, rc.max_new_tokens,
+                        rc.temperature, seed=self.cfg.train.seed + 99)
+
+    def save(self) -> str:
+        model_state = {k: v.numpy() for k, v in self.model.state_dict().items()}
+        meta = {"model_config": C.to_plain(self.cfg.model), "config_hash": C.config_hash(self.cfg),
+                "query_stats": self.stats.state_dict()}
+        return checkpoint.save(self.ckpt_root, self.step, model_state,
+                               optimizer_state(self.model, self.optimizer), meta, self.cfg.train.keep_last)
+
+    def try_resume(self) -> bool:
+        if self.cfg.train.resume != "auto":
+            return False
+        found = checkpoint.latest_valid(self.ckpt_root, warn=self.log)
+        if found is None:
+            return False
+        path, model_state, optim_state, meta = found
+        if meta.get("model_config") != C.to_plain(self.cfg.model):
+            raise checkpoint.CheckpointError(f"checkpoint {path} holds a different model config")
+        self.model.set_state_dict({k: paddle.to_tensor(v) for k, v in model_state.items()})
+        load_optimizer_state(self.model, self.optimizer, optim_state)
+        self.stats.load_state_dict(meta["query_stats"])
+        self.step = int(meta["step"])
+        self.log(f"resumed from {path} at step {self.step}")
+        return True
+
+    def fit(self) -> dict:
+        cfg, tc, rc = self.cfg, self.cfg.train, self.cfg.rl
+        os.makedirs(self.run_dir, exist_ok=True)
+        C.save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        resumed = self.try_resume()
+        logger = RunLogger(self.run_dir, tc.visualdl)
+        summary_path = os.path.join(self.run_dir, "rl_summary.json")
+        summary = _read_json(summary_path) if resumed else {}
+        if not resumed:
+            logger.hparams(flatten(cfg.to_dict()), ["reward/mean"])
+            summary["before"] = self.heldout()
+            self._log_heldout(logger, summary["before"])
+        history = []
+        self.buffer.start(self.step)
+        bar = _progress(self.step, tc.max_steps, tc.progress)
+        try:
+            while self.step < tc.max_steps:
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                metrics["perf/step_s"] = time.perf_counter() - t0
+                if not math.isfinite(metrics["loss"]):
+                    raise FloatingPointError(f"RL loss is {metrics['loss']} at step {self.step}")
+                history.append(metrics)
+                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                    logger.scalars(self.step, metrics)
+                if rc.eval_every and self.step % rc.eval_every == 0 and self.step < tc.max_steps:
+                    self._log_heldout(logger, self.heldout())
+                if self.step % tc.save_every == 0 or self.step == tc.max_steps:
+                    self.save()
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", ent=f"{metrics['entropy']:.2f}")
+        finally:
+            bar.close()
+            self.buffer.close()
+        summary["after"] = self.heldout()
+        self._log_heldout(logger, summary["after"])
+        logger.close()
+        summary.update({"steps": self.step, "router_replay": rc.router_replay, "run_dir": self.run_dir,
+                        "train_entropy_first": history[0]["entropy"] if history else None,
+                        "train_entropy_last": history[-1]["entropy"] if history else None})
+        with open(summary_path, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+        return summary
+
+    def _log_heldout(self, logger, result: dict) -> None:
+        logger.scalars(self.step, {f"heldout/{k}/{task}": v for task, r in result.items() for k, v in r.items()})
+        self.log(f"held-out at step {self.step}: " + "; ".join(
+            f"{task} reward {r['reward']:.3f} greedy {r['greedy_accuracy']:.3f} entropy {r['entropy']:.3f}"
+            for task, r in result.items()))
+
+
+def _replay_tensors(batch) -> dict | None:
+    if batch.replay_BSK is None:
+        return None
+    return {i: paddle.to_tensor(ids) for i, ids in batch.replay_BSK.items()}
+
+
+def _routing_mismatch(router_stats: dict, batch) -> float:
+    """Share of (response-producing position, MoE layer) pairs whose expert set in this forward differs
+    from the rollout's (0 with router replay on, by construction)."""
+    if batch.replay_BSK is None or not router_stats:
+        return float("nan")
+    b, s = batch.input_ids_BS.shape
+    pos = np.arange(s)[None, :]
+    lengths = batch.valid_BN.sum(1)
+    used = (pos >= batch.start_B[:, None] - 1) & (pos < batch.start_B[:, None] - 1 + lengths[:, None])
+    diff, total = 0, 0
+    for i, stats in router_stats.items():
+        now = np.sort(stats.topk_ids_TK.numpy().reshape(b, s, -1), axis=-1)
+        rec = np.sort(batch.replay_BSK[i], axis=-1)
+        diff += int(((now != rec).any(-1) & used).sum())
+        total += int(used.sum())
+    return diff / max(total, 1)
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _progress(start: int, end: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=end, initial=start, desc="rl", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def train_from_config(cfg: C.Config, log=print) -> dict:
+    """`ernie5 train` entry for task rl: returns held-out reward before/after per task."""
+    summary = RLTrainer(cfg, log).fit()
+    out = {}
+    for task in cfg.rl.tasks:
+        out[f"{task}/reward_before"] = summary["before"][task]["reward"]
+        out[f"{task}/reward_after"] = summary["after"][task]["reward"]
+        out[f"{task}/entropy_before"] = summary["before"][task]["entropy"]
+        out[f"{task}/entropy_after"] = summary["after"][task]["entropy"]
+    return out

@@ -1,0 +1,114 @@
+"""Verifiable tasks for RL: problems with reference solutions and rule-based rewards.
+
+The unified interface is `reward(problem, response) -> float in [0, 1]`: a task registers how its
+problems are made (`make_problems`) and how a response is judged (`verifier`). Text tasks judge the
+decoded response text; tasks whose responses are images or speech (text->image with the vision judge,
+text->speech with the speech judge) register a verifier with `response_modality` "image" / "audio"
+that receives the response token ids instead, and decodes and judges them itself.
+
+Built-in text tasks follow the corpus' own format (data/text.py), so a pretrained model already knows
+how to answer:  prompt "Q: What is 37 + 45? A:"  ->  response " 82.\\n" (reward 1 for the exact
+integer followed by the terminating period, nothing else).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from ..data.text import _counting, build_arithmetic_problems, in_validation
+
+ANSWER_STOP = ".\n"  # the corpus ends every answer line with this piece; rollouts stop on it
+
+
+@dataclass(frozen=True)
+class Problem:
+    task: str
+    prompt: str  # text given to the model
+    answer: str  # the exact answer the verifier checks
+    solution: str  # reference response (SFT target, AHRL hints)
+    meta: dict = field(default_factory=dict, compare=False, hash=False)  # judge inputs (labels, ...)
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}:{self.prompt}"
+
+
+class Verifier(Protocol):
+    def __call__(self, problem: Problem, response) -> float: ...
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    make_problems: Callable[[int, int], list[Problem]]  # (n, seed) -> problems, deterministic
+    verifier: Verifier
+    response_modality: str = "text"  # text: verifier gets decoded text; else the response token ids
+
+
+_INTEGER_ANSWER = re.compile(r"\s*(-?\d+)\.\s*")
+
+
+def exact_integer(problem: Problem, response: str) -> float:
+    """1.0 when the response is exactly the answer followed by a period (surrounding space allowed)."""
+    m = _INTEGER_ANSWER.fullmatch(response)
+    return 1.0 if m is not None and int(m.group(1)) == int(problem.answer) else 0.0
+
+
+def _qa_problem(task: str, question: str, answer: str) -> Problem:
+    return Problem(task, f"Q: {question} A:", answer, f" {answer}{ANSWER_STOP}")
+
+
+def arithmetic_problems(n: int, seed: int) -> list[Problem]:
+    return [_qa_problem("arithmetic", q, a) for q, a in build_arithmetic_problems(n, seed)]
+
+
+_QA_LINE = re.compile(r"Q: (.*) A: (-?\d+)\.")
+
+
+def counting_problems(n: int, seed: int) -> list[Problem]:
+    """Letter, star and list counting questions drawn exactly as the corpus draws them."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        q, a = _QA_LINE.fullmatch(_counting(rng)).groups()
+        out.append(_qa_problem("counting", q, a))
+    return out
+
+
+TASKS: dict[str, TaskSpec] = {}
+
+
+def register_task(spec: TaskSpec) -> None:
+    """Add a task (image/speech judges call this where they are defined)."""
+    TASKS[spec.name] = spec
+
+
+register_task(TaskSpec("arithmetic", arithmetic_problems, exact_integer))
+register_task(TaskSpec("counting", counting_problems, exact_integer))
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise KeyError(f"unknown RL task {name!r}; registered: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def reward(problem: Problem, response) -> float:
+    """The unified verifier entry point: (task, prompt, response) -> reward."""
+    return float(get_task(problem.task).verifier(problem, response))
+
+
+def split_problems(name: str, n: int, seed: int, heldout_fraction: float) -> tuple[list[Problem], list[Problem]]:
+    """(training, held-out) unique problems of a task; a question is held out by a hash of its prompt,
+    so the split does not depend on n or seed and no held-out prompt is ever trained on."""
+    seen, train, held = set(), [], []
+    for p in get_task(name).make_problems(n, seed):
+        if p.prompt in seen:
+            continue
+        seen.add(p.prompt)
+        (held if in_validation(p.prompt, heldout_fraction) else train).append(p)
+    return train, held
