@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup ops train test bench clean
+.PHONY: setup ops espeak train test bench clean
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,21 @@ setup: $(STAMP)
 ops: setup
 	$(PY) -m paddle_ernie5.ops.build
 
-train: ops
-	$(VENV)/bin/ernie5 train recipes/pretrain_tiny.yaml
+# espeak-ng synthesises the built-in speech (paddle_ernie5/data/speech.py): installed when missing and
+# this is root with apt-get; otherwise stop with the exact command to run.
+espeak:
+	@command -v espeak-ng >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update && apt-get install -y espeak-ng; \
+	  else false; fi; } || { \
+	  echo "make espeak: espeak-ng is missing; install it with: sudo apt-get install -y espeak-ng" >&2; \
+	  exit 1; }
+
+train: ops espeak
+	$(VENV)/bin/ernie5 train recipes/pretrain_tiny.yaml --eval
 
 # pytest exits 5 when it collects no test: that is a failure here, not a pass.
-test: ops
+test: ops espeak
 	@$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

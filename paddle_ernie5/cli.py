@@ -58,6 +58,10 @@ def cmd_train(args) -> int:
     unigram = trainer.unigram_loss()
     print(f"validation loss {result.val_loss:.4f} nats/token (ppl {_exp(result.val_loss):.1f}); "
           f"unigram baseline {unigram:.4f} (ppl {_exp(unigram):.1f}); run dir {result.run_dir}")
+    if args.eval:
+        from .eval.runner import evaluate_run
+
+        print(evaluate_run(result.run_dir, log=lambda *_: None)[1], end="")
     return 0
 
 
@@ -133,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/pretrain_tiny.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
+        if name == "train":
+            p.add_argument("--eval", action="store_true",
+                           help="after training, print the evaluation table (as `ernie5 eval`)")
         p.set_defaults(fn=fn)
     p = sub.add_parser("export", help="slice an elastic sub-model into a standalone checkpoint")
     p.add_argument("--checkpoint", required=True,

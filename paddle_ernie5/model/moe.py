@@ -31,6 +31,7 @@ class RouterStats:
     z_loss: paddle.Tensor
     expert_mask_E: np.ndarray | None  # experts the elastic view allowed (None = all)
     topk_ids_TK: paddle.Tensor | None = None  # experts chosen per token (recorded for router replay)
+    logits_TE: paddle.Tensor | None = None  # router logits, detached
 
 
 class MoE(nn.Layer):
@@ -60,7 +61,8 @@ class MoE(nn.Layer):
         if self.shared is not None:
             y_TM = y_TM + self.shared(x_TM)
         stats = RouterStats(routing.load_E, routing.aux_loss, routing.z_loss,
-                            view.expert_mask(self.cfg.num_experts), routing.topk_ids_TK)
+                            view.expert_mask(self.cfg.num_experts), routing.topk_ids_TK,
+                            routing.logits_TE)
         return y_TM.reshape([b, s, m]), stats
 
     def forward_reference(self, x_BSM, view: ElasticView = FULL_VIEW):

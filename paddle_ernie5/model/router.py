@@ -30,6 +30,7 @@ class Routing:
     load_E: paddle.Tensor  # int64 number of assignments per expert in this call
     aux_loss: paddle.Tensor  # sequence-level balance loss (0 if disabled)
     z_loss: paddle.Tensor  # router z-loss (0 if disabled)
+    logits_TE: paddle.Tensor | None = None  # fp32 router logits, detached (dashboards, analysis)
 
 
 class Router(nn.Layer):
@@ -67,7 +68,7 @@ class Router(nn.Layer):
         aux_loss = self._sequence_aux_loss(scores_TE, topk_ids_TK, num_seqs) \
             if cfg.aux_loss_weight > 0 else zero
         z_loss = paddle.logsumexp(logits_TE, axis=-1).pow(2).mean() if cfg.z_loss_weight > 0 else zero
-        return Routing(topk_ids_TK, topk_weights_TK, load_E, aux_loss, z_loss)
+        return Routing(topk_ids_TK, topk_weights_TK, load_E, aux_loss, z_loss, logits_TE.detach())
 
     def _sequence_aux_loss(self, scores_TE, topk_ids_TK, num_seqs: int):
         """E * sum_e f_e * P_e averaged over sequences (DeepSeek-V3 complementary balance loss)."""

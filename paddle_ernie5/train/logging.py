@@ -45,6 +45,14 @@ class RunLogger:
             self._vdl.add_histogram(tag=tag, values=np.asarray(values, dtype=np.float64), step=step,
                                     buckets=min(64, max(2, np.asarray(values).size)))
 
+    def image(self, step: int, tag: str, image_HWC: np.ndarray) -> None:
+        if self._vdl is not None:
+            self._vdl.add_image(tag=tag, img=np.asarray(image_HWC, dtype=np.uint8), step=step)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self._vdl is not None:
+            self._vdl.add_text(tag=tag, text_string=text, step=step)
+
     def hparams(self, flat_config: dict, metrics: list[str]) -> None:
         if self._vdl is not None:
             hp = {k: (v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else str(v))
@@ -66,3 +74,14 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def heatmap_image(share_LE: np.ndarray, cell: int = 12) -> np.ndarray:
+    """[layers, experts] usage shares -> an RGB uint8 image (viridis), `cell` pixels per entry,
+    each row scaled to its own maximum so every layer's pattern is visible."""
+    from matplotlib import colormaps
+
+    share = np.asarray(share_LE, dtype=np.float64)
+    share = share / np.maximum(share.max(axis=1, keepdims=True), 1e-12)
+    rgb = (colormaps["viridis"](share)[..., :3] * 255).astype(np.uint8)
+    return np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)

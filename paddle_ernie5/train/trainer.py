@@ -24,12 +24,13 @@ import paddle
 
 from .. import config as C
 from ..data.loader import build_text_data, eval_batches
+from ..model.generation import generate
 from ..model.model import Ernie5Model
 from ..model.params import count_params
 from ..parallel.runtime import SingleProcess
 from . import checkpoint
 from .elastic import ElasticSampler, LoadAccumulator
-from .logging import RunLogger, flatten, load_balance
+from .logging import RunLogger, flatten, heatmap_image, load_balance
 from .losses import IGNORE, compute_loss
 from .schedules import learning_rate
 
@@ -180,9 +181,12 @@ class Trainer:
 
     @paddle.no_grad()
     def evaluate(self) -> float:
-        """Mean next-token cross-entropy over the validation split (nats/token)."""
+        """Mean next-token cross-entropy over the validation split (nats/token). Also keeps the
+        expert usage and a sample of router logits per MoE layer for the dashboards."""
         self.model.eval()
         total, count = 0.0, 0.0
+        self._eval_usage: dict[int, np.ndarray] = {}
+        self._eval_logits: dict[int, np.ndarray] = {}
         limit = self.cfg.data.eval_batches or None
         for n, np_batch in enumerate(eval_batches(self.val_packed, self.cfg.train.batch_size)):
             if limit is not None and n >= limit:
@@ -193,7 +197,27 @@ class Trainer:
             c = float(parts.num_targets)
             total += float(parts.text) * c
             count += c
+            for i, st in out.router_stats.items():
+                self._eval_usage[i] = self._eval_usage.get(i, 0) + st.load_E.numpy()
+                if n == 0 and st.logits_TE is not None:
+                    self._eval_logits[i] = st.logits_TE.numpy().ravel()
         return total / max(count, 1.0)
+
+    def log_eval_views(self, logger) -> None:
+        """Images, histograms and text samples for VisualDL at an evaluation."""
+        if not self._eval_usage:
+            return
+        layers = sorted(self._eval_usage)
+        usage = np.stack([self._eval_usage[i] / max(1, self._eval_usage[i].sum()) for i in layers])
+        logger.image(self.step, "routing/usage_layers_x_experts/text", heatmap_image(usage))
+        for i, logits in self._eval_logits.items():
+            logger.histogram(self.step, f"moe/router_logits/layer{i}", logits)
+        if self.par.is_main:
+            prompts = self.val_packed["input_ids"][:2, :16]
+            sample = generate(self.model, prompts, 32, temperature=0.0)
+            for j in range(len(prompts)):
+                logger.text(self.step, "samples/text", self.tokenizer.decode(prompts[j].tolist()) + " ⟶ "
+                            + self.tokenizer.decode(sample.tokens[j].tolist()))
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_at: int | None = None) -> FitResult:
@@ -231,6 +255,7 @@ class Trainer:
                 if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
                     val_loss = self.evaluate()
                     logger.scalars(self.step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
+                    self.log_eval_views(logger)
                 if self.step % tc.save_every == 0 or self.step == end:
                     self.save()
                 bar.update(1)

@@ -93,3 +93,21 @@ def test_golden_losses_of_the_debug_recipe(debug_config):
     metrics = [m for m in read_metrics(cfg.train.run_dir) if "loss" in m]
     np.testing.assert_allclose([m["loss/text"] for m in metrics], golden["loss/text"], rtol=1e-5)
     np.testing.assert_allclose([m["loss/mtp"] for m in metrics], golden["loss/mtp"], rtol=1e-5)
+
+
+def test_visualdl_dashboards_hold_scalars_histograms_images_text_and_hparams(debug_config):
+    import glob
+
+    from visualdl import LogReader
+
+    cfg = debug_config("train.visualdl=true", "train.max_steps=4", "train.eval_every=4")
+    Trainer(cfg, log=lambda *_: None).fit()
+    files = glob.glob(os.path.join(cfg.train.run_dir, "vdl", "*"))
+    assert len(files) == 1  # one log file per run
+    tags = LogReader(file_path=files[0]).get_tags()
+    assert {"loss/text", "loss/mtp", "train/lr", "train/grad_norm", "perf/tokens_per_s", "val/loss",
+            "moe/entropy/layer0", "moe/max_over_mean/layer1"} <= set(tags["scalar"])
+    assert {"moe/load/layer0", "moe/router_logits/layer1"} <= set(tags["histogram"])
+    assert tags["image"] == ["routing/usage_layers_x_experts/text"]
+    assert tags["text"] == ["samples/text"]
+    assert tags["hyper_parameters"] == ["hparam"]
