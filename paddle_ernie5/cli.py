@@ -8,6 +8,7 @@ import sys
 import warnings
 
 from . import config as C
+from .errors import UserError
 
 USAGE_ERROR = 2
 
@@ -79,15 +80,10 @@ def cmd_config(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .train.checkpoint import CheckpointError
-    from .train.export import ExportError, export_from_checkpoint
+    from .train.export import export_from_checkpoint
 
     _set_threads(0)
-    try:
-        export_from_checkpoint(args.checkpoint, args.layers, args.experts, args.top_k, args.out)
-    except (ExportError, CheckpointError) as e:
-        print(f"ernie5 export: {e}", file=sys.stderr)
-        return USAGE_ERROR
+    export_from_checkpoint(args.checkpoint, args.layers, args.experts, args.top_k, args.out)
     return 0
 
 
@@ -172,12 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     except C.ConfigError as e:
         print(f"ernie5: config error: {e}", file=sys.stderr)
         return USAGE_ERROR
-    except Exception as e:  # noqa: BLE001 - checkpoint and export errors are reported, not traced
-        from .train.checkpoint import CheckpointError
-
-        if not isinstance(e, CheckpointError):
-            raise
-        print(f"ernie5: checkpoint error: {e}", file=sys.stderr)
+    except UserError as e:  # bad checkpoint, impossible export, missing tool: one line, no traceback
+        print(f"ernie5: {e}", file=sys.stderr)
         return USAGE_ERROR
 
 

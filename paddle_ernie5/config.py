@@ -1,7 +1,8 @@
 """Frozen configuration: dataclasses, YAML recipes with `base:` inheritance, dotted overrides.
 
 A recipe is a YAML mapping whose top-level keys are the sections of `Config` (model, data, train,
-parallel, elastic) plus an optional `base:` path (relative to the recipe) that it is merged over.
+parallel, elastic, visual_tokenizer, vision_judge) plus an optional `base:` path (relative to the
+recipe) that it is merged over.
 Overrides on the command line are `section.key=value` with the value parsed as YAML.
 
 Every problem is reported as one `ConfigError` naming the key, the bad value and what is allowed;
@@ -21,8 +22,10 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A recipe or override is wrong; the message names the key, the value and what is allowed."""
 
 
@@ -268,11 +271,11 @@ class VisualTokenizerConfig:
     image_size: int = 16  # frames are image_size x image_size RGB
     frames: int = 8  # frames per video clip in training and evaluation
     width: int = 32  # channels of the first conv stage; doubled per downsampling, capped at 4x
-    downsample: int = 4  # pixels per latent cell side (a power of 2)
-    bits: int = 12
-    scales: tuple[int, ...] = (1, 2, 4)  # token-map sides, increasing; the last is the latent side
+    downsample: int = 2  # pixels per latent cell side (a power of 2)
+    bits: int = 8
+    scales: tuple[int, ...] = (1, 2, 4, 8)  # token-map sides, increasing; the last is the latent side
     # Progressive bits (ERNIE5.md): training is cut into equal phases that use these many bits, e.g.
-    # (6, 12); () = `bits` throughout. Unused bits are zero in the quantised latent.
+    # (4, 8); () = `bits` throughout. Unused bits are zero in the quantised latent.
     bit_schedule: tuple[int, ...] = ()
     temporal_kernel: int = 2  # causal temporal mixing over this frame and k-1 earlier ones
     commit_weight: float = 0.25  # pulls encoder features toward their quantisation
@@ -296,8 +299,9 @@ class VisualTokenizerConfig:
                and self.scales[0] >= 1 and self.scales[-1] == side,
                f"increasing sides >= 1 ending at image_size / downsample = {side}")
         _check(at, "bit_schedule", self.bit_schedule,
-               not self.bit_schedule or (all(a <= b for a, b in zip(self.bit_schedule, self.bit_schedule[1:]))
-                                         and self.bit_schedule[0] >= 1 and self.bit_schedule[-1] == self.bits),
+               not self.bit_schedule
+               or (all(a <= b for a, b in zip(self.bit_schedule, self.bit_schedule[1:]))
+                   and self.bit_schedule[0] >= 1 and self.bit_schedule[-1] == self.bits),
                f"() or non-decreasing bit counts >= 1 ending at bits={self.bits}")
         _check(at, "commit_weight", self.commit_weight, self.commit_weight >= 0, ">= 0")
         _check(at, "video_every", self.video_every, self.video_every >= 0, ">= 0 (0 = images only)")
@@ -360,8 +364,8 @@ class AudioCodecConfig:
             _check(at, name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
         _check(at, "quantizer_dropout", self.quantizer_dropout, 0 <= self.quantizer_dropout <= 1, "0..1")
         frame_s = 1 / self.frame_rate
-        _check(at, "max_seconds", self.max_seconds,
-               self.max_seconds > 0 and abs(self.max_seconds / frame_s - round(self.max_seconds / frame_s)) < 1e-6,
+        frames = self.max_seconds / frame_s
+        _check(at, "max_seconds", self.max_seconds, frames >= 1 and abs(frames - round(frames)) < 1e-6,
                f"a positive multiple of one codec frame ({frame_s:g} s)")
 
 

@@ -24,11 +24,13 @@ import shutil
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from ..errors import UserError
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _FILES = ("model.safetensors", "optimizer.safetensors")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete or corrupt."""
 
 

@@ -18,6 +18,7 @@ import re
 import numpy as np
 
 from ..config import ModelConfig
+from ..errors import UserError
 from ..model.view import ElasticView, evenly_spaced_layers
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
@@ -25,7 +26,7 @@ _EXPERT_AXIS = {"ffn.router.weight": 1, "ffn.router.selection_bias": 0,
                 "ffn.experts.w_gate_up": 0, "ffn.experts.w_down": 0}
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export request that cannot be satisfied by this model."""
 
 

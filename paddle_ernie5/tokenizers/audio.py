@@ -1,0 +1,452 @@
+"""Audio tokenizer: a mel codec with residual vector quantisation (RVQ), level 0 content-bearing.
+
+    wave [B, T] 16 kHz -> log-mel [B, M, 80] at 100 Hz (data/mel.py)
+        -> encoder: conv, log2(r) stride-2 convs, residual blocks   -> z [B, F, D], F = M / r
+        -> RVQ: level l quantises what levels < l left over          -> codes [B, F, L], q_l [B, F, D]
+        -> decoder: residual blocks, stride-2 transposed convs       -> log-mel [B, M, 80]
+        -> Griffin-Lim (data/mel.py)                                 -> wave [B, F * samples_per_frame]
+    level-0 code embeddings -> small conv head -> character CTC (training only: makes level 0 carry
+    the words, the toy analogue of ERNIE 5.0's semantically aligned first level)
+
+Why mel and not waveform: a waveform decoder needs adversarial and multi-resolution spectral losses
+and hours of training before it stops buzzing; a mel decoder trains in minutes on a CPU with an L1
+loss, and Griffin-Lim turns its output into speech the judge still recognises (the recipe reports the
+judge's accuracy on real speech after the same mel round trip, the ceiling for this codec).
+
+Codebooks learn by exponential moving averages of their assigned residuals (k-means in running form;
+`codebook_learning: gradient` uses a codebook loss instead); the encoder gets straight-through
+gradients and a commitment loss per level; codes unused for a while are restarted at residuals of
+the current batch. Quantiser dropout trains the decoder on random prefixes of levels, so every prefix
+decodes to speech and each further level lowers the error.
+
+API for the backbone (all arrays numpy unless stated):
+    codec = AudioCodec.load(run_dir)                     # or AudioCodec(AudioCodecConfig(...))
+    codes = codec.encode(wave_BT)                        # int64 [B, F, L]; F = ceil(T / samples_per_frame)
+    wave = codec.decode(codes)                           # float32 [B, F * samples_per_frame]
+    mel = codec.decode_mel(codes, levels=n)              # log-mel from the first n levels only
+    emb = codec.embed_levels(codes_tensor)               # paddle [B, F, L, D]; sum over L = decoder input
+    cb = codec.codebooks()                               # paddle [L, K, D] copy, to initialise embeddings
+    codec.save(run_dir)                                  # codec.safetensors + codec.json
+    codec.sample_rate, .samples_per_frame, .frame_rate, .num_levels, .codebook_size, .code_dim
+
+Shape legend: B batch, T samples, M mel frames (100 Hz), N mel bins, F codec frames, L levels,
+K codebook size, D code dimension, C channels, V characters (CTC blank = 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+from safetensors.numpy import load_file, save_file
+
+from ..config import AudioCodecConfig, TrainConfig
+from ..data import mel as M
+from ..data.speech import SAMPLE_RATE, WORDS
+from ..train.schedules import learning_rate
+
+WEIGHTS, META = "codec.safetensors", "codec.json"
+CHARS = " abcdefghijklmnopqrstuvwxyz'"  # CTC classes 1..; 0 is the blank
+MEL_SHIFT, MEL_SCALE = -1.5, 2.0  # log-mel -> roughly zero-mean, unit-range network inputs
+
+
+def text_to_labels(text: str) -> list[int]:
+    return [CHARS.index(c) + 1 for c in text.lower() if c in CHARS]
+
+
+def ctc_greedy(ids_F: np.ndarray) -> str:
+    """Collapse repeats, drop blanks."""
+    out, prev = [], 0
+    for i in ids_F:
+        if i != prev and i != 0:
+            out.append(CHARS[i - 1])
+        prev = i
+    return "".join(out)
+
+
+class ResBlock(nn.Layer):
+    def __init__(self, channels: int, dilation: int):
+        super().__init__()
+        self.conv = nn.Conv1D(channels, channels, 3, padding=dilation, dilation=dilation)
+        self.proj = nn.Conv1D(channels, channels, 1)
+
+    def forward(self, x_BCF):
+        return x_BCF + self.proj(F.gelu(self.conv(F.gelu(x_BCF))))
+
+
+class ResidualVQ(nn.Layer):
+    """L codebooks of K codes; level l quantises the residual left by levels < l (nearest code)."""
+
+    def __init__(self, cfg: AudioCodecConfig):
+        super().__init__()
+        self.cfg = cfg
+        L, K, D = cfg.levels, cfg.codebook_size, cfg.code_dim
+        self.codebook = self.create_parameter([L, K, D], default_initializer=nn.initializer.Normal(0, 1))
+        self.codebook.stop_gradient = cfg.codebook_learning == "ema"
+        self.register_buffer("usage", paddle.ones([L, K]))  # EMA of assignments per step
+        self.register_buffer("embed_sum", self.codebook.detach().clone())  # EMA of assigned residuals
+
+    @staticmethod
+    def nearest(r_ND, cb_KD):
+        d_NK = (r_ND * r_ND).sum(-1, keepdim=True) - 2 * r_ND @ cb_KD.T + (cb_KD * cb_KD).sum(-1)
+        return d_NK.argmin(-1)
+
+    def forward(self, z_ND, mask_N):
+        """Quantise every level. Returns codes [N, L], per-level codes' vectors [L, N, D] and the
+        commitment (+ codebook) loss averaged over the frames where mask_N is 1."""
+        r = z_ND
+        codes, quants, loss = [], [], paddle.zeros([])
+        denom = mask_N.sum().clip(min=1.0)
+        for l in range(self.cfg.levels):
+            cb = self.codebook[l]
+            idx = self.nearest(r.detach(), cb.detach())
+            q = paddle.gather(cb, idx)
+            err = ((r - q.detach()) ** 2).mean(-1)
+            loss = loss + self.cfg.commit_weight * (err * mask_N).sum() / denom
+            if self.cfg.codebook_learning == "gradient":
+                loss = loss + (((r.detach() - q) ** 2).mean(-1) * mask_N).sum() / denom
+            if self.training:
+                self._update(l, r.detach(), idx, mask_N)
+            codes.append(idx)
+            quants.append(q)
+            r = r - q.detach()
+        return paddle.stack(codes, -1), paddle.stack(quants, 0), loss
+
+    @paddle.no_grad()
+    def _update(self, level: int, r_ND, idx_N, mask_N):
+        """EMA codebook step (ema mode) and restart of codes whose usage fell below the threshold."""
+        decay, K = self.cfg.ema_decay, self.cfg.codebook_size
+        onehot_NK = F.one_hot(idx_N, K) * mask_N.unsqueeze(-1)
+        usage = decay * self.usage[level] + (1 - decay) * onehot_NK.sum(0)
+        self.usage[level] = usage
+        if self.cfg.codebook_learning == "ema":
+            embed_sum = decay * self.embed_sum[level] + (1 - decay) * (onehot_NK.T @ r_ND)
+            self.embed_sum[level] = embed_sum
+            n = usage.sum()
+            smoothed = (usage + 1e-5) / (n + K * 1e-5) * n  # Laplace smoothing keeps rare codes finite
+            self.codebook[level] = embed_sum / smoothed.unsqueeze(-1)
+        dead = paddle.nonzero(usage < self.cfg.dead_code_threshold).flatten()
+        valid = paddle.nonzero(mask_N > 0).flatten()
+        if dead.shape[0] and valid.shape[0]:
+            pick = valid[paddle.randint(0, valid.shape[0], [dead.shape[0]])]
+            fresh = paddle.gather(r_ND, pick)
+            self._scatter(level, dead, fresh)
+
+    def _scatter(self, level: int, rows, values_RD):
+        """Codes `rows` of `level` restart at `values_RD` with a usage of one assignment per step."""
+        self.codebook[level] = paddle.scatter(self.codebook[level].clone(), rows, values_RD)
+        self.embed_sum[level] = paddle.scatter(self.embed_sum[level].clone(), rows, values_RD)
+        self.usage[level] = paddle.scatter(self.usage[level].clone(), rows, paddle.ones([rows.shape[0]]))
+
+    @paddle.no_grad()
+    def init_kmeans(self, z_ND, iters: int = 4, seed: int = 0):
+        """Data-dependent start: per level, a few Lloyd iterations on that level's residuals."""
+        rng = np.random.default_rng(seed)
+        r = z_ND
+        for l in range(self.cfg.levels):
+            cb = paddle.gather(r, paddle.to_tensor(rng.integers(0, r.shape[0], self.cfg.codebook_size)))
+            for _ in range(iters):
+                onehot = F.one_hot(self.nearest(r, cb), self.cfg.codebook_size)
+                counts = onehot.sum(0).unsqueeze(-1)
+                cb = paddle.where(counts > 0, (onehot.T @ r) / counts.clip(min=1.0), cb)
+            self.codebook[l] = cb
+            self.embed_sum[l] = cb
+            r = r - paddle.gather(cb, self.nearest(r, cb))
+
+
+class AudioCodec(nn.Layer):
+    def __init__(self, cfg: AudioCodecConfig = AudioCodecConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.sample_rate = SAMPLE_RATE
+        self.frame_rate = cfg.frame_rate
+        self.mels_per_frame = int(round(SAMPLE_RATE / M.HOP / cfg.frame_rate))  # 2, 4 or 8
+        self.samples_per_frame = self.mels_per_frame * M.HOP
+        self.num_levels, self.codebook_size, self.code_dim = cfg.levels, cfg.codebook_size, cfg.code_dim
+        C, D, downs = cfg.channels, cfg.code_dim, int(math.log2(self.mels_per_frame))
+        self.enc_in = nn.Conv1D(M.N_MELS, C, 3, padding=1)
+        self.enc_down = nn.LayerList([nn.Conv1D(C, C, 4, stride=2, padding=1) for _ in range(downs)])
+        self.enc_res = nn.LayerList([ResBlock(C, 3 ** i) for i in range(cfg.res_blocks)])
+        self.enc_out = nn.Conv1D(C, D, 1)
+        self.rvq = ResidualVQ(cfg)
+        self.dec_in = nn.Conv1D(D, C, 3, padding=1)
+        self.dec_res = nn.LayerList([ResBlock(C, 3 ** i) for i in range(cfg.res_blocks)])
+        self.dec_up = nn.LayerList([nn.Conv1DTranspose(C, C, 4, stride=2, padding=1) for _ in range(downs)])
+        self.dec_out = nn.Conv1D(C, M.N_MELS, 3, padding=1)
+        self.ctc_head = nn.Sequential(nn.Conv1D(D, C, 3, padding=1), nn.GELU(),
+                                      nn.Conv1D(C, len(CHARS) + 1, 1))
+
+    # --- the network ----------------------------------------------------------------------------
+
+    def encode_latent(self, log_mel_BMN):
+        x = self.enc_in((log_mel_BMN - MEL_SHIFT).transpose([0, 2, 1]) / MEL_SCALE)
+        for down in self.enc_down:
+            x = down(F.gelu(x))
+        for block in self.enc_res:
+            x = block(x)
+        return self.enc_out(F.gelu(x)).transpose([0, 2, 1])  # [B, F, D]
+
+    def decode_latent(self, z_BFD):
+        """Quantised latent (a sum of level embeddings) -> log-mel [B, F * mels_per_frame, N_MELS]."""
+        x = self.dec_in(z_BFD.transpose([0, 2, 1]))
+        for block in self.dec_res:
+            x = block(x)
+        for up in self.dec_up:
+            x = up(F.gelu(x))
+        return (self.dec_out(F.gelu(x)) * MEL_SCALE + MEL_SHIFT).transpose([0, 2, 1])
+
+    def quantise(self, z_BFD, mask_BF):
+        b, f, d = z_BFD.shape
+        codes_NL, quants_LND, loss = self.rvq(z_BFD.reshape([-1, d]), mask_BF.reshape([-1]))
+        return codes_NL.reshape([b, f, -1]), quants_LND.reshape([-1, b, f, d]), loss
+
+    # --- API ------------------------------------------------------------------------------------
+
+    def frames_for(self, num_samples: int) -> int:
+        return -(-num_samples // self.samples_per_frame)
+
+    def _log_mel(self, wave_BT) -> np.ndarray:
+        wave_BT = np.atleast_2d(np.asarray(wave_BT, np.float32))
+        pad = self.frames_for(wave_BT.shape[1]) * self.samples_per_frame - wave_BT.shape[1]
+        return M.log_mel(np.pad(wave_BT, ((0, 0), (0, pad))))
+
+    @paddle.no_grad()
+    def encode(self, wave_BT) -> np.ndarray:
+        """16 kHz waves [B, T] (zero-padded to whole frames) -> int64 codes [B, F, L]."""
+        z = self.encode_latent(paddle.to_tensor(self._log_mel(wave_BT)))
+        codes, _, _ = self.quantise(z, paddle.ones(z.shape[:2]))
+        return codes.numpy().astype(np.int64)
+
+    def embed_levels(self, codes_BFL):
+        """paddle [B, F, L, D]: each level's code vector; their sum is what the decoder reads."""
+        codes_BFL = paddle.to_tensor(codes_BFL, dtype="int64")
+        return paddle.stack([paddle.gather(self.rvq.codebook[l], codes_BFL[..., l].flatten())
+                             .reshape([*codes_BFL.shape[:2], -1]) for l in range(codes_BFL.shape[-1])], 2)
+
+    def codebooks(self):
+        return self.rvq.codebook.detach().clone()
+
+    @paddle.no_grad()
+    def decode_mel(self, codes_BFL, levels: int | None = None) -> np.ndarray:
+        """Codes (a prefix of `levels` levels is used) -> log-mel [B, F * mels_per_frame, N_MELS]."""
+        levels = levels or self.num_levels
+        z = self.embed_levels(np.asarray(codes_BFL)[..., :levels]).sum(2)
+        return self.decode_latent(z).clip(min=math.log(M.LOG_FLOOR)).numpy()
+
+    def decode(self, codes_BFL, levels: int | None = None) -> np.ndarray:
+        """Codes [B, F, L] -> 16 kHz waves [B, F * samples_per_frame] via Griffin-Lim."""
+        return M.mel_to_wave(self.decode_mel(codes_BFL, levels), iters=self.cfg.griffin_lim_iters)
+
+    def save(self, run_dir: str) -> None:
+        os.makedirs(run_dir, exist_ok=True)
+        meta = dict(config=dataclasses.asdict(self.cfg), sample_rate=SAMPLE_RATE, n_mels=M.N_MELS, hop=M.HOP)
+        tmp = os.path.join(run_dir, WEIGHTS + ".tmp")
+        save_file({k: v.numpy() for k, v in self.state_dict().items()}, tmp)
+        os.replace(tmp, os.path.join(run_dir, WEIGHTS))
+        _write_json(os.path.join(run_dir, META), meta)
+
+    @classmethod
+    def load(cls, path: str) -> "AudioCodec":
+        run_dir = os.path.dirname(path) if path.endswith(".safetensors") else path
+        meta_path, weights = os.path.join(run_dir, META), os.path.join(run_dir, WEIGHTS)
+        if not (os.path.isfile(meta_path) and os.path.isfile(weights)):
+            raise FileNotFoundError(f"no audio codec in {run_dir!r} (expected {META} and {WEIGHTS}); "
+                                    "train one with `ernie5 train recipes/audio_codec.yaml`")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if (meta["sample_rate"], meta["n_mels"], meta["hop"]) != (SAMPLE_RATE, M.N_MELS, M.HOP):
+            raise ValueError(f"audio codec in {run_dir!r} was trained on other mel features: {meta}")
+        codec = cls(AudioCodecConfig(**meta["config"]))
+        codec.set_state_dict({k: paddle.to_tensor(v) for k, v in load_file(weights).items()})
+        codec.eval()
+        return codec
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+class _Batches:
+    """A speech set as log-mels padded to max_seconds (computed once), masks and CTC labels."""
+
+    def __init__(self, codec: AudioCodec, speech, max_seconds: float):
+        n = int(round(max_seconds * SAMPLE_RATE))
+        waves, lengths = speech.padded(n)
+        self.mel = M.log_mel(waves)  # [S, M, N]
+        self.mel_valid = -(-lengths // M.HOP)
+        self.frames_valid = -(-lengths // codec.samples_per_frame)
+        self.num_frames = n // codec.samples_per_frame
+        self.speech = speech
+        self.labels = [text_to_labels(t) for t in speech.texts]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def get(self, idx):
+        mel_mask = np.arange(self.mel.shape[1])[None] < self.mel_valid[idx, None]
+        frame_mask = np.arange(self.num_frames)[None] < self.frames_valid[idx, None]
+        labels = [self.labels[i] for i in idx]
+        lab = np.zeros((len(idx), max(1, max(len(l) for l in labels))), np.int32)
+        for j, l in enumerate(labels):
+            lab[j, :len(l)] = l
+        return dict(mel=paddle.to_tensor(self.mel[idx]), mel_mask=paddle.to_tensor(mel_mask, "float32"),
+                    frame_mask=paddle.to_tensor(frame_mask, "float32"), labels=lab,
+                    label_lens=np.array([len(l) for l in labels], np.int64),
+                    frames=self.frames_valid[idx])
+
+
+def _ctc_loss(logits_BFV, batch):
+    """Mean CTC loss per character over the utterances whose frames can hold their transcript."""
+    labels, lens, frames = batch["labels"], batch["label_lens"], batch["frames"]
+    repeats = np.array([sum(a == b for a, b in zip(l[:n], l[1:n])) for l, n in zip(labels, lens)])
+    ok = (lens > 0) & (frames >= lens + repeats)  # CTC needs a blank between repeated characters
+    if not ok.any():
+        return paddle.zeros([])
+    per_utt = F.ctc_loss(F.log_softmax(logits_BFV, -1).transpose([1, 0, 2]), paddle.to_tensor(labels),
+                         paddle.to_tensor(frames.astype(np.int64)), paddle.to_tensor(lens), blank=0,
+                         reduction="none").reshape([-1])
+    w = paddle.to_tensor((ok / np.maximum(lens, 1)).astype(np.float32))
+    return (per_utt * w).sum() / float(ok.sum())
+
+
+def codec_losses(codec: AudioCodec, batch: dict, levels_B: np.ndarray) -> dict:
+    """Training losses for one batch; `levels_B` is how many RVQ levels each utterance decodes from.
+
+    Reconstruction and quantisation cover the whole window, the silence after each utterance
+    included: encoded audio is padded to whole frames, and that padding must decode to silence."""
+    z = codec.encode_latent(batch["mel"])
+    _, quants_LBFD, vq = codec.quantise(z, paddle.ones(z.shape[:2]))
+    keep = paddle.to_tensor(np.arange(codec.num_levels)[:, None] < levels_B[None], "float32")
+    zq = (quants_LBFD * keep.reshape([codec.num_levels, -1, 1, 1])).sum(0)
+    recon = codec.decode_latent(z + (zq - z).detach())  # straight-through to the encoder
+    mel_l1 = (recon - batch["mel"]).abs().mean()
+    q0 = z + (quants_LBFD[0] - z).detach()
+    ctc = _ctc_loss(codec.ctc_head(q0.transpose([0, 2, 1])).transpose([0, 2, 1]), batch)
+    total = mel_l1 + vq + codec.cfg.content_weight * ctc
+    return dict(loss=total, mel_l1=mel_l1, vq=vq, ctc=ctc)
+
+
+def _edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+@paddle.no_grad()
+def evaluate(codec: AudioCodec, data: _Batches, judge=None, batch_size: int = 64) -> dict:
+    """Held-out numbers: mel L1 (nats) per number of levels over each utterance's own frames (speech
+    and its 40 ms margins, not the padding), level-0 CTC character error rate, code perplexity per
+    level; with a judge, its accuracy on real and on reconstructed (Griffin-Lim) single words."""
+    codec.eval()
+    L = codec.num_levels
+    l1_sum, frames, errors, chars = np.zeros(L), 0.0, 0, 0
+    codes_all = []
+    for s in range(0, len(data), batch_size):
+        b = data.get(np.arange(s, min(s + batch_size, len(data))))
+        z = codec.encode_latent(b["mel"])
+        codes, quants, _ = codec.quantise(z, b["frame_mask"])
+        mask = b["mel_mask"]
+        for n in range(1, L + 1):
+            recon = codec.decode_latent(quants[:n].sum(0)).clip(min=math.log(M.LOG_FLOOR))
+            l1_sum[n - 1] += float(((recon - b["mel"]).abs().mean(-1) * mask).sum())
+        frames += float(mask.sum())
+        best = codec.ctc_head(quants[0].transpose([0, 2, 1])).argmax(1).numpy()
+        for j, i in enumerate(range(s, s + len(best))):
+            truth = "".join(CHARS[c - 1] for c in data.labels[i])
+            errors += _edit_distance(ctc_greedy(best[j, :b["frames"][j]]), truth)
+            chars += len(truth)
+        codes_all.append(codes.numpy().reshape(-1, L)[b["frame_mask"].numpy().reshape(-1) > 0])
+    codes_all = np.concatenate(codes_all)
+    out = {f"mel_l1_levels_{n}": l1_sum[n - 1] / frames for n in range(1, L + 1)}
+    out["mel_l1"] = out[f"mel_l1_levels_{L}"]
+    out["level0_cer"] = errors / max(1, chars)
+    usage = [np.bincount(codes_all[:, l], minlength=codec.codebook_size) / len(codes_all) for l in range(L)]
+    out["code_perplexity_mean"] = float(np.mean([np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())
+                                                 for p in usage]))
+    if judge is not None:
+        words = data.speech.words_only()
+        padded, _ = words.padded(codec.frames_for(int(words.lengths.max())) * codec.samples_per_frame)
+        out["judge_acc_real"] = judge.score(words.waves, words.word_ids)
+        out["judge_acc_codec"] = judge.score(codec.decode(codec.encode(padded)), words.word_ids)
+        out["judge_chance"] = 1.0 / len(WORDS)
+    return out
+
+
+def fit_codec(cfg: AudioCodecConfig, tc: TrainConfig, train_set, eval_set,
+              judge=None) -> tuple[AudioCodec, dict]:
+    """Train a codec on `train_set` (every utterance: words and phrases); metrics on `eval_set`."""
+    from tqdm import tqdm
+
+    paddle.seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+    codec = AudioCodec(cfg)
+    train, held = _Batches(codec, train_set, cfg.max_seconds), _Batches(codec, eval_set, cfg.max_seconds)
+    start = time.time()
+    first = train.get(rng.choice(len(train), min(len(train), 64), replace=False))
+    z = codec.encode_latent(first["mel"]).detach().reshape([-1, cfg.code_dim])
+    codec.rvq.init_kmeans(paddle.gather(z, paddle.nonzero(first["frame_mask"].reshape([-1])).flatten()),
+                          seed=tc.seed)
+    params = [p for p in codec.parameters() if not p.stop_gradient]  # ema codebooks are not trained
+    opt = paddle.optimizer.AdamW(learning_rate=tc.lr, parameters=params, weight_decay=tc.weight_decay,
+                                 beta1=tc.beta1, beta2=tc.beta2, epsilon=tc.eps,
+                                 grad_clip=nn.ClipGradByGlobalNorm(tc.clip_norm) if tc.clip_norm else None)
+    ema = {}
+    codec.train()
+    bar = tqdm(range(tc.max_steps), desc="audio codec", disable=not tc.progress, dynamic_ncols=True)
+    for step in bar:
+        batch = train.get(rng.integers(0, len(train), tc.batch_size))
+        drop = rng.random(tc.batch_size) < cfg.quantizer_dropout
+        levels = np.where(drop, rng.integers(1, cfg.levels + 1, tc.batch_size), cfg.levels)
+        losses = codec_losses(codec, batch, levels)
+        losses["loss"].backward()
+        opt.set_lr(learning_rate(step, tc))
+        opt.step()
+        opt.clear_grad()
+        for k, v in losses.items():
+            ema[k] = float(v) if k not in ema else 0.95 * ema[k] + 0.05 * float(v)
+        bar.set_postfix(mel=f"{ema['mel_l1']:.3f}", ctc=f"{ema['ctc']:.2f}", vq=f"{ema['vq']:.3f}")
+    train_seconds = time.time() - start
+    metrics = dict(train_seconds=train_seconds, train_mel_l1=ema.get("mel_l1"), train_ctc=ema.get("ctc"))
+    metrics.update(evaluate(codec, held, judge))
+    return codec, metrics
+
+
+def train_from_config(cfg) -> dict:
+    """`ernie5 train recipes/audio_codec.yaml`: train on the training voices, save the codec to
+    train.run_dir (codec.safetensors, codec.json, metrics.json), report held-out-voice metrics."""
+    from ..config import save_config
+    from ..data.speech import load_speech
+
+    ac = cfg.audio_codec
+    judge = None
+    if ac.judge:
+        from ..eval.speech_judge import SpeechJudge
+
+        try:
+            judge = SpeechJudge.load(ac.judge)
+        except FileNotFoundError as e:  # the judge is an extra report; the codec trains without it
+            print(f"warning: {e}; the judge's accuracy on reconstructions is not reported", file=sys.stderr)
+    train_set, eval_set = load_speech(cfg.data.cache_dir)
+    codec, metrics = fit_codec(ac, cfg.train, train_set, eval_set, judge)
+    codec.save(cfg.train.run_dir)
+    save_config(cfg, os.path.join(cfg.train.run_dir, "config.yaml"))
+    _write_json(os.path.join(cfg.train.run_dir, "metrics.json"), metrics)
+    return metrics
