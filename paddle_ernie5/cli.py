@@ -88,8 +88,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import json
-
     _set_threads(0)
     from .eval.runner import evaluate_run
 

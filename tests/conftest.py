@@ -2,10 +2,9 @@ import os
 import warnings
 
 import pytest
+from support import RECIPES
 
 warnings.filterwarnings("ignore", message=".*ccache.*")
-
-from support import RECIPES, ROOT  # noqa: F401  (re-exported for older imports)
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,6 @@ def main() -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    import numpy as np
     import paddle
 
     from paddle_ernie5.config import MoEConfig
@@ -81,7 +80,7 @@ def main() -> int:
         impls.append(("MoE naive per-expert loop", moe.forward_reference))
     rows = [(name, timed(fwd(fn)), timed(fwd_bwd(fn))) for name, fn in impls]
     flops = 3 * 2 * args.tokens * args.hidden * args.top_k * args.expert_hidden  # forward
-    base_f, base_fb = rows[1][1], rows[1][2]
+    base_fb = rows[1][2]
     print(f"tokens={args.tokens} hidden={args.hidden} experts={args.experts} top_k={args.top_k} "
           f"expert_hidden={args.expert_hidden} threads={os.environ['OMP_NUM_THREADS']} "
           f"paddle={paddle.__version__} max/mean expert load={max_mean:.2f}")

@@ -4,7 +4,7 @@
 //     for key tile t = c, c + NC, ...                 (round robin: balanced under causal masks)
 //       for each query head of the GQA group, each query tile not kSkip:
 //         P^T  = 2^(S^T - lse log2 e)     dV   += P^T dO
-//         dP^T = V dO^T                    dS^T  = P^T (dP^T - rowsum(dO * O))
+//         dP^T = V dO^T                    dS^T  = P^T (dP^T - rowsum(dO * O) + d lse)
 //         dK  += dS^T Q scale              dQ_c += dS K scale
 //     dK, dV of tile t are complete: written once.
 //   dQ = sum_c dQ_c in the fixed order c = 0..NC-1.
@@ -13,6 +13,7 @@
 // count or timing.
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "flashmask_kernel.h"
 #include "pack.h"
@@ -40,7 +41,7 @@ void probabilities(float* sT, const float* lse2) {
     }
 }
 
-// dS^T = P^T (dP^T - delta), written over dP^T.
+// dS^T = P^T (dP^T - delta), written over dP^T; delta = rowsum(dO * O) - d lse.
 void score_grad(const float* pT, float* dpT, const float* delta) {
   f16v dl[kVecs];
   for (int v = 0; v < kVecs; ++v) dl[v] = load(delta + v * kLanes);
@@ -54,8 +55,8 @@ void score_grad(const float* pT, float* dpT, const float* delta) {
 }  // namespace
 
 void backward(const Shape& s, const float* q, const float* k, const float* v, const int32_t* idx,
-              const float* out, const float* lse, const float* dout, float* dq, float* dk,
-              float* dv) {
+              const float* out, const float* lse, const float* dout, const float* dlse,
+              float* dq, float* dk, float* dv) {
   const ColumnMask mask(s, idx);
   const int64_t nqt = s.nqt(), nkt = s.nkt(), D = s.D, Dp = s.Dp();
   const int64_t Sqp = s.Sqp(), BH = s.B * s.H, G = s.group();
@@ -63,6 +64,9 @@ void backward(const Shape& s, const float* q, const float* k, const float* v, co
   const float qscale = s.scale * kLog2e;
 
   const RowTiles keys(k, s.B, s.Sk, s.Hk, D, s.threads), values(v, s.B, s.Sk, s.Hk, D, s.threads);
+  // A loss that does not use `out` gives no d out: it is zero.
+  std::vector<float> zeros(dout == nullptr ? s.B * s.Sq * s.H * D : 0, 0.0f);
+  if (dout == nullptr) dout = zeros.data();
   const RowTiles queries(q, s.B, s.Sq, s.H, D, s.threads), grads(dout, s.B, s.Sq, s.H, D, s.threads);
   Buffer qT(BH * nqt * D * kTile), doT(BH * nqt * D * kTile);
   Buffer lse2(BH * Sqp), delta(BH * Sqp), dq_parts(NC * BH * Sqp * Dp);
@@ -78,6 +82,7 @@ void backward(const Shape& s, const float* q, const float* k, const float* v, co
         const float* o = out + ((b * s.Sq + i) * s.H + h) * D;
         const float* g = dout + ((b * s.Sq + i) * s.H + h) * D;
         for (int64_t d = 0; d < D; ++d) acc += o[d] * g[d];
+        if (dlse != nullptr) acc -= dlse[bh * s.Sq + i];  // d lse_i / d S_ij = P_ij
         L = lse[bh * s.Sq + i] * kLog2e;
       }
       delta.data()[bh * Sqp + i] = acc;

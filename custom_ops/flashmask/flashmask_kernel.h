@@ -14,10 +14,10 @@ namespace flashmask {
 void forward(const Shape& s, const float* q, const float* k, const float* v, const int32_t* idx,
              float* out, float* lse);
 
-// Gradients of `out` only (the lse output is treated as a non-differentiable statistic).
+// Gradients from d out and d lse; either may be null (that output is not used by the loss).
 // Deterministic: the summation order depends on the shapes only, never on thread timing.
 void backward(const Shape& s, const float* q, const float* k, const float* v, const int32_t* idx,
-              const float* out, const float* lse, const float* dout, float* dq, float* dk,
-              float* dv);
+              const float* out, const float* lse, const float* dout, const float* dlse,
+              float* dq, float* dk, float* dv);
 
 }  // namespace flashmask

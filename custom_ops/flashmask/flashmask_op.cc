@@ -1,7 +1,7 @@
 // Paddle custom-op registration of the CPU FlashMask kernels.
 //
 //   flashmask_cpu(q, k, v, idx; causal, softmax_scale) -> (out, lse)
-//   flashmask_cpu_grad(q, k, v, idx, out, lse, d out)  -> (d q, d k, d v)
+//   flashmask_cpu_grad(q, k, v, idx, out, lse, d out, d lse) -> (d q, d k, d v)
 // The Python seam (paddle_ernie5/ops/flashmask.py) validates arguments and fills a default idx;
 // the checks here guard direct calls. Threads: OMP_NUM_THREADS, the variable Paddle's own CPU
 // kernels follow (Paddle sets it to 1 at import when it is unset).
@@ -44,6 +44,14 @@ flashmask::Shape make_shape(const paddle::Tensor& q, const paddle::Tensor& k,
   return s;
 }
 
+// The gradient of an output the loss does not use arrives uninitialised: treat it as zero.
+const float* optional_data(const paddle::Tensor& grad, const std::vector<int64_t>& shape) {
+  if (!grad.initialized()) return nullptr;
+  PD_CHECK(grad.shape() == shape && grad.dtype() == paddle::DataType::FLOAT32,
+           "flashmask_cpu_grad: unexpected gradient shape or dtype");
+  return grad.data<float>();
+}
+
 std::vector<paddle::Tensor> FlashMaskForward(const paddle::Tensor& q, const paddle::Tensor& k,
                                              const paddle::Tensor& v, const paddle::Tensor& idx,
                                              bool causal, float softmax_scale) {
@@ -62,7 +70,8 @@ std::vector<paddle::Tensor> FlashMaskForward(const paddle::Tensor& q, const padd
 std::vector<paddle::Tensor> FlashMaskBackward(const paddle::Tensor& q, const paddle::Tensor& k,
                                               const paddle::Tensor& v, const paddle::Tensor& idx,
                                               const paddle::Tensor& out, const paddle::Tensor& lse,
-                                              const paddle::Tensor& dout, bool causal,
+                                              const paddle::Tensor& dout,
+                                              const paddle::Tensor& dlse, bool causal,
                                               float softmax_scale) {
   const flashmask::Shape s = make_shape(q, k, v, idx, causal, softmax_scale);
   auto dq = paddle::empty(q.shape(), paddle::DataType::FLOAT32, q.place());
@@ -71,7 +80,8 @@ std::vector<paddle::Tensor> FlashMaskBackward(const paddle::Tensor& q, const pad
   try {
     flashmask::backward(s, q.data<float>(), k.data<float>(), v.data<float>(),
                         idx.data<int32_t>(), out.data<float>(), lse.data<float>(),
-                        dout.data<float>(), dq.data<float>(), dk.data<float>(), dv.data<float>());
+                        optional_data(dout, q.shape()), optional_data(dlse, {s.B, s.H, s.Sq}),
+                        dq.data<float>(), dk.data<float>(), dv.data<float>());
   } catch (const std::exception& e) {
     PD_THROW("flashmask_cpu: ", e.what());
   }
@@ -94,7 +104,8 @@ std::vector<paddle::DataType> ForwardDtype(const paddle::DataType& q, const padd
 std::vector<std::vector<int64_t>> BackwardShape(
     const std::vector<int64_t>& q, const std::vector<int64_t>& k, const std::vector<int64_t>& v,
     const std::vector<int64_t>& idx, const std::vector<int64_t>& out,
-    const std::vector<int64_t>& lse, const std::vector<int64_t>& dout) {
+    const std::vector<int64_t>& lse, const std::vector<int64_t>& dout,
+    const std::vector<int64_t>& dlse) {
   return {q, k, v};
 }
 
@@ -109,7 +120,7 @@ PD_BUILD_OP(flashmask_cpu)
     .SetInferDtypeFn(PD_INFER_DTYPE(ForwardDtype));
 
 PD_BUILD_GRAD_OP(flashmask_cpu)
-    .Inputs({"Q", "K", "V", "Idx", "Out", "LSE", paddle::Grad("Out")})
+    .Inputs({"Q", "K", "V", "Idx", "Out", "LSE", paddle::Grad("Out"), paddle::Grad("LSE")})
     .Outputs({paddle::Grad("Q"), paddle::Grad("K"), paddle::Grad("V")})
     .Attrs({"causal: bool", "softmax_scale: float"})
     .SetKernelFn(PD_KERNEL(FlashMaskBackward))

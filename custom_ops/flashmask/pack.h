@@ -20,12 +20,13 @@ struct TileRef {
 class RowTiles {
  public:
   RowTiles(const float* x, int64_t B, int64_t S, int64_t heads, int64_t D, int threads)
-      : x_(x), S_(S), heads_(heads), D_(D), Dp_((D + kLanes - 1) / kLanes * kLanes),
-        nt_((S + kTile - 1) / kTile), in_place_(D % kLanes == 0) {
-    const int64_t copied = in_place_ ? (S % kTile ? 1 : 0) : nt_;  // tiles copied per (b, head)
+      : x_(x), S_(S), heads_(heads), D_(D), Dp_((D + kLanes - 1) / kLanes * kLanes) {
+    const int64_t nt = (S + kTile - 1) / kTile;
+    const bool in_place = D % kLanes == 0;
+    const int64_t copied = in_place ? (S % kTile ? 1 : 0) : nt;  // tiles copied per (b, head)
     if (copied == 0) return;
     copy_.reset(B * heads * copied * kTile * Dp_);
-    const int64_t first = nt_ - copied;
+    const int64_t first = nt - copied;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t bh = 0; bh < B * heads; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
@@ -48,8 +49,7 @@ class RowTiles {
 
  private:
   const float* x_;
-  int64_t S_, heads_, D_, Dp_, nt_;
-  bool in_place_;
+  int64_t S_, heads_, D_, Dp_;
   int64_t first_copied_ = 1 << 30, copied_ = 0;
   Buffer copy_;
 };

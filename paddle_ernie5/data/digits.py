@@ -37,13 +37,13 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..io import save_npz
 from .text import COLOURS, DIRECTIONS
 
 # RGB in [0, 1], in the order of COLOURS.
@@ -195,15 +195,7 @@ def _cached(cache_dir: str, params: dict, build) -> dict:
             warnings.warn(f"cached digits {path} is unreadable ({e}); rebuilding it", stacklevel=3)
             print(f"warning: cached digits {path} is unreadable; rebuilding it", file=sys.stderr)
     arrays = build()
-    os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp_digits_", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    save_npz(path, arrays)
     return arrays
 
 

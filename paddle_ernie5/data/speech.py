@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
+from ..io import save_npz
 
 SAMPLE_RATE = 16000
 ESPEAK_RATE = 22050  # what espeak-ng writes
@@ -203,13 +204,5 @@ def load_speech(cache_dir: str, spec: SpeechSpec = SpeechSpec()) -> tuple[Speech
             print(f"warning: cached speech set {path} is unreadable ({type(e).__name__}: {e}); "
                   "rebuilding it", file=sys.stderr)
     arrays = _build(spec)
-    os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp_speech_", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    save_npz(path, arrays)
     return _to_sets(arrays)

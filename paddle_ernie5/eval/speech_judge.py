@@ -27,9 +27,9 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
-from safetensors.numpy import load_file, save_file
 
 from ..config import SpeechJudgeConfig, TrainConfig
+from ..io import read_layer, save_layer
 from ..data import mel as M
 from ..data.speech import SAMPLE_RATE, WORDS
 from ..train.schedules import learning_rate
@@ -96,27 +96,18 @@ class SpeechJudge(nn.Layer):
     # --- persistence --------------------------------------------------------------------------
 
     def save(self, run_dir: str) -> None:
-        os.makedirs(run_dir, exist_ok=True)
-        state = {k: v.numpy() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(run_dir, WEIGHTS + ".tmp"))
-        os.replace(os.path.join(run_dir, WEIGHTS + ".tmp"), os.path.join(run_dir, WEIGHTS))
-        with open(os.path.join(run_dir, META + ".tmp"), "w") as f:
-            json.dump(dict(self.hparams, words=list(WORDS), sample_rate=SAMPLE_RATE), f, indent=1)
-        os.replace(os.path.join(run_dir, META + ".tmp"), os.path.join(run_dir, META))
+        save_layer(run_dir, self, dict(self.hparams, words=list(WORDS), sample_rate=SAMPLE_RATE),
+                   WEIGHTS, META)
 
     @classmethod
     def load(cls, path: str) -> "SpeechJudge":
         run_dir = os.path.dirname(path) if path.endswith(".safetensors") else path
-        meta_path, weights = os.path.join(run_dir, META), os.path.join(run_dir, WEIGHTS)
-        if not (os.path.isfile(meta_path) and os.path.isfile(weights)):
-            raise FileNotFoundError(f"no speech judge in {run_dir!r} (expected {META} and {WEIGHTS}); "
-                                    "train one with `ernie5 train recipes/speech_judge.yaml`")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta, state = read_layer(run_dir, "speech judge",
+                                 "train one with `ernie5 train recipes/speech_judge.yaml`", WEIGHTS, META)
         if tuple(meta["words"]) != WORDS or meta["sample_rate"] != SAMPLE_RATE:
             raise ValueError(f"speech judge in {run_dir!r} was trained for other words or sample rate")
         judge = cls(meta["channels"], meta["max_seconds"], meta["dropout"])
-        judge.set_state_dict({k: paddle.to_tensor(v) for k, v in load_file(weights).items()})
+        judge.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
         judge.eval()
         return judge
 

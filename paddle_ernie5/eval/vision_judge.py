@@ -43,6 +43,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..config import VisionJudgeConfig, from_dict, to_plain
+from ..io import read_layer, save_layer
 from ..data.digits import COLOURS, DIRECTIONS, SPEEDS
 
 FORMAT_VERSION = 1
@@ -125,30 +126,18 @@ class VisionJudge(nn.Layer):
         return out
 
     def save(self, path: str) -> None:
-        from safetensors.numpy import save_file
-
-        os.makedirs(path, exist_ok=True)
-        state = {k: np.ascontiguousarray(v.numpy()) for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(path, ".model.safetensors.tmp"))
-        os.replace(os.path.join(path, ".model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
-        with open(os.path.join(path, ".config.json.tmp"), "w", encoding="utf-8") as f:
-            json.dump({"format_version": FORMAT_VERSION, "config": to_plain(self.cfg)}, f, indent=1)
-        os.replace(os.path.join(path, ".config.json.tmp"), os.path.join(path, "config.json"))
+        save_layer(path, self, {"format_version": FORMAT_VERSION, "config": to_plain(self.cfg)})
 
     @classmethod
     def load(cls, path: str) -> "VisionJudge":
-        from safetensors.numpy import load_file
-
         if os.path.isdir(os.path.join(path, "judge")):
             path = os.path.join(path, "judge")
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            meta = json.load(f)
+        meta, state = read_layer(path, "vision judge", "train one with `ernie5 train recipes/vision_judge.yaml`")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: judge format {meta.get('format_version')} != {FORMAT_VERSION}")
         cfg = from_dict(VisionJudgeConfig, meta["config"], "vision_judge")
         cfg.validate("vision_judge")
         judge = cls(cfg)
-        state = load_file(os.path.join(path, "model.safetensors"))
         if set(state) != set(judge.state_dict()):
             raise ValueError(f"{path}: parameters do not match the config")
         judge.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})

@@ -26,7 +26,6 @@ from .heads import MTPModule, TextHead
 from .moe import RouterStats
 from .norm import RMSNorm
 from .rope import rope_cos_sin
-from .params import count_params  # noqa: F401  (re-exported)
 from .view import FULL_VIEW, ElasticView
 
 

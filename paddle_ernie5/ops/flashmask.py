@@ -213,10 +213,12 @@ def flashmask_attention(query, key, value, startend_row_indices=None, *, dropout
                         backend="auto"):
     """FlashMask attention with `paddle.nn.functional.flashmask_attention`'s signature.
 
-    Returns out, or (out, lse) with return_softmax_lse. On the "cpu" backend the gradient flows
-    through `out` only; lse is a statistic (as with Paddle's GPU kernel)."""
+    Returns out, or (out, lse) with return_softmax_lse; on the "cpu" backend both are
+    differentiable."""
     chosen = resolve_backend(backend, query)
     if chosen == "paddle":
+        if softmax_scale is not None and softmax_scale == query.shape[-1] ** -0.5:
+            softmax_scale = None  # the default; Paddle's FA2 path rejects an explicit scale
         return paddle.nn.functional.flashmask_attention(
             query, key, value, startend_row_indices, dropout=dropout, causal=causal,
             window_size=window_size, return_softmax_lse=return_softmax_lse,
@@ -241,7 +243,9 @@ def flashmask_attention(query, key, value, startend_row_indices=None, *, dropout
         startend_row_indices = window_indices(window_size, b, sq, key.shape[1], causal)
     check_inputs(query, key, value, startend_row_indices, causal)
     if query.place.is_gpu_place():
-        raise RuntimeError("flashmask_attention: backend 'cpu' needs CPU tensors, got "
-                           f"{query.place}")
+        raise RuntimeError(
+            f"flashmask_attention: backend {backend!r} got {query.dtype} tensors on {query.place}: "
+            "the 'cpu' op needs CPU tensors and Paddle's GPU kernel float16/bfloat16 ones; cast "
+            "to bfloat16 or use backend 'reference'")
     return _flashmask_cpu(query, key, value, startend_row_indices, causal, softmax_scale,
                           return_softmax_lse)

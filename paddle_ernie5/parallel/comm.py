@@ -91,7 +91,7 @@ def nccl_all_to_all(x_R, group):
 
 def all_gather_all_to_all(x_R, group):
     """The same exchange built from all_gather (every rank sees every block): for tests on gloo."""
-    r, me = group_size(group), group_rank(group)
+    me = group_rank(group)
     everyone = _all_gather_cat(x_R.unsqueeze(0), group)  # [src, dst, ...]
     return everyone[:, me]
 

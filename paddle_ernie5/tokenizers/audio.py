@@ -36,7 +36,6 @@ K codebook size, D code dimension, C channels, V characters (CTC blank = 0).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -46,9 +45,9 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
-from safetensors.numpy import load_file, save_file
 
 from ..config import AudioCodecConfig, TrainConfig
+from ..io import read_layer, save_layer, write_json
 from ..data import mel as M
 from ..data.speech import SAMPLE_RATE, WORDS
 from ..train.schedules import learning_rate
@@ -246,34 +245,20 @@ class AudioCodec(nn.Layer):
         return M.mel_to_wave(self.decode_mel(codes_BFL, levels), iters=self.cfg.griffin_lim_iters)
 
     def save(self, run_dir: str) -> None:
-        os.makedirs(run_dir, exist_ok=True)
         meta = dict(config=dataclasses.asdict(self.cfg), sample_rate=SAMPLE_RATE, n_mels=M.N_MELS, hop=M.HOP)
-        tmp = os.path.join(run_dir, WEIGHTS + ".tmp")
-        save_file({k: v.numpy() for k, v in self.state_dict().items()}, tmp)
-        os.replace(tmp, os.path.join(run_dir, WEIGHTS))
-        _write_json(os.path.join(run_dir, META), meta)
+        save_layer(run_dir, self, meta, WEIGHTS, META)
 
     @classmethod
     def load(cls, path: str) -> "AudioCodec":
         run_dir = os.path.dirname(path) if path.endswith(".safetensors") else path
-        meta_path, weights = os.path.join(run_dir, META), os.path.join(run_dir, WEIGHTS)
-        if not (os.path.isfile(meta_path) and os.path.isfile(weights)):
-            raise FileNotFoundError(f"no audio codec in {run_dir!r} (expected {META} and {WEIGHTS}); "
-                                    "train one with `ernie5 train recipes/audio_codec.yaml`")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta, state = read_layer(run_dir, "audio codec",
+                                 "train one with `ernie5 train recipes/audio_codec.yaml`", WEIGHTS, META)
         if (meta["sample_rate"], meta["n_mels"], meta["hop"]) != (SAMPLE_RATE, M.N_MELS, M.HOP):
             raise ValueError(f"audio codec in {run_dir!r} was trained on other mel features: {meta}")
         codec = cls(AudioCodecConfig(**meta["config"]))
-        codec.set_state_dict({k: paddle.to_tensor(v) for k, v in load_file(weights).items()})
+        codec.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
         codec.eval()
         return codec
-
-
-def _write_json(path: str, obj: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,5 +433,5 @@ def train_from_config(cfg) -> dict:
     codec, metrics = fit_codec(ac, cfg.train, train_set, eval_set, judge)
     codec.save(cfg.train.run_dir)
     save_config(cfg, os.path.join(cfg.train.run_dir, "config.yaml"))
-    _write_json(os.path.join(cfg.train.run_dir, "metrics.json"), metrics)
+    write_json(os.path.join(cfg.train.run_dir, "metrics.json"), metrics)
     return metrics

@@ -18,10 +18,11 @@ import io
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 import sentencepiece as spm
+
+from ..io import write_bytes
 
 MODALITY_SYMBOLS = ("<|boi|>", "<|eoi|>", "<|bov|>", "<|eov|>", "<|boa|>", "<|eoa|>", "<|im|>")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -71,7 +72,7 @@ class TextTokenizer:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf,
                                        vocab_size=vocab_size, **TRAINER_OPTIONS)
         proto = buf.getvalue()
-        _atomic_write(f"{path_prefix}.model", proto)
+        write_bytes(f"{path_prefix}.model", proto)
         return cls(proto)
 
     @classmethod
@@ -188,17 +189,3 @@ def get_text_tokenizer(cache_dir: str, vocab_size: int, seed: int = 0,
                   file=sys.stderr)
     os.makedirs(cache_dir, exist_ok=True)
     return TextTokenizer.train(train_docs, vocab_size, prefix)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".model")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise

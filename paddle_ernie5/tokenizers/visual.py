@@ -44,6 +44,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..config import VisualTokenizerConfig, from_dict, to_plain
+from ..io import read_layer, save_layer
 
 FORMAT_VERSION = 1
 
@@ -270,31 +271,20 @@ class VisualTokenizer(nn.Layer):
 
     def save(self, path: str) -> None:
         """path/model.safetensors + path/config.json, each written to a temporary name and renamed."""
-        from safetensors.numpy import save_file
-
-        os.makedirs(path, exist_ok=True)
-        state = {k: np.ascontiguousarray(v.numpy()) for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(path, ".model.safetensors.tmp"))
-        os.replace(os.path.join(path, ".model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
-        with open(os.path.join(path, ".config.json.tmp"), "w", encoding="utf-8") as f:
-            json.dump({"format_version": FORMAT_VERSION, "config": to_plain(self.cfg)}, f, indent=1)
-        os.replace(os.path.join(path, ".config.json.tmp"), os.path.join(path, "config.json"))
+        save_layer(path, self, {"format_version": FORMAT_VERSION, "config": to_plain(self.cfg)})
 
     @classmethod
     def load(cls, path: str) -> "VisualTokenizer":
         """From a directory written by `save`, or a visual_tokenizer run dir (its tokenizer/ folder)."""
-        from safetensors.numpy import load_file
-
         if os.path.isdir(os.path.join(path, "tokenizer")):
             path = os.path.join(path, "tokenizer")
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            meta = json.load(f)
+        meta, state = read_layer(path, "visual tokenizer",
+                                 "train one with `ernie5 train recipes/visual_tokenizer.yaml`")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: tokenizer format {meta.get('format_version')} != {FORMAT_VERSION}")
         cfg = from_dict(VisualTokenizerConfig, meta["config"], "visual_tokenizer")
         cfg.validate("visual_tokenizer")
         tok = cls(cfg)
-        state = load_file(os.path.join(path, "model.safetensors"))
         missing = set(tok.state_dict()) ^ set(state)
         if missing:
             raise ValueError(f"{path}: parameters do not match the config: {sorted(missing)[:5]}")

@@ -1,6 +1,8 @@
 """The op build is cached by a fingerprint of its sources and flags."""
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -30,3 +32,12 @@ def test_missing_build_names_the_build_command(tmp_path, monkeypatch):
     assert not build.is_up_to_date()
     with pytest.raises(RuntimeError, match="make ops"):
         build.load(auto_build=False)
+
+
+def test_importing_the_package_does_not_load_the_op():
+    code = ("import paddle_ernie5, paddle_ernie5.ops, paddle_ernie5.model.attention\n"
+            "from paddle_ernie5.ops import flashmask\n"
+            "print('loaded', flashmask._cpu_op.cache_info().currsize)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "loaded 0" in done.stdout

@@ -99,8 +99,6 @@ def trained(tmp_path_factory):
 
 def test_training_reduces_loss_on_a_fixed_batch():
     tok = _tok(seed=3)
-    from paddle_ernie5.data.digits import digit_images
-
     cfg = TrainConfig(max_steps=25, lr=3e-3, warmup_steps=0, weight_decay=0.0, schedule="cosine",
                       min_lr=3e-3)
     batch = np.random.default_rng(0).random((8, 3, 8, 8), dtype=np.float32) * 0.2 + 0.4

@@ -4,7 +4,7 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_ernie5.config import ElasticConfig, load_config
+from paddle_ernie5.config import load_config
 from paddle_ernie5.model.model import Ernie5Model
 from paddle_ernie5.model.view import evenly_spaced_layers
 from paddle_ernie5.train import checkpoint

@@ -1,0 +1,62 @@
+"""File helpers shared by every component that writes to disk. Every write is atomic: the data goes
+to a temporary file in the same folder, which is then renamed over the target, so a reader (or a
+crash) never sees half a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, BinaryIO, Callable
+
+import numpy as np
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_bytes(path, json.dumps(obj, indent=1).encode("utf-8"))
+
+
+def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def save_layer(directory: str, layer, meta: dict, weights: str = "model.safetensors",
+               meta_name: str = "config.json") -> None:
+    """A layer's state as safetensors plus its JSON description, both written atomically."""
+    from safetensors.numpy import save as save_bytes
+
+    state = {k: np.ascontiguousarray(v.numpy()) for k, v in layer.state_dict().items()}
+    write_bytes(os.path.join(directory, weights), save_bytes(state))
+    write_json(os.path.join(directory, meta_name), meta)
+
+
+def read_layer(directory: str, what: str, how_to_make: str, weights: str = "model.safetensors",
+               meta_name: str = "config.json") -> tuple[dict, dict[str, np.ndarray]]:
+    """(JSON description, numpy state) written by `save_layer`; a clear error when absent."""
+    from safetensors.numpy import load_file
+
+    meta_path, weights_path = os.path.join(directory, meta_name), os.path.join(directory, weights)
+    if not (os.path.isfile(meta_path) and os.path.isfile(weights_path)):
+        raise FileNotFoundError(f"no {what} in {directory!r} (expected {meta_name} and {weights}); "
+                                f"{how_to_make}")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    return meta, load_file(weights_path)
