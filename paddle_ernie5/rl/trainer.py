@@ -217,14 +217,11 @@ class RLTrainer:
                                optimizer_state(self.model, self.optimizer), meta, self.cfg.train.keep_last)
 
     def try_resume(self) -> bool:
-        if self.cfg.train.resume != "auto":
-            return False
-        found = checkpoint.latest_valid(self.ckpt_root, warn=self.log)
+        found = checkpoint.resumable(self.ckpt_root, self.cfg.train.resume, C.to_plain(self.cfg.model),
+                                     warn=self.log)
         if found is None:
             return False
         path, model_state, optim_state, meta = found
-        if meta.get("model_config") != C.to_plain(self.cfg.model):
-            raise checkpoint.CheckpointError(f"checkpoint {path} holds a different model config")
         self.model.set_state_dict({k: paddle.to_tensor(v) for k, v in model_state.items()})
         load_optimizer_state(self.model, self.optimizer, optim_state)
         self.stats.load_state_dict(meta["query_stats"])

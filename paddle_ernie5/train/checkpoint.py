@@ -156,3 +156,15 @@ def load_model_weights(path: str, warn=print) -> dict[str, np.ndarray]:
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{weights} cannot be parsed ({e}); re-export it") from None
     raise CheckpointError(f"{path} holds no model weights (no meta.json, checkpoints/ or model.safetensors)")
+
+
+def resumable(root: str, resume: str, model_config: dict, warn=print):
+    """The checkpoint a run should continue from: None when train.resume is not "auto" or there is
+    none; refuses one written for a different model config (a new run dir is needed then)."""
+    if resume != "auto":
+        return None
+    found = latest_valid(root, warn=warn)
+    if found is not None and found[3].get("model_config") != model_config:
+        raise CheckpointError(f"checkpoint {found[0]} was written with a different model config; set a "
+                              "new train.run_dir or train.resume=never to start over")
+    return found

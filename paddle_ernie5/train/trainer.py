@@ -104,16 +104,11 @@ class Trainer:
         return path
 
     def try_resume(self) -> bool:
-        if self.cfg.train.resume != "auto":
-            return False
-        found = checkpoint.latest_valid(self.ckpt_root, warn=self.log)
+        found = checkpoint.resumable(self.ckpt_root, self.cfg.train.resume, C.to_plain(self.cfg.model),
+                                     warn=self.log)
         if found is None:
             return False
         path, model_state, optim_state, meta = found
-        if meta.get("model_config") != C.to_plain(self.cfg.model):
-            raise checkpoint.CheckpointError(
-                f"checkpoint {path} was written with a different model config; set a new "
-                f"train.run_dir or train.resume=never to start over")
         self.par.load_states(self.model, self.optimizer, model_state, optim_state)
         self.loader.load_state_dict(meta["data"])
         self.elastic.load_state_dict(meta["elastic"])
