@@ -32,7 +32,7 @@ from ..config import SpeechJudgeConfig, TrainConfig
 from ..io import read_layer, save_layer
 from ..data import mel as M
 from ..data.speech import SAMPLE_RATE, WORDS
-from ..train.schedules import learning_rate
+from ..train.optim import apply_update
 
 WEIGHTS, META = "judge.safetensors", "judge.json"
 
@@ -168,9 +168,7 @@ def fit_judge(cfg: SpeechJudgeConfig, tc: TrainConfig, train_set, eval_set) -> t
             x = paddle.to_tensor(_augment(feats[idx], frames[idx], rng))
             loss = F.cross_entropy(judge(x), paddle.to_tensor(labels[idx]))
             loss.backward()
-            opt.set_lr(learning_rate(step, tc))
-            opt.step()
-            opt.clear_grad()
+            apply_update(judge, opt, step, tc)
             loss_ema = float(loss) if loss_ema is None else 0.95 * loss_ema + 0.05 * float(loss)
             bar.set_postfix(loss=f"{loss_ema:.3f}")
     judge.eval()

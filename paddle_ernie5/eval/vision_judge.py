@@ -171,22 +171,18 @@ def _targets(labels: dict) -> dict:
 
 def train_steps(judge: VisionJudge, opt, batches, cfg_train, max_steps: int, on_step=None) -> list[float]:
     """Cross-entropy summed over heads; `batches(step) -> list of (pixels, targets)`."""
-    from ..train.optim import clip_by_global_norm
-    from ..train.schedules import learning_rate
+    from ..train.optim import apply_update
 
     judge.train()
     losses = []
     for step in range(max_steps):
-        opt.set_lr(learning_rate(step, cfg_train))
         total = 0.0
         for pixels, targets in batches(step):
             logits = judge(pixels)
             for k, lg in logits.items():
                 total = total + F.cross_entropy(lg, paddle.to_tensor(targets[k]))
         total.backward()
-        clip_by_global_norm(judge.parameters(), cfg_train.clip_norm)
-        opt.step()
-        opt.clear_grad()
+        apply_update(judge, opt, step, cfg_train)
         losses.append(float(total))
         if on_step is not None:
             on_step(step, float(total))

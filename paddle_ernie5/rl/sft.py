@@ -19,8 +19,7 @@ from ..tokenizers.text import get_text_tokenizer
 from ..train import checkpoint
 from ..train.losses import IGNORE, token_cross_entropy
 from ..train.logging import RunLogger
-from ..train.optim import build_optimizer, clip_by_global_norm, optimizer_state
-from ..train.schedules import learning_rate
+from ..train.optim import apply_update, build_optimizer, optimizer_state
 from .evaluate import evaluate
 from .rollout import model_inputs, prompt_ids
 from .trainer import load_policy, task_problems
@@ -66,11 +65,7 @@ def train_from_config(cfg: C.Config, log=print) -> dict:
         cursor += tc.batch_size
         loss, _ = token_cross_entropy(model(inputs, with_mtp=False).logits, labels)
         loss.backward()
-        lr = learning_rate(step, tc)
-        optimizer.set_lr(lr)
-        norm = clip_by_global_norm(model.parameters(), tc.clip_norm)
-        optimizer.step()
-        optimizer.clear_grad(set_to_zero=False)
+        lr, norm = apply_update(model, optimizer, step, tc)
         if not math.isfinite(float(loss)):
             raise FloatingPointError(f"SFT loss is {float(loss)} at step {step}")
         if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps:

@@ -50,7 +50,7 @@ from ..config import AudioCodecConfig, TrainConfig
 from ..io import read_layer, save_layer, write_json
 from ..data import mel as M
 from ..data.speech import SAMPLE_RATE, WORDS
-from ..train.schedules import learning_rate
+from ..train.optim import apply_update
 
 WEIGHTS, META = "codec.safetensors", "codec.json"
 CHARS = " abcdefghijklmnopqrstuvwxyz'"  # CTC classes 1..; 0 is the blank
@@ -402,9 +402,7 @@ def fit_codec(cfg: AudioCodecConfig, tc: TrainConfig, train_set, eval_set,
         levels = np.where(drop, rng.integers(1, cfg.levels + 1, tc.batch_size), cfg.levels)
         losses = codec_losses(codec, batch, levels)
         losses["loss"].backward()
-        opt.set_lr(learning_rate(step, tc))
-        opt.step()
-        opt.clear_grad()
+        apply_update(codec, opt, step, tc)
         for k, v in losses.items():
             ema[k] = float(v) if k not in ema else 0.95 * ema[k] + 0.05 * float(v)
         bar.set_postfix(mel=f"{ema['mel_l1']:.3f}", ctc=f"{ema['ctc']:.2f}", vq=f"{ema['vq']:.3f}")

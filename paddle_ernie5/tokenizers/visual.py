@@ -332,13 +332,11 @@ def active_bits(cfg: VisualTokenizerConfig, step: int, max_steps: int) -> int:
 def train_steps(tok: VisualTokenizer, opt, batches, cfg_train, max_steps: int, start: int = 0,
                 on_step=None) -> list[float]:
     """Optimise on `batches(step) -> list of frame arrays`; returns the loss of every step."""
-    from ..train.optim import clip_by_global_norm
-    from ..train.schedules import learning_rate
+    from ..train.optim import apply_update
 
     losses = []
     tok.train()
     for step in range(start, max_steps):
-        opt.set_lr(learning_rate(step, cfg_train))
         bits = active_bits(tok.cfg, step, cfg_train.max_steps)
         total, rec_sum = 0.0, 0.0
         for frames in batches(step):
@@ -348,9 +346,7 @@ def train_steps(tok: VisualTokenizer, opt, batches, cfg_train, max_steps: int, s
             total = total + rec + vq
             rec_sum += float(rec)
         total.backward()
-        clip_by_global_norm(tok.parameters(), cfg_train.clip_norm)
-        opt.step()
-        opt.clear_grad()
+        apply_update(tok, opt, step, cfg_train)
         losses.append(float(total))
         if on_step is not None:
             on_step(step, float(total), rec_sum, bits)

@@ -46,6 +46,19 @@ def clip_by_global_norm(params, max_norm: float) -> float:
     return norm
 
 
+def apply_update(model, optimizer, step: int, cfg: TrainConfig) -> tuple[float, float]:
+    """One update after backward: the scheduled learning rate, global-norm clipping (train.clip_norm),
+    the optimizer step, gradients cleared. Returns (lr, gradient norm before clipping)."""
+    from .schedules import learning_rate
+
+    lr = learning_rate(step, cfg)
+    optimizer.set_lr(lr)
+    norm = clip_by_global_norm(model.parameters(), cfg.clip_norm)
+    optimizer.step()
+    optimizer.clear_grad(set_to_zero=False)
+    return lr, norm
+
+
 def optimizer_state(model, opt) -> dict[str, np.ndarray]:
     """Optimizer tensors keyed by structured parameter name."""
     by_name = {p.name: n for n, p in model.named_parameters()}
