@@ -122,7 +122,9 @@ def _exp(x: float) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ernie5", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="ernie5", description="Train, evaluate, export and size paddle_ernie5 models. "
+        "Recipes are YAML files under recipes/; append section.key=value to override any field.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (("train", cmd_train, "train a recipe"),
                             ("config", cmd_config, "print a recipe's resolved config and size"),
