@@ -168,7 +168,7 @@ def test_bad_audio_settings_raise_one_clear_error(override, needle):
 
     from paddle_ernie5 import config as C
 
-    from conftest import RECIPES
+    from support import RECIPES
 
     with pytest.raises(C.ConfigError) as e:
         C.load_config(os.path.join(RECIPES, "audio_codec.yaml"), [override])

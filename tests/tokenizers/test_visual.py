@@ -169,7 +169,7 @@ def test_train_from_config_writes_tokenizer_and_reports_psnr(tmp_path, data_cach
 def test_bad_vision_config_values_raise_one_clear_error(override, needle):
     from paddle_ernie5.config import ConfigError, load_config
 
-    from conftest import RECIPES
+    from support import RECIPES
 
     with pytest.raises(ConfigError) as e:
         load_config(os.path.join(RECIPES, "visual_tokenizer.yaml"), [override])
