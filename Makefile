@@ -29,7 +29,7 @@ espeak:
 	  echo "make espeak: espeak-ng is missing; install it with: sudo apt-get install -y espeak-ng" >&2; \
 	  exit 1; }
 
-train: ops espeak
+train: ops
 	$(VENV)/bin/ernie5 train recipes/pretrain_tiny.yaml --eval
 
 # pytest exits 5 when it collects no test: that is a failure here, not a pass.
