@@ -43,13 +43,7 @@ from .verifiers import split_problems
 def load_policy(cfg: C.Config, log=print) -> Ernie5Model:
     model = Ernie5Model(cfg.model)
     if cfg.train.init_from:
-        state = checkpoint.load_model_weights(cfg.train.init_from, warn=log)
-        own = model.state_dict()
-        bad = (set(own) ^ set(state)) | {k for k in own if k in state and tuple(own[k].shape) != state[k].shape}
-        if bad:
-            raise checkpoint.CheckpointError(f"train.init_from={cfg.train.init_from} does not match the "
-                                             f"model config (differing keys: {sorted(bad)[:5]})")
-        model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
+        checkpoint.init_weights(model, cfg.train.init_from, warn=log)
         log(f"initialised policy from {cfg.train.init_from}")
     return model
 

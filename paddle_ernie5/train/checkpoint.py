@@ -168,3 +168,20 @@ def resumable(root: str, resume: str, model_config: dict, warn=print):
         raise CheckpointError(f"checkpoint {found[0]} was written with a different model config; set a "
                               "new train.run_dir or train.resume=never to start over")
     return found
+
+
+def init_weights(model, path: str, warn=print, local=lambda state: state) -> None:
+    """`train.init_from`: load model weights from `path` into `model` (optimizer and data start fresh).
+    `local` maps the full state to this process's share (expert parallelism)."""
+    try:
+        state = local(load_model_weights(path, warn=warn))
+    except CheckpointError as e:
+        raise CheckpointError(f"train.init_from: {e}; train that model first or fix the path") from None
+    own = model.state_dict()
+    bad = (set(own) ^ set(state)) | {k for k in own if k in state and tuple(own[k].shape) != state[k].shape}
+    if bad:
+        raise CheckpointError(f"train.init_from={path} does not match the model config (differing keys: "
+                              f"{sorted(bad)[:5]}); its config.yaml lists the model it holds")
+    import paddle
+
+    model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})

@@ -118,19 +118,7 @@ class Trainer:
         return True
 
     def init_weights(self, path: str) -> None:
-        try:
-            state = self.par.local_state(checkpoint.load_model_weights(path, warn=self.log))
-        except checkpoint.CheckpointError as e:
-            raise checkpoint.CheckpointError(f"train.init_from: {e}; train that model first or fix "
-                                             "the path") from None
-        own = self.model.state_dict()
-        missing = (set(own) ^ set(state)) | {k for k in own if k in state
-                                             and tuple(own[k].shape) != state[k].shape}
-        if missing:
-            raise checkpoint.CheckpointError(
-                f"train.init_from={path} does not match model config (differing keys: "
-                f"{sorted(missing)[:5]}); its config.yaml lists the model it holds")
-        self.model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
+        checkpoint.init_weights(self.model, path, warn=self.log, local=self.par.local_state)
         self.log(f"initialised model weights from {path}")
 
     # ------------------------------------------------------------------ steps
