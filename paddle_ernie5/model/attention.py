@@ -23,7 +23,7 @@ class Attention(nn.Layer):
         self.qkv = nn.Linear(hidden_size, (h + 2 * k) * d, weight_attr=init, bias_attr=False)
         self.out = nn.Linear(h * d, hidden_size, weight_attr=init, bias_attr=False)
 
-    def forward(self, x_BSM, cos, sin, startend_row_indices, cache=None):
+    def forward(self, x_BSM, cos, sin, startend_row_indices, cache=None, causal: bool = True):
         """`cache`: a `LayerCache` during incremental decoding (keys/values of earlier positions are
         read from it and the new ones appended); the causal mask is then bottom-right aligned."""
         b, s, _ = x_BSM.shape
@@ -34,6 +34,6 @@ class Attention(nn.Layer):
         k_BSKD = apply_rope(k_BSKD, cos, sin)
         if cache is not None:
             k_BSKD, v_BSKD = cache.append(k_BSKD, v_BSKD)
-        o_BSHD = flashmask_attention(q_BSHD, k_BSKD, v_BSKD, startend_row_indices, causal=True,
+        o_BSHD = flashmask_attention(q_BSHD, k_BSKD, v_BSKD, startend_row_indices, causal=causal,
                                      softmax_scale=d ** -0.5, backend=self.cfg.backend)
         return self.out(o_BSHD.reshape([b, s, h * d]))

@@ -26,8 +26,9 @@ class Block(nn.Layer):
         self.ffn = (MoE(cfg.hidden_size, moe, cfg.init_std) if use_moe
                     else SwiGLU(cfg.hidden_size, moe.dense_width(), cfg.init_std))
 
-    def forward(self, x, cos, sin, startend_row_indices, view=FULL_VIEW, cache=None, replay_ids=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, startend_row_indices, cache)
+    def forward(self, x, cos, sin, startend_row_indices, view=FULL_VIEW, cache=None, replay_ids=None,
+                causal: bool = True):
+        x = x + self.attn(self.attn_norm(x), cos, sin, startend_row_indices, cache, causal)
         if isinstance(self.ffn, MoE):
             y, stats = self.ffn(self.ffn_norm(x), view, replay_ids)
             return x + y, stats

@@ -45,7 +45,7 @@ class MTPModule(nn.Layer):
         self.block = Block(cfg, use_moe=False)
         self.out_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
 
-    def forward(self, h_BSM, next_embed_BSM, cos, sin, startend_row_indices):
+    def forward(self, h_BSM, next_embed_BSM, cos, sin, startend_row_indices, causal: bool = True):
         x = self.merge(paddle.concat([self.hidden_norm(h_BSM), self.embed_norm(next_embed_BSM)], -1))
-        x, _ = self.block(x, cos, sin, startend_row_indices)
+        x, _ = self.block(x, cos, sin, startend_row_indices, causal=causal)
         return self.out_norm(x)

@@ -6,7 +6,9 @@ Legend: B batch, S sequence, M width, V text vocabulary.
                                                     └─ MTP module ─ text head ─> mtp_logits_BSV
 
 Inputs (dict of tensors): input_ids [B,S] int64, token_types [B,S] int64, positions [B,3,S] int64
-(Uni-RoPE t, h, w), startend_row_indices [B,1,S,C] int32 (FlashMask). Outputs: `ModelOutput` with
+(Uni-RoPE t, h, w), startend_row_indices [B,1,S,C] int32 (FlashMask) and optionally mask_causal (bool,
+default True; False for layouts with bidirectional blocks, e.g. [LTS, UTE] from
+data/multimodal.py). Outputs: `ModelOutput` with
 logits and one `RouterStats` per MoE layer that ran. `router_replay` (RL): layer index -> expert ids
 [B,S,K] recorded during rollout; those layers use them instead of choosing (model/router.py).
 """
@@ -54,13 +56,15 @@ class Ernie5Model(nn.Layer):
         att = self.cfg.attention
         cos, sin = rope_cos_sin(batch["positions"], att.head_dim, att.rope_base, att.rope_sections)
         mask = batch.get("startend_row_indices")
+        causal = batch.get("mask_causal", True)
         x = self.embed(batch)
         stats = {}
         layers = range(len(self.blocks)) if view.layers is None else view.layers
         for i in layers:
             x, layer_stats = self.blocks[i](x, cos, sin, mask, view.for_layer(i),
                                             None if cache is None else cache.layer(i),
-                                            None if router_replay is None else router_replay.get(i))
+                                            None if router_replay is None else router_replay.get(i),
+                                            causal)
             if layer_stats is not None:
                 stats[i] = layer_stats
         h = self.norm(x)
@@ -69,7 +73,7 @@ class Ernie5Model(nn.Layer):
         if with_mtp and self.mtp is not None:
             next_ids = paddle.concat([batch["input_ids"][:, 1:], batch["input_ids"][:, -1:]], axis=1)
             next_embed = self.embed.text_table()(next_ids)
-            mtp_logits = self.text_head(self.mtp(x, next_embed, cos, sin, mask))
+            mtp_logits = self.text_head(self.mtp(x, next_embed, cos, sin, mask, causal))
         return ModelOutput(logits, mtp_logits, h, stats)
 
     def num_params(self) -> int:

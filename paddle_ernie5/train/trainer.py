@@ -46,6 +46,7 @@ def to_model_batch(np_batch: dict) -> dict:
         "token_types": paddle.to_tensor(np_batch["token_types"], dtype="int64"),
         "positions": paddle.to_tensor(np.ascontiguousarray(pos), dtype="int64"),
         "startend_row_indices": paddle.to_tensor(np_batch["startend_row_indices"], dtype="int32"),
+        "mask_causal": bool(np_batch.get("mask_causal", True)),
     }
 
 
