@@ -33,9 +33,7 @@ Inputs of another size are resized (bilinear) to the judge's image_size.
 
 from __future__ import annotations
 
-import json
 import os
-import time
 
 import numpy as np
 import paddle
@@ -192,56 +190,34 @@ def train_steps(judge: VisionJudge, opt, batches, cfg_train, max_steps: int, on_
 
 def train_from_config(cfg) -> dict:
     """Train on real train-split digits, save to <run_dir>/judge, report held-out accuracy per head."""
-    from tqdm import tqdm
-
-    from ..config import save_config
     from ..data.digits import digit_images, digit_videos
-    from ..train.logging import RunLogger
+    from ..train.component import ComponentRun
     from ..train.optim import build_optimizer
 
     jc, tr = cfg.vision_judge, cfg.train
-    paddle.seed(tr.seed)
-    rng = np.random.default_rng(tr.seed)
+    run = ComponentRun(cfg, "vision judge")
     data = dict(size=jc.image_size, cache_dir=cfg.data.cache_dir)
     images = digit_images("train", copies=jc.image_copies, **data)
     videos = digit_videos("train", frames=jc.frames, **data)
     img_t, vid_t = _targets(images.labels), _targets(videos.labels)
     judge = VisionJudge(jc)
     opt = build_optimizer(judge, tr)
-    os.makedirs(tr.run_dir, exist_ok=True)
-    save_config(cfg, os.path.join(tr.run_dir, "config.yaml"))
-    log = RunLogger(tr.run_dir, visualdl=tr.visualdl)
 
     def batches(step):
-        i = rng.integers(len(images), size=tr.batch_size)
+        i = run.rng.integers(len(images), size=tr.batch_size)
         out = [(images.pixels[i], {k: v[i] for k, v in img_t.items()})]
         if jc.video_every and step % jc.video_every == 0:
-            j = rng.integers(len(videos), size=jc.video_batch_size)
+            j = run.rng.integers(len(videos), size=jc.video_batch_size)
             out.append((videos.pixels[j], {k: v[j] for k, v in vid_t.items()}))
         return out
 
-    bar = tqdm(total=tr.max_steps, desc="vision judge", unit="step", disable=not tr.progress,
-               dynamic_ncols=True)
-
-    def on_step(step, loss):
-        bar.update(1)
-        if step % tr.log_every == 0 or step == tr.max_steps - 1:
-            bar.set_postfix(loss=f"{loss:.3f}")
-            log.scalars(step, {"train/loss": loss})
-
-    t0 = time.time()
-    train_steps(judge, opt, batches, tr, tr.max_steps, on_step=on_step)
-    bar.close()
-    seconds = time.time() - t0
-    judge.save(os.path.join(tr.run_dir, "judge"))
+    train_steps(judge, opt, batches, tr, tr.max_steps,
+                on_step=lambda step, loss: run.step(step, {"train/loss": loss}, loss=f"{loss:.3f}"))
+    seconds = run.training_done()
+    judge.save(run.path("judge"))
     metrics = evaluate(judge, cfg.data.cache_dir)
-    metrics["train_seconds"] = round(seconds, 1)
-    log.scalars(tr.max_steps, {f"eval/{k}": v for k, v in metrics.items()})
-    log.close()
-    with open(os.path.join(tr.run_dir, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=1)
-    return metrics
-
+    metrics["train_seconds"] = seconds
+    return run.finish(metrics)
 
 def evaluate(judge: VisionJudge, cache_dir: str) -> dict:
     """Held-out accuracy per head on real images and videos, with chance level beside each."""

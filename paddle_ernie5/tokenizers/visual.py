@@ -33,10 +33,8 @@ API (the backbone builds on these):
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
 
 import numpy as np
 import paddle
@@ -355,55 +353,35 @@ def train_steps(tok: VisualTokenizer, opt, batches, cfg_train, max_steps: int, s
 
 def train_from_config(cfg) -> dict:
     """Train on the built-in digits, save to <run_dir>/tokenizer, report held-out PSNR."""
-    from tqdm import tqdm
-
-    from ..config import save_config
     from ..data.digits import digit_images, digit_videos
-    from ..train.logging import RunLogger
+    from ..train.component import ComponentRun
     from ..train.optim import build_optimizer
 
     vt, tr = cfg.visual_tokenizer, cfg.train
-    paddle.seed(tr.seed)
-    rng = np.random.default_rng(tr.seed)
+    run = ComponentRun(cfg, "visual tokenizer")
     data = dict(size=vt.image_size, cache_dir=cfg.data.cache_dir)
     images = digit_images("train", copies=vt.image_copies, **data)
     videos = digit_videos("train", frames=vt.frames, **data)
     tok = VisualTokenizer(vt)
     opt = build_optimizer(tok, tr)
-    os.makedirs(tr.run_dir, exist_ok=True)
-    save_config(cfg, os.path.join(tr.run_dir, "config.yaml"))
-    log = RunLogger(tr.run_dir, visualdl=tr.visualdl)
 
     def batches(step):
-        out = [images.pixels[rng.integers(len(images), size=tr.batch_size)]]
+        out = [images.pixels[run.rng.integers(len(images), size=tr.batch_size)]]
         if vt.video_every and step % vt.video_every == 0:
-            out.append(videos.pixels[rng.integers(len(videos), size=vt.video_batch_size)])
+            out.append(videos.pixels[run.rng.integers(len(videos), size=vt.video_batch_size)])
         return out
 
-    bar = tqdm(total=tr.max_steps, desc="visual tokenizer", unit="step", disable=not tr.progress,
-               dynamic_ncols=True)
-
     def on_step(step, loss, rec, bits):
-        bar.update(1)
-        if step % tr.log_every == 0 or step == tr.max_steps - 1:
-            bar.set_postfix(loss=f"{loss:.4f}", bits=bits)
-            log.scalars(step, {"train/loss": loss, "train/recon_mse": rec, "train/bits": bits})
+        run.step(step, {"train/loss": loss, "train/recon_mse": rec, "train/bits": bits},
+                 loss=f"{loss:.4f}", bits=bits)
 
-    t0 = time.time()
     train_steps(tok, opt, batches, tr, tr.max_steps, on_step=on_step)
-    bar.close()
-    seconds = time.time() - t0
+    seconds = run.training_done()
     tok.eval()
-    tok.save(os.path.join(tr.run_dir, "tokenizer"))
+    tok.save(run.path("tokenizer"))
     metrics = evaluate(tok, cfg)
-    metrics.update(train_seconds=round(seconds, 1), vocab_size=tok.vocab_size,
-                   tokens_per_frame=tok.tokens_per_frame)
-    log.scalars(tr.max_steps, {f"eval/{k}": v for k, v in metrics.items()})
-    log.close()
-    with open(os.path.join(tr.run_dir, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=1)
-    return metrics
-
+    metrics.update(train_seconds=seconds, vocab_size=tok.vocab_size, tokens_per_frame=tok.tokens_per_frame)
+    return run.finish(metrics)
 
 def evaluate(tok: VisualTokenizer, cfg) -> dict:
     """Held-out PSNR for images, videos and each prefix of scales; judge accuracy if configured."""
