@@ -33,6 +33,13 @@ class DispatchMeta:
     has_sentinel: bool = True
 
 
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Rows each expert keeps under a capacity factor: ceil(factor * T * K / E); 0 = dropless."""
+    if capacity_factor <= 0:
+        return 0
+    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
 def group_by_expert(topk_ids_TK: np.ndarray, num_experts: int, capacity_factor: float = 0.0):
     """Host-side grouping. Returns (slot_N, source_token_EC, counts_E, capacity).
 
@@ -45,10 +52,8 @@ def group_by_expert(topk_ids_TK: np.ndarray, num_experts: int, capacity_factor: 
     starts_E = np.cumsum(counts_E) - counts_E
     rank_N = np.empty_like(ids_N)
     rank_N[order] = np.arange(ids_N.size) - starts_E[ids_N[order]]
-    if capacity_factor > 0:
-        capacity = max(1, math.ceil(capacity_factor * t * k / num_experts))
-    else:
-        capacity = max(1, int(counts_E.max()) if counts_E.size else 1)
+    capacity = expert_capacity(t, k, num_experts, capacity_factor) or max(
+        1, int(counts_E.max()) if counts_E.size else 1)
     kept_N = rank_N < capacity
     slot_N = np.where(kept_N, ids_N * capacity + rank_N, num_experts * capacity)
     source_EC = np.full([num_experts * capacity], t, dtype=np.int64)

@@ -1,6 +1,7 @@
 """SwiGLU feed-forward networks: one dense FFN and a stacked pool of experts.
 
-Legend: T tokens, M model width, F expert hidden width, E experts, C tokens per expert (capacity).
+Legend: T tokens, M model width, F expert hidden width, E experts, K top-k, C tokens per expert
+(capacity).
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import paddle
 from paddle import nn
 from paddle.nn.functional import swiglu  # silu(first half) * second half, one fused kernel
+
+from ..ops.moe_experts import grouped_swiglu, moe_experts
 
 
 class SwiGLU(nn.Layer):
@@ -24,9 +27,8 @@ class SwiGLU(nn.Layer):
 
 
 class GroupedExperts(nn.Layer):
-    """E SwiGLU experts applied to tokens already grouped per expert: [E, C, M] -> [E, C, M].
-
-    One batched matmul per projection for all experts (no loop over experts or tokens)."""
+    """E SwiGLU experts, on tokens already grouped per expert ([E, C, M] -> [E, C, M], one batched
+    matmul per projection) or on routed tokens (`routed`, the fused op of ops/moe_experts.py)."""
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden: int, init_std: float):
         super().__init__()
@@ -41,7 +43,13 @@ class GroupedExperts(nn.Layer):
         w_gate_up, w_down = self.w_gate_up, self.w_down
         if experts is not None:
             w_gate_up, w_down = paddle.gather(w_gate_up, experts), paddle.gather(w_down, experts)
-        return paddle.bmm(swiglu(paddle.bmm(x_ECM, w_gate_up)), w_down)
+        return grouped_swiglu(x_ECM, w_gate_up, w_down)
+
+    def routed(self, x_TM, topk_ids_TK, topk_weights_TK, capacity_factor: float, backend: str):
+        """y_TM = sum_k topk_weights_TK[:, k] * expert_{topk_ids_TK[:, k]}(x_TM): dispatch, experts
+        and the weighted combine in one call."""
+        return moe_experts(x_TM, self.w_gate_up, self.w_down, topk_ids_TK, topk_weights_TK,
+                           capacity_factor, backend)
 
     def expert_forward(self, e: int, x_CM):
         """One expert on its own tokens; used by the naive reference path."""

@@ -5,6 +5,10 @@ Legend: B batch, S sequence, T = B*S tokens, M width, E experts, K top-k.
     x_BSM -> router -> Routing(ids, weights, load)
           -> dispatcher.dispatch -> expert_inputs_ECM -> experts -> dispatcher.combine -> y_TM
           + shared_expert(x)
+
+With `expert_backend` cpu_op (auto on the CPU) and the local dispatcher, dispatch, experts and
+combine are one fused op (experts.routed) that reads token rows by index; expert-parallel
+dispatchers, and grouped, take the path drawn above.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import paddle
 from paddle import nn
 
 from ..config import MoEConfig
+from ..ops.moe_experts import resolve_backend
 from .dispatch import LocalDispatcher
 from .experts import GroupedExperts, SwiGLU
 from .router import Router, Routing
@@ -56,14 +61,23 @@ class MoE(nn.Layer):
         x_TM = x_BSM.reshape([b * s, m])
         forced = None if replay_ids_BSK is None else replay_ids_BSK.reshape([b * s, -1])
         routing = self.route(x_TM, b, view, forced)
-        expert_inputs_ECM, _, meta = self.dispatcher.dispatch(x_TM, routing, self.cfg.num_experts)
-        y_TM = self.dispatcher.combine(self.experts(expert_inputs_ECM), meta)
+        y_TM = self.routed_experts(x_TM, routing)
         if self.shared is not None:
             y_TM = y_TM + self.shared(x_TM)
         stats = RouterStats(routing.load_E, routing.aux_loss, routing.z_loss,
                             view.expert_mask(self.cfg.num_experts), routing.topk_ids_TK,
                             routing.logits_TE)
         return y_TM.reshape([b, s, m]), stats
+
+    def routed_experts(self, x_TM, routing: Routing):
+        """The weighted sum of each token's experts: the fused op when it serves this call."""
+        fused = (isinstance(self.dispatcher, LocalDispatcher)
+                 and resolve_backend(self.cfg.expert_backend, x_TM) == "cpu_op")
+        if fused:
+            return self.experts.routed(x_TM, routing.topk_ids_TK, routing.topk_weights_TK,
+                                       self.cfg.capacity_factor, backend="cpu_op")
+        expert_inputs_ECM, _, meta = self.dispatcher.dispatch(x_TM, routing, self.cfg.num_experts)
+        return self.dispatcher.combine(self.experts(expert_inputs_ECM), meta)
 
     def forward_reference(self, x_BSM, view: ElasticView = FULL_VIEW):
         """Naive per-expert loop with the same routing: the oracle the grouped path is tested against."""

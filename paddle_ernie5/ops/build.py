@@ -1,6 +1,7 @@
 """Build and load the C++ custom operators (`python -m paddle_ernie5.ops.build`, `make ops`).
 
-The shared library goes to build/custom_ops/<name>/ at the repository root. A stamp file holds a
+Each op is a directory of custom_ops/ (see `OPS`); its shared library goes to
+build/custom_ops/paddle_ernie5_<op>/ at the repository root. A stamp file holds a
 hash of the sources, the compiler flags, the Paddle and Python versions and the CPU's instruction
 set flags; when it matches, building is a no-op and loading never recompiles. Because the CPU
 flags are part of the hash, `-march=native` is safe: a build directory carried to another kind of
@@ -22,14 +23,33 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SOURCE_DIR = REPO_ROOT / "custom_ops" / "flashmask"
+SOURCE_ROOT = REPO_ROOT / "custom_ops"
+SOURCE_DIR = SOURCE_ROOT / "flashmask"  # sources of the default op
 BUILD_DIR = REPO_ROOT / "build" / "custom_ops"
-OP_NAME = "paddle_ernie5_flashmask"
 BUILD_COMMAND = "make ops  (or: python -m paddle_ernie5.ops.build)"
+# op (directory under custom_ops/) -> name in messages
+OPS = {"flashmask": "FlashMask", "moe_experts": "routed-experts MoE"}
+DEFAULT_OP = "flashmask"
 
 
-def _sources() -> list[Path]:
-    return sorted(p for p in SOURCE_DIR.iterdir() if p.suffix in (".cc", ".h"))
+def _check_op(op: str) -> None:
+    if op not in OPS:
+        raise ValueError(f"unknown custom op {op!r}; known: {', '.join(OPS)}")
+
+
+def source_dir(op: str = DEFAULT_OP) -> Path:
+    _check_op(op)
+    return SOURCE_DIR if op == DEFAULT_OP else SOURCE_ROOT / op
+
+
+def op_name(op: str = DEFAULT_OP) -> str:
+    """The library (and Python module) name the op is built under."""
+    _check_op(op)
+    return f"paddle_ernie5_{op}"
+
+
+def _sources(op: str = DEFAULT_OP) -> list[Path]:
+    return sorted(p for p in source_dir(op).iterdir() if p.suffix in (".cc", ".h"))
 
 
 def _native_supported() -> bool:
@@ -60,11 +80,11 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
-def fingerprint(flags: list[str]) -> str:
+def fingerprint(flags: list[str], op: str = DEFAULT_OP) -> str:
     import paddle
 
     h = hashlib.sha256()
-    for path in _sources():
+    for path in _sources(op):
         h.update(path.name.encode())
         h.update(path.read_bytes())
     for part in (" ".join(flags), paddle.__version__, sys.version, platform.machine(),
@@ -73,19 +93,19 @@ def fingerprint(flags: list[str]) -> str:
     return h.hexdigest()
 
 
-def library_dir() -> Path:
-    return BUILD_DIR / OP_NAME
+def library_dir(op: str = DEFAULT_OP) -> Path:
+    return BUILD_DIR / op_name(op)
 
 
-def _stamp() -> Path:
-    return library_dir() / "fingerprint.txt"
+def _stamp(op: str) -> Path:
+    return library_dir(op) / "fingerprint.txt"
 
 
-def is_up_to_date(flags: list[str] | None = None) -> bool:
+def is_up_to_date(flags: list[str] | None = None, op: str = DEFAULT_OP) -> bool:
     flags = cxx_flags() if flags is None else flags
-    lib = library_dir() / f"{OP_NAME}.so"
-    stamp = _stamp()
-    return lib.exists() and stamp.exists() and stamp.read_text().strip() == fingerprint(flags)
+    lib = library_dir(op) / f"{op_name(op)}.so"
+    stamp = _stamp(op)
+    return lib.exists() and stamp.exists() and stamp.read_text().strip() == fingerprint(flags, op)
 
 
 @contextlib.contextmanager
@@ -113,57 +133,60 @@ def _quiet(verbose: bool = False):
         log.setLevel(level)
 
 
-def _compile(flags: list[str], verbose: bool):
+def _compile(flags: list[str], verbose: bool, op: str):
     from paddle.utils import cpp_extension
 
-    if library_dir().exists():
-        shutil.rmtree(library_dir())
+    if library_dir(op).exists():
+        shutil.rmtree(library_dir(op))
     start = time.perf_counter()
-    print(f"building the FlashMask CPU op into {library_dir()} ...", file=sys.stderr)
+    print(f"building the {OPS[op]} CPU op into {library_dir(op)} ...", file=sys.stderr)
     with _quiet(verbose):
         module = cpp_extension.load(
-            name=OP_NAME, sources=[str(p) for p in _sources() if p.suffix == ".cc"],
+            name=op_name(op), sources=[str(p) for p in _sources(op) if p.suffix == ".cc"],
             extra_cxx_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(BUILD_DIR),
             verbose=verbose)
-    _stamp().write_text(fingerprint(flags) + "\n")
+    _stamp(op).write_text(fingerprint(flags, op) + "\n")
     print(f"built in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return module
 
 
-def build(force: bool = False, verbose: bool = False) -> bool:
-    """Compile the FlashMask op unless it is up to date; True when a compilation ran."""
+def build(force: bool = False, verbose: bool = False, op: str = DEFAULT_OP) -> bool:
+    """Compile one op unless it is up to date; True when a compilation ran."""
     flags = cxx_flags()
     with _build_lock():
-        if not force and is_up_to_date(flags):
+        if not force and is_up_to_date(flags, op):
             return False
-        _compile(flags, verbose)
+        _compile(flags, verbose, op)
         return True
 
 
-def load(auto_build: bool = True):
-    """Return the module holding the registered ops, building first if allowed and needed.
+def load(auto_build: bool = True, op: str = DEFAULT_OP):
+    """Return the module holding the op's registered kernels, building first if allowed and needed.
 
-    Call once per process (flashmask.py caches the result): Paddle registers an op only once."""
+    Call once per process and op (the seams cache the result): Paddle registers an op only once."""
     from paddle.utils.cpp_extension import extension_utils
 
     flags = cxx_flags()
     with _build_lock():
-        if not is_up_to_date(flags):
+        if not is_up_to_date(flags, op):
             if not auto_build:
                 raise RuntimeError(
-                    f"the FlashMask CPU op is not built or is stale; run {BUILD_COMMAND}")
-            return _compile(flags, verbose=False)
+                    f"the {OPS[op]} CPU op is not built or is stale; run {BUILD_COMMAND}")
+            return _compile(flags, verbose=False, op=op)
     with _quiet():
-        return extension_utils._import_module_from_library(OP_NAME, str(library_dir()), False)
+        return extension_utils._import_module_from_library(op_name(op), str(library_dir(op)), False)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
+    parser.add_argument("--op", choices=list(OPS), action="append",
+                        help="build only this op (repeatable); default: all")
     args = parser.parse_args(argv)
-    built = build(force=args.force, verbose=args.verbose)
-    print(f"FlashMask CPU op {'built' if built else 'up to date'}: {library_dir()}")
+    for op in args.op or OPS:
+        built = build(force=args.force, verbose=args.verbose, op=op)
+        print(f"{OPS[op]} CPU op {'built' if built else 'up to date'}: {library_dir(op)}")
     return 0
 
 
