@@ -77,6 +77,10 @@ class MoEConfig:
     aux_loss_weight: float = 0.0  # optional sequence-level balance loss
     z_loss_weight: float = 0.0  # optional router z-loss
     capacity_factor: float = 0.0  # 0 = dropless (the default and the paper's choice)
+    # Routed experts (paddle_ernie5/ops/moe_experts.py): cpu_op = the C++ op (token rows by index, no
+    # padded grid), grouped = batched matmuls over an [E, C, M] grid; auto = cpu_op for CPU tensors,
+    # grouped on a GPU. Expert-parallel dispatchers always use grouped.
+    expert_backend: str = "auto"
 
     def dense_width(self) -> int:
         return self.dense_hidden or (self.top_k * self.expert_hidden
@@ -99,6 +103,133 @@ class MoEConfig:
         _check(at, "z_loss_weight", self.z_loss_weight, self.z_loss_weight >= 0, ">= 0")
         _check(at, "capacity_factor", self.capacity_factor,
                self.capacity_factor == 0 or self.capacity_factor >= 1, "0 (dropless) or >= 1")
+        _check(at, "expert_backend", self.expert_backend,
+               self.expert_backend in ("auto", "cpu_op", "grouped"), "one of auto, cpu_op, grouped")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AudioModelConfig:
+    """Audio in the backbone (model/audio.py), used when model.modalities includes audio.
+
+    An audio token is one codec frame: the embeddings of its `levels` RVQ codes are summed. The
+    depth-wise head predicts the next frame from the final hidden state: level 0 (with one extra class,
+    <eoa>: the speech ends here), then level l from the hidden state plus the embeddings of the codes of
+    levels < l (the true codes in training, the sampled ones in generation)."""
+
+    codec_dir: str = "runs/audio_codec"  # trained codec (tokenizers/audio.py); its codes are the tokens
+    levels: int = 4  # RVQ levels read and predicted: a prefix of the codec's levels
+    codebook_size: int = 256  # must equal the codec's
+    embed_dim: int = 64  # per-level code tables, projected to hidden_size; = codec code_dim to init
+    init_from_codebooks: bool = False  # a fresh run starts the input tables at the codec's codebooks
+    head_hidden: int = 256  # width of each level's MLP in the depth-wise head; 0 = a linear layer
+    # Cross-entropy weight per level; () = 1 for level 0 and 0.5 for each residual level. Not disclosed:
+    # level 0 carries the words and the end of speech, the residual levels add acoustic detail that
+    # Griffin-Lim and the judge barely hear, so they count half.
+    level_loss_weights: tuple[float, ...] = ()
+    loss_weight: float = 1.0  # weight of the whole audio head in the total loss
+    max_frames: int = 50  # generation stops here without <eoa> (2 s at 25 Hz)
+    judge: str = "runs/speech_judge"  # evaluation only: speech judge scoring generated speech ("" = skip)
+
+    def validate(self, at: str) -> None:
+        for name in ("levels", "codebook_size", "embed_dim", "max_frames"):
+            _check(at, name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
+        _check(at, "head_hidden", self.head_hidden, self.head_hidden >= 0, ">= 0 (0 = linear)")
+        w = self.level_weights()
+        _check(at, "level_loss_weights", self.level_loss_weights,
+               len(w) == self.levels and all(x >= 0 for x in w) and w[0] > 0,
+               f"() or levels={self.levels} weights >= 0, the first > 0 (it also scores the end of speech)")
+        _check(at, "loss_weight", self.loss_weight, self.loss_weight >= 0, ">= 0")
+
+    def level_weights(self) -> tuple[float, ...]:
+        return self.level_loss_weights or (1.0,) + (0.5,) * (self.levels - 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionModelConfig:
+    """Images and video in the backbone (model/vision.py, data/vision_tasks.py), used when
+    model.modalities includes image or video.
+
+    Generation: a visual token is the `bits` signs of the frozen tokenizer at one cell of one scale;
+    the positions of scale k take the (nearest-upsampled) bits of scale k-1 as input and predict the
+    bits of scale k, all cells at once (bidirectional inside a scale, causal to earlier scales and
+    frames). Understanding: pre-quantisation tokenizer features, groups of patches merged by
+    self-attention, mean-pool and a projection. Choices the paper does not disclose are ours."""
+
+    tokenizer_dir: str = "runs/visual_tokenizer"  # frozen tokenizer (tokenizers/visual.py)
+    bits: int = 8  # must equal the tokenizer's bits
+    scales: tuple[int, ...] = (1, 2, 4, 8)  # image token-map sides; must equal the tokenizer's scales
+    # Video: 8 frames x 85 tokens does not fit a cheap CPU row, so a clip is its first `video_frames`
+    # frames, each coded with the first `video_scales` scales (4 x 21 = 84 tokens at 1, 2, 4).
+    video_frames: int = 4
+    video_scales: int = 3
+    # Training robustness: each history (input) bit is flipped with this probability.
+    bit_flip_prob: float = 0.05
+    # Per-token weight of scale k in the bit loss is scale_loss_decay**k (coarse scales count more per
+    # token); scale_loss_weights, when given, sets the per-token weight of every image scale instead.
+    scale_loss_decay: float = 0.7
+    scale_loss_weights: tuple[float, ...] = ()
+    # Video: a frame sees at most `temporal_window` earlier frames (0 = all); in training each earlier
+    # frame is hidden from the later ones with probability frame_mask_prob.
+    temporal_window: int = 2
+    frame_mask_prob: float = 0.1
+    # Patch merger (understanding): groups of merge x merge cells (4 patches) for images and
+    # merge x merge x merge_frames (16 over 4 frames) for video.
+    merge: int = 2
+    merge_frames: int = 4
+    merger_width: int = 64
+    merger_heads: int = 4
+    head_hidden: int = 128  # MLP width of the bit head; 0 = a linear layer
+    loss_weight: float = 1.0  # weight of the bit loss in the total
+    cond_drop_prob: float = 0.1  # training: caption dropped (unconditional rows for guidance)
+    cfg_scale: float = 1.0  # sampling: classifier-free guidance scale (1 = off)
+    # Held-out (digit, fg, bg) combinations never used for image generation training; the judged
+    # text-to-image accuracy is measured on their captions.
+    heldout_combo_fraction: float = 0.15
+    judge: str = "runs/vision_judge"  # evaluation only: judge of generated images ("" = skip)
+
+    def validate(self, at: str) -> None:
+        _check(at, "bits", self.bits, 1 <= self.bits <= 30, "1..30")
+        _check(at, "scales", self.scales,
+               len(self.scales) >= 1 and self.scales[0] >= 1
+               and all(a < b for a, b in zip(self.scales, self.scales[1:])), "increasing sides >= 1")
+        _check(at, "video_frames", self.video_frames, self.video_frames >= 1, ">= 1")
+        _check(at, "video_scales", self.video_scales, 1 <= self.video_scales <= len(self.scales),
+               f"1..len(scales)={len(self.scales)}")
+        _check(at, "bit_flip_prob", self.bit_flip_prob, 0 <= self.bit_flip_prob < 0.5, "0 <= p < 0.5")
+        _check(at, "scale_loss_decay", self.scale_loss_decay, 0 < self.scale_loss_decay <= 1, "0 < d <= 1")
+        _check(at, "scale_loss_weights", self.scale_loss_weights,
+               not self.scale_loss_weights or (len(self.scale_loss_weights) == len(self.scales)
+                                               and all(w >= 0 for w in self.scale_loss_weights)),
+               f"() or {len(self.scales)} weights >= 0")
+        _check(at, "temporal_window", self.temporal_window, self.temporal_window >= 0, ">= 0 (0 = all)")
+        _check(at, "frame_mask_prob", self.frame_mask_prob, 0 <= self.frame_mask_prob < 1, "0 <= p < 1")
+        _check(at, "merge", self.merge, self.merge >= 1 and self.scales[-1] % self.merge == 0,
+               f"a divisor of the latent side {self.scales[-1]}")
+        _check(at, "merge_frames", self.merge_frames,
+               self.merge_frames >= 1 and self.video_frames % self.merge_frames == 0,
+               f"a divisor of video_frames={self.video_frames}")
+        for name in ("merger_width", "merger_heads"):
+            _check(at, name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
+        _check(at, "merger_width", self.merger_width, self.merger_width % self.merger_heads == 0,
+               f"a multiple of merger_heads={self.merger_heads}")
+        _check(at, "head_hidden", self.head_hidden, self.head_hidden >= 0, ">= 0 (0 = linear)")
+        _check(at, "loss_weight", self.loss_weight, self.loss_weight >= 0, ">= 0")
+        _check(at, "cond_drop_prob", self.cond_drop_prob, 0 <= self.cond_drop_prob < 1, "0 <= p < 1")
+        _check(at, "cfg_scale", self.cfg_scale, self.cfg_scale >= 0, ">= 0 (1 = off)")
+        _check(at, "heldout_combo_fraction", self.heldout_combo_fraction,
+               0 <= self.heldout_combo_fraction < 1, "0 <= f < 1")
+
+    def scale_weights(self) -> tuple[float, ...]:
+        """Per-token loss weight of each image scale (video frames use the first video_scales)."""
+        return self.scale_loss_weights or tuple(self.scale_loss_decay ** k for k in range(len(self.scales)))
+
+    @property
+    def tokens_per_image(self) -> int:
+        return sum(s * s for s in self.scales)
+
+    @property
+    def tokens_per_video_frame(self) -> int:
+        return sum(s * s for s in self.scales[:self.video_scales])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +246,8 @@ class ModelConfig:
     modalities: tuple[str, ...] = ("text",)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    audio: AudioModelConfig = field(default_factory=AudioModelConfig)
+    vision: VisionModelConfig = field(default_factory=VisionModelConfig)
 
     def validate(self, at: str) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "max_seq_len"):
@@ -128,10 +261,53 @@ class ModelConfig:
                self.moe.first_dense_layers <= self.num_layers, f"<= num_layers={self.num_layers}")
         self.attention.validate(f"{at}.attention")
         self.moe.validate(f"{at}.moe")
+        self.audio.validate(f"{at}.audio")
+        self.vision.validate(f"{at}.vision")
+
+    @property
+    def multimodal(self) -> bool:
+        return tuple(self.modalities) != ("text",)
+
+    @property
+    def text_vocab(self) -> int:
+        """Rows of the text embedding and text head: the BPE vocabulary plus, in a multimodal model,
+        the modality delimiters (tokenizers/text.SPECIAL_TOKENS: <boi> <eoi> <bov> <eov> <boa> <eoa>)."""
+        return self.vocab_size + (len(SPECIAL_TOKENS) if self.multimodal else 0)
 
 
 MODALITIES = ("text", "image", "video", "audio")
+# Delimiters of modality spans, ids vocab_size + index (multimodal models only; ModelConfig.text_vocab).
+MIXTURE_MODALITY = {"text": "text", "image_gen": "image", "image_qa": "image", "video_gen": "video",
+                    "video_qa": "video", "asr": "audio", "tts": "audio"}
+SPECIAL_TOKENS = ("<boi>", "<eoi>", "<bov>", "<eov>", "<boa>", "<eoa>")
 TASKS = ("pretrain", "visual_tokenizer", "vision_judge", "audio_codec", "speech_judge", "sft", "rl")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixtureConfig:
+    """Sampling weights of the pretraining tasks (data/mixture.py). All non-text weights 0 (the default)
+    means the plain packed text loader; otherwise each document of a row is drawn from the tasks in
+    proportion to these weights. The task names are the keys of data/mixture.TASKS."""
+
+    text: float = 1.0  # pretraining text (data/text.py)
+    image_gen: float = 0.0  # caption -> image (next-scale bits)
+    image_qa: float = 0.0  # image + question -> answer
+    video_gen: float = 0.0  # caption -> video (next-frame-and-scale bits)
+    video_qa: float = 0.0  # video + question -> answer
+    asr: float = 0.0  # speech -> transcript
+    tts: float = 0.0  # transcript -> speech (depth-wise codec codes)
+
+    def weights(self) -> dict[str, float]:
+        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def validate(self, at: str) -> None:
+        for name, w in self.weights().items():
+            _check(at, name, w, w >= 0, ">= 0")
+        _check(at, "text", self.text, sum(self.weights().values()) > 0, "at least one weight > 0")
+
+    @property
+    def enabled(self) -> bool:
+        return any(w > 0 for k, w in self.weights().items() if k != "text")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,12 +317,60 @@ class DataConfig:
     val_fraction: float = 0.05
     cache_dir: str = ".cache/paddle_ernie5"  # tokenizer models and built datasets
     eval_batches: int = 0  # 0 = the whole validation split
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
 
     def validate(self, at: str) -> None:
+        self.mixture.validate(f"{at}.mixture")
         _check(at, "seq_len", self.seq_len, self.seq_len >= 8, ">= 8")
         _check(at, "bpe_dropout", self.bpe_dropout, 0 <= self.bpe_dropout < 1, "0 <= p < 1")
         _check(at, "val_fraction", self.val_fraction, 0 < self.val_fraction < 0.5, "0 < f < 0.5")
         _check(at, "eval_batches", self.eval_batches, self.eval_batches >= 0, ">= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipConfig:
+    """Gradient clipping, applied once per optimizer step to the accumulated, reduced gradients.
+
+    global: scale all gradients so their global L2 norm is at most train.clip_norm.
+    adagc: AdaGC (arXiv 2502.11034), per-tensor clipping against an EMA of each tensor's own clipped
+    norms: h = min(1, lambda_rel * gamma / ||g||), gamma <- beta * gamma + (1 - beta) * ||h g||. For the
+    first `warmup_steps` steps it clips globally at lambda_abs while gamma tracks each tensor's running
+    minimum clipped norm. The defaults (beta 0.98, lambda_rel 1.05, lambda_abs = the global clip value,
+    100 warm-up steps) are the settings published with the paper. Tensors without a gradient in a step
+    (layers an elastic view skipped) keep their state."""
+
+    mode: str = "global"  # global | adagc
+    beta: float = 0.98
+    lambda_rel: float = 1.05
+    lambda_abs: float = 0.0  # warm-up global threshold; 0 = train.clip_norm
+    warmup_steps: int = 100
+
+    def validate(self, at: str) -> None:
+        _check(at, "mode", self.mode, self.mode in ("global", "adagc"), "global or adagc")
+        _check(at, "beta", self.beta, 0 <= self.beta < 1, "0 <= beta < 1")
+        _check(at, "lambda_rel", self.lambda_rel, self.lambda_rel > 0, "> 0")
+        _check(at, "lambda_abs", self.lambda_abs, self.lambda_abs >= 0, ">= 0 (0 = train.clip_norm)")
+        _check(at, "warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimRegConfig:
+    """SimReg: a supervised-contrastive loss on the final hidden states added to the objective,
+    total = CE + weight * L_sim. Within one document, positions whose next-token labels agree are
+    positives and the others negatives; up to `max_anchors` anchors per sequence are sampled (seeded by
+    train.seed and the step, so resumed runs draw the same ones). Weight and temperature are our choice."""
+
+    enabled: bool = False
+    # At initialisation of the tiny recipe the SimReg gradient (temperature 0.1) is ~5x the CE one, so a
+    # weight of 0.05 keeps it at about a quarter of the objective's gradient under one clipping budget.
+    weight: float = 0.05
+    temperature: float = 0.1  # cosine similarities are divided by it (the usual SupCon value)
+    max_anchors: int = 64  # anchors per sequence; cost is O(seq_len * max_anchors) per sequence
+
+    def validate(self, at: str) -> None:
+        _check(at, "weight", self.weight, self.weight >= 0, ">= 0")
+        _check(at, "temperature", self.temperature, self.temperature > 0, "> 0")
+        _check(at, "max_anchors", self.max_anchors, self.max_anchors >= 1, ">= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,7 +388,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    clip_norm: float = 1.0  # global-norm clipping threshold (clip.mode=global); 0 disables
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    simreg: SimRegConfig = field(default_factory=SimRegConfig)
     seed: int = 1234
     threads: int = 0  # intra-op CPU threads; 0 = all cores
     log_every: int = 10
@@ -195,6 +421,8 @@ class TrainConfig:
         _check(at, "clip_norm", self.clip_norm, self.clip_norm >= 0, ">= 0 (0 disables)")
         _check(at, "threads", self.threads, self.threads >= 0, ">= 0 (0 = all cores)")
         _check(at, "resume", self.resume, self.resume in ("auto", "never"), "auto or never")
+        self.clip.validate(f"{at}.clip")
+        self.simreg.validate(f"{at}.simreg")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,6 +478,10 @@ class ElasticConfig:
     # random: a uniformly random subset each draw (so any subset can be exported later); prefix: 0..n-1.
     width_rule: str = "random"
     topk_full_prob: float = 0.8
+    # true: when the draw is a proper sub-model, the micro-batch also trains the full model and the loss
+    # is the mean of the two (ERNIE5.md: full and sampled sub-models in the same backward pass); costs
+    # up to 2x compute per step. false: the micro-batch trains the drawn view only.
+    full_every_step: bool = True
 
     def validate(self, at: str) -> None:
         for name in ("depth_full_prob", "width_full_prob", "topk_full_prob"):
@@ -477,6 +709,10 @@ class Config:
         self.parallel.validate("parallel")
         self.elastic.validate("elastic")
         self.rl.validate("rl")
+        for task, w in self.data.mixture.weights().items():
+            need = MIXTURE_MODALITY[task]
+            _check("data.mixture", task, w, w == 0 or need in self.model.modalities,
+                   f"0 unless model.modalities includes {need!r}")
         self.visual_tokenizer.validate("visual_tokenizer")
         self.vision_judge.validate("vision_judge")
         self.audio_codec.validate("audio_codec")

@@ -34,6 +34,9 @@ class Segment:
     labels: np.ndarray | None = None  # [L] next-text-token targets (IGNORE where none)
     blocks: np.ndarray | None = None  # [L] block id (>= 0, local to the segment) or -1 (causal)
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # [L, ...] modality payloads
+    # [L] segment-local row from which on a position is hidden (-1: visible to its document's end);
+    # video uses it for the temporal window and for masking historical frames.
+    horizon: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.token_types.shape[0])
@@ -47,14 +50,18 @@ def text_segment(ids, start_position: int = 0) -> Segment:
     return Segment(np.zeros(ids.size, np.int64), np.stack([pos, pos, pos]), ids, labels)
 
 
-def row_mask(doc_lens: list[int], blocks: np.ndarray, seq_len: int) -> np.ndarray:
+def row_mask(doc_lens: list[int], blocks: np.ndarray, seq_len: int,
+             horizon: np.ndarray | None = None) -> np.ndarray:
     """[S, 2] int32 [LTS, UTE] for one row holding documents of `doc_lens` (then padding), where
-    `blocks` [sum(doc_lens)] gives each position's row-global block id (-1 = causal token)."""
+    `blocks` [sum(doc_lens)] gives each position's row-global block id (-1 = causal token) and
+    `horizon` [sum(doc_lens)] optionally the row-global row from which on it is hidden (-1 = none)."""
     total = int(sum(doc_lens))
     if total > seq_len:
         raise ValueError(f"documents hold {total} positions but the row has {seq_len}")
     j = np.arange(total)
     lts = np.repeat(np.cumsum(doc_lens), doc_lens)
+    if horizon is not None:
+        lts = np.where(horizon >= 0, np.minimum(lts, horizon), lts)
     ute = j.copy()
     member = blocks >= 0
     if member.any():
@@ -84,6 +91,7 @@ def pack_segments(docs: list[list[Segment]], seq_len: int, pad_id: int = 0) -> d
     if not rows[-1]:
         rows.pop()
     extra_keys = sorted({k for doc in docs for s in doc for k in s.extras})
+    samples = {k: next(s.extras[k] for doc in docs for s in doc if k in s.extras) for k in extra_keys}
     out = {"input_ids": [], "labels": [], "token_types": [], "positions": [], "startend_row_indices": []}
     out.update({k: [] for k in extra_keys})
     for row in rows:
@@ -101,16 +109,20 @@ def pack_segments(docs: list[list[Segment]], seq_len: int, pad_id: int = 0) -> d
                                   for s in segs], IGNORE, np.int64))
         out["token_types"].append(cat([s.token_types for s in segs], 0, np.int64))
         out["positions"].append(cat([s.positions.T for s in segs], 0, np.int64, (3,)).T)
-        blocks, offset = [], 0
+        blocks, horizon, offset, start = [], [], 0, 0
         for s in segs:
             b = np.full(len(s), -1, np.int64) if s.blocks is None else s.blocks.astype(np.int64)
             blocks.append(np.where(b >= 0, b + offset, -1))
             offset += int(b.max()) + 1 if (b >= 0).any() else 0
+            h = np.full(len(s), -1, np.int64) if s.horizon is None else s.horizon.astype(np.int64)
+            horizon.append(np.where(h >= 0, h + start, -1))
+            start += len(s)
         doc_lens = [sum(len(s) for s in doc) for doc in row]
         out["startend_row_indices"].append(
-            row_mask(doc_lens, np.concatenate(blocks) if blocks else np.zeros(0, np.int64), seq_len)[None])
+            row_mask(doc_lens, np.concatenate(blocks) if blocks else np.zeros(0, np.int64), seq_len,
+                     np.concatenate(horizon) if horizon else None)[None])
         for k in extra_keys:
-            sample = next(s.extras[k] for s in segs if k in s.extras)
+            sample = samples[k]
             parts = [s.extras[k] if k in s.extras else np.zeros((len(s), *sample.shape[1:]), sample.dtype)
                      for s in segs]
             out[k].append(cat(parts, 0, sample.dtype, sample.shape[1:]))

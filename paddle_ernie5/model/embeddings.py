@@ -1,13 +1,16 @@
 """Per-modality input embeddings behind one registry.
 
 Each modality registers a factory building a layer that maps the batch to [B, S, M] for the positions
-whose `token_types` equal its id. Adding a modality means registering one class; the blocks never
+whose `token_types` equal its id, or returns None when the batch carries none of its inputs (a
+text-only batch through a multimodal model). Adding a modality means registering one class; the blocks never
 change. Text is built in; image, video and audio register themselves from their own modules.
 """
 
 from __future__ import annotations
 
 from typing import Callable
+
+import importlib
 
 import paddle
 from paddle import nn
@@ -16,6 +19,17 @@ from ..config import MODALITIES, ModelConfig
 
 MODALITY_IDS = {name: i for i, name in enumerate(MODALITIES)}
 _REGISTRY: dict[str, Callable[[ModelConfig], nn.Layer]] = {}
+# Modules registering the embeddings and heads of the non-text modalities when imported.
+MODALITY_MODULES = ("paddle_ernie5.model.vision", "paddle_ernie5.model.audio")
+
+
+def load_modality_modules() -> None:
+    for mod in MODALITY_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
 
 
 def register_modality(name: str):
@@ -34,7 +48,7 @@ def register_modality(name: str):
 class TextEmbedding(nn.Layer):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.table = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+        self.table = nn.Embedding(cfg.text_vocab, cfg.hidden_size,
                                   weight_attr=nn.initializer.Normal(std=cfg.init_std))
 
     def forward(self, batch):
@@ -44,6 +58,8 @@ class TextEmbedding(nn.Layer):
 class ModalityEmbeddings(nn.Layer):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.multimodal:
+            load_modality_modules()
         missing = [m for m in cfg.modalities if m not in _REGISTRY]
         if missing:
             raise ValueError(f"model.modalities lists {missing}, which have no embedding registered "
@@ -57,6 +73,8 @@ class ModalityEmbeddings(nn.Layer):
         x = None
         for name, layer in self.by_modality.items():
             part = layer(batch)
+            if part is None:
+                continue
             x = part if x is None else paddle.where(types_BS1 == MODALITY_IDS[name], part, x)
         return x
 

@@ -1,4 +1,5 @@
-"""Output heads: text next-token head and the multi-token-prediction (MTP) module.
+"""Output heads: text next-token head, the multi-token-prediction (MTP) module, and the registry of
+modality output heads (visual bits, audio depth-wise codes).
 
 MTP (DeepSeek-V3 style, depth 1): at position i the module combines the final hidden state h_i with
 the embedding of token i+1 and predicts token i+2 through one extra block and the shared text head.
@@ -13,6 +14,8 @@ a training-time auxiliary, and keeping it dense keeps expert statistics those of
 
 from __future__ import annotations
 
+from typing import Callable
+
 import paddle
 from paddle import nn
 
@@ -26,7 +29,7 @@ class TextHead(nn.Layer):
         super().__init__()
         self.tied_table = tied_table
         self.proj = None if tied_table is not None else nn.Linear(
-            cfg.hidden_size, cfg.vocab_size, weight_attr=nn.initializer.Normal(std=cfg.init_std),
+            cfg.hidden_size, cfg.text_vocab, weight_attr=nn.initializer.Normal(std=cfg.init_std),
             bias_attr=False)
 
     def forward(self, h_BSM):
@@ -49,3 +52,31 @@ class MTPModule(nn.Layer):
         x = self.merge(paddle.concat([self.hidden_norm(h_BSM), self.embed_norm(next_embed_BSM)], -1))
         x, _ = self.block(x, cos, sin, startend_row_indices, causal=causal)
         return self.out_norm(x)
+
+
+# ---------------------------------------------------------------------------------- modality heads
+# A modality head maps the final hidden states to its own predictions and scores them:
+#
+#     head(h_BSM, batch) -> dict of tensors          (kept in ModelOutput.extra[name])
+#     head.loss(pred, batch) -> {loss name: (mean loss, number of targets[, weight])}
+#     head.loss_weight: float                        (weight of each of its losses that has none)
+#
+# Targets and inputs travel in the batch as extra keys named by the modality's own module (for
+# example per-position bit targets); positions without a target are masked there, not here.
+_HEADS: dict[str, tuple[tuple[str, ...], Callable[[ModelConfig], nn.Layer]]] = {}
+
+
+def register_head(name: str, modalities: tuple[str, ...]):
+    """Class decorator: `@register_head("visual", ("image", "video")) class VisualBitHead(nn.Layer)`.
+    The model builds the head when any of `modalities` is in `model.modalities`."""
+
+    def wrap(factory):
+        _HEADS[name] = (tuple(modalities), factory)
+        return factory
+
+    return wrap
+
+
+def build_heads(cfg: ModelConfig) -> nn.LayerDict:
+    return nn.LayerDict({name: factory(cfg) for name, (mods, factory) in sorted(_HEADS.items())
+                         if set(mods) & set(cfg.modalities)})

@@ -3,19 +3,22 @@
 Legend: B batch, S sequence, M width, V text vocabulary.
 
     batch ─ ModalityEmbeddings ─ [Block] x L ─ RMSNorm ─ text head ─> logits_BSV
-                                                    └─ MTP module ─ text head ─> mtp_logits_BSV
+                                                 │  └─ modality heads ─> extra[name] (heads.py)
+                                                 └─ MTP module ─ text head ─> mtp_logits_BSV
 
 Inputs (dict of tensors): input_ids [B,S] int64, token_types [B,S] int64, positions [B,3,S] int64
 (Uni-RoPE t, h, w), startend_row_indices [B,1,S,C] int32 (FlashMask) and optionally mask_causal (bool,
 default True; False for layouts with bidirectional blocks, e.g. [LTS, UTE] from
 data/multimodal.py). Outputs: `ModelOutput` with
-logits and one `RouterStats` per MoE layer that ran. `router_replay` (RL): layer index -> expert ids
+logits, the modality heads' predictions and one `RouterStats` per MoE layer that ran. Modality inputs
+and targets other than text ride in the batch under keys their modules define (embeddings/heads
+registered by model/vision.py, model/audio.py). `router_replay` (RL): layer index -> expert ids
 [B,S,K] recorded during rollout; those layers use them instead of choosing (model/router.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import paddle
 from paddle import nn
@@ -24,7 +27,7 @@ from ..config import ModelConfig
 from .block import Block
 from .embeddings import ModalityEmbeddings
 from .generation import KVCache
-from .heads import MTPModule, TextHead
+from .heads import MTPModule, TextHead, build_heads
 from .moe import RouterStats
 from .norm import RMSNorm
 from .rope import rope_cos_sin
@@ -37,6 +40,7 @@ class ModelOutput:
     mtp_logits: paddle.Tensor | None
     hidden: paddle.Tensor
     router_stats: dict[int, RouterStats]  # layer index -> stats, MoE layers that ran
+    extra: dict[str, dict] = field(default_factory=dict)  # modality head name -> its predictions
 
 
 class Ernie5Model(nn.Layer):
@@ -49,6 +53,7 @@ class Ernie5Model(nn.Layer):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.text_head = TextHead(cfg, self.embed.text_table() if cfg.tie_embeddings else None)
         self.mtp = MTPModule(cfg) if cfg.num_mtp_modules > 0 else None
+        self.heads = build_heads(cfg)
 
     def forward(self, batch, view: ElasticView = FULL_VIEW, with_mtp: bool = True,
                 cache: KVCache | None = None, router_replay: dict | None = None) -> ModelOutput:
@@ -74,7 +79,18 @@ class Ernie5Model(nn.Layer):
             next_ids = paddle.concat([batch["input_ids"][:, 1:], batch["input_ids"][:, -1:]], axis=1)
             next_embed = self.embed.text_table()(next_ids)
             mtp_logits = self.text_head(self.mtp(x, next_embed, cos, sin, mask, causal))
-        return ModelOutput(logits, mtp_logits, h, stats)
+        extra = {name: head(h, batch) for name, head in self.heads.items()}
+        return ModelOutput(logits, mtp_logits, h, stats, extra)
+
+    def head_losses(self, out: ModelOutput, batch) -> dict[str, tuple[paddle.Tensor, paddle.Tensor, float]]:
+        """Loss name -> (mean loss, number of targets, weight) of every modality head. A head's loss
+        entry is (loss, count), weighted by head.loss_weight, or (loss, count, weight) with its own
+        weight (e.g. one entry per audio level)."""
+        losses = {}
+        for name, head in self.heads.items():
+            for key, (loss, count, *weight) in head.loss(out.extra[name], batch).items():
+                losses[key] = (loss, count, float(weight[0] if weight else head.loss_weight))
+        return losses
 
     def num_params(self) -> int:
         return sum(int(p.numel()) for p in self.parameters())

@@ -10,7 +10,7 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
 
     total: every parameter, MTP included. activated: parameters one text token touches in inference
     (backbone with top_k of the experts, the text embedding row excluded, MTP excluded)."""
-    m, v, l = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
+    m, v, l = cfg.hidden_size, cfg.text_vocab, cfg.num_layers
     a, moe = cfg.attention, cfg.moe
     attn = m * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + a.num_heads * a.head_dim * m
     norms = 2 * m
@@ -27,5 +27,59 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     backbone_common = l * (attn + norms) + n_dense * dense_ffn + m
     total = embed + head + backbone_common + n_moe * moe_layer_total + mtp
     activated = head + backbone_common + n_moe * moe_layer_active + (embed if cfg.tie_embeddings else 0)
+    if "audio" in cfg.modalities:
+        total += audio_params(cfg)
+    for kind in ("image", "video"):
+        if kind in cfg.modalities:
+            total += vision_embedding_params(cfg, kind)
+    if "image" in cfg.modalities or "video" in cfg.modalities:
+        total += vision_head_params(cfg)
     return {"total": total, "activated": activated, "embedding": embed,
             "experts": n_moe * moe.num_experts * expert}
+
+
+def audio_params(cfg: ModelConfig) -> int:
+    return audio_embedding_params(cfg) + audio_head_params(cfg)
+
+
+def audio_embedding_params(cfg: ModelConfig) -> int:
+    """model/audio.py: per-level code tables and the projection to the model width."""
+    a = cfg.audio
+    return a.levels * a.codebook_size * a.embed_dim + a.embed_dim * cfg.hidden_size
+
+
+def audio_head_params(cfg: ModelConfig) -> int:
+    """model/audio.py: per level RMSNorm + MLP (level 0 has the extra <eoa> class) and the code
+    embeddings added between levels."""
+    a, m, h = cfg.audio, cfg.hidden_size, cfg.audio.head_hidden
+    outs = 0
+    for level in range(a.levels):
+        k = a.codebook_size + (1 if level == 0 else 0)
+        outs += m + ((m * h + h + h * k + k) if h else (m * k + k))
+    return outs + (a.levels - 1) * a.codebook_size * m
+
+
+def modality_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(input side, output side) parameters of the non-text modalities; pipeline stages put them with
+    the embedding and with the head."""
+    mods = set(cfg.modalities)
+    inputs = sum(vision_embedding_params(cfg, k) for k in ("image", "video") if k in mods)
+    heads = vision_head_params(cfg) if mods & {"image", "video"} else 0
+    if "audio" in mods:
+        inputs, heads = inputs + audio_embedding_params(cfg), heads + audio_head_params(cfg)
+    return inputs, heads
+
+
+def vision_embedding_params(cfg: ModelConfig, kind: str) -> int:
+    """model/vision.py: bits -> width, scale table, and the patch merger of one visual modality."""
+    v, m, d = cfg.vision, cfg.hidden_size, cfg.vision.merger_width
+    group = v.merge ** 2 * (v.merge_frames if kind == "video" else 1)
+    merger = (v.bits * d + d) + group * d + 4 * d + (3 * d * d + 3 * d) + (d * d + d) \
+        + (2 * d * d + 2 * d) + (2 * d * d + d) + (d * m + m)
+    return (v.bits * m + m) + (len(v.scales) + 1) * m + merger
+
+
+def vision_head_params(cfg: ModelConfig) -> int:
+    """model/vision.py: RMSNorm + MLP (or linear) to per-bit logits, shared by image and video."""
+    v, m, h = cfg.vision, cfg.hidden_size, cfg.vision.head_hidden
+    return m + ((m * h + h + h * v.bits + v.bits) if h else (m * v.bits + v.bits))

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ModelConfig, ParallelConfig
+from ..model.params import modality_params
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,15 @@ class Item:
 
 
 def layer_costs(cfg: ModelConfig) -> list[Item]:
-    """The pipeline items of a text model with their parameter counts (sum = count_params total)."""
-    m, v, moe, a = cfg.hidden_size, cfg.vocab_size, cfg.moe, cfg.attention
+    """The pipeline items of a model with their parameter counts (sum = count_params total); the
+    modalities' input layers ride with the embedding, their heads with the text head."""
+    m, v, moe, a = cfg.hidden_size, cfg.text_vocab, cfg.moe, cfg.attention
     attn = m * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + a.num_heads * a.head_dim * m
     expert = 3 * m * moe.expert_hidden
     shared = 3 * m * moe.shared_expert_hidden * moe.num_shared_experts
     dense_ffn = 3 * m * (moe.expert_hidden * moe.top_k + moe.shared_expert_hidden * moe.num_shared_experts)
-    items = [Item("embed", v * m, 0)]
+    mod_inputs, mod_heads = modality_params(cfg)  # image/video/audio embeddings and heads
+    items = [Item("embed", v * m + mod_inputs, 0)]
     for i in range(cfg.num_layers):
         common = attn + 2 * m
         if i < moe.first_dense_layers:
@@ -47,7 +50,7 @@ def layer_costs(cfg: ModelConfig) -> list[Item]:
                               common + m * moe.num_experts + moe.top_k * expert + shared))
     head = m + (0 if cfg.tie_embeddings else v * m)
     mtp = (2 * m + 2 * m * m + attn + 2 * m + dense_ffn + m) if cfg.num_mtp_modules else 0
-    items.append(Item("head", head + mtp, head + mtp))
+    items.append(Item("head", head + mtp + mod_heads, head + mtp))
     return items
 
 
@@ -129,7 +132,7 @@ def _stage_layers():
         def __init__(self, cfg: ModelConfig):
             super().__init__()
             self.cfg = cfg
-            self.table = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+            self.table = nn.Embedding(cfg.text_vocab, cfg.hidden_size,
                                       weight_attr=nn.initializer.Normal(std=cfg.init_std))
 
         def forward(self, inputs):

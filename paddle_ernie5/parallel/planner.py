@@ -88,7 +88,7 @@ def make_plan(cfg: Config) -> Plan:
             activations=per_layer * blocks * in_flight,
             activations_recompute=micro_tokens * 2 * m.hidden_size / p.mp * blocks * in_flight
             + per_layer,
-            logits=micro_tokens * 4 * m.vocab_size / p.mp if "head" in names else 0.0)
+            logits=micro_tokens * 4 * m.text_vocab / p.mp if "head" in names else 0.0)
 
     # The device that needs the most memory (without recompute) sets the requirement.
     return max((rank_plan(i, group) for i, group in per_rank.items()), key=lambda plan: plan.total)

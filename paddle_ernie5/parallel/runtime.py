@@ -30,7 +30,8 @@ from . import comm, expert, topology
 def _loss_values(parts) -> dict[str, float]:
     return {"loss": float(parts.total), "loss/text": float(parts.text),
             "loss/mtp": float(parts.mtp) if parts.mtp is not None else 0.0,
-            "loss/aux": float(parts.aux), "loss/z": float(parts.z)}
+            "loss/aux": float(parts.aux), "loss/z": float(parts.z),
+            **{f"loss/{name}": float(loss) for name, (loss, _, _) in parts.heads.items()}}
 
 
 class SingleProcess:
@@ -138,10 +139,17 @@ class Distributed(SingleProcess):
         over the global count, so the shares sum to the loss of one process over the whole batch
         (terms and weights as in train/losses.compute_loss)."""
         n = len(self.data_ranks)
-        counts = np.array([float(parts.num_targets), float((mtp_labels(labels) != IGNORE).sum())])
+        names = sorted(parts.heads)
+        counts = np.array([float(parts.num_targets), float((mtp_labels(labels) != IGNORE).sum())]
+                          + [float(parts.heads[k][1]) for k in names])
         totals = np.maximum(comm.all_reduce_numpy(counts, self.group("data")), 1.0)
         text = parts.text * (counts[0] / totals[0])
         total = text
+        heads = []
+        for j, name in enumerate(names):
+            loss, _, weight = parts.heads[name]
+            heads.append(loss * (counts[2 + j] / totals[2 + j]))
+            total = total + weight * heads[-1]
         mtp = paddle.zeros([], dtype="float32")
         if parts.mtp is not None:
             mtp = parts.mtp * (counts[1] / totals[1])
@@ -151,9 +159,10 @@ class Distributed(SingleProcess):
             total = total + model_cfg.moe.aux_loss_weight * aux
         if model_cfg.moe.z_loss_weight > 0:
             total = total + model_cfg.moe.z_loss_weight * z
-        shares = np.array([float(v) for v in (total, text, mtp, aux, z)])
+        shares = np.array([float(v) for v in (total, text, mtp, aux, z, *heads)])
         values = comm.all_reduce_numpy(shares, self.group("data"))
-        return total, dict(zip(("loss", "loss/text", "loss/mtp", "loss/aux", "loss/z"), values.tolist()))
+        keys = ("loss", "loss/text", "loss/mtp", "loss/aux", "loss/z", *(f"loss/{k}" for k in names))
+        return total, dict(zip(keys, values.tolist()))
 
     # ------------------------------------------------------------------ gradients
     @paddle.no_grad()

@@ -1,4 +1,5 @@
-"""Elastic (once-for-all) training: draw a sub-model view for every micro-batch.
+"""Elastic (once-for-all) training: draw a sub-model view for every micro-batch (and, with
+elastic.full_every_step, train the full model on the same micro-batch beside it).
 
 The draws come from a generator seeded by train.seed and saved in checkpoints, so an elastic run is
 reproducible and resumes exactly. The sub-model trains through the same parameters and the same loss
@@ -40,6 +41,15 @@ class ElasticSampler:
         if u_topk >= cfg.topk_full_prob and self.top_k > 1:
             top_k = int(rng.integers(1, self.top_k))
         return ElasticView(layers=layers, experts=experts, top_k=top_k)
+
+    def sample_views(self) -> list[ElasticView]:
+        """The views one micro-batch trains: the sampled one, preceded by the full model when
+        `full_every_step` is set and the draw is a proper sub-model (ERNIE5.md: the full model and the
+        sampled sub-models are optimised in the same backward pass)."""
+        view = self.sample()
+        if self.cfg.enabled and self.cfg.full_every_step and view != FULL_VIEW:
+            return [FULL_VIEW, view]
+        return [view]
 
     def state_dict(self) -> dict:
         return self.rng.bit_generator.state

@@ -53,6 +53,12 @@ class RunLogger:
         if self._vdl is not None:
             self._vdl.add_text(tag=tag, text_string=text, step=step)
 
+    def audio(self, step: int, tag: str, wave: np.ndarray, sample_rate: int) -> None:
+        """Mono float audio in [-1, 1] (VisualDL plays it)."""
+        if self._vdl is not None:
+            self._vdl.add_audio(tag=tag, audio_array=np.clip(np.asarray(wave, np.float32), -1, 1), step=step,
+                                sample_rate=sample_rate)
+
     def hparams(self, flat_config: dict, metrics: list[str]) -> None:
         if self._vdl is not None:
             hp = {k: (v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else str(v))

@@ -1,4 +1,4 @@
-"""Optimizer: AdamW with decoupled weight decay, global-norm clipping, portable state.
+"""Optimizer: AdamW with decoupled weight decay, gradient clipping (global norm or AdaGC), portable state.
 
 Paddle names optimizer state after auto-generated parameter names (`linear_3.w_0_moment1_0`), which
 change with creation order. Checkpoints store it under the model's structured names instead
@@ -7,10 +7,13 @@ change with creation order. Checkpoints store it under the model's structured na
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 import paddle
 
-from ..config import TrainConfig
+from ..config import ClipConfig, TrainConfig
 
 _NO_DECAY_SUFFIXES = ("norm.weight", "bias")
 
@@ -44,6 +47,107 @@ def clip_by_global_norm(params, max_norm: float) -> float:
         for p in params:
             p.grad.scale_(scale)
     return norm
+
+
+@paddle.no_grad()
+def tensor_sq_norms(params) -> np.ndarray:
+    """Squared L2 norm of each parameter's gradient (fp32 sums, returned as float64), in order."""
+    if not params:
+        return np.zeros(0, dtype=np.float64)
+    sums = [paddle.sum(p.grad.astype("float32") ** 2) for p in params]
+    return paddle.stack(sums).numpy().astype(np.float64)
+
+
+@dataclass
+class ClipStats:
+    norm: float  # global L2 norm of the gradients before clipping
+    fraction_clipped: float  # share of tensors whose clip factor was < 1
+    mean_factor: float  # mean clip factor over the tensors with a gradient
+
+    def metrics(self) -> dict[str, float]:
+        return {"train/grad_norm": self.norm, "clip/fraction_clipped": self.fraction_clipped,
+                "clip/mean_factor": self.mean_factor}
+
+
+def global_clip_stats(norm: float, max_norm: float) -> ClipStats:
+    """What global-norm clipping did to every tensor at once (the factor of clip_by_global_norm)."""
+    factor = max_norm / (norm + 1e-6) if max_norm > 0 and norm > max_norm else 1.0
+    return ClipStats(norm, float(factor < 1.0), factor)
+
+
+class AdaGC:
+    """Adaptive per-tensor gradient clipping (AdaGC, arXiv 2502.11034); the formulas are in
+    config.ClipConfig. State: gamma (the EMA of clipped norms) per structured parameter name and the
+    number of steps clipped so far; both go into the optimizer checkpoint (`state_dict`).
+
+    Call `clip` once per optimizer step, after gradient accumulation and the parallel reduction, with
+    the norms of the full gradients (`sq_norms`; under expert parallelism the expert tensors' squares
+    summed over the expert ranks). A tensor whose clipped norm is 0 (no tokens reached it) leaves gamma
+    unchanged, so a silent expert is not frozen by a zero threshold; a tensor seen for the first time
+    after the warm-up starts its EMA at its own norm, unclipped."""
+
+    STEP_KEY = "adagc::step"
+    GAMMA_PREFIX = "adagc::gamma::"
+
+    def __init__(self, cfg: ClipConfig, lambda_abs: float):
+        self.cfg = cfg
+        self.lambda_abs = lambda_abs
+        self.gamma: dict[str, float] = {}
+        self.step = 0
+
+    def factors(self, names: list[str], norms: np.ndarray) -> np.ndarray:
+        """Clip factor h per tensor for gradient norms `norms`; updates gamma and the step."""
+        cfg = self.cfg
+        norms = np.asarray(norms, dtype=np.float64)
+        if self.step < cfg.warmup_steps:
+            total = math.sqrt(float(np.sum(norms ** 2)))
+            h = min(1.0, self.lambda_abs / total) if self.lambda_abs > 0 and total > 0 else 1.0
+            out = np.full(len(names), h)
+            for name, n in zip(names, norms):
+                if h * n > 0:
+                    self.gamma[name] = min(self.gamma.get(name, math.inf), h * n)
+        else:
+            out = np.ones(len(names))
+            for i, (name, n) in enumerate(zip(names, norms)):
+                prev = self.gamma.get(name)
+                if prev is not None and n > 0:
+                    out[i] = min(1.0, cfg.lambda_rel * prev / n)
+                clipped = out[i] * n
+                if clipped > 0:
+                    self.gamma[name] = clipped if prev is None else cfg.beta * prev + (1 - cfg.beta) * clipped
+        self.step += 1
+        return out
+
+    @paddle.no_grad()
+    def clip(self, named_params, sq_norms: np.ndarray | None = None) -> ClipStats:
+        """Clip the gradients of (name, parameter) pairs in place. `sq_norms`: the squared norms of the
+        full gradients of the pairs that have one, in order (default: computed here, one process)."""
+        named = [(n, p) for n, p in named_params if p.grad is not None]
+        if sq_norms is None:
+            sq_norms = tensor_sq_norms([p for _, p in named])
+        norms = np.sqrt(np.asarray(sq_norms, dtype=np.float64))
+        h = self.factors([n for n, _ in named], norms)
+        for (_, p), factor in zip(named, h):
+            if factor < 1.0:
+                p.grad.scale_(float(factor))
+        return ClipStats(math.sqrt(float(np.sum(norms ** 2))), float(np.mean(h < 1.0)) if len(h) else 0.0,
+                         float(np.mean(h)) if len(h) else 1.0)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        out = {self.STEP_KEY: np.array([self.step], dtype=np.int64)}
+        out.update({self.GAMMA_PREFIX + n: np.array([g], dtype=np.float64) for n, g in self.gamma.items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.step = int(state[self.STEP_KEY][0]) if self.STEP_KEY in state else 0
+        self.gamma = {k[len(self.GAMMA_PREFIX):]: float(v[0]) for k, v in state.items()
+                      if k.startswith(self.GAMMA_PREFIX)}
+
+    @classmethod
+    def split_state(cls, state: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        """(optimizer moments, AdaGC entries) of a checkpoint's optimizer state."""
+        mine = {k: v for k, v in state.items() if k.startswith("adagc::")}
+        return {k: v for k, v in state.items() if k not in mine}, mine
 
 
 def apply_update(model, optimizer, step: int, cfg: TrainConfig) -> tuple[float, float]:

@@ -31,16 +31,25 @@ from ..parallel.runtime import SingleProcess
 from . import checkpoint
 from .elastic import ElasticSampler, LoadAccumulator
 from .logging import RunLogger, flatten, heatmap_image, load_balance
-from .losses import IGNORE, compute_loss
+from .losses import IGNORE, compute_loss, document_ids, sample_anchors, simreg_loss
+from .optim import AdaGC, global_clip_stats, tensor_sq_norms
 from .schedules import learning_rate
 
 
+_TEXT_KEYS = ("input_ids", "labels", "token_types", "positions", "startend_row_indices", "mask_causal")
+
+
 def to_model_batch(np_batch: dict) -> dict:
-    """Numpy batch from the data pipeline -> model inputs (positions broadcast to t = h = w)."""
+    """Numpy batch from the data pipeline -> model inputs (positions broadcast to t = h = w). Keys
+    beyond the text ones (modality inputs and targets, data/mixture.py) become tensors as they are:
+    floating arrays float32, integer arrays int64."""
     pos = np_batch["positions"]
     if pos.ndim == 2:
         pos = np.broadcast_to(pos[:, None, :], (pos.shape[0], 3, pos.shape[1]))
+    extras = {k: paddle.to_tensor(v, dtype="float32" if np.issubdtype(v.dtype, np.floating) else "int64")
+              for k, v in np_batch.items() if k not in _TEXT_KEYS and isinstance(v, np.ndarray)}
     return {
+        **extras,
         "input_ids": paddle.to_tensor(np_batch["input_ids"], dtype="int64"),
         "labels": paddle.to_tensor(np_batch["labels"], dtype="int64"),
         "token_types": paddle.to_tensor(np_batch["token_types"], dtype="int64"),
@@ -77,12 +86,19 @@ class Trainer:
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         tc, dc = cfg.train, cfg.data
         paddle.seed(tc.seed)
-        self.tokenizer, self.loader, self.val_packed = build_text_data(
+        self.tokenizer, self.text_loader, self.val_packed = build_text_data(
             dc.cache_dir, cfg.model.vocab_size, dc.seq_len, tc.batch_size, tc.seed, dc.bpe_dropout,
             dc.val_fraction)
+        self.loader = self.text_loader
+        if dc.mixture.enabled:  # multimodal tasks: data/mixture.py (validation stays the text split)
+            from ..data.mixture import MixtureContext, MixtureLoader
+
+            ctx = MixtureContext(cfg, self.tokenizer, "train", self.text_loader.docs_ids_fn(0))
+            self.loader = MixtureLoader(ctx, tc.batch_size, tc.seed)
         self.model = self.par.wrap_model(Ernie5Model(cfg.model))
         self.optimizer = self.par.build_optimizer(self.model, tc)
         self.elastic = ElasticSampler(cfg.elastic, cfg.model, tc.seed)
+        self.adagc = AdaGC(tc.clip, tc.clip.lambda_abs or tc.clip_norm) if tc.clip.mode == "adagc" else None
         self.step = 0
 
     # ------------------------------------------------------------------ state
@@ -97,6 +113,8 @@ class Trainer:
 
     def save(self) -> str | None:
         model_state, optim_state = self.par.full_states(self.model, self.optimizer)
+        if self.adagc is not None:  # identical on every rank: it sees the norms of the full gradients
+            optim_state = {**optim_state, **self.adagc.state_dict()}
         path = None
         if self.par.is_main:
             path = checkpoint.save(self.ckpt_root, self.step, model_state, optim_state,
@@ -110,7 +128,10 @@ class Trainer:
         if found is None:
             return False
         path, model_state, optim_state, meta = found
+        optim_state, adagc_state = AdaGC.split_state(optim_state)
         self.par.load_states(self.model, self.optimizer, model_state, optim_state)
+        if self.adagc is not None:
+            self.adagc.load_state_dict(adagc_state)
         self.loader.load_state_dict(meta["data"])
         self.elastic.load_state_dict(meta["elastic"])
         paddle.set_rng_state(pickle.loads(base64.b64decode(meta["paddle_rng"])))
@@ -129,24 +150,39 @@ class Trainer:
         loads = LoadAccumulator()
         sums = {"loss": 0.0, "loss/text": 0.0, "loss/mtp": 0.0, "loss/aux": 0.0, "loss/z": 0.0}
         tokens = 0
-        for _ in range(cfg.train.grad_accum):
+        sim = cfg.train.simreg
+        for micro in range(cfg.train.grad_accum):
             global_batch = self.loader.next_batch()
-            batch = to_model_batch(self.par.shard_batch(global_batch))
-            view = self.elastic.sample()  # same seed on every rank: every rank runs the same view
-            out = self.model(batch, view)
-            parts = compute_loss(out, batch["labels"], cfg.model)
-            loss, values = self.par.objective(parts, batch["labels"], cfg.model)
-            (loss / cfg.train.grad_accum).backward()
-            for key, value in values.items():
-                sums[key] += value
+            if sim.enabled:  # drawn for the global batch, from counters only: any rank count, resume
+                rng = np.random.default_rng([cfg.train.seed, self.step, micro])
+                global_batch = {**global_batch,
+                                "simreg_anchors": sample_anchors(global_batch["labels"], sim.max_anchors, rng)}
+            local = self.par.shard_batch(global_batch)
+            anchors = local.pop("simreg_anchors", None)
+            batch = to_model_batch(local)
+            # Same seed on every rank: every rank runs the same views. With elastic.full_every_step
+            # the full model and the sampled sub-model share the micro-batch (mean of their losses).
+            views = self.elastic.sample_views()
+            for j, view in enumerate(views):
+                out = self.model(batch, view)
+                parts = compute_loss(out, batch["labels"], cfg.model, self.model.head_losses(out, batch))
+                loss, values = self.par.objective(parts, batch["labels"], cfg.model)
+                if sim.enabled:
+                    loss = loss + sim.weight * self._simreg_share(out.hidden, batch, anchors, values)
+                (loss / (cfg.train.grad_accum * len(views))).backward()
+                if j == 0:  # logged losses are those of the first view (the full model when shared)
+                    for key, value in values.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                else:
+                    sums["elastic/sub_loss"] = sums.get("elastic/sub_loss", 0.0) + values["loss"]
+                for i, s in out.router_stats.items():
+                    loads.add(i, s.load_E.numpy(), s.expert_mask_E)
             tokens += int(global_batch["input_ids"].size)
-            for i, s in out.router_stats.items():
-                loads.add(i, s.load_E.numpy(), s.expert_mask_E)
         self.par.reduce_gradients(self.model)
         loads.load = self.par.reduce_loads(loads.load)
-        lr = learning_rate(self.step, cfg.train)
+        lr = self.learning_rate_at(self.step)
         self.optimizer.set_lr(lr)
-        grad_norm = self.par.clip(self.model, cfg.train.clip_norm)
+        clip = self._clip()
         self.par.optimizer_step(self.model, self.optimizer)
         self.optimizer.clear_grad(set_to_zero=False)
         for i, moe in self.model.moe_layers():
@@ -155,13 +191,51 @@ class Trainer:
                 moe.router.update_selection_bias(load, cfg.model.moe.bias_update_rate, seen)
         self.step += 1
         metrics = {k: v / cfg.train.grad_accum for k, v in sums.items()}
-        metrics.update({"train/lr": lr, "train/grad_norm": grad_norm, "_tokens": tokens})
+        metrics.update({"train/lr": lr, **clip.metrics(), "_tokens": tokens})
         for i, load in loads.load.items():
             ent, max_mean = load_balance(load)
             metrics[f"moe/entropy/layer{i}"] = ent
             metrics[f"moe/max_over_mean/layer{i}"] = max_mean
         self._last_loads = loads.load
         return metrics
+
+    def learning_rate_at(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (train.schedule); tools/ablate.py overrides it to
+        inject a spike."""
+        return learning_rate(step, self.cfg.train)
+
+    def _simreg_share(self, hidden, batch, anchors, values: dict):
+        """This rank's share of the SimReg mean over every anchor of the global batch (one process:
+        the mean). Adds loss/simreg to `values` and its weighted value to values["loss"]."""
+        sim_sum, count = simreg_loss(hidden, batch["labels"], document_ids(batch["startend_row_indices"]),
+                                     paddle.to_tensor(anchors), self.cfg.train.simreg.temperature)
+        total_sum, total_count = self._sum_over_data_ranks(np.array([float(sim_sum), float(count)]))
+        values["loss/simreg"] = total_sum / max(total_count, 1.0)
+        values["loss"] += self.cfg.train.simreg.weight * values["loss/simreg"]
+        return sim_sum / max(total_count, 1.0)
+
+    def _sum_over_data_ranks(self, values: np.ndarray) -> np.ndarray:
+        if self.par.world_size == 1:
+            return values
+        from ..parallel import comm
+
+        return comm.all_reduce_numpy(values, self.par.group("data"))
+
+    def _clip(self):
+        """Clip the reduced gradients once per optimizer step: train.clip.mode global or adagc."""
+        tc = self.cfg.train
+        if self.adagc is None:
+            norm = self.par.clip(self.model, tc.clip_norm)
+            return global_clip_stats(norm, tc.clip_norm)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        sq = tensor_sq_norms([p for _, p in named])
+        if getattr(self.par, "ep", 1) > 1:  # expert tensors hold 1/ep of the rows on each rank
+            from ..parallel import comm
+
+            rows = [i for i, (n, _) in enumerate(named) if n in self.par.expert_names]
+            if rows:
+                sq[rows] = comm.all_reduce_numpy(sq[rows], self.par.group("ep"))
+        return self.adagc.clip(named, sq)
 
     @paddle.no_grad()
     def evaluate(self) -> float:
@@ -202,6 +276,10 @@ class Trainer:
             for j in range(len(prompts)):
                 logger.text(self.step, "samples/text", self.tokenizer.decode(prompts[j].tolist()) + " ⟶ "
                             + self.tokenizer.decode(sample.tokens[j].tolist()))
+            if "audio" in self.cfg.model.modalities:  # generated speech, VisualDL samples/speech/*
+                from ..eval.audio import log_speech_samples
+
+                log_speech_samples(self.model, self.cfg, self.tokenizer, logger, self.step)
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_at: int | None = None) -> FitResult:
@@ -210,8 +288,13 @@ class Trainer:
         os.makedirs(self.run_dir, exist_ok=True)
         if self.par.is_main:
             C.save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-        if not self.try_resume() and tc.init_from:
-            self.init_weights(tc.init_from)
+        if not self.try_resume():
+            if tc.init_from:
+                self.init_weights(tc.init_from)
+            else:  # a fresh run: layers that start from a frozen tokenizer (model/audio.py codebooks)
+                for layer in self.model.sublayers():
+                    if hasattr(layer, "init_fresh"):
+                        layer.init_fresh()
         params = count_params(cfg.model)
         self.log(f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M "
                  f"activated per token; run dir {self.run_dir}")
@@ -250,7 +333,7 @@ class Trainer:
         return FitResult(self.step, val_loss, float("nan"), self.run_dir)
 
     def unigram_loss(self) -> float:
-        return unigram_baseline(self.loader.docs_ids_fn(0), self.val_packed["labels"],
+        return unigram_baseline(self.text_loader.docs_ids_fn(0), self.val_packed["labels"],
                                 self.cfg.model.vocab_size)
 
 
@@ -260,7 +343,7 @@ class _NullLogger:
     def scalars(self, *_):
         pass
 
-    histogram = hparams = scalars
+    histogram = hparams = image = text = scalars
 
     def close(self):
         pass

@@ -133,3 +133,55 @@ def test_impossible_export_is_refused(trained_run, tmp_path, layers, experts, to
     with pytest.raises(ExportError, match=needle.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         export_from_checkpoint(trained_run.train.run_dir, layers, experts, top_k, str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+def test_full_every_step_trains_the_full_model_beside_each_sub_model(debug_config):
+    """With full_every_step the step's gradient is the mean of the full model's and the sub-model's
+    gradients on the same micro-batch, and the logged loss is the full model's."""
+    from paddle_ernie5.model.view import FULL_VIEW
+    from paddle_ernie5.train.losses import compute_loss
+
+    always_sub = ["elastic.enabled=true", "elastic.depth_full_prob=0", "elastic.width_full_prob=0",
+                  "elastic.topk_full_prob=0", "train.clip_norm=0"]
+    cfg = debug_config(*always_sub)
+    sampler = ElasticSampler(cfg.elastic, cfg.model, seed=1)
+    views = sampler.sample_views()
+    assert len(views) == 2 and views[0] == FULL_VIEW and views[1] != FULL_VIEW
+    alone = ElasticSampler(debug_config(*always_sub, "elastic.full_every_step=false").elastic, cfg.model, 1)
+    assert alone.sample_views() == [views[1]]
+
+    trainer = Trainer(cfg, log=lambda *_: None)
+    model = trainer.model
+    state = trainer.elastic.state_dict()
+    views = trainer.elastic.sample_views()  # the views train_step will draw
+    trainer.elastic.load_state_dict(state)
+    batch = to_model_batch(trainer.loader.batch_at(0) if hasattr(trainer.loader, "batch_at")
+                           else _peek(trainer.loader))
+    grads = []
+    for view in views:
+        out = model(batch, view)
+        compute_loss(out, batch["labels"], cfg.model).total.backward()
+        grads.append({p.name: p.grad.numpy().copy() for p in model.parameters() if p.grad is not None})
+        model.clear_gradients()
+    full_loss = float(compute_loss(model(batch, FULL_VIEW), batch["labels"], cfg.model).total)
+    captured = {}
+    orig_step = trainer.optimizer.step
+
+    def spy():
+        captured.update({p.name: p.grad.numpy().copy() for p in model.parameters() if p.grad is not None})
+        orig_step()
+
+    trainer.optimizer.step = spy
+    metrics = trainer.train_step()
+    assert metrics["loss"] == pytest.approx(full_loss, rel=1e-5)
+    assert "elastic/sub_loss" in metrics
+    name = model.embed.text_table().weight.name
+    expected = 0.5 * (grads[0][name] + grads[1].get(name, 0.0))
+    np.testing.assert_allclose(captured[name], expected, rtol=1e-4, atol=1e-7)
+
+
+def _peek(loader):
+    state = loader.state_dict()
+    batch = loader.next_batch()
+    loader.load_state_dict(state)
+    return batch

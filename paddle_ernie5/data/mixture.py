@@ -1,0 +1,163 @@
+"""The multimodal pretraining mixture: tasks that turn built-in data into documents of `Segment`s, and a
+loader that samples them by weight (data.mixture) and packs them into rows (data/multimodal.py).
+
+A task is registered by name (the fields of config.MixtureConfig) with a factory taking the
+`MixtureContext` (config, text tokenizer, split) and returning a `TaskSource`:
+
+    len(source)                   number of distinct items of the split
+    source.document(i, rng)       one document: a list of Segments (text, image scales, audio frames...)
+
+Text is built in here; vision (model/vision.py's data side) and audio register their tasks from their
+own modules, imported by `load_task_modules`. Row r of step t is drawn from Generator([seed, t]) alone,
+so the loader's whole state is the step: resuming gives the same batches.
+
+Legend: S row length, N rows.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from ..config import SPECIAL_TOKENS, Config
+from .multimodal import Segment, pack_segments, text_segment
+
+
+class TaskSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def document(self, index: int, rng: np.random.Generator) -> list[Segment]: ...
+
+
+@dataclass
+class MixtureContext:
+    cfg: Config
+    tokenizer: object  # tokenizers/text.TextTokenizer
+    split: str  # "train" | "val"
+    text_docs: list[list[int]] = field(default_factory=list)  # encoded text corpus of the split
+    cache: dict = field(default_factory=dict)  # shared by the tasks of one modality (tokenised data)
+
+    def special_id(self, name: str) -> int:
+        """Id of a modality delimiter, e.g. special_id("<boi>") (config.SPECIAL_TOKENS)."""
+        return self.cfg.model.vocab_size + SPECIAL_TOKENS.index(name)
+
+    def text(self, s: str) -> list[int]:
+        return list(self.tokenizer.encode(s))
+
+
+TASKS: dict[str, Callable[[MixtureContext], TaskSource]] = {}
+# Modules that register tasks on import (data for the image/video and audio tasks).
+TASK_MODULES = ("paddle_ernie5.data.vision_tasks", "paddle_ernie5.data.audio_tasks")
+
+
+def register_task(name: str):
+    def wrap(factory):
+        TASKS[name] = factory
+        return factory
+
+    return wrap
+
+
+def load_task_modules() -> None:
+    for mod in TASK_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+class TextTask:
+    """A random window of a corpus document, <bos> first; long documents give several windows."""
+
+    def __init__(self, ctx: MixtureContext):
+        self.docs = [d for d in ctx.text_docs if len(d) > 0]
+        self.bos = ctx.tokenizer.bos_id
+        self.max_len = ctx.cfg.data.seq_len
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def document(self, index: int, rng: np.random.Generator) -> list[Segment]:
+        doc = self.docs[index]
+        n = int(rng.integers(max(8, self.max_len // 4), self.max_len))  # row share, <bos> included
+        start = int(rng.integers(0, max(1, len(doc) - (n - 1) + 1)))
+        return [text_segment([self.bos] + doc[start:start + n - 1])]
+
+
+register_task("text")(TextTask)
+
+
+def draw_documents(sources: dict[str, TaskSource], weights: dict[str, float], rng: np.random.Generator,
+                   seq_len: int, rows: int) -> tuple[list[list[Segment]], list[str]]:
+    """Documents (and their task names) filling `rows` rows of `seq_len` in packing order."""
+    names = [k for k, w in weights.items() if w > 0]
+    p = np.array([weights[k] for k in names], dtype=np.float64)
+    p /= p.sum()
+    docs, tasks = [], []
+    row, used = 0, 0
+    misses = 0
+    while row < rows:
+        name = names[int(rng.choice(len(names), p=p))]
+        src = sources[name]
+        doc = src.document(int(rng.integers(0, len(src))), rng)
+        n = sum(len(s) for s in doc)
+        if n > seq_len:
+            raise ValueError(f"a {name!r} document has {n} positions, more than data.seq_len={seq_len}; "
+                             "raise data.seq_len (and model.max_seq_len) or shrink the modality")
+        if used + n > seq_len:
+            if used == 0 or misses >= 4 or row + 1 >= rows:
+                row, used, misses = row + 1, 0, 0  # close the row (padding) and start the next
+                if row >= rows:
+                    break
+            else:
+                misses += 1  # try a few more draws that may still fit this row
+                continue
+        docs.append(doc)
+        tasks.append(name)
+        used += n
+    return docs, tasks
+
+
+class MixtureLoader:
+    """Infinite stream of packed multimodal batches (numpy), `batch_size` rows each."""
+
+    def __init__(self, ctx: MixtureContext, batch_size: int, seed: int):
+        load_task_modules()
+        weights = ctx.cfg.data.mixture.weights()
+        missing = [k for k, w in weights.items() if w > 0 and k not in TASKS]
+        if missing:
+            raise ValueError(f"data.mixture gives weight to {missing}, which no module registers; "
+                             f"registered: {sorted(TASKS)}")
+        self.weights = weights
+        self.sources = {k: TASKS[k](ctx) for k, w in weights.items() if w > 0}
+        self.seq_len = ctx.cfg.data.seq_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = ctx.tokenizer.pad_id
+        self.step = 0
+        self.last_tasks: list[str] = []
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, step])
+        docs, tasks = draw_documents(self.sources, self.weights, rng, self.seq_len, self.batch_size)
+        self.last_tasks = tasks
+        batch = pack_segments(docs, self.seq_len, self.pad_id)
+        n = batch["input_ids"].shape[0]
+        if n != self.batch_size:
+            raise AssertionError(f"packed {n} rows, expected {self.batch_size}")
+        return batch
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
