@@ -105,6 +105,13 @@ def cmd_routing_report(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    _set_threads(0)
+    from . import generate
+
+    return generate.run(args)
+
+
 def cmd_plan(args) -> int:
     """Parameters, memory per device and tokens per step of a recipe under its parallel degrees."""
     from .parallel.planner import format_plan, make_plan
@@ -158,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="output directory (default: <run>/routing_report)")
     p.add_argument("--max-batches", type=int, default=4, help="held-out batches per task")
     p.set_defaults(fn=cmd_routing_report)
+    p = sub.add_parser("generate", help="images (PNG), clips (GIF) from captions; answers about an "
+                       "image; speech (WAV) from text; transcripts of a WAV")
+    from . import generate
+
+    generate.add_arguments(p)
+    p.set_defaults(fn=cmd_generate)
     return parser
 
 

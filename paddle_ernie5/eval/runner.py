@@ -42,6 +42,16 @@ def evaluate_run(path: str, elastic_grid: bool = False, compare: list[str] = (),
         report = ("| metric | value | baseline |\n|---|---:|---:|\n"
                   f"| text perplexity (validation) | {m['text/ppl']:.2f} | unigram {m['text/unigram_ppl']:.1f} |\n"
                   f"| decode tokens/s (batch 1, greedy) | {m['decode/tokens_per_s']:.0f} | |\n")
+        if "audio" in cfg.model.modalities:  # ASR and TTS beside chance (eval/audio.py)
+            from .audio import audio_metrics, report_rows
+
+            m.update(audio_metrics(cfg, model, ev.tokenizer, log))
+            report += report_rows(m)
+        if {"image", "video"} & set(cfg.model.modalities):  # vision beside chance (eval/vision_eval.py)
+            from . import vision_eval
+
+            m.update(vision_eval.vision_metrics(cfg, model, ev.tokenizer, log=log))
+            report += vision_eval.report_rows(m)
         name = "eval"
     with open(os.path.join(out_dir, f"{name}.md"), "w", encoding="utf-8") as f:
         f.write(report)

@@ -1,7 +1,9 @@
 """The evaluation suite: metrics of one model (optionally in an elastic view) on held-out data.
 
 Text: next-token cross-entropy and perplexity on the validation split, beside the unigram baseline.
-Decode speed: greedy tokens/s with the KV cache. Other modalities add their metrics here.
+Decode speed: greedy tokens/s with the KV cache. Other modalities add their metrics here; speech
+(ASR word accuracy, TTS intelligibility, each beside chance) is in eval/audio.py; vision (image QA,
+judged text -> image, video direction QA, each beside chance) in eval/vision_eval.py.
 """
 
 from __future__ import annotations

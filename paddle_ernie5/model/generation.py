@@ -67,8 +67,11 @@ def _text_batch(ids_BS, start: int) -> dict:
 @paddle.no_grad()
 def generate(model, prompt_BP: np.ndarray, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, stop_id: int | None = None, pad_id: int = 0, seed: int = 0,
-             view: ElasticView = FULL_VIEW, record_routing: bool = False) -> Sample:
-    """Sample continuations of equal-length prompts. temperature 0 = greedy."""
+             view: ElasticView = FULL_VIEW, record_routing: bool = False,
+             prompt_extras: dict[str, np.ndarray] | None = None) -> Sample:
+    """Sample continuations of equal-length prompts. temperature 0 = greedy. `prompt_extras`: more
+    batch arrays [B, P, ...] for the prompt only (token_types and the codes of a spoken prompt, say);
+    the sampled tokens are text."""
     model.eval()
     rng = np.random.default_rng(seed)
     prompt = paddle.to_tensor(np.asarray(prompt_BP, dtype=np.int64))
@@ -76,14 +79,17 @@ def generate(model, prompt_BP: np.ndarray, max_new_tokens: int, *, temperature: 
     cache = KVCache()
     routes: dict[int, list[np.ndarray]] = {}
 
-    def forward(ids_BS):
-        out = model(_text_batch(ids_BS, cache.length()), view, with_mtp=False, cache=cache)
+    def forward(ids_BS, extras=None):
+        batch = _text_batch(ids_BS, cache.length())
+        batch.update({k: paddle.to_tensor(v, dtype="float32" if np.issubdtype(v.dtype, np.floating)
+                                          else "int64") for k, v in (extras or {}).items()})
+        out = model(batch, view, with_mtp=False, cache=cache)
         if record_routing:
             for i, stats in out.router_stats.items():
                 routes.setdefault(i, []).append(stats.topk_ids_TK.numpy().reshape(b, ids_BS.shape[1], -1))
         return out.logits[:, -1]
 
-    logits = forward(prompt)
+    logits = forward(prompt, prompt_extras)
     tokens = np.full([b, max_new_tokens], pad_id, dtype=np.int64)
     logprobs = np.zeros([b, max_new_tokens], dtype=np.float32)
     done = np.zeros([b], dtype=bool)

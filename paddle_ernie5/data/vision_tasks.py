@@ -1,0 +1,337 @@
+"""Vision tasks of the pretraining mixture: image_gen, image_qa, video_gen, video_qa.
+
+The built-in digits (data/digits.py) are coded once by the frozen visual tokenizer
+(model.vision.tokenizer_dir) and cached in data.cache_dir under the hash of the tokenizer's files, so
+training never runs the tokenizer. Per sample the cache holds the bit tokens of every frame (signs,
+int8) and the pre-quantisation features (float16).
+
+Documents (positions in brackets are one attention block; t/h/w from model/vision.py):
+
+    image_gen   <bos> caption <boi> [scale 0] [scale 1] ... [scale n-1] <eoi>
+    video_gen   <bos> caption <bov> [f0 s0] [f0 s1] [f0 s2] [f1 s0] ... <eov>
+    image_qa    <bos> <boi> [merged patches] <eoi> (question answer)+ <eos>  (loss on answers, <eos>)
+    video_qa    <bos> <bov> [merged patches] <eov> (question answer)+ <eos>
+
+The caption is the only text with a loss in the generation documents besides the <boi>/<bov> that
+follows it; with probability cond_drop_prob it is dropped (unconditional rows for guidance). Images
+of held-out (digit, colour, background) combinations never appear in image_gen training: the judged
+text-to-image accuracy is measured on their captions. Video: in training each earlier frame is
+hidden from the later ones with probability frame_mask_prob, and a frame never sees more than
+temporal_window earlier frames (Segment.horizon).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import Config, VisionModelConfig
+from ..io import save_npz
+from ..model.vision import (IMAGE_ID, VIDEO_ID, FEATURE_KEY, generation_positions, history_bits,
+                            span_extent)
+from .digits import (digit_images, digit_videos, image_caption, image_questions, video_caption,
+                     video_questions)
+from .mixture import MixtureContext, register_task
+from .multimodal import Segment, text_segment
+from .packing import IGNORE
+
+CACHE_VERSION = 1
+DELIMITERS = {"image": ("<boi>", "<eoi>"), "video": ("<bov>", "<eov>")}
+
+
+# ------------------------------------------------------------------------------ encoded data set
+
+
+@dataclass(frozen=True)
+class EncodedSet:
+    tokens: np.ndarray  # int8 [N, T, tokens per frame, bits] in {-1, +1}, scale order
+    feats: np.ndarray  # float16 [N, T, K, h, w] pre-quantisation features
+    labels: dict  # digit, fg, bg (+ direction, speed in pixels per frame for videos)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def tokenizer_fingerprint(path: str) -> str:
+    """Hash of a tokenizer checkpoint's files (weights and config)."""
+    if os.path.isdir(os.path.join(path, "tokenizer")):
+        path = os.path.join(path, "tokenizer")
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        with open(os.path.join(path, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def load_visual_tokenizer(vcfg: VisionModelConfig):
+    from ..errors import UserError
+    from ..tokenizers.visual import VisualTokenizer
+
+    try:
+        tok = VisualTokenizer.load(vcfg.tokenizer_dir)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.vision.tokenizer_dir={vcfg.tokenizer_dir!r}: {e}") from None
+    if tok.cfg.bits != vcfg.bits or tuple(tok.cfg.scales) != tuple(vcfg.scales):
+        raise UserError(f"model.vision (bits={vcfg.bits}, scales={list(vcfg.scales)}) does not match the "
+                        f"tokenizer at {vcfg.tokenizer_dir} (bits={tok.cfg.bits}, "
+                        f"scales={list(tok.cfg.scales)}); set model.vision.bits/scales to its values")
+    return tok
+
+
+def encode_frames(tok, pixels: np.ndarray, num_scales: int, batch: int = 128):
+    """pixels [N, T, 3, H, W] -> (tokens int8 [N, T, tokens per frame, bits], feats float16)."""
+    import paddle
+
+    tokens, feats = [], []
+    with paddle.no_grad():
+        for i in range(0, len(pixels), batch):
+            f, codes = tok.encode(pixels[i:i + batch])
+            codes = codes[:num_scales]
+            n, t = codes[0].shape[:2]
+            flat = [c.reshape([n, t, -1, c.shape[-1]]) for c in codes]
+            tokens.append(paddle.concat(flat, axis=2).numpy().astype(np.int8))
+            feats.append(f.numpy().astype(np.float16))
+    return np.concatenate(tokens), np.concatenate(feats)
+
+
+def encoded_digits(cfg: Config, kind: str, split: str, tok=None) -> EncodedSet:
+    """The digits of `kind` (image | video) and `split` (train | heldout), coded by the tokenizer at
+    model.vision.tokenizer_dir; built once and cached under the tokenizer's fingerprint."""
+    v = cfg.model.vision
+    tag = f"{kind}_{split}_f{v.video_frames}_s{v.video_scales}" if kind == "video" else f"{kind}_{split}"
+    path = os.path.join(cfg.data.cache_dir,
+                        f"vision_v{CACHE_VERSION}_{tokenizer_fingerprint(v.tokenizer_dir)}_{tag}.npz")
+    if os.path.exists(path):
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    else:
+        tok = tok or load_visual_tokenizer(v)
+        size = tok.cfg.image_size
+        if kind == "image":
+            data = digit_images(split, size=size, cache_dir=cfg.data.cache_dir,
+                                copies=2 if split == "train" else 1)
+            pixels, scales = data.pixels[:, None], len(v.scales)
+        else:
+            data = digit_videos(split, size=size, cache_dir=cfg.data.cache_dir)
+            pixels, scales = data.pixels[:, :v.video_frames], v.video_scales
+        tokens, feats = encode_frames(tok, pixels, scales)
+        arrays = {"tokens": tokens, "feats": feats, **{f"label_{k}": x for k, x in data.labels.items()}}
+        save_npz(path, arrays)
+    labels = {k[6:]: arrays[k].astype(np.int64) for k in arrays if k.startswith("label_")}
+    return EncodedSet(arrays["tokens"], arrays["feats"], labels)
+
+
+def is_heldout_combo(digit: int, fg: int, bg: int, fraction: float) -> bool:
+    """Stable split of (digit, colour, background) combinations by hash."""
+    h = hashlib.blake2b(f"{digit}-{fg}-{bg}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2.0 ** 64 < fraction
+
+
+def caption_of(kind: str, labels: dict, i: int) -> str:
+    l = {k: int(x[i]) for k, x in labels.items()}
+    if kind == "image":
+        return image_caption(l["digit"], l["fg"], l["bg"])
+    return video_caption(l["digit"], l["fg"], l["bg"], l["direction"], l["speed"])
+
+
+def questions_of(kind: str, labels: dict, i: int) -> list[tuple[str, str]]:
+    l = {k: int(x[i]) for k, x in labels.items()}
+    if kind == "image":
+        return image_questions(l["digit"], l["fg"], l["bg"])
+    return video_questions(l["digit"], l["fg"], l["bg"], l["direction"], l["speed"])
+
+
+# ------------------------------------------------------------------------------ segments
+
+
+def generation_segment(tokens_TNb: np.ndarray, v: VisionModelConfig, kind: str, start: int,
+                       rng: np.random.Generator | None = None) -> Segment:
+    """The bit tokens of one image or clip as generation positions; `rng` (training) draws the
+    random masking of historical frames."""
+    frames, per_frame, _ = tokens_TNb.shape
+    scales = v.scales if kind == "image" else v.scales[:v.video_scales]
+    n_scales = len(scales)
+    tokens = tokens_TNb.astype(np.float32)
+    k = np.concatenate([np.full(s * s, i) for i, s in enumerate(scales)])
+    blocks = (np.arange(frames)[:, None] * n_scales + k[None]).reshape(-1)
+    extras = {"vis_in": history_bits(tokens, scales).reshape(frames * per_frame, -1),
+              "vis_target": tokens.reshape(frames * per_frame, -1),
+              "vis_scale": np.tile(k + 1, frames).astype(np.int64)}
+    horizon = None
+    if frames > 1:
+        frame_start = np.arange(frames) * per_frame
+        h = np.full(frames, -1, np.int64)
+        if v.temporal_window:
+            later = np.arange(frames) + v.temporal_window + 1
+            h = np.where(later < frames, later * per_frame, -1)
+        if rng is not None and v.frame_mask_prob > 0:
+            masked = rng.random(frames) < v.frame_mask_prob
+            masked[-1] = False
+            h = np.where(masked, frame_start + per_frame, h)
+        horizon = np.repeat(h, per_frame)
+    type_id = IMAGE_ID if kind == "image" else VIDEO_ID
+    return Segment(np.full(frames * per_frame, type_id, np.int64),
+                   generation_positions(scales, v.scales[-1], frames, start), blocks=blocks,
+                   extras=extras, horizon=horizon)
+
+
+def merged_segment(feats_TKhw: np.ndarray, v: VisionModelConfig, kind: str, start: int) -> Segment:
+    """Pre-quantisation features cut into patch groups (merge x merge cells, and merge_frames frames
+    for video), one bidirectional block; each group becomes one token through the patch merger."""
+    f = feats_TKhw.astype(np.float32)
+    T, K, h, w = f.shape
+    m, mt = v.merge, (1 if kind == "image" else v.merge_frames)
+    if T % mt:
+        raise ValueError(f"{T} frames do not split into groups of merge_frames={mt}")
+    g = f.reshape(T // mt, mt, K, h // m, m, w // m, m).transpose(0, 3, 5, 1, 4, 6, 2)
+    groups = g.reshape(-1, mt * m * m, K)  # [(T/mt) * (h/m) * (w/m), G, K]
+    nt, ny, nx = T // mt, h // m, w // m
+    centre = 2 * m * np.arange(ny) + m - 1  # group centre in doubled latent units
+    t = np.repeat(np.arange(nt), ny * nx)
+    y = np.tile(np.repeat(centre, nx), nt)
+    x = np.tile(np.tile(2 * m * np.arange(nx) + m - 1, ny), nt)
+    n = len(groups)
+    type_id = IMAGE_ID if kind == "image" else VIDEO_ID
+    return Segment(np.full(n, type_id, np.int64), np.stack([start + t, start + y, start + x]).astype(np.int64),
+                   blocks=np.zeros(n, np.int64), extras={FEATURE_KEY[kind]: groups})
+
+
+def generation_prompt(ctx_ids: list[int], bos: int, open_id: int) -> list[int]:
+    """<bos> caption <boi|bov>: what generation is conditioned on."""
+    return [bos, *ctx_ids, open_id]
+
+
+def generation_document(caption_ids: list[int], tokens_TNb: np.ndarray, v: VisionModelConfig, kind: str,
+                        ids: dict, rng: np.random.Generator | None = None) -> list[Segment]:
+    prompt = generation_prompt(caption_ids, ids["bos"], ids[DELIMITERS[kind][0]])
+    start = len(prompt)
+    seg = generation_segment(tokens_TNb, v, kind, start, rng)
+    end = start + span_extent(tokens_TNb.shape[0], v.scales[-1])
+    return [text_segment(prompt), seg, text_segment([ids[DELIMITERS[kind][1]]], end)]
+
+
+def qa_document(feats_TKhw: np.ndarray, question_ids: list[int], answer_ids: list[int],
+                v: VisionModelConfig, kind: str, ids: dict,
+                earlier: list[tuple[list[int], list[int]]] = ()) -> list[Segment]:
+    """<bos> <boi> [patches] <eoi> (q a)* question answer <eos>; only answers and <eos> are targets.
+    `earlier`: question/answer pairs about the same picture asked first."""
+    open_id, close_id = (ids[d] for d in DELIMITERS[kind])
+    seg = merged_segment(feats_TKhw, v, kind, 2)
+    end = 2 + span_extent(feats_TKhw.shape[0], v.scales[-1])
+    tokens, target = [close_id], [False]
+    for q, a in [*earlier, (question_ids, answer_ids)]:
+        tokens += [*q, *a]
+        target += [False] * len(q) + [True] * len(a)
+    tokens.append(ids["eos"])
+    target.append(True)
+    tail = text_segment(tokens, end)
+    tail.labels[:-1] = np.where(target[1:], tail.labels[:-1], IGNORE)
+    head = text_segment([ids["bos"], open_id])
+    head.labels[:] = IGNORE
+    return [head, seg, tail]
+
+
+def special_ids(ctx: MixtureContext) -> dict:
+    out = {name: ctx.special_id(name) for pair in DELIMITERS.values() for name in pair}
+    out.update(bos=ctx.tokenizer.bos_id, eos=ctx.tokenizer.eos_id)
+    return out
+
+
+# ------------------------------------------------------------------------------ tasks
+
+
+def _split(ctx: MixtureContext) -> str:
+    return "train" if ctx.split == "train" else "heldout"
+
+
+def _encoded(ctx: MixtureContext, kind: str) -> EncodedSet:
+    key = ("vision", kind, _split(ctx))
+    if key not in ctx.cache:
+        ctx.cache[key] = encoded_digits(ctx.cfg, kind, _split(ctx))
+    return ctx.cache[key]
+
+
+class GenerationTask:
+    """caption -> image / clip (next-frame-and-scale bits)."""
+
+    kind = "image"
+
+    def __init__(self, ctx: MixtureContext):
+        self.v = ctx.cfg.model.vision
+        self.data = _encoded(ctx, self.kind)
+        self.ids = special_ids(ctx)
+        self.ctx = ctx
+        self.train = ctx.split == "train"
+        lab = self.data.labels
+        keep = np.arange(len(self.data))
+        if self.kind == "image":  # held-out combinations are for measuring generation only
+            keep = np.array([i for i in keep if not is_heldout_combo(
+                int(lab["digit"][i]), int(lab["fg"][i]), int(lab["bg"][i]), self.v.heldout_combo_fraction)])
+        self.index = keep
+        self._captions: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def caption_ids(self, i: int) -> list[int]:
+        if i not in self._captions:
+            self._captions[i] = self.ctx.text(caption_of(self.kind, self.data.labels, i))
+        return self._captions[i]
+
+    def document(self, index: int, rng: np.random.Generator) -> list[Segment]:
+        i = int(self.index[index])
+        caption = [] if self.train and rng.random() < self.v.cond_drop_prob else self.caption_ids(i)
+        return generation_document(caption, self.data.tokens[i], self.v, self.kind, self.ids,
+                                   rng if self.train else None)
+
+
+class QATask:
+    """image / clip + question -> answer, from pre-quantisation features through the patch merger."""
+
+    kind = "image"
+
+    def __init__(self, ctx: MixtureContext):
+        self.v = ctx.cfg.model.vision
+        self.data = _encoded(ctx, self.kind)
+        self.ids = special_ids(ctx)
+        self.ctx = ctx
+        self._text: dict[str, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def _ids(self, s: str) -> list[int]:
+        if s not in self._text:
+            self._text[s] = self.ctx.text(s)
+        return self._text[s]
+
+    def document(self, index: int, rng: np.random.Generator) -> list[Segment]:
+        # A random number of the picture's questions in random order: every answer is a target, and a
+        # document of one question (what evaluation asks) is as common as any other length.
+        qa = questions_of(self.kind, self.data.labels, index)
+        order = rng.permutation(len(qa))[:int(rng.integers(1, len(qa) + 1))]
+        pairs = [(self._ids(qa[j][0]), self._ids(" " + qa[j][1])) for j in order]
+        return qa_document(self.data.feats[index], *pairs[-1], self.v, self.kind, self.ids, pairs[:-1])
+
+
+@register_task("image_gen")
+class ImageGenTask(GenerationTask):
+    kind = "image"
+
+
+@register_task("video_gen")
+class VideoGenTask(GenerationTask):
+    kind = "video"
+
+
+@register_task("image_qa")
+class ImageQATask(QATask):
+    kind = "image"
+
+
+@register_task("video_qa")
+class VideoQATask(QATask):
+    kind = "video"

@@ -1,0 +1,204 @@
+"""Vision metrics of a multimodal model, each with its chance level.
+
+    image QA        held-out images; per question (digit, digit colour, background colour) the answer
+                    candidates are ranked by the model's log-probability of "answer <eos>"; accuracy
+                    vs 1 / number of candidates
+    video QA        held-out clips, "Which way does the digit move?", four directions
+    text -> image   captions of held-out (digit, colour, background) combinations (never generated in
+                    training) are sampled into images, and the independent judge (eval/vision_judge.py)
+                    reads digit, colour and background off them; chance is a random digit and colours
+
+Ranking candidates measures understanding without a free-form parser; `ernie5 generate --image`
+answers greedily instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from ..data.digits import COLOUR_PAIRS, COLOURS, DIRECTIONS, image_caption
+from ..data.multimodal import pack_segments
+from ..data.packing import IGNORE
+from ..data.vision_tasks import (DELIMITERS, encoded_digits, generation_prompt, is_heldout_combo,
+                                 load_visual_tokenizer, qa_document)
+from ..model.vision_sampling import decode_tokens, sample_visual
+
+CANDIDATES = {"What digit is this?": [str(d) for d in range(10)],
+              "What colour is the digit?": list(COLOURS),
+              "What colour is the background?": list(COLOURS),
+              "Which way does the digit move?": list(DIRECTIONS)}
+IMAGE_QUESTIONS = {"digit": ("What digit is this?", lambda l, i: str(l["digit"][i])),
+                   "fg": ("What colour is the digit?", lambda l, i: COLOURS[l["fg"][i]]),
+                   "bg": ("What colour is the background?", lambda l, i: COLOURS[l["bg"][i]])}
+
+
+def special_ids(cfg, tokenizer) -> dict:
+    from ..config import SPECIAL_TOKENS
+
+    out = {name: cfg.model.vocab_size + SPECIAL_TOKENS.index(name)
+           for pair in DELIMITERS.values() for name in pair}
+    out.update(bos=tokenizer.bos_id, eos=tokenizer.eos_id)
+    return out
+
+
+@paddle.no_grad()
+def target_logprobs(model, docs, batch: int = 96) -> np.ndarray:
+    """Sum of the log-probabilities of every text target of each document (one document per row)."""
+    from ..train.trainer import to_model_batch
+
+    model.eval()
+    out = []
+    for i in range(0, len(docs), batch):
+        chunk = docs[i:i + batch]
+        seq = max(sum(len(s) for s in d) for d in chunk)
+        rows = [pack_segments([d], seq) for d in chunk]
+        np_batch = {k: np.concatenate([r[k] for r in rows]) for k in rows[0] if k != "mask_causal"}
+        np_batch["mask_causal"] = False
+        b = to_model_batch(np_batch)
+        logp = F.log_softmax(model(b, with_mtp=False).logits.astype("float32"), axis=-1)
+        labels = b["labels"]
+        picked = paddle.take_along_axis(logp, paddle.clip(labels, min=0).unsqueeze(-1), axis=-1).squeeze(-1)
+        out.append((picked * (labels != IGNORE).astype("float32")).sum(-1).numpy())
+    return np.concatenate(out)
+
+
+def qa_accuracy(model, cfg, tokenizer, kind: str, feats, questions: list[tuple[int, str, str]]) -> float:
+    """questions: (item, question, true answer); accuracy of ranking CANDIDATES[question]."""
+    ids = special_ids(cfg, tokenizer)
+    v = cfg.model.vision
+    docs, spans = [], []
+    for item, question, _ in questions:
+        q = tokenizer.encode(question)
+        start = len(docs)
+        for cand in CANDIDATES[question]:
+            docs.append(qa_document(feats[item], q, tokenizer.encode(" " + cand), v, kind, ids))
+        spans.append((start, len(docs)))
+    scores = target_logprobs(model, docs)
+    right = [CANDIDATES[q][int(np.argmax(scores[a:b]))] == ans for (a, b), (_, q, ans) in zip(spans, questions)]
+    return float(np.mean(right))
+
+
+def heldout_combos(fraction: float) -> list[tuple[int, int, int]]:
+    return [(d, f, b) for d in range(10) for f, b in COLOUR_PAIRS if is_heldout_combo(d, f, b, fraction)]
+
+
+def generate_images(model, cfg, tokenizer, tok, captions: list[str], *, temperature: float = 0.0,
+                    cfg_scale: float | None = None, seed: int = 0, kind: str = "image") -> np.ndarray:
+    """Frames [N, T, 3, H, W] for captions (prompts of equal token length are sampled together)."""
+    ids = special_ids(cfg, tokenizer)
+    v = cfg.model.vision
+    open_id = ids[DELIMITERS[kind][0]]
+    scale = v.cfg_scale if cfg_scale is None else cfg_scale
+    uncond = np.array([generation_prompt([], ids["bos"], open_id)])
+    prompts = [generation_prompt(tokenizer.encode(c), ids["bos"], open_id) for c in captions]
+    scales = v.scales if kind == "image" else v.scales[:v.video_scales]
+    frames = [None] * len(prompts)
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    for n, (length, idx) in enumerate(sorted(by_len.items())):
+        tokens = sample_visual(model, np.array([prompts[i] for i in idx]), kind, uncond_BP=uncond,
+                               cfg_scale=scale, temperature=temperature, seed=seed + n)
+        for i, x in zip(idx, decode_tokens(tok, tokens, scales)):
+            frames[i] = x
+    return np.stack(frames)
+
+
+def vision_metrics(cfg, model, tokenizer, max_items: int = 0, temperature: float = 0.0, log=print) -> dict:
+    """Metrics (and chance levels) for the visual modalities of `model`; {} for a text-only model."""
+    mods = cfg.model.modalities
+    if "image" not in mods and "video" not in mods:
+        return {}
+    v = cfg.model.vision
+    tok = load_visual_tokenizer(v)
+    out: dict = {}
+    limit = (lambda n: min(n, max_items)) if max_items else (lambda n: n)
+    if "image" in mods:
+        data = encoded_digits(cfg, "image", "heldout", tok)
+        n = limit(len(data))
+        for name, (question, truth) in IMAGE_QUESTIONS.items():
+            items = [(i, question, truth(data.labels, i)) for i in range(n)]
+            out[f"vision/image_qa_{name}"] = qa_accuracy(model, cfg, tokenizer, "image", data.feats, items)
+            out[f"vision/image_qa_{name}_chance"] = 1 / len(CANDIDATES[question])
+        out["vision/image_qa"] = float(np.mean([out[f"vision/image_qa_{k}"] for k in IMAGE_QUESTIONS]))
+        out["vision/image_qa_chance"] = float(np.mean([out[f"vision/image_qa_{k}_chance"] for k in IMAGE_QUESTIONS]))
+        out["vision/image_qa_items"] = n
+        log(f"image QA on {n} held-out images: {out['vision/image_qa']:.3f}")
+        if v.judge and os.path.isdir(v.judge):
+            out.update(text_to_image_judged(model, cfg, tokenizer, tok, max_items, temperature))
+            log(f"text->image judged (all three right): {out['vision/t2i_all']:.3f}")
+    if "video" in mods:
+        data = encoded_digits(cfg, "video", "heldout", tok)
+        n = limit(len(data))
+        question = "Which way does the digit move?"
+        items = [(i, question, DIRECTIONS[data.labels["direction"][i]]) for i in range(n)]
+        out["vision/video_qa_direction"] = qa_accuracy(model, cfg, tokenizer, "video", data.feats, items)
+        out["vision/video_qa_direction_chance"] = 1 / len(DIRECTIONS)
+        out["vision/video_qa_items"] = n
+        log(f"video direction QA on {n} held-out clips: {out['vision/video_qa_direction']:.3f}")
+    return out
+
+
+def text_to_image_judged(model, cfg, tokenizer, tok, max_items: int = 0, temperature: float = 0.0) -> dict:
+    from .vision_judge import VisionJudge
+
+    judge = VisionJudge.load(cfg.model.vision.judge)
+    combos = heldout_combos(cfg.model.vision.heldout_combo_fraction)
+    if max_items:
+        combos = combos[:max_items]
+    captions = [image_caption(*c) for c in combos]
+    images = generate_images(model, cfg, tokenizer, tok, captions, temperature=temperature)[:, 0]
+    pred = judge.predict(images)
+    truth = {k: np.array([c[j] for c in combos]) for j, k in enumerate(("digit", "fg", "bg"))}
+    hits = {k: pred[k] == truth[k] for k in truth}
+    out = {f"vision/t2i_{k}": float(np.mean(h)) for k, h in hits.items()}
+    out["vision/t2i_all"] = float(np.mean(hits["digit"] & hits["fg"] & hits["bg"]))
+    out.update({"vision/t2i_digit_chance": 0.1, "vision/t2i_fg_chance": 1 / len(COLOURS),
+                "vision/t2i_bg_chance": 1 / len(COLOURS),
+                "vision/t2i_all_chance": 1 / (10 * len(COLOUR_PAIRS)), "vision/t2i_prompts": len(combos)})
+    return out
+
+
+def report_rows(m: dict) -> str:
+    """Markdown rows (metric | value | baseline) of the vision metrics present in `m`."""
+    rows = []
+    def row(label, key):
+        if key in m:
+            rows.append(f"| {label} | {m[key]:.3f} | chance {m[key + '_chance']:.3f} |")
+    row("image QA accuracy, held-out images (digit, colour, background)", "vision/image_qa")
+    for k, what in (("digit", "digit"), ("fg", "digit colour"), ("bg", "background")):
+        row(f"image QA: {what}", f"vision/image_qa_{k}")
+    row("text->image judged: digit, colour and background all right (held-out combinations)", "vision/t2i_all")
+    for k, what in (("digit", "digit"), ("fg", "digit colour"), ("bg", "background")):
+        row(f"text->image judged: {what}", f"vision/t2i_{k}")
+    row("video QA: direction, held-out clips", "vision/video_qa_direction")
+    return "".join(r + "\n" for r in rows)
+
+
+@paddle.no_grad()
+def answer_question(model, cfg, tokenizer, tok, pixels, question: str, max_tokens: int = 8) -> str:
+    """Greedy answer to `question` about one image [3, H, W] (or clip [T, 3, H, W]) in [0, 1]."""
+    from ..train.trainer import to_model_batch
+
+    kind = "video" if pixels.ndim == 4 else "image"
+    feats, _ = tok.encode(paddle.to_tensor(pixels[None].astype(np.float32)))
+    feats = feats.numpy()[0]
+    ids = special_ids(cfg, tokenizer)
+    q = tokenizer.encode(question)
+    answer: list[int] = []
+    model.eval()
+    for _ in range(max_tokens):
+        # The document ends "... question answer-so-far <eos>": the position before <eos> predicts
+        # the next answer token and, being causal, is not affected by the placeholder.
+        doc = qa_document(feats, q, answer, cfg.model.vision, kind, ids)
+        seq = sum(len(s) for s in doc)
+        logits = model(to_model_batch(pack_segments([doc], seq)), with_mtp=False).logits
+        nxt = int(logits[0, seq - 2].argmax())
+        if nxt == ids["eos"]:
+            break
+        answer.append(nxt)
+    return tokenizer.decode(answer).strip()

@@ -1,0 +1,221 @@
+"""Images and video in the backbone: the layout of visual tokens, their input embeddings, the patch
+merger for understanding and the bit-wise next-scale head.
+
+Generation (next-frame-and-scale prediction). A frame is coded by the frozen tokenizer
+(tokenizers/visual.py) as token maps of growing side (1x1, 2x2, 4x4, 8x8); a token is `bits` signs.
+The positions of scale k carry, as input, the bits of their parent cell in scale k-1 (zeros for the
+first scale of a frame) and predict the bits of their own cell, all cells of a scale at once:
+
+    frame f:   [ scale 0 ] [ scale 1 (2x2) ] [ scale 2 (4x4) ] ...      one attention block per scale:
+    input:       start       bits_0 upsampled  bits_1 upsampled           bidirectional inside, causal
+    predicts:    bits_0      bits_1            bits_2                     to earlier scales and frames
+
+Uni-RoPE: a token has (t, h, w) = (start + frame, start + y, start + x) where (y, x) is its cell centre
+in doubled latent units, (2i + 1) * side / s - 1, so the scales of one frame are centre-aligned
+(the 1x1 token sits at the middle of the 8x8 grid). A scale embedding tells the scales apart.
+
+Understanding. Pre-quantisation features [T, K, h, w] are cut into groups of merge x merge cells (and
+merge_frames frames for video); each group is one token:
+
+    group [G, K] -> Linear(K -> d) + slot embedding -> pre-norm self-attention over the G patches
+                 -> mean over G -> Linear(d -> M)
+
+Batch keys (extras of data/vision_tasks.py, zero where absent):
+    vis_in      [B, S, bits]   float  input bits of generation positions
+    vis_target  [B, S, bits]   float  target bits (+1 / -1)
+    vis_scale   [B, S]         int    1 + scale index of a generation position, 0 elsewhere
+    image_patches [B, S, merge^2, K], video_patches [B, S, merge_frames * merge^2, K]   float
+
+Legend: B batch, S sequence, M width, K feature channels, G patches per group, d merger width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+
+from ..config import ModelConfig, VisionModelConfig
+from .embeddings import MODALITY_IDS, register_modality
+from .heads import register_head
+from .norm import RMSNorm
+
+IMAGE_ID, VIDEO_ID = MODALITY_IDS["image"], MODALITY_IDS["video"]
+FEATURE_KEY = {"image": "image_patches", "video": "video_patches"}
+
+
+# ------------------------------------------------------------------------------------------ layout
+
+
+def cell_centres(side: int, latent: int) -> np.ndarray:
+    """Centre of each row (or column) of an side x side map, in doubled latent units."""
+    return (2 * np.arange(side) + 1) * (latent // side) - 1
+
+
+def parent_index(scales, k: int) -> np.ndarray:
+    """For each cell of scale k (row-major), the row-major index of its parent cell in scale k-1."""
+    s, p = scales[k], scales[k - 1]
+    i = np.arange(s) * p // s
+    return (i[:, None] * p + i[None, :]).reshape(-1)
+
+
+def frame_layout(scales) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scale index, row, column) of every token of one frame, scale by scale, row-major."""
+    k = np.concatenate([np.full(s * s, i) for i, s in enumerate(scales)])
+    r = np.concatenate([np.repeat(np.arange(s), s) for s in scales])
+    c = np.concatenate([np.tile(np.arange(s), s) for s in scales])
+    return k, r, c
+
+
+def history_bits(tokens_FNb: np.ndarray, scales) -> np.ndarray:
+    """Input bits of every position: the parent cell's bits in the previous scale (0 at scale 0).
+    tokens [frames, tokens per frame, bits] in scale order -> same shape."""
+    out = np.zeros_like(tokens_FNb)
+    offsets = np.cumsum([0] + [s * s for s in scales])
+    for k in range(1, len(scales)):
+        parent = tokens_FNb[:, offsets[k - 1]:offsets[k]]
+        out[:, offsets[k]:offsets[k + 1]] = parent[:, parent_index(scales, k)]
+    return out
+
+
+def generation_positions(scales, latent: int, frames: int, start: int) -> np.ndarray:
+    """[3, frames * tokens per frame] Uni-RoPE (t, h, w) of the generation tokens of a clip."""
+    k, r, c = frame_layout(scales)
+    sides = np.asarray(scales)[k]
+    y = np.array([cell_centres(s, latent)[i] for s, i in zip(sides, r)])
+    x = np.array([cell_centres(s, latent)[j] for s, j in zip(sides, c)])
+    t = np.repeat(np.arange(frames), len(k))
+    return np.stack([start + t, start + np.tile(y, frames), start + np.tile(x, frames)]).astype(np.int64)
+
+
+def span_extent(frames: int, latent: int) -> int:
+    """Positions a visual span occupies on the widest axis; the text after it starts this far on."""
+    return max(frames, 2 * latent - 1)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+class PatchMerger(nn.Layer):
+    """groups [N, G, K] -> [N, M]: self-attention over the G patches of a group, mean-pool, project."""
+
+    def __init__(self, channels: int, group: int, cfg: VisionModelConfig, hidden_size: int, init_std: float):
+        super().__init__()
+        d = cfg.merger_width
+        self.heads = cfg.merger_heads
+        init = nn.initializer.Normal(std=init_std)
+        self.inp = nn.Linear(channels, d)
+        self.slot = self.create_parameter([group, d], default_initializer=init)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.out = nn.Linear(d, hidden_size, weight_attr=init)
+
+    def forward(self, groups_NGK):
+        n, g, _ = groups_NGK.shape
+        x = self.inp(groups_NGK) + self.slot
+        q, k, v = self.qkv(self.norm1(x)).reshape([n, g, 3, self.heads, -1]).transpose([2, 0, 3, 1, 4])
+        att = F.softmax(paddle.matmul(q, k, transpose_y=True) * q.shape[-1] ** -0.5, axis=-1)
+        x = x + self.proj(paddle.matmul(att, v).transpose([0, 2, 1, 3]).reshape([n, g, -1]))
+        x = x + self.mlp(self.norm2(x))
+        return self.out(x.mean(axis=1))
+
+
+class VisualEmbedding(nn.Layer):
+    """Inputs of one visual modality: bit embeddings at generation positions, merged patches at
+    understanding positions. Returns None when the batch carries neither."""
+
+    modality = "image"
+
+    def __init__(self, cfg: ModelConfig, group: int):
+        super().__init__()
+        v = cfg.vision
+        self.type_id = MODALITY_IDS[self.modality]
+        self.flip_prob = v.bit_flip_prob
+        init = nn.initializer.Normal(std=cfg.init_std)
+        self.bits = nn.Linear(v.bits, cfg.hidden_size, weight_attr=init)
+        self.scale = nn.Embedding(len(v.scales) + 1, cfg.hidden_size, weight_attr=init)
+        self.merger = PatchMerger(v.bits, group, v, cfg.hidden_size, cfg.init_std)
+
+    def forward(self, batch):
+        key = FEATURE_KEY[self.modality]
+        x = None
+        if "vis_in" in batch:
+            bits = batch["vis_in"]
+            if self.training and self.flip_prob > 0:  # corrupt the history; targets stay clean
+                flips = paddle.bernoulli(paddle.full_like(bits, self.flip_prob))
+                bits = bits * (1 - 2 * flips)
+            x = self.bits(bits) + self.scale(batch["vis_scale"])
+        if key in batch:
+            groups = batch[key]
+            b, s = groups.shape[:2]
+            merged = self.merger(groups.reshape([b * s, *groups.shape[2:]])).reshape([b, s, -1])
+            x = merged if x is None else paddle.where((batch["vis_scale"] > 0).unsqueeze(-1), x, merged)
+        return x
+
+
+@register_modality("image")
+class ImageEmbedding(VisualEmbedding):
+    modality = "image"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, cfg.vision.merge ** 2)
+
+
+@register_modality("video")
+class VideoEmbedding(VisualEmbedding):
+    modality = "video"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, cfg.vision.merge_frames * cfg.vision.merge ** 2)
+
+
+# ------------------------------------------------------------------------------------------ head
+
+
+@register_head("visual", ("image", "video"))
+class VisualBitHead(nn.Layer):
+    """Per-bit logits of the token at every position; per-bit logistic loss at generation positions,
+    weighted per token by scale (VisionModelConfig.scale_weights), reported for image and video."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        v = cfg.vision
+        self.loss_weight = v.loss_weight
+        init = nn.initializer.Normal(std=cfg.init_std)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        if v.head_hidden:
+            self.net = nn.Sequential(nn.Linear(cfg.hidden_size, v.head_hidden, weight_attr=init), nn.GELU(),
+                                     nn.Linear(v.head_hidden, v.bits, weight_attr=init))
+        else:
+            self.net = nn.Linear(cfg.hidden_size, v.bits, weight_attr=init)
+        # Index 1 + k: per-token weight of scale k; index 0 (no target) weighs nothing.
+        self.scale_weight = (0.0,) + tuple(v.scale_weights())
+        self.kinds = [(name, MODALITY_IDS[name]) for name in ("image", "video") if name in cfg.modalities]
+
+    def forward(self, h_BSM, batch):
+        return {"logits": self.net(self.norm(h_BSM))}
+
+    def loss(self, pred, batch):
+        if "vis_target" not in batch:
+            return {}
+        logits = pred["logits"].astype("float32")
+        target = (batch["vis_target"] + 1) * 0.5
+        per_token = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)
+        weight = paddle.gather(paddle.to_tensor(self.scale_weight, dtype="float32"),
+                               batch["vis_scale"].reshape([-1])).reshape(per_token.shape)
+        out = {}
+        for name, type_id in self.kinds:
+            w = weight * (batch["token_types"] == type_id).astype("float32")
+            count = ((batch["vis_scale"] > 0) & (batch["token_types"] == type_id)).astype("float32").sum()
+            if float(count) == 0:
+                continue
+            out[f"{name}_bits"] = ((per_token * w).sum() / paddle.clip(w.sum(), min=1e-6), count)
+        return out
+
+
+def bit_accuracy(logits, target) -> float:
+    """Share of bits whose sign the logits get right (diagnostics)."""
+    return float(((logits > 0).astype("float32") * 2 - 1 == target).astype("float32").mean())

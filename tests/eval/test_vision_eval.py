@@ -1,0 +1,89 @@
+"""Vision metrics and `ernie5 generate` on a debug multimodal run (random tiny tokenizer and judge)."""
+
+import os
+
+import numpy as np
+import paddle
+import pytest
+from vision_support import tiny_tokenizer, vision_config
+
+from paddle_ernie5.cli import main
+
+
+@pytest.fixture(scope="module")
+def run(data_cache, tmp_path_factory):
+    from paddle_ernie5.config import VisionJudgeConfig
+    from paddle_ernie5.eval.vision_judge import VisionJudge
+    from paddle_ernie5.train.trainer import Trainer
+
+    folder = str(tmp_path_factory.mktemp("vision_run"))
+    paddle.seed(0)
+    judge = VisionJudge(VisionJudgeConfig(image_size=8, width=4))
+    judge.save(os.path.join(folder, "judge"))
+    cfg = vision_config(data_cache, folder + "/run", tiny_tokenizer(folder), "data.mixture.image_gen=1",
+                        "data.mixture.image_qa=1", "data.mixture.video_gen=1", "data.mixture.video_qa=1",
+                        f"model.vision.judge={folder}/judge", "train.max_steps=2", "train.save_every=2",
+                        "train.eval_every=2", "data.eval_batches=1")
+    Trainer(cfg, log=lambda *_: None).fit()
+    return cfg, folder
+
+
+def test_vision_metrics_have_chance_levels_and_table_rows(run):
+    from paddle_ernie5.eval import vision_eval
+    from paddle_ernie5.eval.runner import load_model
+    from paddle_ernie5.tokenizers.text import get_text_tokenizer
+
+    cfg, folder = run
+    cfg, model = load_model(cfg.train.run_dir, log=lambda *_: None)
+    tok = get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed, cfg.data.val_fraction)
+    m = vision_eval.vision_metrics(cfg, model, tok, max_items=3, log=lambda *_: None)
+    assert m["vision/image_qa_items"] == 3 and m["vision/t2i_prompts"] == 3
+    assert m["vision/image_qa_digit_chance"] == 0.1 and m["vision/video_qa_direction_chance"] == 0.25
+    assert m["vision/t2i_all_chance"] == pytest.approx(1 / 480)
+    for key in ("vision/image_qa_digit", "vision/t2i_all", "vision/t2i_digit", "vision/video_qa_direction"):
+        assert 0.0 <= m[key] <= 1.0 and m[key] * 3 == pytest.approx(round(m[key] * 3)), key
+    rows = vision_eval.report_rows(m)
+    assert rows.count("| chance ") == 9 and "video QA: direction" in rows
+
+
+def test_candidate_ranking_picks_the_most_likely_answer(run, monkeypatch):
+    from paddle_ernie5.data.vision_tasks import encoded_digits
+    from paddle_ernie5.eval import vision_eval
+    from paddle_ernie5.eval.runner import load_model
+    from paddle_ernie5.tokenizers.text import get_text_tokenizer
+
+    cfg, _ = run
+    cfg, model = load_model(cfg.train.run_dir, log=lambda *_: None)
+    tok = get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed, cfg.data.val_fraction)
+    data = encoded_digits(cfg, "image", "heldout")
+    question = "What colour is the digit?"
+    # A scorer that prefers "blue" everywhere: accuracy is the share of blue digits.
+    n = 8
+    blue = vision_eval.COLOURS.index("blue")
+    monkeypatch.setattr(vision_eval, "target_logprobs",
+                        lambda model, docs, batch=96: np.tile(np.eye(8)[blue], len(docs) // 8))
+    items = [(i, question, vision_eval.COLOURS[data.labels["fg"][i]]) for i in range(n)]
+    acc = vision_eval.qa_accuracy(model, cfg, tok, "image", data.feats, items)
+    assert acc == pytest.approx(np.mean(data.labels["fg"][:n] == blue))
+
+
+def test_generate_writes_png_and_gif_and_answers(run, tmp_path, capsys):
+    from PIL import Image
+
+    cfg, _ = run
+    ckpt = cfg.train.run_dir
+    out = str(tmp_path / "gen")
+    assert main(["generate", "--checkpoint", ckpt, "--prompt", "a red 3 on a blue background",
+                 "--prompt", "a green 7 on a white background", "--out", out, "--cfg-scale", "2"]) == 0
+    pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
+    assert pngs == ["image_000.png", "image_001.png"]
+    assert Image.open(os.path.join(out, pngs[0])).size == (64, 64)  # 8 x 8 pixels, upscaled 8x
+    assert main(["generate", "--checkpoint", ckpt, "--video", "--prompt", "a red 3 moving left slowly on a "
+                 "blue background", "--out", out, "--temperature", "1"]) == 0
+    gif = Image.open(os.path.join(out, "video_000.gif"))
+    assert gif.n_frames == cfg.model.vision.video_frames
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", ckpt, "--image", os.path.join(out, pngs[0]),
+                 "--question", "What digit is this?"]) == 0
+    assert capsys.readouterr().out.startswith("What digit is this?")
+    assert main(["generate", "--checkpoint", ckpt]) == 2
