@@ -16,13 +16,13 @@ Legend: S row length, N rows.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
 
 from ..config import SPECIAL_TOKENS, Config
+from ..plugins import import_optional
 from .multimodal import Segment, pack_segments, text_segment
 
 
@@ -62,12 +62,7 @@ def register_task(name: str):
 
 
 def load_task_modules() -> None:
-    for mod in TASK_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+    import_optional(TASK_MODULES)
 
 
 class TextTask:

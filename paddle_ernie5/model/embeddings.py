@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-import importlib
-
 import paddle
 from paddle import nn
 
 from ..config import MODALITIES, ModelConfig
+from ..plugins import import_optional
 
 MODALITY_IDS = {name: i for i, name in enumerate(MODALITIES)}
 _REGISTRY: dict[str, Callable[[ModelConfig], nn.Layer]] = {}
@@ -24,12 +23,7 @@ MODALITY_MODULES = ("paddle_ernie5.model.vision", "paddle_ernie5.model.audio")
 
 
 def load_modality_modules() -> None:
-    for mod in MODALITY_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+    import_optional(MODALITY_MODULES)
 
 
 def register_modality(name: str):
