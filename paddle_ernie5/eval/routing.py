@@ -15,7 +15,7 @@ import os
 import numpy as np
 import paddle
 
-PAPER_IOU = {  # first / middle / last layer, ERNIE5.md
+PAPER_IOU = {  # first / middle / last layer, ERNIE5.md; names are tasks or GROUPS
     ("text", "audio"): (0.12, 0.32, 0.40),
     ("image understanding", "video understanding"): (0.98, 0.52, 0.64),
     ("understanding", "generation"): (0.2, 0.2, 0.2),
@@ -24,15 +24,88 @@ PAPER_IOU = {  # first / middle / last layer, ERNIE5.md
 
 @paddle.no_grad()
 def usage(model, batches) -> np.ndarray:
-    """[MoE layers, experts] assignment counts over `batches`."""
+    """[MoE layers, experts] assignment counts over `batches`. A batch may carry `routing_select`
+    (numpy bool [B, S]): then only the chosen experts of those positions count (for example the image
+    tokens of an image-understanding document, not its question text)."""
     model.eval()
     layers = [i for i, _ in model.moe_layers()]
-    counts = np.zeros([len(layers), model.cfg.moe.num_experts], dtype=np.int64)
+    num_experts = model.cfg.moe.num_experts
+    counts = np.zeros([len(layers), num_experts], dtype=np.int64)
     for batch in batches:
-        stats = model(batch, with_mtp=False).router_stats
+        select = batch.get("routing_select")
+        inputs = {k: v for k, v in batch.items() if k != "routing_select"}
+        stats = model(inputs, with_mtp=False).router_stats
         for row, layer in enumerate(layers):
-            counts[row] += stats[layer].load_E.numpy()
+            if select is None:
+                counts[row] += stats[layer].load_E.numpy()
+            else:
+                ids_TK = stats[layer].topk_ids_TK.numpy()
+                counts[row] += count_selected(ids_TK, select.reshape(-1), num_experts)
     return counts
+
+
+def count_selected(ids_TK: np.ndarray, select_T: np.ndarray, num_experts: int) -> np.ndarray:
+    """Per-expert choice counts of the selected tokens (ids outside [0, E) are dropped choices)."""
+    ids = ids_TK[select_T.astype(bool)].reshape(-1)
+    ids = ids[(ids >= 0) & (ids < num_experts)]
+    return np.bincount(ids, minlength=num_experts)[:num_experts]
+
+
+# Multimodal tasks of the routing report: mixture task -> (report name, modality whose tokens count).
+MULTIMODAL_TASKS = {
+    "image_qa": ("image understanding", "image"),
+    "video_qa": ("video understanding", "video"),
+    "image_gen": ("image generation", "image"),
+    "video_gen": ("video generation", "video"),
+    "asr": ("audio understanding (ASR)", "audio"),
+    "tts": ("audio generation (TTS)", "audio"),
+}
+# Aggregates compared with the paper: name -> the report tasks (prefixes) whose usages are summed.
+GROUPS = {
+    "text": ("text/",),
+    "audio": ("audio ",),
+    "understanding": ("image understanding", "video understanding"),
+    "generation": ("image generation", "video generation"),
+}
+
+
+def group_usages(usages: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Summed usages of GROUPS present in `usages` (a group needs at least one member)."""
+    out = {}
+    for name, prefixes in GROUPS.items():
+        members = [u for t, u in usages.items() if any(t.startswith(p) for p in prefixes)]
+        if members:
+            out[name] = np.sum(members, axis=0)
+    return out
+
+
+def multimodal_task_batches(cfg, tokenizer, max_batches: int = 4) -> dict[str, list]:
+    """Held-out documents of every multimodal task the recipe trains (data.mixture weight > 0),
+    packed into model batches whose `routing_select` marks the positions of the task's modality."""
+    from ..data.mixture import TASKS, MixtureContext, draw_documents, load_task_modules
+    from ..data.multimodal import pack_segments
+    from ..model.embeddings import MODALITY_IDS
+    from ..train.trainer import to_model_batch
+
+    load_task_modules()
+    ctx = MixtureContext(cfg, tokenizer, "val")
+    out = {}
+    for task, w in cfg.data.mixture.weights().items():
+        if w <= 0 or task not in MULTIMODAL_TASKS or task not in TASKS:
+            continue
+        name, modality = MULTIMODAL_TASKS[task]
+        source = TASKS[task](ctx)
+        rng = np.random.default_rng([cfg.train.seed, 0x5EED])
+        batches = []
+        for _ in range(max_batches):
+            docs, _ = draw_documents({task: source}, {task: 1.0}, rng, cfg.data.seq_len,
+                                     cfg.train.batch_size)
+            np_batch = pack_segments(docs, cfg.data.seq_len, tokenizer.pad_id)
+            batch = to_model_batch(np_batch)
+            batch["routing_select"] = np_batch["token_types"] == MODALITY_IDS[modality]
+            batches.append(batch)
+        out[name] = batches
+    return out
 
 
 def top_set(counts_E: np.ndarray, fraction: float = 0.25) -> set[int]:
@@ -121,10 +194,17 @@ def write_report(usages: dict[str, np.ndarray], layer_ids: list[int], out_dir: s
         lines.append(f"| {tasks[a]} vs {tasks[b]} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
     lines += ["", "## Against the paper", "", "| task pair | paper (first / middle / last) | ours |",
               "|---|---|---|"]
+    pool = {**group_usages(usages), **usages}
     for (a, b), vals in PAPER_IOU.items():
-        ours = "not measurable yet: the model has no such tasks" if not (a in tasks and b in tasks) else \
-            " / ".join(f"{res['iou'][n][tasks.index(a), tasks.index(b)]:.2f}" for n in ("first", "middle", "last"))
+        if a in pool and b in pool:
+            pair = analyse({a: pool[a], b: pool[b]})
+            ours = " / ".join(f"{pair['iou'][n][0, 1]:.2f}" for n in ("first", "middle", "last"))
+        else:
+            ours = "not measurable: the model has no such tasks"
         lines.append(f"| {a} vs {b} | {' / '.join(f'{v:.2f}' for v in vals)} | {ours} |")
+    lines += ["", "Groups: " + "; ".join(f"{g} = sum of {', '.join(p.strip() + '*' for p in prefixes)}"
+                                          for g, prefixes in GROUPS.items()) + ". Multimodal tasks count "
+              "only the positions of their own modality (`routing_select`)."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(text)

@@ -27,3 +27,67 @@ def test_analysis_and_report(tmp_path):
     assert "| a vs a_again | 1.00 | 1.00 | 1.00 |" in text
     for name in ("usage_heatmaps.png", "iou_top25.png", "entropy.png", "report.md"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_selected_positions_and_groups_by_hand(tmp_path):
+    from paddle_ernie5.eval.routing import count_selected, group_usages
+
+    ids_TK = np.array([[0, 1], [1, 2], [3, -1], [0, 3]])  # -1: a dropped choice
+    select = np.array([True, False, True, True])
+    np.testing.assert_array_equal(count_selected(ids_TK, select, 4), [2, 1, 0, 2])
+    u = {"text/prose": np.array([[4, 0, 0, 0]]), "text/arithmetic": np.array([[0, 2, 0, 0]]),
+         "audio understanding (ASR)": np.array([[0, 0, 1, 0]]),
+         "audio generation (TTS)": np.array([[0, 0, 0, 3]])}
+    groups = group_usages(u)
+    np.testing.assert_array_equal(groups["text"], [[4, 2, 0, 0]])
+    np.testing.assert_array_equal(groups["audio"], [[0, 0, 1, 3]])
+    assert "understanding" not in groups
+    text = write_report(u, [1], str(tmp_path))
+    # text group top-25% = {0}, audio group = {3}: IoU 0 at the only layer (first = middle = last).
+    assert "| text vs audio | 0.12 / 0.32 / 0.40 | 0.00 / 0.00 / 0.00 |" in text
+
+
+def test_multimodal_routing_counts_only_the_task_modality(debug_config, monkeypatch):
+    """A toy task whose documents are text + 'audio' positions: usage counts only the audio ones."""
+    import paddle
+
+    from paddle_ernie5.data import mixture
+    from paddle_ernie5.data.multimodal import Segment
+    from paddle_ernie5.eval.routing import multimodal_task_batches, usage
+    from paddle_ernie5.model import embeddings as EMB
+    from paddle_ernie5.model.model import Ernie5Model
+
+    class Toy:
+        def __init__(self, ctx):
+            pass
+
+        def __len__(self):
+            return 3
+
+        def document(self, i, rng):
+            n = 6
+            types = np.array([0, 0, 3, 3, 3, 0])
+            pos = np.tile(np.arange(n), (3, 1))
+            return [Segment(types, pos, np.arange(2, 2 + n), np.full(n, -100))]
+
+    class AudioAsText(paddle.nn.Layer):  # embeds audio positions with the text table's ids
+        def __init__(self, cfg):
+            super().__init__()
+            self.table = paddle.nn.Embedding(cfg.text_vocab, cfg.hidden_size)
+
+        def forward(self, batch):
+            return self.table(batch["input_ids"])
+
+    monkeypatch.setitem(mixture.TASKS, "asr", Toy)
+    monkeypatch.setitem(EMB._REGISTRY, "audio", AudioAsText)
+    cfg = debug_config("model.modalities=[text,audio]", "data.mixture.asr=1.0", "train.batch_size=2")
+    from paddle_ernie5.tokenizers.text import get_text_tokenizer
+
+    tok = get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed, cfg.data.val_fraction)
+    batches = multimodal_task_batches(cfg, tok, max_batches=1)["audio understanding (ASR)"]
+    select = batches[0]["routing_select"]
+    paddle.seed(0)
+    model = Ernie5Model(cfg.model)
+    counts = usage(model, batches)
+    assert counts.sum(axis=1).tolist() == [int(select.sum()) * cfg.model.moe.top_k] * counts.shape[0]
+    assert 0 < select.sum() < select.size
