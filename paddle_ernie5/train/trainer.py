@@ -276,10 +276,36 @@ class Trainer:
             for j in range(len(prompts)):
                 logger.text(self.step, "samples/text", self.tokenizer.decode(prompts[j].tolist()) + " ⟶ "
                             + self.tokenizer.decode(sample.tokens[j].tolist()))
+            if self.cfg.data.mixture.enabled:
+                self.log_modality_views(logger)
             if "audio" in self.cfg.model.modalities:  # generated speech, VisualDL samples/speech/*
                 from ..eval.audio import log_speech_samples
 
                 log_speech_samples(self.model, self.cfg, self.tokenizer, logger, self.step)
+
+    @paddle.no_grad()
+    def log_modality_views(self, logger, captions=((3, 0, 1), (7, 2, 3))) -> None:
+        """Per-task routing heatmaps (routing/usage_layers_x_experts/<task>: one held-out batch of each
+        multimodal task, its own modality's tokens only) and, with images, generated samples
+        (samples/image: greedy text -> image for `captions` given as (digit, fg, bg))."""
+        from ..eval.routing import multimodal_task_batches, usage
+
+        for name, batches in multimodal_task_batches(self.cfg, self.tokenizer, 1).items():
+            counts = usage(self.model, batches)
+            share = counts / np.maximum(1, counts.sum(axis=1, keepdims=True))
+            tag = name.split(" (")[0].replace(" ", "_")
+            logger.image(self.step, f"routing/usage_layers_x_experts/{tag}", heatmap_image(share))
+        if "image" in self.cfg.model.modalities:
+            from ..data.digits import image_caption
+            from ..data.vision_tasks import load_visual_tokenizer
+            from ..eval.vision_eval import generate_images
+
+            tok = load_visual_tokenizer(self.cfg.model.vision)
+            frames = generate_images(self.model, self.cfg, self.tokenizer, tok,
+                                     [image_caption(*c) for c in captions])
+            row = np.concatenate([f[0].transpose(1, 2, 0) for f in frames], axis=1)  # side by side
+            logger.image(self.step, "samples/image", (row * 255).round().astype(np.uint8))
+        self.model.train()
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_at: int | None = None) -> FitResult:

@@ -125,3 +125,23 @@ def test_trained_run_generates_speech_and_transcribes_it(cfg, tmp_path, capsys):
     assert capsys.readouterr().out.count("\n") == 1
     assert cli.main(["generate", "--checkpoint", run, "--transcribe", str(tmp_path / "none.wav")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_visualdl_gets_generated_speech_and_per_task_routing_heatmaps(cfg):
+    """A 3-step run of a speech model: VisualDL's reader finds the audio and the per-task images."""
+    import glob
+
+    from visualdl import LogReader
+
+    from paddle_ernie5.config import replace
+    from paddle_ernie5.train.trainer import Trainer
+
+    run = replace(cfg, train=replace(cfg.train, visualdl=True, max_steps=3, warmup_steps=1, eval_every=3,
+                                     save_every=3),
+                  data=replace(cfg.data, eval_batches=1))
+    Trainer(run, log=lambda *_: None).fit()
+    tags = LogReader(file_path=glob.glob(os.path.join(run.train.run_dir, "vdl", "*"))[0]).get_tags()
+    assert {"samples/speech/seven", "samples/speech/blue"} <= set(tags["audio"])
+    assert {"routing/usage_layers_x_experts/text", "routing/usage_layers_x_experts/audio_understanding",
+            "routing/usage_layers_x_experts/audio_generation"} <= set(tags["image"])
+    assert {"loss/audio/level0", "loss/audio/level1"} <= set(tags["scalar"])

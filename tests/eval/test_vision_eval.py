@@ -87,3 +87,36 @@ def test_generate_writes_png_and_gif_and_answers(run, tmp_path, capsys):
                  "--question", "What digit is this?"]) == 0
     assert capsys.readouterr().out.startswith("What digit is this?")
     assert main(["generate", "--checkpoint", ckpt]) == 2
+
+
+def test_visualdl_gets_generated_images_and_per_task_routing_heatmaps(data_cache, tmp_path):
+    import glob
+
+    from visualdl import LogReader
+
+    from paddle_ernie5.train.trainer import Trainer
+
+    cfg = vision_config(data_cache, str(tmp_path / "run"), tiny_tokenizer(str(tmp_path)),
+                        "data.mixture.image_gen=1", "data.mixture.image_qa=1", "train.visualdl=true",
+                        "train.max_steps=3", "train.warmup_steps=1", "train.eval_every=3",
+                        "train.save_every=3", "data.eval_batches=1")
+    Trainer(cfg, log=lambda *_: None).fit()
+    reader = LogReader(file_path=glob.glob(str(tmp_path / "run" / "vdl" / "*"))[0])
+    tags = reader.get_tags()
+    assert {"samples/image", "routing/usage_layers_x_experts/image_generation",
+            "routing/usage_layers_x_experts/image_understanding"} <= set(tags["image"])
+    assert "loss/image_bits" in tags["scalar"]
+
+
+def test_routing_report_runs_on_a_debug_checkpoint(run, tmp_path):
+    from paddle_ernie5.eval.runner import routing_report
+
+    cfg, folder = run
+    out = tmp_path / "report"
+    text = routing_report(cfg.train.run_dir, str(out), max_batches=1, log=lambda *_: None)
+    for name in ("usage_heatmaps.png", "iou_top25.png", "entropy.png", "report.md"):
+        assert (out / name).stat().st_size > 0
+    for task in ("image understanding", "video generation", "text/"):
+        assert task in text
+    assert "| image understanding vs video understanding | 0.98 / 0.52 / 0.64 | " in text
+    assert "not measurable" in text  # no audio in this model: text vs audio cannot be measured
