@@ -709,6 +709,9 @@ class Config:
         self.parallel.validate("parallel")
         self.elastic.validate("elastic")
         self.rl.validate("rl")
+        _check("train.clip", "mode", self.train.clip.mode,
+               self.train.clip.mode == "global" or self.task == "pretrain",
+               f"global for task {self.task!r} (only the pretraining trainer implements adagc)")
         for task, w in self.data.mixture.weights().items():
             need = MIXTURE_MODALITY[task]
             _check("data.mixture", task, w, w == 0 or need in self.model.modalities,

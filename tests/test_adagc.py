@@ -130,3 +130,15 @@ def test_adagc_and_simreg_run_resumes_bit_exactly(debug_config, tmp_path):
     assert len(a) == 8 and a == b
     assert all(v[2] > 0 for v in a)  # SimReg found positives in every step
     assert any(v[4] > 0 for v in a[3:])  # the per-tensor rule clipped something after the warm-up
+
+
+def test_adagc_outside_pretraining_is_refused_by_name():
+    import os
+
+    import pytest
+
+    from paddle_ernie5.config import ConfigError, load_config
+    from support import RECIPES
+
+    with pytest.raises(ConfigError, match=r"train.clip.mode='adagc'.*task 'sft'"):
+        load_config(os.path.join(RECIPES, "sft_tiny.yaml"), ["train.clip.mode=adagc"])

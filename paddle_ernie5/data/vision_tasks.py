@@ -254,8 +254,8 @@ def _encoded(ctx: MixtureContext, kind: str) -> EncodedSet:
     return ctx.cache[key]
 
 
-class GenerationTask:
-    """caption -> image / clip (next-frame-and-scale bits)."""
+class _VisionTask:
+    """What every vision task holds: the vision config, the encoded split, the delimiter ids."""
 
     kind = "image"
 
@@ -264,6 +264,13 @@ class GenerationTask:
         self.data = _encoded(ctx, self.kind)
         self.ids = special_ids(ctx)
         self.ctx = ctx
+
+
+class GenerationTask(_VisionTask):
+    """caption -> image / clip (next-frame-and-scale bits)."""
+
+    def __init__(self, ctx: MixtureContext):
+        super().__init__(ctx)
         self.train = ctx.split == "train"
         lab = self.data.labels
         keep = np.arange(len(self.data))
@@ -288,16 +295,11 @@ class GenerationTask:
                                    rng if self.train else None)
 
 
-class QATask:
+class QATask(_VisionTask):
     """image / clip + question -> answer, from pre-quantisation features through the patch merger."""
 
-    kind = "image"
-
     def __init__(self, ctx: MixtureContext):
-        self.v = ctx.cfg.model.vision
-        self.data = _encoded(ctx, self.kind)
-        self.ids = special_ids(ctx)
-        self.ctx = ctx
+        super().__init__(ctx)
         self._text: dict[str, list[int]] = {}
 
     def __len__(self) -> int:

@@ -23,7 +23,7 @@ import paddle
 from ..config import Config
 from ..train.losses import IGNORE, mtp_labels
 from ..train.optim import (build_optimizer, clip_by_global_norm, global_grad_norm,
-                           load_optimizer_state, optimizer_state)
+                           load_optimizer_state, optimizer_state, tensor_sq_norms)
 from . import comm, expert, topology
 
 
@@ -54,6 +54,14 @@ class SingleProcess:
 
     def clip(self, model, max_norm: float) -> float:
         return clip_by_global_norm(model.parameters(), max_norm)
+
+    def grad_sq_norms(self, named) -> np.ndarray:
+        """Squared gradient norm of each (name, parameter) of the full model (per-tensor clipping)."""
+        return tensor_sq_norms([p for _, p in named])
+
+    def sum_over_data(self, values: np.ndarray) -> np.ndarray:
+        """Sum of a small array over the data-parallel ranks (the identity on one process)."""
+        return values
 
     def optimizer_step(self, model, optimizer) -> None:
         optimizer.step()
@@ -175,6 +183,18 @@ class Distributed(SingleProcess):
                 (experts if name in self.expert_names else dense).append(p)
         _all_reduce_grads(dense, self.group("data"), len(self.data_ranks))
         _all_reduce_grads(experts, self.group("expert_data"), len(self.groups["expert_data"][1]))
+
+    @paddle.no_grad()
+    def grad_sq_norms(self, named) -> np.ndarray:
+        """Expert tensors hold 1/ep of their rows on each rank: their squares are summed over EP."""
+        sq = tensor_sq_norms([p for _, p in named])
+        rows = [i for i, (n, _) in enumerate(named) if n in self.expert_names]
+        if rows and self.ep > 1:
+            sq[rows] = comm.all_reduce_numpy(sq[rows], self.group("ep"))
+        return sq
+
+    def sum_over_data(self, values: np.ndarray) -> np.ndarray:
+        return comm.all_reduce_numpy(values, self.group("data"))
 
     @paddle.no_grad()
     def clip(self, model, max_norm: float) -> float:

@@ -32,7 +32,7 @@ from . import checkpoint
 from .elastic import ElasticSampler, LoadAccumulator
 from .logging import RunLogger, flatten, heatmap_image, load_balance
 from .losses import IGNORE, compute_loss, document_ids, sample_anchors, simreg_loss
-from .optim import AdaGC, global_clip_stats, tensor_sq_norms
+from .optim import AdaGC, global_clip_stats
 from .schedules import learning_rate
 
 
@@ -209,17 +209,10 @@ class Trainer:
         the mean). Adds loss/simreg to `values` and its weighted value to values["loss"]."""
         sim_sum, count = simreg_loss(hidden, batch["labels"], document_ids(batch["startend_row_indices"]),
                                      paddle.to_tensor(anchors), self.cfg.train.simreg.temperature)
-        total_sum, total_count = self._sum_over_data_ranks(np.array([float(sim_sum), float(count)]))
+        total_sum, total_count = self.par.sum_over_data(np.array([float(sim_sum), float(count)]))
         values["loss/simreg"] = total_sum / max(total_count, 1.0)
         values["loss"] += self.cfg.train.simreg.weight * values["loss/simreg"]
         return sim_sum / max(total_count, 1.0)
-
-    def _sum_over_data_ranks(self, values: np.ndarray) -> np.ndarray:
-        if self.par.world_size == 1:
-            return values
-        from ..parallel import comm
-
-        return comm.all_reduce_numpy(values, self.par.group("data"))
 
     def _clip(self):
         """Clip the reduced gradients once per optimizer step: train.clip.mode global or adagc."""
@@ -228,14 +221,7 @@ class Trainer:
             norm = self.par.clip(self.model, tc.clip_norm)
             return global_clip_stats(norm, tc.clip_norm)
         named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
-        sq = tensor_sq_norms([p for _, p in named])
-        if getattr(self.par, "ep", 1) > 1:  # expert tensors hold 1/ep of the rows on each rank
-            from ..parallel import comm
-
-            rows = [i for i, (n, _) in enumerate(named) if n in self.par.expert_names]
-            if rows:
-                sq[rows] = comm.all_reduce_numpy(sq[rows], self.par.group("ep"))
-        return self.adagc.clip(named, sq)
+        return self.adagc.clip(named, self.par.grad_sq_norms(named))
 
     @paddle.no_grad()
     def evaluate(self) -> float:
