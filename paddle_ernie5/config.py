@@ -479,14 +479,18 @@ class ElasticConfig:
     width_rule: str = "random"
     topk_full_prob: float = 0.8
     # true: when the draw is a proper sub-model, the micro-batch also trains the full model and the loss
-    # is the mean of the two (ERNIE5.md: full and sampled sub-models in the same backward pass); costs
+    # is their weighted mean (ERNIE5.md: full and sampled sub-models in the same backward pass); costs
     # up to 2x compute per step. false: the micro-batch trains the drawn view only.
     full_every_step: bool = True
+    # With full_every_step, the weight of the sub-model's loss beside the full model's 1; the two are
+    # normalised to sum to 1 (0.5: the full model gets 2/3 of the micro-batch's gradient, 1: the mean).
+    sub_loss_weight: float = 0.5
 
     def validate(self, at: str) -> None:
         for name in ("depth_full_prob", "width_full_prob", "topk_full_prob"):
             _check(at, name, getattr(self, name), 0 <= getattr(self, name) <= 1, "0..1")
         _check(at, "min_layers", self.min_layers, self.min_layers >= 1, ">= 1")
+        _check(at, "sub_loss_weight", self.sub_loss_weight, self.sub_loss_weight > 0, "> 0")
         _check(at, "min_experts", self.min_experts, self.min_experts >= 0, ">= 0 (0 = top_k)")
         _check(at, "depth_rule", self.depth_rule, self.depth_rule in ("even", "prefix"), "even or prefix")
         _check(at, "width_rule", self.width_rule, self.width_rule in ("random", "prefix"),

@@ -51,6 +51,14 @@ class ElasticSampler:
             return [FULL_VIEW, view]
         return [view]
 
+    def view_weights(self, n_views: int) -> tuple[float, ...]:
+        """Loss weights of the views `sample_views` returned, summing to 1: (1,) for one view, else
+        the full model's 1 and the sub-model's `sub_loss_weight`, normalised."""
+        if n_views == 1:
+            return (1.0,)
+        w = self.cfg.sub_loss_weight
+        return (1.0 / (1.0 + w), w / (1.0 + w))
+
     def state_dict(self) -> dict:
         return self.rng.bit_generator.state
 

@@ -161,15 +161,16 @@ class Trainer:
             anchors = local.pop("simreg_anchors", None)
             batch = to_model_batch(local)
             # Same seed on every rank: every rank runs the same views. With elastic.full_every_step
-            # the full model and the sampled sub-model share the micro-batch (mean of their losses).
+            # the full model and the sampled sub-model share the micro-batch (weighted mean of losses).
             views = self.elastic.sample_views()
+            weights = self.elastic.view_weights(len(views))
             for j, view in enumerate(views):
                 out = self.model(batch, view)
                 parts = compute_loss(out, batch["labels"], cfg.model, self.model.head_losses(out, batch))
                 loss, values = self.par.objective(parts, batch["labels"], cfg.model)
                 if sim.enabled:
                     loss = loss + sim.weight * self._simreg_share(out.hidden, batch, anchors, values)
-                (loss / (cfg.train.grad_accum * len(views))).backward()
+                (loss * (weights[j] / cfg.train.grad_accum)).backward()
                 if j == 0:  # logged losses are those of the first view (the full model when shared)
                     for key, value in values.items():
                         sums[key] = sums.get(key, 0.0) + value

@@ -135,14 +135,15 @@ def test_impossible_export_is_refused(trained_run, tmp_path, layers, experts, to
     assert not (tmp_path / "x").exists()
 
 
-def test_full_every_step_trains_the_full_model_beside_each_sub_model(debug_config):
-    """With full_every_step the step's gradient is the mean of the full model's and the sub-model's
-    gradients on the same micro-batch, and the logged loss is the full model's."""
+@pytest.mark.parametrize("sub_weight", [0.5, 1.0])
+def test_full_every_step_trains_the_full_model_beside_each_sub_model(debug_config, sub_weight):
+    """With full_every_step the step's gradient is the weighted mean (1 : sub_loss_weight) of the full
+    model's and the sub-model's gradients on the same micro-batch; the logged loss is the full model's."""
     from paddle_ernie5.model.view import FULL_VIEW
     from paddle_ernie5.train.losses import compute_loss
 
     always_sub = ["elastic.enabled=true", "elastic.depth_full_prob=0", "elastic.width_full_prob=0",
-                  "elastic.topk_full_prob=0", "train.clip_norm=0"]
+                  "elastic.topk_full_prob=0", "train.clip_norm=0", f"elastic.sub_loss_weight={sub_weight}"]
     cfg = debug_config(*always_sub)
     sampler = ElasticSampler(cfg.elastic, cfg.model, seed=1)
     views = sampler.sample_views()
@@ -176,7 +177,7 @@ def test_full_every_step_trains_the_full_model_beside_each_sub_model(debug_confi
     assert metrics["loss"] == pytest.approx(full_loss, rel=1e-5)
     assert "elastic/sub_loss" in metrics
     name = model.embed.text_table().weight.name
-    expected = 0.5 * (grads[0][name] + grads[1].get(name, 0.0))
+    expected = (grads[0][name] + sub_weight * grads[1].get(name, 0.0)) / (1.0 + sub_weight)
     np.testing.assert_allclose(captured[name], expected, rtol=1e-4, atol=1e-7)
 
 
