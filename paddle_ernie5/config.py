@@ -178,6 +178,10 @@ class VisionModelConfig:
     merge_frames: int = 4
     merger_width: int = 64
     merger_heads: int = 4
+    # Add a learned embedding of each group's place in the picture (frame group, row, column) to its
+    # merged token. The merger sees one group at a time and Uni-RoPE only steers attention, so without
+    # it no token's content says where in the picture it lies (digit shape and motion are then hard).
+    merger_position: bool = True
     head_hidden: int = 128  # MLP width of the bit head; 0 = a linear layer
     loss_weight: float = 1.0  # weight of the bit loss in the total
     cond_drop_prob: float = 0.1  # training: caption dropped (unconditional rows for guidance)

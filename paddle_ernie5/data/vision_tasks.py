@@ -30,7 +30,7 @@ import numpy as np
 
 from ..config import Config, VisionModelConfig
 from ..io import save_npz
-from ..model.vision import (IMAGE_ID, VIDEO_ID, FEATURE_KEY, generation_positions, history_bits,
+from ..model.vision import (IMAGE_ID, VIDEO_ID, FEATURE_KEY, PATCH_INDEX_KEY, generation_positions, history_bits,
                             span_extent)
 from .digits import (digit_images, digit_videos, image_caption, image_questions, video_caption,
                      video_questions)
@@ -196,7 +196,8 @@ def merged_segment(feats_TKhw: np.ndarray, v: VisionModelConfig, kind: str, star
     n = len(groups)
     type_id = IMAGE_ID if kind == "image" else VIDEO_ID
     return Segment(np.full(n, type_id, np.int64), np.stack([start + t, start + y, start + x]).astype(np.int64),
-                   blocks=np.zeros(n, np.int64), extras={FEATURE_KEY[kind]: groups})
+                   blocks=np.zeros(n, np.int64),
+                   extras={FEATURE_KEY[kind]: groups, PATCH_INDEX_KEY: np.arange(n, dtype=np.int64)})
 
 
 def generation_prompt(ctx_ids: list[int], bos: int, open_id: int) -> list[int]:

@@ -18,13 +18,14 @@ Understanding. Pre-quantisation features [T, K, h, w] are cut into groups of mer
 merge_frames frames for video); each group is one token:
 
     group [G, K] -> Linear(K -> d) + slot embedding -> pre-norm self-attention over the G patches
-                 -> mean over G -> Linear(d -> M)
+                 -> mean over G -> Linear(d -> M) (+ embedding of the group's place, merger_position)
 
 Batch keys (extras of data/vision_tasks.py, zero where absent):
     vis_in      [B, S, bits]   float  input bits of generation positions
     vis_target  [B, S, bits]   float  target bits (+1 / -1)
     vis_scale   [B, S]         int    1 + scale index of a generation position, 0 elsewhere
     image_patches [B, S, merge^2, K], video_patches [B, S, merge_frames * merge^2, K]   float
+    patch_index [B, S]         int    row-major (frame group, row, column) index of a merged group
 
 Legend: B batch, S sequence, M width, K feature channels, G patches per group, d merger width.
 """
@@ -43,6 +44,7 @@ from .norm import RMSNorm
 
 IMAGE_ID, VIDEO_ID = MODALITY_IDS["image"], MODALITY_IDS["video"]
 FEATURE_KEY = {"image": "image_patches", "video": "video_patches"}
+PATCH_INDEX_KEY = "patch_index"  # place of a merged group in its picture: (frame group, row, column)
 
 
 # ------------------------------------------------------------------------------------------ layout
@@ -129,7 +131,7 @@ class VisualEmbedding(nn.Layer):
 
     modality = "image"
 
-    def __init__(self, cfg: ModelConfig, group: int):
+    def __init__(self, cfg: ModelConfig, group: int, places: int):
         super().__init__()
         v = cfg.vision
         self.type_id = MODALITY_IDS[self.modality]
@@ -138,6 +140,8 @@ class VisualEmbedding(nn.Layer):
         self.bits = nn.Linear(v.bits, cfg.hidden_size, weight_attr=init)
         self.scale = nn.Embedding(len(v.scales) + 1, cfg.hidden_size, weight_attr=init)
         self.merger = PatchMerger(v.bits, group, v, cfg.hidden_size, cfg.init_std)
+        self.places = places
+        self.place = nn.Embedding(places, cfg.hidden_size, weight_attr=init) if v.merger_position else None
 
     def forward(self, batch):
         key = FEATURE_KEY[self.modality]
@@ -152,6 +156,12 @@ class VisualEmbedding(nn.Layer):
             groups = batch[key]
             b, s = groups.shape[:2]
             merged = self.merger(groups.reshape([b * s, *groups.shape[2:]])).reshape([b, s, -1])
+            if self.place is not None:
+                index = batch[PATCH_INDEX_KEY]
+                if int(index.max()) >= self.places:
+                    raise ValueError(f"a {self.modality} holds more than {self.places} merged groups; "
+                                     "the picture is larger than model.vision (scales, merge) describes")
+                merged = merged + self.place(index)
             x = merged if x is None else paddle.where((batch["vis_scale"] > 0).unsqueeze(-1), x, merged)
         return x
 
@@ -161,7 +171,8 @@ class ImageEmbedding(VisualEmbedding):
     modality = "image"
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, cfg.vision.merge ** 2)
+        v = cfg.vision
+        super().__init__(cfg, v.merge ** 2, (v.scales[-1] // v.merge) ** 2)
 
 
 @register_modality("video")
@@ -169,7 +180,9 @@ class VideoEmbedding(VisualEmbedding):
     modality = "video"
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, cfg.vision.merge_frames * cfg.vision.merge ** 2)
+        v = cfg.vision
+        super().__init__(cfg, v.merge_frames * v.merge ** 2,
+                         -(-v.video_frames // v.merge_frames) * (v.scales[-1] // v.merge) ** 2)
 
 
 # ------------------------------------------------------------------------------------------ head
