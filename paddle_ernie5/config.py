@@ -631,10 +631,11 @@ class RLConfig:
 
     `task: sft` reads the task list and problem pools from this section too (the supervised stage)."""
 
-    tasks: tuple[str, ...] = ("arithmetic", "counting")  # verifier task names (rl/verifiers.py)
+    tasks: tuple[str, ...] = ("arithmetic", "counting")  # verifier task names (rl/verifiers.py, rl/image_qa.py)
     train_problems: int = 4000  # problems drawn per task before the held-out split is removed
     eval_problems: int = 64  # held-out prompts per task for the before/after measurement
-    heldout_fraction: float = 0.2  # share of question texts (by hash) never used for training
+    # Share of question texts (by hash) never used for training; image_qa uses the image split instead.
+    heldout_fraction: float = 0.2
     prompts_per_step: int = 8  # queries per iteration group (U-RB assigns queries to groups)
     group_size: int = 8  # responses per query; GRPO normalises rewards inside the group
     max_new_tokens: int = 8

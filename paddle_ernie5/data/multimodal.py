@@ -75,15 +75,17 @@ def row_mask(doc_lens: list[int], blocks: np.ndarray, seq_len: int,
     return np.stack([lts, ute], axis=-1).astype(np.int32)
 
 
-def pack_segments(docs: list[list[Segment]], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Rows of whole documents (in order) -> model batch arrays, mask_causal=False layout."""
+def pack_segments(docs: list[list[Segment]], seq_len: int, pad_id: int = 0,
+                  one_per_row: bool = False) -> dict[str, np.ndarray]:
+    """Rows of whole documents (in order) -> model batch arrays, mask_causal=False layout.
+    `one_per_row`: row i holds document i alone (scoring, RL batches)."""
     rows: list[list[list[Segment]]] = [[]]
     used = 0
     for doc in docs:
         n = sum(len(s) for s in doc)
         if n > seq_len:
             raise ValueError(f"a document of {n} positions does not fit seq_len={seq_len}")
-        if used + n > seq_len:
+        if used + n > seq_len or (one_per_row and rows[-1]):
             rows.append([])
             used = 0
         rows[-1].append(doc)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import Config, VisionModelConfig
+from ..config import SPECIAL_TOKENS, Config, VisionModelConfig
 from ..io import save_npz
 from ..model.vision import (IMAGE_ID, VIDEO_ID, FEATURE_KEY, PATCH_INDEX_KEY, generation_positions, history_bits,
                             span_extent)
@@ -235,9 +235,18 @@ def qa_document(feats_TKhw: np.ndarray, question_ids: list[int], answer_ids: lis
     return [head, seg, tail]
 
 
-def special_ids(ctx: MixtureContext) -> dict:
-    out = {name: ctx.special_id(name) for pair in DELIMITERS.values() for name in pair}
-    out.update(bos=ctx.tokenizer.bos_id, eos=ctx.tokenizer.eos_id)
+def qa_prompt(feats_TKhw: np.ndarray, question_ids: list[int], v: VisionModelConfig, kind: str,
+              ids: dict) -> list[Segment]:
+    """<bos> <boi> [patches] <eoi> question: the head of a QA document, what an answer continues
+    (positions and mask exactly as in qa_document)."""
+    head, seg, tail = qa_document(feats_TKhw, question_ids, [], v, kind, ids)
+    return [head, seg, text_segment(tail.input_ids[:-1], int(tail.positions[0, 0]))]  # drop <eos>
+
+
+def special_ids(vocab_size: int, tokenizer) -> dict:
+    """Ids of the visual delimiters (after the text vocabulary, config.SPECIAL_TOKENS), <bos>, <eos>."""
+    out = {name: vocab_size + SPECIAL_TOKENS.index(name) for pair in DELIMITERS.values() for name in pair}
+    out.update(bos=tokenizer.bos_id, eos=tokenizer.eos_id)
     return out
 
 
@@ -263,7 +272,7 @@ class _VisionTask:
     def __init__(self, ctx: MixtureContext):
         self.v = ctx.cfg.model.vision
         self.data = _encoded(ctx, self.kind)
-        self.ids = special_ids(ctx)
+        self.ids = special_ids(ctx.cfg.model.vocab_size, ctx.tokenizer)
         self.ctx = ctx
 
 

@@ -24,7 +24,7 @@ from ..data.digits import COLOUR_PAIRS, COLOURS, DIRECTIONS, image_caption
 from ..data.multimodal import pack_segments
 from ..data.packing import IGNORE
 from ..data.vision_tasks import (DELIMITERS, encoded_digits, generation_prompt, is_heldout_combo,
-                                 load_visual_tokenizer, qa_document)
+                                 load_visual_tokenizer, qa_document, special_ids)
 from ..model.vision_sampling import decode_tokens, sample_visual
 
 CANDIDATES = {"What digit is this?": [str(d) for d in range(10)],
@@ -34,15 +34,6 @@ CANDIDATES = {"What digit is this?": [str(d) for d in range(10)],
 IMAGE_QUESTIONS = {"digit": ("What digit is this?", lambda l, i: str(l["digit"][i])),
                    "fg": ("What colour is the digit?", lambda l, i: COLOURS[l["fg"][i]]),
                    "bg": ("What colour is the background?", lambda l, i: COLOURS[l["bg"][i]])}
-
-
-def special_ids(cfg, tokenizer) -> dict:
-    from ..config import SPECIAL_TOKENS
-
-    out = {name: cfg.model.vocab_size + SPECIAL_TOKENS.index(name)
-           for pair in DELIMITERS.values() for name in pair}
-    out.update(bos=tokenizer.bos_id, eos=tokenizer.eos_id)
-    return out
 
 
 @paddle.no_grad()
@@ -55,10 +46,7 @@ def target_logprobs(model, docs, batch: int = 96) -> np.ndarray:
     for i in range(0, len(docs), batch):
         chunk = docs[i:i + batch]
         seq = max(sum(len(s) for s in d) for d in chunk)
-        rows = [pack_segments([d], seq) for d in chunk]
-        np_batch = {k: np.concatenate([r[k] for r in rows]) for k in rows[0] if k != "mask_causal"}
-        np_batch["mask_causal"] = False
-        b = to_model_batch(np_batch)
+        b = to_model_batch(pack_segments(chunk, seq, one_per_row=True))
         logp = F.log_softmax(model(b, with_mtp=False).logits.astype("float32"), axis=-1)
         labels = b["labels"]
         picked = paddle.take_along_axis(logp, paddle.clip(labels, min=0).unsqueeze(-1), axis=-1).squeeze(-1)
@@ -68,7 +56,7 @@ def target_logprobs(model, docs, batch: int = 96) -> np.ndarray:
 
 def qa_accuracy(model, cfg, tokenizer, kind: str, feats, questions: list[tuple[int, str, str]]) -> float:
     """questions: (item, question, true answer); accuracy of ranking CANDIDATES[question]."""
-    ids = special_ids(cfg, tokenizer)
+    ids = special_ids(cfg.model.vocab_size, tokenizer)
     v = cfg.model.vision
     docs, spans = [], []
     for item, question, _ in questions:
@@ -89,7 +77,7 @@ def heldout_combos(fraction: float) -> list[tuple[int, int, int]]:
 def generate_images(model, cfg, tokenizer, tok, captions: list[str], *, temperature: float = 0.0,
                     cfg_scale: float | None = None, seed: int = 0, kind: str = "image") -> np.ndarray:
     """Frames [N, T, 3, H, W] for captions (prompts of equal token length are sampled together)."""
-    ids = special_ids(cfg, tokenizer)
+    ids = special_ids(cfg.model.vocab_size, tokenizer)
     v = cfg.model.vision
     open_id = ids[DELIMITERS[kind][0]]
     scale = v.cfg_scale if cfg_scale is None else cfg_scale
@@ -187,7 +175,7 @@ def answer_question(model, cfg, tokenizer, tok, pixels, question: str, max_token
     kind = "video" if pixels.ndim == 4 else "image"
     feats, _ = tok.encode(paddle.to_tensor(pixels[None].astype(np.float32)))
     feats = feats.numpy()[0]
-    ids = special_ids(cfg, tokenizer)
+    ids = special_ids(cfg.model.vocab_size, tokenizer)
     q = tokenizer.encode(question)
     answer: list[int] = []
     model.eval()

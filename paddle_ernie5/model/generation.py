@@ -6,10 +6,14 @@ Legend: B batch (rows decode in lock-step), P prompt length, N new tokens, K/V [
     repeat N times: sample token -> forward that one token (cache grows by 1) -> next logits
 
 Each row is one document, so attention needs only the causal mask (bottom-right aligned against the
-cache); prompts of one call share a length (RL groups repeat one prompt). Per-token log-probabilities
-of the sampled tokens are returned with them (RL uses them as rollout log-probs). With
-`record_routing`, the experts every MoE layer chose at every position that was run (the prompt and all
-sampled tokens but the last) are returned too, for router replay in the RL training forward.
+cache); prompts of one call share a length (RL groups repeat one prompt). A multimodal prompt (an image
+and a question, packed as training packs it) brings its own Uni-RoPE positions and block-bidirectional
+FlashMask layout for the prefill; the sampled tokens are causal text whose positions continue from the
+prompt's last position + 1, not from the row index (an image's positions follow its extent, not its
+token count). Per-token log-probabilities of the sampled tokens are returned with them (RL uses them as
+rollout log-probs). With `record_routing`, the experts every MoE layer chose at every position that was
+run (the prompt and all sampled tokens but the last) are returned too, for router replay in the RL
+training forward.
 """
 
 from __future__ import annotations
@@ -57,11 +61,26 @@ class Sample:
     routing: dict[int, np.ndarray] | None = None
 
 
-def _text_batch(ids_BS, start: int) -> dict:
+def _text_batch(ids_BS, start) -> dict:
+    """Causal text at positions start, start + 1, ... (t = h = w); `start` an int or one per row [B]."""
     b, s = ids_BS.shape
-    pos = paddle.arange(start, start + s, dtype="int64").reshape([1, 1, s]).expand([b, 3, s])
+    if np.ndim(start) == 0:
+        pos = paddle.arange(start, start + s, dtype="int64").reshape([1, 1, s]).expand([b, 3, s])
+    else:
+        rows = np.asarray(start, np.int64)[:, None] + np.arange(s)
+        pos = paddle.to_tensor(rows).unsqueeze(1).expand([b, 3, s])
     return {"input_ids": ids_BS, "token_types": paddle.zeros([b, s], dtype="int64"), "positions": pos,
             "startend_row_indices": None}
+
+
+def _tensor(v):
+    """A prompt extra as a model input: floats float32, int32 kept (FlashMask indices), other integer
+    arrays int64; flags such as mask_causal as they are."""
+    if not isinstance(v, np.ndarray):
+        return v
+    if np.issubdtype(v.dtype, np.floating):
+        return paddle.to_tensor(v, dtype="float32")
+    return paddle.to_tensor(v, dtype="int32" if v.dtype == np.int32 else "int64")
 
 
 @paddle.no_grad()
@@ -70,19 +89,22 @@ def generate(model, prompt_BP: np.ndarray, max_new_tokens: int, *, temperature: 
              view: ElasticView = FULL_VIEW, record_routing: bool = False,
              prompt_extras: dict[str, np.ndarray] | None = None) -> Sample:
     """Sample continuations of equal-length prompts. temperature 0 = greedy. `prompt_extras`: more
-    batch arrays [B, P, ...] for the prompt only (token_types and the codes of a spoken prompt, say);
-    the sampled tokens are text."""
+    batch entries for the prompt only (token_types and the codes of a spoken prompt, say; for a packed
+    multimodal prompt also positions [B, 3, P], startend_row_indices and mask_causal); the sampled
+    tokens are text at positions last prompt position + 1, + 2, ..."""
     model.eval()
     rng = np.random.default_rng(seed)
     prompt = paddle.to_tensor(np.asarray(prompt_BP, dtype=np.int64))
-    b = prompt.shape[0]
+    b, p = prompt.shape
     cache = KVCache()
     routes: dict[int, list[np.ndarray]] = {}
+    given = (prompt_extras or {}).get("positions")
+    # Decode step i runs at position cache.length() + shift: the prompt's last position + 1 + i.
+    shift = 0 if given is None else np.asarray(given)[:, :, -1].max(axis=1) + 1 - p
 
     def forward(ids_BS, extras=None):
-        batch = _text_batch(ids_BS, cache.length())
-        batch.update({k: paddle.to_tensor(v, dtype="float32" if np.issubdtype(v.dtype, np.floating)
-                                          else "int64") for k, v in (extras or {}).items()})
+        batch = _text_batch(ids_BS, cache.length() + shift)
+        batch.update({k: _tensor(v) for k, v in (extras or {}).items()})
         out = model(batch, view, with_mtp=False, cache=cache)
         if record_routing:
             for i, stats in out.router_stats.items():

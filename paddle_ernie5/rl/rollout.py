@@ -3,6 +3,10 @@ what training needs (rollout log-probs and, for router replay, the experts every
 
 Legend: G responses per query, P prompt length (with any hint), N new tokens, K top-k, B rows.
 
+The training forward sees every row exactly as the sampler did: text prompts as plain causal text, a
+packed prompt (image + question, rl/prompts.py) with its positions, mask and image features, the
+response continuing at the prompt's last position + 1.
+
 Background rollouts use their own model copies (one per worker thread) loaded from a `PolicySnapshot`
 taken when their group was submitted, so training can update the live weights meanwhile.
 """
@@ -15,9 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 
+from ..data.multimodal import pack_segments
 from ..model.generation import generate
 from ..model.model import Ernie5Model
-from .verifiers import ANSWER_STOP, Problem, get_task, reward
+from ..train.trainer import to_model_batch
+from .objectives import response_logp_entropy
+from .prompts import Prompt
+from .verifiers import Problem, get_task, reward
 
 
 @dataclass
@@ -51,8 +59,7 @@ def snapshot(model, version: int) -> PolicySnapshot:
 @dataclass
 class Rollout:
     problem: Problem
-    prompt_ids: np.ndarray  # [P] BOS + prompt + hint tokens
-    hint_len: int  # hint tokens at the end of prompt_ids (not trained on)
+    prompt: Prompt  # ids [P]: BOS + prompt + hint tokens; hint_len of them are the hint
     tokens: np.ndarray  # [G, N] sampled ids (pad after the stop token)
     logprobs: np.ndarray  # [G, N] rollout log-probs
     lengths: np.ndarray  # [G] response tokens up to and including the stop token
@@ -62,20 +69,43 @@ class Rollout:
     hint_fraction: float = 0.0
 
 
-def stop_id(tokenizer) -> int:
-    ids = tokenizer.encode(ANSWER_STOP)
-    assert len(ids) == 1, f"the answer terminator {ANSWER_STOP!r} must be one token, got {ids}"
-    return ids[0]
+def stop_id(tokenizer, problem: Problem) -> int:
+    """The token that ends an answer of the problem's task."""
+    return get_task(problem.task).prompt.stop_id(tokenizer)
 
 
-def prompt_ids(tokenizer, problem: Problem, hint_fraction: float = 0.0) -> tuple[np.ndarray, int]:
-    """(BOS + prompt + first hint tokens of the reference solution, number of hint tokens)."""
+def build_prompt(model_cfg, tokenizer, problem: Problem, hint_fraction: float = 0.0) -> Prompt:
+    """The problem's prompt followed by the first hint tokens of its reference solution."""
     from .hints import hint_length
 
-    sol = tokenizer.encode(problem.solution)
+    fmt = get_task(problem.task).prompt
+    sol = fmt.solution_ids(tokenizer, problem)
     n_hint = hint_length(hint_fraction, len(sol)) if hint_fraction > 0 else 0
-    ids = [tokenizer.bos_id] + tokenizer.encode(problem.prompt) + sol[:n_hint]
-    return np.asarray(ids, np.int64), n_hint
+    return fmt.build(model_cfg, tokenizer, problem, sol[:n_hint])
+
+
+def prompt_arrays(prompts: list[Prompt], pad_id: int) -> tuple[np.ndarray, dict | None]:
+    """(ids [B, P], generate's prompt_extras) of equal-length prompts of one layout; extras None for
+    text prompts, else the packed arrays (positions, token types, FlashMask layout, image features)."""
+    ids = np.stack([p.ids for p in prompts])
+    if prompts[0].doc is None:
+        return ids, None
+    packed = pack_segments([p.doc for p in prompts], ids.shape[1], pad_id, one_per_row=True)
+    return ids, {k: v for k, v in packed.items() if k not in ("input_ids", "labels")}
+
+
+def continuation_arrays(prompts: list[Prompt], tails: list[np.ndarray],
+                        pad_id: int) -> tuple[np.ndarray, dict | None]:
+    """Rows prompt + tail, right-padded to the longest: (ids [B, S], extras). Extras None when every
+    prompt is text (plain causal rows, as sampled); else each row packed as one document, a text
+    prompt getting the equivalent document mask; model_inputs(ids, extras) is the model batch."""
+    rows = [np.concatenate([p.ids, t]).astype(np.int64) for p, t in zip(prompts, tails)]
+    s = max(len(r) for r in rows)
+    if all(p.doc is None for p in prompts):
+        return np.stack([np.pad(r, (0, s - len(r)), constant_values=pad_id) for r in rows]), None
+    packed = pack_segments([p.continued(np.asarray(t, np.int64)) for p, t in zip(prompts, tails)], s,
+                           pad_id, one_per_row=True)
+    return packed.pop("input_ids"), packed
 
 
 def decode_response(tokenizer, hint_ids, tokens, length: int) -> str:
@@ -99,13 +129,15 @@ def rollout_group(model, tokenizer, problem: Problem, group_size: int, max_new_t
                   temperature: float, seed: int, hint_fraction: float = 0.0, version: int = 0,
                   record_routing: bool = True) -> Rollout:
     """Sample `group_size` responses to one query (one batched KV-cache generate call) and score them."""
-    ids, n_hint = prompt_ids(tokenizer, problem, hint_fraction)
-    stop = stop_id(tokenizer)
-    sample = generate(model, np.tile(ids[None], (group_size, 1)), max_new_tokens, temperature=temperature,
-                      stop_id=stop, pad_id=tokenizer.pad_id, seed=seed, record_routing=record_routing)
+    prompt = build_prompt(model.cfg, tokenizer, problem, hint_fraction)
+    stop = stop_id(tokenizer, problem)
+    ids, extras = prompt_arrays([prompt] * group_size, tokenizer.pad_id)
+    sample = generate(model, ids, max_new_tokens, temperature=temperature, stop_id=stop,
+                      pad_id=tokenizer.pad_id, seed=seed, record_routing=record_routing, prompt_extras=extras)
     stopped = sample.tokens[np.arange(group_size), sample.lengths - 1] == stop
-    rewards = score(tokenizer, problem, ids[len(ids) - n_hint:], sample.tokens, sample.lengths, stopped)
-    return Rollout(problem, ids, n_hint, sample.tokens, sample.logprobs, sample.lengths, rewards,
+    hint = prompt.ids[len(prompt.ids) - prompt.hint_len:]
+    rewards = score(tokenizer, problem, hint, sample.tokens, sample.lengths, stopped)
+    return Rollout(problem, prompt, sample.tokens, sample.logprobs, sample.lengths, rewards,
                    sample.routing, version, hint_fraction)
 
 
@@ -118,6 +150,7 @@ class RolloutBatch:
     """Rows = every response of the given rollouts, right-padded to one length S."""
 
     input_ids_BS: np.ndarray  # prompt + response[:-1] (exactly the positions the sampler ran)
+    extras_BS: dict | None  # the rows' other model arrays when a prompt is packed (continuation_arrays)
     start_B: np.ndarray  # prompt length per row: response token j is predicted at start - 1 + j
     targets_BN: np.ndarray  # response tokens
     valid_BN: np.ndarray  # bool, j < length
@@ -127,19 +160,20 @@ class RolloutBatch:
 
 
 def build_batch(rollouts: list[Rollout], pad_id: int, top_k: int) -> RolloutBatch:
-    rows, starts, targets, logps, valid, query = [], [], [], [], [], []
+    prompts, tails, starts, targets, logps, valid, query = [], [], [], [], [], [], []
     n_max = max(r.tokens.shape[1] for r in rollouts)
     for q, r in enumerate(rollouts):
         g, n = r.tokens.shape
         for i in range(g):
-            rows.append(np.concatenate([r.prompt_ids, r.tokens[i, :n - 1]]))
-            starts.append(len(r.prompt_ids))
+            prompts.append(r.prompt)
+            tails.append(r.tokens[i, :n - 1])
+            starts.append(len(r.prompt.ids))
             targets.append(np.pad(r.tokens[i], (0, n_max - n), constant_values=pad_id))
             logps.append(np.pad(r.logprobs[i], (0, n_max - n)))
             valid.append(np.arange(n_max) < r.lengths[i])
             query.append(q)
-    s = max(len(x) for x in rows)
-    input_ids = np.stack([np.pad(x, (0, s - len(x)), constant_values=pad_id) for x in rows])
+    input_ids, extras = continuation_arrays(prompts, tails, pad_id)
+    s = input_ids.shape[1]
     replay = None
     if all(r.routing is not None for r in rollouts):
         replay = {}
@@ -150,12 +184,15 @@ def build_batch(rollouts: list[Rollout], pad_id: int, top_k: int) -> RolloutBatc
                 fill = np.broadcast_to(np.arange(top_k), (ids.shape[0], s - ids.shape[1], top_k))
                 parts.append(np.concatenate([ids, fill], axis=1))  # padding positions: any valid ids
             replay[layer] = np.concatenate(parts, axis=0).astype(np.int64)
-    return RolloutBatch(input_ids, np.asarray(starts), np.stack(targets), np.stack(valid),
+    return RolloutBatch(input_ids, extras, np.asarray(starts), np.stack(targets), np.stack(valid),
                         np.stack(logps).astype(np.float32), replay, np.asarray(query))
 
 
-def model_inputs(input_ids_BS: np.ndarray) -> dict:
-    """Causal text-only inputs (each row is one document; None = plain causal attention)."""
+def model_inputs(input_ids_BS: np.ndarray, extras: dict | None = None) -> dict:
+    """Model batch of rows: causal text-only (each row is one document; None = plain causal
+    attention), or with `extras` (continuation_arrays) the packed documents."""
+    if extras is not None:
+        return to_model_batch({**extras, "input_ids": input_ids_BS})
     b, s = input_ids_BS.shape
     pos = np.broadcast_to(np.arange(s)[None, None, :], (b, 3, s))
     return {"input_ids": paddle.to_tensor(input_ids_BS, dtype="int64"),
@@ -164,8 +201,21 @@ def model_inputs(input_ids_BS: np.ndarray) -> dict:
             "startend_row_indices": None}
 
 
+def forward_logp(model, batch: RolloutBatch, temperature: float, replay: bool):
+    """(response log-probs [B, N], entropies [B, N], model output) of the training forward, with the
+    rollout's experts forced when `replay` (router replay) and the batch recorded them."""
+    forced = None
+    if replay and batch.replay_BSK is not None:
+        forced = {i: paddle.to_tensor(ids) for i, ids in batch.replay_BSK.items()}
+    out = model(model_inputs(batch.input_ids_BS, batch.extras_BS), with_mtp=False, router_replay=forced)
+    logp, ent = response_logp_entropy(out.logits, batch.targets_BN, batch.start_B, temperature)
+    return logp, ent, out
+
+
 def select(batch: RolloutBatch, rows: np.ndarray) -> RolloutBatch:
     """The rows of a batch (a minibatch of whole query groups)."""
     replay = None if batch.replay_BSK is None else {i: v[rows] for i, v in batch.replay_BSK.items()}
-    return RolloutBatch(batch.input_ids_BS[rows], batch.start_B[rows], batch.targets_BN[rows],
+    extras = None if batch.extras_BS is None else {
+        k: v[rows] if isinstance(v, np.ndarray) else v for k, v in batch.extras_BS.items()}
+    return RolloutBatch(batch.input_ids_BS[rows], extras, batch.start_B[rows], batch.targets_BN[rows],
                         batch.valid_BN[rows], batch.rollout_logp_BN[rows], replay, batch.query_B[rows])

@@ -21,27 +21,25 @@ from ..train.losses import IGNORE, token_cross_entropy
 from ..train.logging import RunLogger
 from ..train.optim import apply_update, build_optimizer, optimizer_state
 from .evaluate import evaluate
-from .rollout import model_inputs, prompt_ids
+from .prompts import Prompt
+from .rollout import build_prompt, continuation_arrays, model_inputs
 from .trainer import load_policy, task_problems
+from .verifiers import get_task
 
 
-def sft_examples(tokenizer, problems) -> list[tuple[np.ndarray, int]]:
-    """(BOS + prompt + solution ids, prompt length) per problem."""
-    out = []
-    for p in problems:
-        ids, _ = prompt_ids(tokenizer, p)
-        out.append((np.concatenate([ids, tokenizer.encode(p.solution)]).astype(np.int64), len(ids)))
-    return out
+def sft_examples(model_cfg, tokenizer, problems) -> list[tuple[Prompt, np.ndarray]]:
+    """(prompt, reference solution ids) per problem."""
+    return [(build_prompt(model_cfg, tokenizer, p),
+             np.asarray(get_task(p.task).prompt.solution_ids(tokenizer, p), np.int64)) for p in problems]
 
 
 def sft_batch(examples, pad_id: int) -> tuple[dict, paddle.Tensor]:
-    s = max(len(ids) for ids, _ in examples)
-    ids = np.full([len(examples), s], pad_id, np.int64)
-    labels = np.full([len(examples), s], IGNORE, np.int64)
-    for i, (x, start) in enumerate(examples):
-        ids[i, :len(x)] = x
-        labels[i, start - 1:len(x) - 1] = x[start:]  # position t predicts token t + 1
-    return model_inputs(ids), paddle.to_tensor(labels)
+    ids, extras = continuation_arrays([p for p, _ in examples], [sol for _, sol in examples], pad_id)
+    labels = np.full(ids.shape, IGNORE, np.int64)
+    for i, (prompt, sol) in enumerate(examples):
+        start = len(prompt.ids)
+        labels[i, start - 1:start - 1 + len(sol)] = sol  # position t predicts token t + 1
+    return model_inputs(ids, extras), paddle.to_tensor(labels)
 
 
 def train_from_config(cfg: C.Config, log=print) -> dict:
@@ -51,7 +49,7 @@ def train_from_config(cfg: C.Config, log=print) -> dict:
     model = load_policy(cfg, log)
     optimizer = build_optimizer(model, tc)
     pool, heldout = task_problems(cfg)
-    examples = sft_examples(tok, pool)
+    examples = sft_examples(cfg.model, tok, pool)
     os.makedirs(tc.run_dir, exist_ok=True)
     C.save_config(cfg, os.path.join(tc.run_dir, "config.yaml"))
     logger = RunLogger(tc.run_dir, tc.visualdl)

@@ -33,10 +33,9 @@ from ..train.optim import build_optimizer, clip_by_global_norm, load_optimizer_s
 from ..train.schedules import learning_rate
 from .evaluate import evaluate
 from .hints import QueryStats
-from .objectives import (grpo_advantages, gspo_loss, gspo_ratio, icepop_mask, k3_kl,
-                         response_logp_entropy, wpsm_weights)
+from .objectives import grpo_advantages, gspo_loss, gspo_ratio, icepop_mask, k3_kl, wpsm_weights
 from .replay import UnbiasedReplayBuffer
-from .rollout import (RolloutModels, build_batch, model_inputs, rollout_group, select, snapshot)
+from .rollout import RolloutModels, build_batch, forward_logp, rollout_group, select, snapshot
 from .verifiers import split_problems
 
 
@@ -53,7 +52,7 @@ def task_problems(cfg: C.Config) -> tuple[list, dict[str, list]]:
     rc = cfg.rl
     train, held = [], {}
     for i, task in enumerate(rc.tasks):
-        tr, he = split_problems(task, rc.train_problems, cfg.train.seed + i, rc.heldout_fraction)
+        tr, he = split_problems(task, rc.train_problems, cfg.train.seed + i, rc.heldout_fraction, cfg)
         if not tr or not he:
             raise C.ConfigError(f"rl.train_problems={rc.train_problems} leaves task {task!r} with "
                                 f"{len(tr)} training and {len(he)} held-out problems; raise it")
@@ -117,13 +116,6 @@ class RLTrainer:
                              ctx["snapshot"].version, record_routing=True)
 
     # ------------------------------------------------------------------ one iteration
-    def _forward_logp(self, model, batch, replay: bool):
-        out = model(model_inputs(batch.input_ids_BS), with_mtp=False,
-                    router_replay=_replay_tensors(batch) if replay else None)
-        logp, ent = response_logp_entropy(out.logits, batch.targets_BN, batch.start_B,
-                                          self.cfg.rl.temperature)
-        return logp, ent, out
-
     def train_step(self) -> dict[str, float]:
         cfg, rc = self.cfg, self.cfg.rl
         t0 = time.perf_counter()
@@ -136,9 +128,10 @@ class RLTrainer:
 
         self.model.eval()
         with paddle.no_grad():
-            old_logp_t, ent_t, out = self._forward_logp(self.model, batch, rc.router_replay)
+            old_logp_t, ent_t, out = forward_logp(self.model, batch, rc.temperature, rc.router_replay)
             old_logp, ent = old_logp_t.numpy(), ent_t.numpy()
-            ref_logp = self._forward_logp(self.ref, batch, rc.router_replay)[0] if self.ref is not None else None
+            ref_logp = (forward_logp(self.ref, batch, rc.temperature, rc.router_replay)[0]
+                        if self.ref is not None else None)
         mismatch = _routing_mismatch(out.router_stats, batch)
         mask = icepop_mask(old_logp, batch.rollout_logp_BN, valid, rc.icepop_low, rc.icepop_high)
         adv = grpo_advantages(np.stack([r.rewards for r in rollouts])).reshape(-1)
@@ -155,7 +148,7 @@ class RLTrainer:
         for chunk in np.array_split(np.arange(len(rollouts)), rc.num_minibatches):
             rows = np.flatnonzero(np.isin(batch.query_B, chunk))
             mb = select(batch, rows)
-            new_logp, _, _ = self._forward_logp(self.model, mb, rc.router_replay)
+            new_logp, _, _ = forward_logp(self.model, mb, rc.temperature, rc.router_replay)
             mask_t = paddle.to_tensor(mask[rows])
             ratio = gspo_ratio(new_logp, paddle.to_tensor(old_logp[rows]), mask_t)
             obj = gspo_loss(ratio, adv[rows], weight[rows], used[rows], rc.clip_low, rc.clip_high)
@@ -183,7 +176,7 @@ class RLTrainer:
             "kl/rollout": float(((np.exp(d) - d - 1) * valid).sum() / valid.sum()),
             "response_length": float(np.mean([r.lengths.mean() for r in rollouts])),
             "wpsm/damped_frac": float(np.mean(weight < 1)),
-            "hint/query_frac": float(np.mean([r.hint_len > 0 for r in rollouts])),
+            "hint/query_frac": float(np.mean([r.prompt.hint_len > 0 for r in rollouts])),
             "urb/staleness": float(self.step - 1 - np.mean([r.version for r in rollouts])),
             "urb/wait_s": wait_s,
             "router/mismatch": mismatch,
@@ -272,12 +265,6 @@ class RLTrainer:
         self.log(f"held-out at step {self.step}: " + "; ".join(
             f"{task} reward {r['reward']:.3f} greedy {r['greedy_accuracy']:.3f} entropy {r['entropy']:.3f}"
             for task, r in result.items()))
-
-
-def _replay_tensors(batch) -> dict | None:
-    if batch.replay_BSK is None:
-        return None
-    return {i: paddle.to_tensor(ids) for i, ids in batch.replay_BSK.items()}
 
 
 def _routing_mismatch(router_stats: dict, batch) -> float:

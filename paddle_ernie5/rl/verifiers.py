@@ -1,10 +1,14 @@
 """Verifiable tasks for RL: problems with reference solutions and rule-based rewards.
 
 The unified interface is `reward(problem, response) -> float in [0, 1]`: a task registers how its
-problems are made (`make_problems`) and how a response is judged (`verifier`). Text tasks judge the
-decoded response text; tasks whose responses are images or speech (text->image with the vision judge,
-text->speech with the speech judge) register a verifier with `response_modality` "image" / "audio"
-that receives the response token ids instead, and decodes and judges them itself.
+problems are made (`make_problems`, or `split` for problems drawn from data with its own held-out
+split), how they are shown to the model (`prompt`, rl/prompts.py: the prompt and the token that ends
+an answer) and how a response is judged (`verifier`). Text tasks judge the decoded response text;
+tasks whose responses are images or speech (text->image with the vision judge, text->speech with the
+speech judge) register a verifier with `response_modality` "image" / "audio" that receives the
+response token ids instead, and decodes and judges them itself. Tasks of other modules (image_qa:
+rl/image_qa.py, an image and a question, answers ending in <eos>) register on first use, so
+text-only use needs no vision data.
 
 Built-in text tasks follow the corpus' own format (data/text.py), so a pretrained model already knows
 how to answer:  prompt "Q: What is 37 + 45? A:"  ->  response " 82.\\n" (reward 1 for the exact
@@ -19,9 +23,10 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from ..config import Config
 from ..data.text import _counting, build_arithmetic_problems, in_validation
-
-ANSWER_STOP = ".\n"  # the corpus ends every answer line with this piece; rollouts stop on it
+from ..plugins import import_optional
+from .prompts import ANSWER_STOP, TEXT_PROMPT, PromptFormat
 
 
 @dataclass(frozen=True)
@@ -30,11 +35,12 @@ class Problem:
     prompt: str  # text given to the model
     answer: str  # the exact answer the verifier checks
     solution: str  # reference response (SFT target, AHRL hints)
-    meta: dict = field(default_factory=dict, compare=False, hash=False)  # judge inputs (labels, ...)
+    meta: dict = field(default_factory=dict, compare=False, hash=False)  # judge/prompt inputs (labels, image)
+    context: str = ""  # what the prompt refers to besides its text (an image's id); part of the key
 
     @property
     def key(self) -> str:
-        return f"{self.task}:{self.prompt}"
+        return f"{self.task}:{self.context}:{self.prompt}" if self.context else f"{self.task}:{self.prompt}"
 
 
 class Verifier(Protocol):
@@ -44,9 +50,17 @@ class Verifier(Protocol):
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    make_problems: Callable[[int, int], list[Problem]]  # (n, seed) -> problems, deterministic
+    make_problems: Callable[[int, int], list[Problem]] | None  # (n, seed) -> problems, deterministic
     verifier: Verifier
     response_modality: str = "text"  # text: verifier gets decoded text; else the response token ids
+    prompt: PromptFormat = TEXT_PROMPT
+    # Tasks drawn from data with its own train/held-out split (image_qa: the image split) give
+    # (cfg, n, seed) -> (training, held-out) problems; None = make_problems split by prompt hash.
+    split: Callable[[Config, int, int], tuple[list[Problem], list[Problem]]] | None = None
+
+    def __post_init__(self):
+        if (self.make_problems is None) == (self.split is None):
+            raise ValueError(f"RL task {self.name!r}: give exactly one of make_problems and split")
 
 
 _INTEGER_ANSWER = re.compile(r"\s*(-?\d+)\.\s*")
@@ -80,6 +94,8 @@ def counting_problems(n: int, seed: int) -> list[Problem]:
 
 
 TASKS: dict[str, TaskSpec] = {}
+# Modules that register tasks on import (their data is loaded only when problems are made).
+TASK_MODULES = ("paddle_ernie5.rl.image_qa",)
 
 
 def register_task(spec: TaskSpec) -> None:
@@ -93,6 +109,8 @@ register_task(TaskSpec("counting", counting_problems, exact_integer))
 
 def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
+        import_optional(TASK_MODULES)
+    if name not in TASKS:
         raise KeyError(f"unknown RL task {name!r}; registered: {', '.join(sorted(TASKS))}")
     return TASKS[name]
 
@@ -102,13 +120,20 @@ def reward(problem: Problem, response) -> float:
     return float(get_task(problem.task).verifier(problem, response))
 
 
-def split_problems(name: str, n: int, seed: int, heldout_fraction: float) -> tuple[list[Problem], list[Problem]]:
+def split_problems(name: str, n: int, seed: int, heldout_fraction: float,
+                   cfg: Config | None = None) -> tuple[list[Problem], list[Problem]]:
     """(training, held-out) unique problems of a task; a question is held out by a hash of its prompt,
-    so the split does not depend on n or seed and no held-out prompt is ever trained on."""
+    so the split does not depend on n or seed and no held-out prompt is ever trained on. A task with
+    its own `split` (data-backed, needs the run's `cfg`) decides instead."""
+    spec = get_task(name)
+    if spec.split is not None:
+        if cfg is None:
+            raise ValueError(f"RL task {name!r} draws its problems from data: pass the run's config")
+        return spec.split(cfg, n, seed)
     seen, train, held = set(), [], []
-    for p in get_task(name).make_problems(n, seed):
-        if p.prompt in seen:
+    for p in spec.make_problems(n, seed):
+        if p.key in seen:
             continue
-        seen.add(p.prompt)
+        seen.add(p.key)
         (held if in_validation(p.prompt, heldout_fraction) else train).append(p)
     return train, held
