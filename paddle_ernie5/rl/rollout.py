@@ -108,12 +108,18 @@ def continuation_arrays(prompts: list[Prompt], tails: list[np.ndarray],
     return packed.pop("input_ids"), packed
 
 
-def decode_response(tokenizer, hint_ids, tokens, length: int) -> str:
-    return tokenizer.decode([int(t) for t in list(hint_ids) + list(tokens[:length])])
+def decode_response(tokenizer, hint_ids, tokens, length: int) -> str | None:
+    """The response text, or None when it holds a non-text token (a multimodal model can sample a
+    visual or audio delimiter, which no text answer contains)."""
+    ids = [int(t) for t in list(hint_ids) + list(tokens[:length])]
+    if any(i >= tokenizer.vocab_size for i in ids):
+        return None
+    return tokenizer.decode(ids)
 
 
 def score(tokenizer, problem: Problem, hint_ids, tokens_GN, lengths_G, stopped_G) -> np.ndarray:
-    """Rewards of a group; a response cut off by the length limit (no stop token) scores 0."""
+    """Rewards of a group; a response cut off by the length limit (no stop token) or holding a
+    non-text token where text is judged scores 0."""
     spec = get_task(problem.task)
     out = np.zeros(len(lengths_G), np.float32)
     for i, (toks, n) in enumerate(zip(tokens_GN, lengths_G)):
@@ -121,7 +127,7 @@ def score(tokenizer, problem: Problem, hint_ids, tokens_GN, lengths_G, stopped_G
             continue
         resp = (decode_response(tokenizer, hint_ids, toks, int(n)) if spec.response_modality == "text"
                 else np.concatenate([hint_ids, toks[:n]]))
-        out[i] = reward(problem, resp)
+        out[i] = 0.0 if resp is None else reward(problem, resp)
     return out
 
 

@@ -69,6 +69,11 @@ def test_verifier_scores_label_words_and_scoring_needs_the_eos(setup):
     stopped = tokens[np.arange(3), lengths - 1] == R.stop_id(tok, p)
     assert R.stop_id(tok, p) == tok.eos_id
     np.testing.assert_array_equal(R.score(tok, p, [], tokens, lengths, stopped), [1.0, 0.0, 0.0])
+    # A multimodal policy can sample a delimiter (an id past the text vocabulary): that answer scores
+    # 0 instead of failing to decode.
+    boi = VT.special_ids(tok.vocab_size, tok)[VT.DELIMITERS["image"][0]]
+    odd = np.array([tok.encode(f" {p.answer}") + [boi, tok.eos_id]])
+    assert R.score(tok, p, [], odd, np.array([odd.shape[1]]), np.array([True]))[0] == 0.0
 
 
 def test_prompt_is_the_training_document_up_to_the_answer(setup):
