@@ -191,6 +191,11 @@ class VisionModelConfig:
     heldout_combo_fraction: float = 0.15
     judge: str = "runs/vision_judge"  # evaluation only: judge of generated images ("" = skip)
 
+    def merged_places(self, kind: str) -> int:
+        """Merged groups in one picture (image) or clip (video): frame groups x rows x columns."""
+        frame_groups = -(-self.video_frames // self.merge_frames) if kind == "video" else 1
+        return frame_groups * (self.scales[-1] // self.merge) ** 2
+
     def validate(self, at: str) -> None:
         _check(at, "bits", self.bits, 1 <= self.bits <= 30, "1..30")
         _check(at, "scales", self.scales,

@@ -71,12 +71,14 @@ def modality_params(cfg: ModelConfig) -> tuple[int, int]:
 
 
 def vision_embedding_params(cfg: ModelConfig, kind: str) -> int:
-    """model/vision.py: bits -> width, scale table, and the patch merger of one visual modality."""
+    """model/vision.py: bits -> width, scale table, the patch merger of one visual modality and its
+    group-place table."""
     v, m, d = cfg.vision, cfg.hidden_size, cfg.vision.merger_width
     group = v.merge ** 2 * (v.merge_frames if kind == "video" else 1)
     merger = (v.bits * d + d) + group * d + 4 * d + (3 * d * d + 3 * d) + (d * d + d) \
         + (2 * d * d + 2 * d) + (2 * d * d + d) + (d * m + m)
-    return (v.bits * m + m) + (len(v.scales) + 1) * m + merger
+    place = v.merged_places(kind) * m if v.merger_position else 0
+    return (v.bits * m + m) + (len(v.scales) + 1) * m + merger + place
 
 
 def vision_head_params(cfg: ModelConfig) -> int:

@@ -171,8 +171,7 @@ class ImageEmbedding(VisualEmbedding):
     modality = "image"
 
     def __init__(self, cfg: ModelConfig):
-        v = cfg.vision
-        super().__init__(cfg, v.merge ** 2, (v.scales[-1] // v.merge) ** 2)
+        super().__init__(cfg, cfg.vision.merge ** 2, cfg.vision.merged_places("image"))
 
 
 @register_modality("video")
@@ -181,8 +180,7 @@ class VideoEmbedding(VisualEmbedding):
 
     def __init__(self, cfg: ModelConfig):
         v = cfg.vision
-        super().__init__(cfg, v.merge_frames * v.merge ** 2,
-                         -(-v.video_frames // v.merge_frames) * (v.scales[-1] // v.merge) ** 2)
+        super().__init__(cfg, v.merge_frames * v.merge ** 2, v.merged_places("video"))
 
 
 # ------------------------------------------------------------------------------------------ head

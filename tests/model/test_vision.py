@@ -1,6 +1,8 @@
 """Vision in the backbone: token layout, block-causal masks, embeddings, the bit head, the patch merger,
 next-scale training and sampling (debug model, randomly initialised tiny tokenizer)."""
 
+from contextlib import nullcontext
+
 import numpy as np
 import paddle
 import pytest
@@ -269,3 +271,29 @@ def test_qa_documents_with_several_questions_target_every_answer_and_eos_only(se
     assert tail.input_ids.tolist() == [IDS["<eoi>"], 40, 41, 42, 30, 31, 32, IDS["eos"]]
     assert tail.labels.tolist() == [-100, 41, 42, -100, -100, 32, IDS["eos"], -100]
     assert (doc[0].labels == -100).all() and doc[1].labels is None
+
+
+def test_merged_tokens_carry_their_place_in_the_picture(setup):
+    """merger_position: each merged group gets the embedding of its (frame group, row, column) index,
+    so the same groups in another order give different inputs; off, only the order of tokens changes."""
+    cfg, _ = setup
+    v = cfg.model.vision
+    latent = v.scales[-1]
+    feats = np.random.default_rng(0).normal(size=(1, v.bits, latent, latent)).astype(np.float32)
+    seg = VT.merged_segment(feats, v, "image", 2)
+    n = v.merged_places("image")
+    np.testing.assert_array_equal(seg.extras[VT.PATCH_INDEX_KEY], np.arange(n))
+    for on in (True, False):
+        model = Ernie5Model(C.replace(cfg.model, vision=C.replace(v, merger_position=on)))
+        model.eval()
+        emb = model.embed.by_modality["image"]
+        groups = paddle.to_tensor(seg.extras[VT.FEATURE_KEY["image"]][None])
+        index = paddle.to_tensor(seg.extras[VT.PATCH_INDEX_KEY][None])
+        order = np.roll(np.arange(n), 1)
+        a = emb({VT.FEATURE_KEY["image"]: groups, VT.PATCH_INDEX_KEY: index}).numpy()[0]
+        b = emb({VT.FEATURE_KEY["image"]: paddle.gather(groups, paddle.to_tensor(order), axis=1),
+                 VT.PATCH_INDEX_KEY: index}).numpy()[0]
+        same_set = np.allclose(a[order], b, atol=1e-6)
+        assert same_set != on  # with places, moving a group changes its token
+        with pytest.raises(ValueError, match="merged groups") if on else nullcontext():
+            emb({VT.FEATURE_KEY["image"]: groups, VT.PATCH_INDEX_KEY: index + n})
