@@ -182,6 +182,10 @@ class VisionModelConfig:
     # merged token. The merger sees one group at a time and Uni-RoPE only steers attention, so without
     # it no token's content says where in the picture it lies (digit shape and motion are then hard).
     merger_position: bool = True
+    # Video: each patch of a group also carries its difference from the same cell one frame earlier
+    # (zero in the group's first frame), so motion is an input of the merger, not something its one
+    # attention layer must discover.
+    merger_motion: bool = True
     head_hidden: int = 128  # MLP width of the bit head; 0 = a linear layer
     loss_weight: float = 1.0  # weight of the bit loss in the total
     cond_drop_prob: float = 0.1  # training: caption dropped (unconditional rows for guidance)

@@ -75,7 +75,8 @@ def vision_embedding_params(cfg: ModelConfig, kind: str) -> int:
     group-place table."""
     v, m, d = cfg.vision, cfg.hidden_size, cfg.vision.merger_width
     group = v.merge ** 2 * (v.merge_frames if kind == "video" else 1)
-    merger = (v.bits * d + d) + group * d + 4 * d + (3 * d * d + 3 * d) + (d * d + d) \
+    channels = v.bits * (2 if kind == "video" and v.merger_motion and v.merge_frames > 1 else 1)
+    merger = (channels * d + d) + group * d + 4 * d + (3 * d * d + 3 * d) + (d * d + d) \
         + (2 * d * d + 2 * d) + (2 * d * d + d) + (d * m + m)
     place = v.merged_places(kind) * m if v.merger_position else 0
     return (v.bits * m + m) + (len(v.scales) + 1) * m + merger + place

@@ -17,7 +17,8 @@ in doubled latent units, (2i + 1) * side / s - 1, so the scales of one frame are
 Understanding. Pre-quantisation features [T, K, h, w] are cut into groups of merge x merge cells (and
 merge_frames frames for video); each group is one token:
 
-    group [G, K] -> Linear(K -> d) + slot embedding -> pre-norm self-attention over the G patches
+    group [G, K] (video, merger_motion: [G, 2K], each patch with its change since the previous frame)
+                 -> Linear(K -> d) + slot embedding -> pre-norm self-attention over the G patches
                  -> mean over G -> Linear(d -> M) (+ embedding of the group's place, merger_position)
 
 Batch keys (extras of data/vision_tasks.py, zero where absent):
@@ -100,14 +101,18 @@ def span_extent(frames: int, latent: int) -> int:
 
 
 class PatchMerger(nn.Layer):
-    """groups [N, G, K] -> [N, M]: self-attention over the G patches of a group, mean-pool, project."""
+    """groups [N, G, K] -> [N, M]: self-attention over the G patches of a group, mean-pool, project.
+    With `frames` > 1 (video, merger_motion) each patch also gets its difference from the same cell
+    one frame earlier (zero in the group's first frame): G = frames x cells, frame-major."""
 
-    def __init__(self, channels: int, group: int, cfg: VisionModelConfig, hidden_size: int, init_std: float):
+    def __init__(self, channels: int, group: int, cfg: VisionModelConfig, hidden_size: int, init_std: float,
+                 frames: int = 1):
         super().__init__()
         d = cfg.merger_width
         self.heads = cfg.merger_heads
+        self.frames = frames
         init = nn.initializer.Normal(std=init_std)
-        self.inp = nn.Linear(channels, d)
+        self.inp = nn.Linear(channels * (2 if frames > 1 else 1), d)
         self.slot = self.create_parameter([group, d], default_initializer=init)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
@@ -116,7 +121,11 @@ class PatchMerger(nn.Layer):
         self.out = nn.Linear(d, hidden_size, weight_attr=init)
 
     def forward(self, groups_NGK):
-        n, g, _ = groups_NGK.shape
+        n, g, k = groups_NGK.shape
+        if self.frames > 1:
+            f = groups_NGK.reshape([n, self.frames, g // self.frames, k])
+            motion = paddle.concat([paddle.zeros_like(f[:, :1]), f[:, 1:] - f[:, :-1]], axis=1)
+            groups_NGK = paddle.concat([groups_NGK, motion.reshape([n, g, k])], axis=-1)
         x = self.inp(groups_NGK) + self.slot
         q, k, v = self.qkv(self.norm1(x)).reshape([n, g, 3, self.heads, -1]).transpose([2, 0, 3, 1, 4])
         att = F.softmax(paddle.matmul(q, k, transpose_y=True) * q.shape[-1] ** -0.5, axis=-1)
@@ -131,7 +140,7 @@ class VisualEmbedding(nn.Layer):
 
     modality = "image"
 
-    def __init__(self, cfg: ModelConfig, group: int, places: int):
+    def __init__(self, cfg: ModelConfig, group: int, places: int, frames: int = 1):
         super().__init__()
         v = cfg.vision
         self.type_id = MODALITY_IDS[self.modality]
@@ -139,7 +148,7 @@ class VisualEmbedding(nn.Layer):
         init = nn.initializer.Normal(std=cfg.init_std)
         self.bits = nn.Linear(v.bits, cfg.hidden_size, weight_attr=init)
         self.scale = nn.Embedding(len(v.scales) + 1, cfg.hidden_size, weight_attr=init)
-        self.merger = PatchMerger(v.bits, group, v, cfg.hidden_size, cfg.init_std)
+        self.merger = PatchMerger(v.bits, group, v, cfg.hidden_size, cfg.init_std, frames)
         self.places = places
         self.place = nn.Embedding(places, cfg.hidden_size, weight_attr=init) if v.merger_position else None
 
@@ -180,7 +189,8 @@ class VideoEmbedding(VisualEmbedding):
 
     def __init__(self, cfg: ModelConfig):
         v = cfg.vision
-        super().__init__(cfg, v.merge_frames * v.merge ** 2, v.merged_places("video"))
+        super().__init__(cfg, v.merge_frames * v.merge ** 2, v.merged_places("video"),
+                         v.merge_frames if v.merger_motion else 1)
 
 
 # ------------------------------------------------------------------------------------------ head

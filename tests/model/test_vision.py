@@ -297,3 +297,22 @@ def test_merged_tokens_carry_their_place_in_the_picture(setup):
         assert same_set != on  # with places, moving a group changes its token
         with pytest.raises(ValueError, match="merged groups") if on else nullcontext():
             emb({VT.FEATURE_KEY["image"]: groups, VT.PATCH_INDEX_KEY: index + n})
+
+
+def test_video_merger_sees_each_patch_change_since_the_previous_frame(setup):
+    """merger_motion: a video group's patches [frames x cells, K] enter the merger with their
+    difference from the same cell one frame earlier (zero for the first frame) as K more channels."""
+    cfg, _ = setup
+    v = cfg.model.vision
+    merger = Ernie5Model(cfg.model).embed.by_modality["video"].merger
+    seen = {}
+    merger.inp.register_forward_pre_hook(lambda layer, inputs: seen.__setitem__("x", inputs[0].numpy()))
+    cells = v.merge ** 2
+    groups = np.random.default_rng(1).normal(size=(3, v.merge_frames * cells, v.bits)).astype(np.float32)
+    merger(paddle.to_tensor(groups))
+    x = seen["x"]
+    assert x.shape == (3, v.merge_frames * cells, 2 * v.bits)
+    np.testing.assert_array_equal(x[..., :v.bits], groups)
+    f = groups.reshape(3, v.merge_frames, cells, v.bits)
+    want = np.concatenate([np.zeros_like(f[:, :1]), f[:, 1:] - f[:, :-1]], axis=1).reshape(groups.shape)
+    np.testing.assert_allclose(x[..., v.bits:], want, atol=1e-6)
