@@ -30,8 +30,8 @@ import numpy as np
 
 from ..config import SPECIAL_TOKENS, Config, VisionModelConfig
 from ..io import save_npz
-from ..model.vision import (IMAGE_ID, VIDEO_ID, FEATURE_KEY, PATCH_INDEX_KEY, generation_positions, history_bits,
-                            span_extent)
+from ..model.vision import (IMAGE_ID, VIDEO_ID, FEATURE_KEY, PATCH_INDEX_KEY, generation_positions,
+                            history_bits, span_extent)
 from .digits import (digit_images, digit_videos, image_caption, image_questions, video_caption,
                      video_questions)
 from .mixture import MixtureContext, register_task
