@@ -149,7 +149,6 @@ class VisualEmbedding(nn.Layer):
         self.bits = nn.Linear(v.bits, cfg.hidden_size, weight_attr=init)
         self.scale = nn.Embedding(len(v.scales) + 1, cfg.hidden_size, weight_attr=init)
         self.merger = PatchMerger(v.bits, group, v, cfg.hidden_size, cfg.init_std, frames)
-        self.places = places
         self.place = nn.Embedding(places, cfg.hidden_size, weight_attr=init) if v.merger_position else None
 
     def forward(self, batch):
@@ -165,12 +164,8 @@ class VisualEmbedding(nn.Layer):
             groups = batch[key]
             b, s = groups.shape[:2]
             merged = self.merger(groups.reshape([b * s, *groups.shape[2:]])).reshape([b, s, -1])
-            if self.place is not None:
-                index = batch[PATCH_INDEX_KEY]
-                if int(index.max()) >= self.places:
-                    raise ValueError(f"a {self.modality} holds more than {self.places} merged groups; "
-                                     "the picture is larger than model.vision (scales, merge) describes")
-                merged = merged + self.place(index)
+            if self.place is not None:  # indices checked against the table by merged_segment
+                merged = merged + self.place(batch[PATCH_INDEX_KEY])
             x = merged if x is None else paddle.where((batch["vis_scale"] > 0).unsqueeze(-1), x, merged)
         return x
 

@@ -295,8 +295,9 @@ def test_merged_tokens_carry_their_place_in_the_picture(setup):
                  VT.PATCH_INDEX_KEY: index}).numpy()[0]
         same_set = np.allclose(a[order], b, atol=1e-6)
         assert same_set != on  # with places, moving a group changes its token
+        big = np.zeros((1, v.bits, 2 * latent, 2 * latent), np.float32)  # 4x the groups the table has
         with pytest.raises(ValueError, match="merged groups") if on else nullcontext():
-            emb({VT.FEATURE_KEY["image"]: groups, VT.PATCH_INDEX_KEY: index + n})
+            VT.merged_segment(big, C.replace(v, merger_position=on), "image", 2)
 
 
 def test_video_merger_sees_each_patch_change_since_the_previous_frame(setup):
