@@ -128,6 +128,10 @@ class AudioModelConfig:
     level_loss_weights: tuple[float, ...] = ()
     loss_weight: float = 1.0  # weight of the whole audio head in the total loss
     max_frames: int = 50  # generation stops here without <eoa> (2 s at 25 Hz)
+    # ASR documents: <bos> <boa> frames <eoa> asr_prompt " transcript" <eos>. Not disclosed. A question
+    # such as "What is said?" makes speech recognition one more question answered from a non-text input,
+    # like image and video QA; "" = the transcript follows <eoa> directly.
+    asr_prompt: str = ""
     judge: str = "runs/speech_judge"  # evaluation only: speech judge scoring generated speech ("" = skip)
 
     def validate(self, at: str) -> None:
@@ -498,12 +502,17 @@ class ElasticConfig:
     # With full_every_step, the weight of the sub-model's loss beside the full model's 1; the two are
     # normalised to sum to 1 (0.5: the full model gets 2/3 of the micro-batch's gradient, 1: the mean).
     sub_loss_weight: float = 0.5
+    # With full_every_step, in-place distillation: the sub-model's loss also gets this weight x the mean
+    # KL(full || sub) of the next-token distributions over the text targets, the full model's (from
+    # the same micro-batch, detached) as the teacher. 0 = labels only.
+    distill_weight: float = 0.0
 
     def validate(self, at: str) -> None:
         for name in ("depth_full_prob", "width_full_prob", "topk_full_prob"):
             _check(at, name, getattr(self, name), 0 <= getattr(self, name) <= 1, "0..1")
         _check(at, "min_layers", self.min_layers, self.min_layers >= 1, ">= 1")
         _check(at, "sub_loss_weight", self.sub_loss_weight, self.sub_loss_weight > 0, "> 0")
+        _check(at, "distill_weight", self.distill_weight, self.distill_weight >= 0, ">= 0 (0 = off)")
         _check(at, "min_experts", self.min_experts, self.min_experts >= 0, ">= 0 (0 = top_k)")
         _check(at, "depth_rule", self.depth_rule, self.depth_rule in ("even", "prefix"), "even or prefix")
         _check(at, "width_rule", self.width_rule, self.width_rule in ("random", "prefix"),

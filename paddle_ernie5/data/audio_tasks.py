@@ -136,13 +136,33 @@ class _SpeechTask:
         return self.data.codes[index][:, :self.levels]
 
 
+def asr_question(tokenizer, prompt: str) -> list[int]:
+    """Text ids between <eoa> and the transcript (none when `prompt` is empty)."""
+    return list(tokenizer.encode(prompt)) if prompt else []
+
+
+def asr_answer_text(text: str, prompt: str) -> str:
+    """The transcript as it follows the prompt: after a question it starts with a space, like a QA answer."""
+    return " " + text if prompt else text
+
+
 class ASRTask(_SpeechTask):
+    """<bos> <boa> frames <eoa> [asr_prompt] transcript <eos>; the transcript and <eos> are the targets."""
+
+    def __init__(self, ctx: MixtureContext):
+        super().__init__(ctx)
+        prompt = ctx.cfg.model.audio.asr_prompt
+        self.question = asr_question(ctx.tokenizer, prompt)
+        self.answers = [ctx.text(asr_answer_text(t, prompt)) for t in self.data.texts]
+
     def document(self, index: int, rng: np.random.Generator) -> list[Segment]:
         codes = self.codes(index)
         head = _quiet([self.bos, self.boa], 0)
         head.extras = _audio_extras(2, self.levels)
         audio = audio_segment(codes, 2)
-        tail = text_segment([self.eoa] + self.words[index] + [self.eos], 2 + len(codes))
+        answer = self.answers[index] + [self.eos]
+        tail = text_segment([self.eoa] + self.question + answer, 2 + len(codes))
+        tail.labels[:len(self.question)] = IGNORE  # <eoa> and the question predict the question
         tail.extras = _audio_extras(len(tail), self.levels)
         return [head, audio, tail]
 

@@ -1,7 +1,7 @@
 """Speech metrics of a model with audio, each beside its chance level.
 
 ASR word accuracy: the held-out voices' single-word utterances (data/speech.py WORDS) go in as codec
-frames (<bos> <boa> frames <eoa>); the greedy transcript counts when it is exactly the spoken word.
+frames (<bos> <boa> frames <eoa>, then model.audio.asr_prompt if set); the greedy transcript counts when it is exactly the spoken word.
 Chance: 1 / len(WORDS) (guessing one of the words).
 
 TTS intelligibility: for every word, `tts_samples` speech samples are drawn depth-wise from
@@ -50,23 +50,26 @@ def codec_decode(codec, codes_FL: np.ndarray) -> np.ndarray:
 
 
 def transcribe(model, tokenizer, cfg, codes_list: list[np.ndarray], max_tokens: int = 12) -> list[str]:
-    """Greedy transcripts of codec frames: <bos> <boa> frames <eoa> -> text up to <eos>. Utterances of
-    one frame count decode together."""
+    """Greedy transcripts of codec frames: <bos> <boa> frames <eoa> [asr_prompt] -> text up to <eos>.
+    Utterances of one frame count decode together."""
     from ..config import SPECIAL_TOKENS
+    from ..data.audio_tasks import asr_question
     from ..model.generation import generate
     from ..model.audio import AUDIO_TYPE
 
     boa = cfg.model.vocab_size + SPECIAL_TOKENS.index("<boa>")
     eoa = cfg.model.vocab_size + SPECIAL_TOKENS.index("<eoa>")
     levels = cfg.model.audio.levels
+    question = asr_question(tokenizer, cfg.model.audio.asr_prompt)
     out = [""] * len(codes_list)
     by_len: dict[int, list[int]] = {}
     for i, c in enumerate(codes_list):
         by_len.setdefault(len(c), []).append(i)
     for f, rows in sorted(by_len.items()):
-        n, p = len(rows), f + 3
+        n, p = len(rows), f + 3 + len(question)
         ids = np.zeros((n, p), np.int64)
-        ids[:, 0], ids[:, 1], ids[:, -1] = tokenizer.bos_id, boa, eoa
+        ids[:, 0], ids[:, 1], ids[:, 2 + f] = tokenizer.bos_id, boa, eoa
+        ids[:, 3 + f:] = question
         types = np.zeros((n, p), np.int64)
         types[:, 2:2 + f] = AUDIO_TYPE
         codes = np.zeros((n, p, levels), np.int64)

@@ -69,6 +69,16 @@ def compute_loss(out: ModelOutput, labels_BS, cfg: ModelConfig, heads: dict | No
     return LossParts(total, text, mtp, aux, z, count, heads)
 
 
+def distillation_kl(student_logits_BSV, teacher_logits_BSV, labels_BS):
+    """Mean over the positions with a text target of KL(teacher || student) of the next-token
+    distributions; the teacher is detached (in-place distillation of an elastic sub-model)."""
+    valid = (labels_BS != IGNORE).astype("float32")
+    log_s = F.log_softmax(student_logits_BSV.astype("float32"), axis=-1)
+    log_t = F.log_softmax(teacher_logits_BSV.detach().astype("float32"), axis=-1)
+    kl = (paddle.exp(log_t) * (log_t - log_s)).sum(-1)
+    return (kl * valid).sum() / paddle.clip(valid.sum(), min=1.0)
+
+
 # ------------------------------------------------------------------ SimReg
 
 

@@ -31,7 +31,7 @@ from ..parallel.runtime import SingleProcess
 from . import checkpoint
 from .elastic import ElasticSampler, LoadAccumulator
 from .logging import RunLogger, flatten, heatmap_image, load_balance
-from .losses import IGNORE, compute_loss, document_ids, sample_anchors, simreg_loss
+from .losses import IGNORE, compute_loss, distillation_kl, document_ids, sample_anchors, simreg_loss
 from .optim import AdaGC, global_clip_stats
 from .schedules import learning_rate
 
@@ -164,10 +164,17 @@ class Trainer:
             # the full model and the sampled sub-model share the micro-batch (weighted mean of losses).
             views = self.elastic.sample_views()
             weights = self.elastic.view_weights(len(views))
+            teacher = None
             for j, view in enumerate(views):
                 out = self.model(batch, view)
                 parts = compute_loss(out, batch["labels"], cfg.model, self.model.head_losses(out, batch))
                 loss, values = self.par.objective(parts, batch["labels"], cfg.model)
+                if j == 0 and len(views) > 1 and cfg.elastic.distill_weight > 0:
+                    teacher = out.logits.detach()
+                elif teacher is not None:
+                    kd = distillation_kl(out.logits, teacher, batch["labels"])
+                    loss = loss + cfg.elastic.distill_weight * kd
+                    sums["elastic/distill_kl"] = sums.get("elastic/distill_kl", 0.0) + float(kd)
                 if sim.enabled:
                     loss = loss + sim.weight * self._simreg_share(out.hidden, batch, anchors, values)
                 (loss * (weights[j] / cfg.train.grad_accum)).backward()

@@ -119,6 +119,23 @@ def test_asr_document_layout(ctx):
 
 
 @needs_espeak
+def test_asr_prompt_puts_a_question_before_the_transcript(debug_config, codec_dir, coded, ctx):
+    cfg = debug_config("model.modalities=[text,audio]", f"model.audio.codec_dir={codec_dir}",
+                       "model.audio.levels=2", "model.audio.codebook_size=16", "model.audio.embed_dim=8",
+                       "model.audio.asr_prompt='What is said?'", "data.mixture.asr=1.0")
+    c = mixture.MixtureContext(cfg, ctx.tokenizer, "train", ctx.text_docs, {"coded_speech": coded})
+    task = mixture.TASKS["asr"](c)
+    i = 4
+    _, audio, tail = task.document(i, np.random.default_rng(0))
+    question, answer = ctx.text("What is said?"), ctx.text(" " + task.data.texts[i])
+    eos = ctx.tokenizer.eos_id
+    assert tail.input_ids.tolist() == [ctx.special_id("<eoa>")] + question + answer + [eos]
+    # only the transcript and <eos> are targets; the question is context, like a QA question
+    assert tail.labels.tolist() == [IGNORE] * len(question) + answer + [eos, IGNORE]
+    assert int(tail.positions[0, 0]) == 2 + len(task.codes(i)) == 2 + len(audio.input_ids)
+
+
+@needs_espeak
 def test_tts_document_layout(ctx):
     task = mixture.TASKS["tts"](ctx)
     i = 2

@@ -33,10 +33,11 @@ def dirs(tmp_path_factory):
 
 
 @pytest.fixture
-def cfg(debug_config, dirs, monkeypatch):
+def cfg(debug_config, dirs, monkeypatch, request):
     monkeypatch.setattr(T, "SPEECH_SPEC", S.DEBUG_SPEC)
     codec, judge = dirs
-    return debug_config("model.modalities=[text,audio]", f"model.audio.codec_dir={codec}",
+    prompt = getattr(request, "param", "")
+    return debug_config(f"model.audio.asr_prompt={prompt!r}", "model.modalities=[text,audio]", f"model.audio.codec_dir={codec}",
                         f"model.audio.judge={judge}", "model.audio.levels=2", "model.audio.codebook_size=16",
                         "model.audio.embed_dim=8", "model.audio.init_from_codebooks=true",
                         "model.audio.max_frames=5", "data.mixture.asr=1.0", "data.mixture.tts=1.0")
@@ -65,6 +66,7 @@ def test_metrics_are_reported_beside_chance(cfg):
     assert "ASR word accuracy" in rows and "TTS intelligibility" in rows and "chance 0.056" in rows
 
 
+@pytest.mark.parametrize("cfg", ["", "What is said?"], indirect=True)
 def test_transcription_prompt_is_the_training_layout(cfg):
     """The first transcript token greedy decoding picks equals the argmax of the text logits at <eoa>
     in a packed ASR training document (same tokens, types, positions and audio codes)."""
@@ -82,10 +84,10 @@ def test_transcription_prompt_is_the_training_layout(cfg):
     for i in (0, 5):
         doc = task.document(i, np.random.default_rng(0))
         batch = to_model_batch(pack_segments([doc], cfg.data.seq_len, tok.pad_id))
-        eoa = 2 + len(task.codes(i))
-        logits = model(batch, with_mtp=False).logits.numpy()[0, eoa]
+        last = 2 + len(task.codes(i)) + len(T.asr_question(tok, cfg.model.audio.asr_prompt))  # <eoa> + question
+        logits = model(batch, with_mtp=False).logits.numpy()[0, last]
         expected = int(logits.argmax())
-        n = eoa + 1
+        n = last + 1
         got = generate(model, batch["input_ids"].numpy()[:, :n], 1, temperature=0.0,
                        prompt_extras={"token_types": batch["token_types"].numpy()[:, :n],
                                       "audio_codes": batch["audio_codes"].numpy()[:, :n]})

@@ -135,15 +135,46 @@ def test_impossible_export_is_refused(trained_run, tmp_path, layers, experts, to
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("sub_weight", [0.5, 1.0])
-def test_full_every_step_trains_the_full_model_beside_each_sub_model(debug_config, sub_weight):
+def _kl_reference(student_logits, teacher_logits, labels):
+    """KL(teacher || student) per target position via paddle's kl_div, averaged over the targets."""
+    import paddle.nn.functional as F
+
+    from paddle_ernie5.train.losses import IGNORE
+
+    kl = F.kl_div(F.log_softmax(student_logits, -1), F.softmax(teacher_logits.detach(), -1),
+                  reduction="none").sum(-1)
+    valid = (labels != IGNORE).astype("float32")
+    return (kl * valid).sum() / valid.sum()
+
+
+def test_distillation_kl_is_zero_for_the_teacher_and_does_not_train_it():
+    from paddle_ernie5.train.losses import IGNORE, distillation_kl
+
+    paddle.seed(0)
+    teacher = paddle.randn([2, 5, 7])
+    teacher.stop_gradient = False
+    student = paddle.randn([2, 5, 7])
+    student.stop_gradient = False
+    labels = paddle.to_tensor([[1, 2, IGNORE, 3, 4], [IGNORE, IGNORE, 0, 1, 2]])
+    assert float(distillation_kl(teacher, teacher, labels)) == pytest.approx(0.0, abs=1e-6)
+    kd = distillation_kl(student, teacher, labels)
+    assert float(kd) == pytest.approx(float(_kl_reference(student, teacher, labels)), rel=1e-5)
+    kd.backward()
+    assert teacher.grad is None and float(student.grad.abs().sum()) > 0
+    np.testing.assert_array_equal(student.grad.numpy()[0, 2], 0)  # no target, no signal
+
+
+@pytest.mark.parametrize("sub_weight,distill", [(0.5, 0.0), (1.0, 0.0), (0.5, 2.0)])
+def test_full_every_step_trains_the_full_model_beside_each_sub_model(debug_config, sub_weight, distill):
     """With full_every_step the step's gradient is the weighted mean (1 : sub_loss_weight) of the full
-    model's and the sub-model's gradients on the same micro-batch; the logged loss is the full model's."""
+    model's and the sub-model's gradients on the same micro-batch; the logged loss is the full model's.
+    With distill_weight the sub-model's loss adds that weight x KL(full || sub), the full model detached."""
     from paddle_ernie5.model.view import FULL_VIEW
     from paddle_ernie5.train.losses import compute_loss
 
     always_sub = ["elastic.enabled=true", "elastic.depth_full_prob=0", "elastic.width_full_prob=0",
-                  "elastic.topk_full_prob=0", "train.clip_norm=0", f"elastic.sub_loss_weight={sub_weight}"]
+                  "elastic.topk_full_prob=0", "train.clip_norm=0", f"elastic.sub_loss_weight={sub_weight}",
+                  f"elastic.distill_weight={distill}"]
     cfg = debug_config(*always_sub)
     sampler = ElasticSampler(cfg.elastic, cfg.model, seed=1)
     views = sampler.sample_views()
@@ -159,9 +190,14 @@ def test_full_every_step_trains_the_full_model_beside_each_sub_model(debug_confi
     batch = to_model_batch(trainer.loader.batch_at(0) if hasattr(trainer.loader, "batch_at")
                            else _peek(trainer.loader))
     grads = []
+    with paddle.no_grad():
+        teacher = model(batch, FULL_VIEW).logits
     for view in views:
         out = model(batch, view)
-        compute_loss(out, batch["labels"], cfg.model).total.backward()
+        loss = compute_loss(out, batch["labels"], cfg.model).total
+        if view != FULL_VIEW and distill:
+            loss = loss + distill * _kl_reference(out.logits, teacher, batch["labels"])
+        loss.backward()
         grads.append({p.name: p.grad.numpy().copy() for p in model.parameters() if p.grad is not None})
         model.clear_gradients()
     full_loss = float(compute_loss(model(batch, FULL_VIEW), batch["labels"], cfg.model).total)
@@ -176,6 +212,7 @@ def test_full_every_step_trains_the_full_model_beside_each_sub_model(debug_confi
     metrics = trainer.train_step()
     assert metrics["loss"] == pytest.approx(full_loss, rel=1e-5)
     assert "elastic/sub_loss" in metrics
+    assert ("elastic/distill_kl" in metrics) == (distill > 0)
     name = model.embed.text_table().weight.name
     expected = (grads[0][name] + sub_weight * grads[1].get(name, 0.0)) / (1.0 + sub_weight)
     np.testing.assert_allclose(captured[name], expected, rtol=1e-4, atol=1e-7)
