@@ -1,7 +1,7 @@
 """Frozen configuration: dataclasses, YAML recipes with `base:` inheritance, dotted overrides.
 
 A recipe is a YAML mapping whose top-level keys are the sections of `Config` (model, data, train,
-parallel, elastic, visual_tokenizer, vision_judge) plus an optional `base:` path (relative to the
+parallel, elastic, visual_tokenizer, vision_judge, vision_merger) plus an optional `base:` path (relative to the
 recipe) that it is merged over.
 Overrides on the command line are `section.key=value` with the value parsed as YAML.
 
@@ -186,10 +186,22 @@ class VisionModelConfig:
     # merged token. The merger sees one group at a time and Uni-RoPE only steers attention, so without
     # it no token's content says where in the picture it lies (digit shape and motion are then hard).
     merger_position: bool = True
+    # Each merged token also gets W[place] x (its pooled group): a projection of its own for every
+    # place, so that a plain average of a picture's tokens (what attention does before it has learned
+    # anything sharper) is a place-aware linear readout of the whole picture. Without it the backbone
+    # must assemble shape from place-blind contents, which a tiny model trained from scratch does not
+    # learn in a short run (digit and motion answers stay at chance while colour answers are right).
+    merger_place_projection: bool = True
     # Video: each patch of a group also carries its difference from the same cell one frame earlier
     # (zero in the group's first frame), so motion is an input of the merger, not something its one
     # attention layer must discover.
     merger_motion: bool = True
+    # A vision_merger run (train/vision_merger.py) whose pre-trained image and video embeddings (patch
+    # mergers, place tables) a fresh run starts from; "" = random. Not on resume or train.init_from.
+    merger_init: str = ""
+    # Keep the pre-trained mergers (and place tables) fixed: the backbone learns to read them. Trained
+    # further at the backbone's learning rate from the first step, they lose what they learned.
+    freeze_merger: bool = False
     head_hidden: int = 128  # MLP width of the bit head; 0 = a linear layer
     loss_weight: float = 1.0  # weight of the bit loss in the total
     cond_drop_prob: float = 0.1  # training: caption dropped (unconditional rows for guidance)
@@ -205,6 +217,8 @@ class VisionModelConfig:
         return frame_groups * (self.scales[-1] // self.merge) ** 2
 
     def validate(self, at: str) -> None:
+        _check(at, "freeze_merger", self.freeze_merger, not self.freeze_merger or bool(self.merger_init),
+               "false unless model.vision.merger_init names a pre-trained merger")
         _check(at, "bits", self.bits, 1 <= self.bits <= 30, "1..30")
         _check(at, "scales", self.scales,
                len(self.scales) >= 1 and self.scales[0] >= 1
@@ -297,7 +311,8 @@ MODALITIES = ("text", "image", "video", "audio")
 MIXTURE_MODALITY = {"text": "text", "image_gen": "image", "image_qa": "image", "video_gen": "video",
                     "video_qa": "video", "asr": "audio", "tts": "audio"}
 SPECIAL_TOKENS = ("<boi>", "<eoi>", "<bov>", "<eov>", "<boa>", "<eoa>")
-TASKS = ("pretrain", "visual_tokenizer", "vision_judge", "audio_codec", "speech_judge", "sft", "rl")
+TASKS = ("pretrain", "visual_tokenizer", "vision_judge", "vision_merger", "audio_codec", "speech_judge", "sft",
+         "rl")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -585,6 +600,26 @@ class VisionJudgeConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VisionMergerConfig:
+    """Pre-training of the patch mergers (train/vision_merger.py), task vision_merger: which caption
+    attributes the mean of a picture's tokens learns to predict. Colours are left out by default: they
+    are learned first and at once, and while their heads are trained, the digit and motion heads stay
+    at chance (measured); the backbone reads colours from the merged tokens without help."""
+
+    image_attributes: tuple[str, ...] = ("digit",)
+    video_attributes: tuple[str, ...] = ("direction", "speed")
+
+    def validate(self, at: str) -> None:
+        image, video = ("digit", "fg", "bg"), ("digit", "fg", "bg", "direction", "speed")
+        _check(at, "image_attributes", self.image_attributes,
+               all(a in image for a in self.image_attributes), f"a subset of {image}")
+        _check(at, "video_attributes", self.video_attributes,
+               all(a in video for a in self.video_attributes), f"a subset of {video}")
+        _check(at, "image_attributes + video_attributes", self.image_attributes + self.video_attributes,
+               len(self.image_attributes + self.video_attributes) > 0, "at least one attribute")
+
+
+@dataclass(frozen=True, kw_only=True)
 class AudioCodecConfig:
     """Mel RVQ codec (tokenizers/audio.py), trained by task audio_codec on the built-in speech.
 
@@ -725,6 +760,7 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     visual_tokenizer: VisualTokenizerConfig = field(default_factory=VisualTokenizerConfig)
     vision_judge: VisionJudgeConfig = field(default_factory=VisionJudgeConfig)
+    vision_merger: VisionMergerConfig = field(default_factory=VisionMergerConfig)
     audio_codec: AudioCodecConfig = field(default_factory=AudioCodecConfig)
     speech_judge: SpeechJudgeConfig = field(default_factory=SpeechJudgeConfig)
 
@@ -745,6 +781,7 @@ class Config:
                    f"0 unless model.modalities includes {need!r}")
         self.visual_tokenizer.validate("visual_tokenizer")
         self.vision_judge.validate("vision_judge")
+        self.vision_merger.validate("vision_merger")
         self.audio_codec.validate("audio_codec")
         self.speech_judge.validate("speech_judge")
         _check("data", "seq_len", self.data.seq_len, self.data.seq_len <= self.model.max_seq_len,

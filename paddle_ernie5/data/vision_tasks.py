@@ -188,7 +188,7 @@ def merged_segment(feats_TKhw: np.ndarray, v: VisionModelConfig, kind: str, star
         raise ValueError(f"{T} frames do not split into groups of merge_frames={mt}")
     g = f.reshape(T // mt, mt, K, h // m, m, w // m, m).transpose(0, 3, 5, 1, 4, 6, 2)
     groups = g.reshape(-1, mt * m * m, K)  # [(T/mt) * (h/m) * (w/m), G, K]
-    if v.merger_position and len(groups) > v.merged_places(kind):
+    if (v.merger_position or v.merger_place_projection) and len(groups) > v.merged_places(kind):
         raise ValueError(f"a {kind} of {T} frames x {h}x{w} cells holds {len(groups)} merged groups, more "
                          f"than the {v.merged_places(kind)} that model.vision (scales, video_frames, merge) "
                          "describes; code pictures with the tokenizer the model was built for")

@@ -79,6 +79,7 @@ def vision_embedding_params(cfg: ModelConfig, kind: str) -> int:
     merger = (channels * d + d) + group * d + 4 * d + (3 * d * d + 3 * d) + (d * d + d) \
         + (2 * d * d + 2 * d) + (2 * d * d + d) + (d * m + m)
     place = v.merged_places(kind) * m if v.merger_position else 0
+    place += v.merged_places(kind) * d * m if v.merger_place_projection else 0
     return (v.bits * m + m) + (len(v.scales) + 1) * m + merger + place
 
 

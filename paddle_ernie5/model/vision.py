@@ -20,6 +20,7 @@ merge_frames frames for video); each group is one token:
     group [G, K] (video, merger_motion: [G, 2K], each patch with its change since the previous frame)
                  -> Linear(K -> d) + slot embedding -> pre-norm self-attention over the G patches
                  -> mean over G -> Linear(d -> M) (+ embedding of the group's place, merger_position)
+                    (+ Linear_place(d -> M) of the same mean, one per place, merger_place_projection)
 
 Batch keys (extras of data/vision_tasks.py, zero where absent):
     vis_in      [B, S, bits]   float  input bits of generation positions
@@ -106,7 +107,7 @@ class PatchMerger(nn.Layer):
     one frame earlier (zero in the group's first frame): G = frames x cells, frame-major."""
 
     def __init__(self, channels: int, group: int, cfg: VisionModelConfig, hidden_size: int, init_std: float,
-                 frames: int = 1):
+                 frames: int = 1, places: int = 0):
         super().__init__()
         d = cfg.merger_width
         self.heads = cfg.merger_heads
@@ -119,8 +120,10 @@ class PatchMerger(nn.Layer):
         self.proj = nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
         self.out = nn.Linear(d, hidden_size, weight_attr=init)
+        self.places = places
+        self.place_proj = nn.Linear(places * d, hidden_size, weight_attr=init, bias_attr=False) if places else None
 
-    def forward(self, groups_NGK):
+    def forward(self, groups_NGK, places_N=None):
         n, g, k = groups_NGK.shape
         if self.frames > 1:
             f = groups_NGK.reshape([n, self.frames, g // self.frames, k])
@@ -131,7 +134,12 @@ class PatchMerger(nn.Layer):
         att = F.softmax(paddle.matmul(q, k, transpose_y=True) * q.shape[-1] ** -0.5, axis=-1)
         x = x + self.proj(paddle.matmul(att, v).transpose([0, 2, 1, 3]).reshape([n, g, -1]))
         x = x + self.mlp(self.norm2(x))
-        return self.out(x.mean(axis=1))
+        pooled = x.mean(axis=1)
+        if self.place_proj is None:
+            return self.out(pooled)
+        # W[place] @ pooled for every token at once: (one-hot place outer pooled) @ [W_0; ...; W_P-1]
+        spread = F.one_hot(places_N, self.places).unsqueeze(-1) * pooled.unsqueeze(1)
+        return self.out(pooled) + self.place_proj(spread.reshape([n, -1]))
 
 
 class VisualEmbedding(nn.Layer):
@@ -148,8 +156,23 @@ class VisualEmbedding(nn.Layer):
         init = nn.initializer.Normal(std=cfg.init_std)
         self.bits = nn.Linear(v.bits, cfg.hidden_size, weight_attr=init)
         self.scale = nn.Embedding(len(v.scales) + 1, cfg.hidden_size, weight_attr=init)
-        self.merger = PatchMerger(v.bits, group, v, cfg.hidden_size, cfg.init_std, frames)
+        self.merger = PatchMerger(v.bits, group, v, cfg.hidden_size, cfg.init_std, frames,
+                                  places if v.merger_place_projection else 0)
         self.place = nn.Embedding(places, cfg.hidden_size, weight_attr=init) if v.merger_position else None
+        self.merger_init = v.merger_init
+        if v.freeze_merger:
+            for p in self.merger.parameters() + (self.place.parameters() if self.place is not None else []):
+                p.stop_gradient = True
+
+    def init_fresh(self) -> str | None:
+        """Called by the trainer on a fresh run: with model.vision.merger_init, start from the
+        pre-trained merger (train/vision_merger.py); returns what was loaded, for the log."""
+        if not self.merger_init:
+            return None
+        from ..train.vision_merger import load_merger
+
+        load_merger(self, self.modality, self.merger_init)
+        return f"{self.modality} patch merger initialised from {self.merger_init}"
 
     def forward(self, batch):
         key = FEATURE_KEY[self.modality]
@@ -163,7 +186,8 @@ class VisualEmbedding(nn.Layer):
         if key in batch:
             groups = batch[key]
             b, s = groups.shape[:2]
-            merged = self.merger(groups.reshape([b * s, *groups.shape[2:]])).reshape([b, s, -1])
+            places = batch[PATCH_INDEX_KEY].reshape([b * s]) if self.merger.places else None
+            merged = self.merger(groups.reshape([b * s, *groups.shape[2:]]), places).reshape([b, s, -1])
             if self.place is not None:  # indices checked against the table by merged_segment
                 merged = merged + self.place(batch[PATCH_INDEX_KEY])
             x = merged if x is None else paddle.where((batch["vis_scale"] > 0).unsqueeze(-1), x, merged)

@@ -11,6 +11,7 @@ import importlib
 RUNNERS = {
     "visual_tokenizer": "paddle_ernie5.tokenizers.visual:train_from_config",
     "vision_judge": "paddle_ernie5.eval.vision_judge:train_from_config",
+    "vision_merger": "paddle_ernie5.train.vision_merger:train_from_config",
     "audio_codec": "paddle_ernie5.tokenizers.audio:train_from_config",
     "speech_judge": "paddle_ernie5.eval.speech_judge:train_from_config",
     "sft": "paddle_ernie5.rl.sft:train_from_config",

@@ -313,8 +313,8 @@ class Trainer:
                 self.init_weights(tc.init_from)
             else:  # a fresh run: layers that start from a frozen tokenizer (model/audio.py codebooks)
                 for layer in self.model.sublayers():
-                    if hasattr(layer, "init_fresh"):
-                        layer.init_fresh()
+                    if hasattr(layer, "init_fresh") and (note := layer.init_fresh()):
+                        self.log(note)
         params = count_params(cfg.model)
         self.log(f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M "
                  f"activated per token; run dir {self.run_dir}")

@@ -274,8 +274,9 @@ def test_qa_documents_with_several_questions_target_every_answer_and_eos_only(se
 
 
 def test_merged_tokens_carry_their_place_in_the_picture(setup):
-    """merger_position: each merged group gets the embedding of its (frame group, row, column) index,
-    so the same groups in another order give different inputs; off, only the order of tokens changes."""
+    """merger_position / merger_place_projection: each merged group gets the embedding (and projection)
+    of its (frame group, row, column) index, so the same groups in another order give different
+    inputs; both off, only the order of tokens changes."""
     cfg, _ = setup
     v = cfg.model.vision
     latent = v.scales[-1]
@@ -284,7 +285,7 @@ def test_merged_tokens_carry_their_place_in_the_picture(setup):
     n = v.merged_places("image")
     np.testing.assert_array_equal(seg.extras[VT.PATCH_INDEX_KEY], np.arange(n))
     for on in (True, False):
-        model = Ernie5Model(C.replace(cfg.model, vision=C.replace(v, merger_position=on)))
+        model = Ernie5Model(C.replace(cfg.model, vision=C.replace(v, merger_position=on, merger_place_projection=on)))
         model.eval()
         emb = model.embed.by_modality["image"]
         groups = paddle.to_tensor(seg.extras[VT.FEATURE_KEY["image"]][None])
@@ -297,7 +298,34 @@ def test_merged_tokens_carry_their_place_in_the_picture(setup):
         assert same_set != on  # with places, moving a group changes its token
         big = np.zeros((1, v.bits, 2 * latent, 2 * latent), np.float32)  # 4x the groups the table has
         with pytest.raises(ValueError, match="merged groups") if on else nullcontext():
-            VT.merged_segment(big, C.replace(v, merger_position=on), "image", 2)
+            VT.merged_segment(big, C.replace(v, merger_position=on, merger_place_projection=on), "image", 2)
+
+
+def test_place_projection_gives_each_place_its_own_map(setup):
+    """merger_place_projection: the token of a group at place p is out(pooled) + pooled @ W_p, so the
+    mean over a picture's tokens is one linear map of all its groups (checked against a loop)."""
+    cfg, _ = setup
+    v = cfg.model.vision
+    paddle.seed(1)
+    merger = Ernie5Model(cfg.model).embed.by_modality["image"].merger
+    places = v.merged_places("image")
+    assert merger.places == places
+    groups = paddle.randn([6, v.merge ** 2, v.bits])
+    index = paddle.to_tensor([0, 3, places - 1, 3, 1, 2])
+    got = merger(groups, index).numpy()
+    plain = Ernie5Model(C.replace(cfg.model, vision=C.replace(v, merger_place_projection=False)))
+    assert plain.embed.by_modality["image"].merger.place_proj is None
+    merger.place_proj, proj = None, merger.place_proj  # the same weights without the projection
+    base = merger(groups).numpy()
+    w = proj.weight.numpy().reshape(places, v.merger_width, -1)
+    x = merger.inp(groups) + merger.slot  # recompute the pooled group by hand
+    q, k, val = merger.qkv(merger.norm1(x)).reshape([6, -1, 3, merger.heads, v.merger_width // merger.heads]) \
+        .transpose([2, 0, 3, 1, 4])
+    att = paddle.nn.functional.softmax(paddle.matmul(q, k, transpose_y=True) * q.shape[-1] ** -0.5, -1)
+    x = x + merger.proj(paddle.matmul(att, val).transpose([0, 2, 1, 3]).reshape([6, -1, v.merger_width]))
+    pooled = (x + merger.mlp(merger.norm2(x))).mean(1).numpy()
+    want = base + np.stack([pooled[i] @ w[int(p)] for i, p in enumerate(index.numpy())])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_video_merger_sees_each_patch_change_since_the_previous_frame(setup):
@@ -310,7 +338,7 @@ def test_video_merger_sees_each_patch_change_since_the_previous_frame(setup):
     merger.inp.register_forward_pre_hook(lambda layer, inputs: seen.__setitem__("x", inputs[0].numpy()))
     cells = v.merge ** 2
     groups = np.random.default_rng(1).normal(size=(3, v.merge_frames * cells, v.bits)).astype(np.float32)
-    merger(paddle.to_tensor(groups))
+    merger(paddle.to_tensor(groups), paddle.to_tensor([0, 1, 2]))
     x = seen["x"]
     assert x.shape == (3, v.merge_frames * cells, 2 * v.bits)
     np.testing.assert_array_equal(x[..., :v.bits], groups)

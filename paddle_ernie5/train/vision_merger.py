@@ -1,0 +1,145 @@
+"""Patch-merger pre-training (task vision_merger): the understanding path's own warm-up stage.
+
+Trained jointly from scratch with a tiny backbone, the merger learns only what the backbone already
+reads (colours): digit and motion answers stay at chance, because neither side has learned its half
+of the readout. Pre-trained alone, it learns them in a few hundred steps, and the backbone then learns
+to read them (ERNIE5.md's understanding path starts from a trained visual encoder; ours is trained
+here, on the training split only).
+
+    pictures (train split) -> pre-quantisation features -> image / video embedding (patch merger,
+    place embedding and place projection, exactly as in the backbone) -> mean over the picture's
+    tokens -> one linear head per configured attribute of its caption (vision_merger: digit for
+    images, direction and speed for clips) -> summed cross-entropy
+
+The mean of a picture's tokens is what a backbone's attention reads first, so features that answer
+through it are features the backbone can learn to use. Saved: <run_dir>/merger.pdparams (the two
+visual embeddings' weights) and metrics.json (held-out accuracy of each head, beside chance). A
+multimodal run starts from them with model.vision.merger_init=<run_dir> (fresh runs only).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+
+from ..errors import UserError
+
+WEIGHTS = "merger.pdparams"
+KINDS = ("image", "video")
+
+
+def _classes(attribute: str) -> int:
+    from ..eval.vision_judge import IMAGE_HEADS, MOTION_HEADS
+
+    return {**IMAGE_HEADS, **MOTION_HEADS}[attribute]
+
+
+class MergerProbe(nn.Layer):
+    """The backbone's two visual input embeddings plus a linear head per attribute on the mean token."""
+
+    def __init__(self, model_cfg, mc):
+        super().__init__()
+        from ..model.vision import ImageEmbedding, VideoEmbedding
+
+        self.attributes = {"image": tuple(mc.image_attributes), "video": tuple(mc.video_attributes)}
+        self.embed = nn.LayerDict({"image": ImageEmbedding(model_cfg), "video": VideoEmbedding(model_cfg)})
+        m = model_cfg.hidden_size
+        self.heads = nn.LayerDict({f"{kind}_{k}": nn.Linear(m, _classes(k)) for kind in KINDS
+                                   for k in self.attributes[kind]})
+
+    def forward(self, kind: str, groups, places) -> dict:
+        """groups [N, P, G, K], places [N, P] -> {attribute: logits [N, classes]}"""
+        from ..model.vision import FEATURE_KEY, PATCH_INDEX_KEY
+
+        tokens = self.embed[kind]({FEATURE_KEY[kind]: groups, PATCH_INDEX_KEY: places})
+        pooled = tokens.mean(axis=1)
+        return {k: self.heads[f"{kind}_{k}"](pooled) for k in self.attributes[kind]}
+
+
+def _arrays(cfg, data, index: np.ndarray, kind: str):
+    from ..data.vision_tasks import merged_segment
+    from ..model.vision import FEATURE_KEY, PATCH_INDEX_KEY
+
+    segs = [merged_segment(data.feats[i], cfg.model.vision, kind, 0) for i in index]
+    groups = np.stack([s.extras[FEATURE_KEY[kind]] for s in segs]).astype(np.float32)
+    places = np.stack([s.extras[PATCH_INDEX_KEY] for s in segs])
+    return paddle.to_tensor(groups), paddle.to_tensor(places)
+
+
+def _targets(labels: dict, index: np.ndarray) -> dict:
+    from ..eval.vision_judge import _targets as judge_targets
+
+    return judge_targets({k: v[index] for k, v in labels.items()})
+
+
+@paddle.no_grad()
+def evaluate(probe: MergerProbe, cfg, sets: dict, batch: int = 256) -> dict:
+    """Held-out accuracy of every head (mean-token readout), with chance beside it."""
+    probe.eval()
+    out = {}
+    for kind, data in sets.items():
+        n = len(data.feats)
+        preds = {k: [] for k in probe.attributes[kind]}
+        for i in range(0, n, batch):
+            index = np.arange(i, min(n, i + batch))
+            for k, lg in probe(kind, *_arrays(cfg, data, index, kind)).items():
+                preds[k].append(lg.numpy().argmax(-1))
+        truth = _targets(data.labels, np.arange(n))
+        for k in probe.attributes[kind]:
+            out[f"{kind}_{k}_acc"] = round(float(np.mean(np.concatenate(preds[k]) == truth[k])), 4)
+            out[f"{kind}_{k}_chance"] = round(1 / _classes(k), 4)
+    probe.train()
+    return out
+
+
+def train_from_config(cfg) -> dict:
+    """Pre-train both visual embeddings on the train split; save them; report held-out accuracy."""
+    from ..data.vision_tasks import encoded_digits, load_visual_tokenizer
+    from .component import ComponentRun
+    from .optim import apply_update, build_optimizer
+
+    tr = cfg.train
+    run = ComponentRun(cfg, "patch merger")
+    tok = load_visual_tokenizer(cfg.model.vision)
+    probe = MergerProbe(cfg.model, cfg.vision_merger)
+    kinds = [kind for kind in KINDS if probe.attributes[kind]]
+    train = {kind: encoded_digits(cfg, kind, "train", tok) for kind in kinds}
+    held = {kind: encoded_digits(cfg, kind, "heldout", tok) for kind in kinds}
+    opt = build_optimizer(probe, tr)
+    for step in range(tr.max_steps):
+        total = 0.0
+        for kind, data in train.items():
+            index = run.rng.integers(len(data.feats), size=tr.batch_size)
+            targets = _targets(data.labels, index)
+            for k, lg in probe(kind, *_arrays(cfg, data, index, kind)).items():
+                total = total + F.cross_entropy(lg, paddle.to_tensor(targets[k]))
+        total.backward()
+        apply_update(probe, opt, step, tr)
+        run.step(step, {"train/loss": float(total)}, loss=f"{float(total):.3f}")
+    seconds = run.training_done()
+    paddle.save({kind: probe.embed[kind].state_dict() for kind in KINDS}, run.path(WEIGHTS))
+    metrics = evaluate(probe, cfg, held)
+    metrics["train_seconds"] = seconds
+    return run.finish(metrics)
+
+
+def load_merger(embedding, kind: str, path: str) -> None:
+    """Copy the pre-trained weights of `kind`'s visual embedding (merger, place tables) from the
+    vision_merger run at `path` into `embedding`; a missing run or another shape is a clear error."""
+    file = os.path.join(path, WEIGHTS)
+    if not os.path.isfile(file):
+        raise UserError(f"model.vision.merger_init={path!r}: no {WEIGHTS} there; pre-train the merger "
+                        f"with `ernie5 train recipes/vision_merger.yaml` or set model.vision.merger_init=''")
+    saved = paddle.load(file)[kind]
+    own = embedding.state_dict()
+    wanted = [k for k in own if k.startswith(("merger.", "place."))]
+    bad = [k for k in wanted if k not in saved or list(saved[k].shape) != list(own[k].shape)]
+    if bad:
+        raise UserError(f"model.vision.merger_init={path!r}: the saved {kind} merger does not fit this model "
+                        f"({bad[0]}); pre-train it with this recipe's model settings")
+    for k in wanted:
+        own[k].set_value(saved[k])

@@ -1,0 +1,62 @@
+"""Patch-merger pre-training (task vision_merger) and starting a multimodal run from it."""
+
+import numpy as np
+import paddle
+import pytest
+from vision_support import tiny_tokenizer, vision_config
+
+from paddle_ernie5 import config as C
+from paddle_ernie5.errors import UserError
+from paddle_ernie5.model.model import Ernie5Model
+from paddle_ernie5.train import vision_merger as VM
+
+
+@pytest.fixture(scope="module")
+def merger_run(data_cache, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("merger"))
+    tok_dir = tiny_tokenizer(folder)
+    cfg = vision_config(data_cache, folder + "/run", tok_dir, "task=vision_merger", "train.progress=false",
+                        "train.max_steps=3", "train.warmup_steps=1", "train.batch_size=4",
+                        "vision_merger.video_attributes=[direction,speed,fg]")
+    return cfg, VM.train_from_config(cfg), tok_dir
+
+
+def test_pretraining_reports_each_configured_head_beside_chance(merger_run):
+    cfg, metrics, _ = merger_run
+    assert metrics["image_digit_chance"] == 0.1 and metrics["video_direction_chance"] == 0.25
+    assert metrics["video_speed_chance"] == 0.5 and metrics["video_fg_chance"] == 0.125
+    assert not any(k.startswith("image_fg") or k.startswith("video_digit") for k in metrics)
+    assert all(0 <= metrics[k] <= 1 for k in metrics if k.endswith("_acc"))
+
+
+def test_a_fresh_run_starts_from_the_pretrained_mergers(merger_run, data_cache, tmp_path):
+    cfg, _, tok_dir = merger_run
+    saved = paddle.load(f"{cfg.train.run_dir}/{VM.WEIGHTS}")
+    run_cfg = vision_config(data_cache, str(tmp_path / "mm"), tok_dir,
+                            f"model.vision.merger_init={cfg.train.run_dir}")
+    paddle.seed(5)
+    model = Ernie5Model(run_cfg.model)
+    notes = [layer.init_fresh() for layer in model.sublayers() if hasattr(layer, "init_fresh")]
+    assert sum(bool(n) for n in notes) == 2  # image and video
+    for kind in ("image", "video"):
+        own = model.embed.by_modality[kind].state_dict()
+        loaded = [k for k in own if k.startswith(("merger.", "place."))]
+        assert "merger.place_proj.weight" in loaded
+        for k in loaded:
+            np.testing.assert_array_equal(own[k].numpy(), saved[kind][k].numpy())
+        assert not np.array_equal(own["bits.weight"].numpy(), saved[kind]["bits.weight"].numpy())  # not loaded
+
+
+def test_a_missing_or_misfitting_merger_run_is_a_clear_error(merger_run, data_cache, tmp_path):
+    cfg, _, tok_dir = merger_run
+    for override, needle in ((f"model.vision.merger_init={tmp_path}", "no merger.pdparams there"),
+                             (f"model.vision.merger_init={cfg.train.run_dir}", "does not fit this model")):
+        extra = ["model.vision.merger_width=32"] if "fit" in needle else []
+        model = Ernie5Model(vision_config(data_cache, str(tmp_path / "mm"), tok_dir, override, *extra).model)
+        with pytest.raises(UserError, match=needle):
+            model.embed.by_modality["image"].init_fresh()
+
+
+def test_unknown_attributes_are_refused(data_cache, tmp_path):
+    with pytest.raises(C.ConfigError, match="vision_merger.image_attributes"):
+        vision_config(data_cache, str(tmp_path), str(tmp_path), "vision_merger.image_attributes=[direction]")
