@@ -160,7 +160,7 @@ class VisualEmbedding(nn.Layer):
                                   places if v.merger_place_projection else 0)
         self.place = nn.Embedding(places, cfg.hidden_size, weight_attr=init) if v.merger_position else None
         self.merger_init = v.merger_init
-        if v.freeze_merger:
+        if self.modality in v.freeze_merger:
             for p in self.merger.parameters() + (self.place.parameters() if self.place is not None else []):
                 p.stop_gradient = True
 
@@ -171,7 +171,8 @@ class VisualEmbedding(nn.Layer):
             return None
         from ..train.vision_merger import load_merger
 
-        load_merger(self, self.modality, self.merger_init)
+        if not load_merger(self, self.modality, self.merger_init):
+            return f"{self.modality} patch merger: not pre-trained in {self.merger_init}; starts random"
         return f"{self.modality} patch merger initialised from {self.merger_init}"
 
     def forward(self, batch):

@@ -121,20 +121,23 @@ def train_from_config(cfg) -> dict:
         apply_update(probe, opt, step, tr)
         run.step(step, {"train/loss": float(total)}, loss=f"{float(total):.3f}")
     seconds = run.training_done()
-    paddle.save({kind: probe.embed[kind].state_dict() for kind in KINDS}, run.path(WEIGHTS))
+    paddle.save({kind: probe.embed[kind].state_dict() for kind in kinds}, run.path(WEIGHTS))
     metrics = evaluate(probe, cfg, held)
     metrics["train_seconds"] = seconds
     return run.finish(metrics)
 
 
-def load_merger(embedding, kind: str, path: str) -> None:
+def load_merger(embedding, kind: str, path: str) -> bool:
     """Copy the pre-trained weights of `kind`'s visual embedding (merger, place tables) from the
-    vision_merger run at `path` into `embedding`; a missing run or another shape is a clear error."""
+    vision_merger run at `path` into `embedding`; False when that run trained no `kind` attribute.
+    A missing run or another shape is a clear error."""
     file = os.path.join(path, WEIGHTS)
     if not os.path.isfile(file):
         raise UserError(f"model.vision.merger_init={path!r}: no {WEIGHTS} there; pre-train the merger "
                         f"with `ernie5 train recipes/vision_merger.yaml` or set model.vision.merger_init=''")
-    saved = paddle.load(file)[kind]
+    saved = paddle.load(file).get(kind)
+    if saved is None:
+        return False
     own = embedding.state_dict()
     wanted = [k for k in own if k.startswith(("merger.", "place."))]
     bad = [k for k in wanted if k not in saved or list(saved[k].shape) != list(own[k].shape)]
@@ -143,3 +146,4 @@ def load_merger(embedding, kind: str, path: str) -> None:
                         f"({bad[0]}); pre-train it with this recipe's model settings")
     for k in wanted:
         own[k].set_value(saved[k])
+    return True

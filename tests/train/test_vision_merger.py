@@ -60,3 +60,31 @@ def test_a_missing_or_misfitting_merger_run_is_a_clear_error(merger_run, data_ca
 def test_unknown_attributes_are_refused(data_cache, tmp_path):
     with pytest.raises(C.ConfigError, match="vision_merger.image_attributes"):
         vision_config(data_cache, str(tmp_path), str(tmp_path), "vision_merger.image_attributes=[direction]")
+
+
+def test_frozen_kinds_keep_their_pretrained_merger(merger_run, data_cache, tmp_path):
+    cfg, _, tok_dir = merger_run
+    run_cfg = vision_config(data_cache, str(tmp_path / "mm"), tok_dir, f"model.vision.merger_init={cfg.train.run_dir}",
+                            "model.vision.freeze_merger=[video]")
+    model = Ernie5Model(run_cfg.model)
+    video, image = (model.embed.by_modality[k] for k in ("video", "image"))
+    assert all(p.stop_gradient for p in video.merger.parameters() + video.place.parameters())
+    assert not any(p.stop_gradient for p in image.merger.parameters())
+    assert not video.bits.weight.stop_gradient  # generation inputs keep training
+    for bad in ("model.vision.freeze_merger=[audio]", "model.vision.freeze_merger=[image]"):
+        with pytest.raises(C.ConfigError, match="model.vision.freeze_merger"):
+            extra = [f"model.vision.merger_init={cfg.train.run_dir}"] if "audio" in bad else []
+            vision_config(data_cache, str(tmp_path), tok_dir, bad, *extra)
+
+
+def test_a_kind_the_run_did_not_pretrain_starts_random(data_cache, tmp_path):
+    tok_dir = tiny_tokenizer(str(tmp_path))
+    cfg = vision_config(data_cache, str(tmp_path / "vm"), tok_dir, "task=vision_merger", "train.progress=false",
+                        "train.max_steps=1", "train.warmup_steps=1", "train.batch_size=2",
+                        "vision_merger.image_attributes=[]")
+    metrics = VM.train_from_config(cfg)
+    assert not any(k.startswith("image_") for k in metrics)
+    model = Ernie5Model(vision_config(data_cache, str(tmp_path / "mm"), tok_dir,
+                                      f"model.vision.merger_init={cfg.train.run_dir}").model)
+    assert "starts random" in model.embed.by_modality["image"].init_fresh()
+    assert "initialised from" in model.embed.by_modality["video"].init_fresh()
