@@ -113,7 +113,16 @@ class TextTokenizer:
                 for i, t in enumerate(texts)]
 
     def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        """Text of `ids`; an id outside this vocabulary (a model's modality delimiters sit above it)
+        is written as <id N> instead of failing."""
+        n, out, run = self.vocab_size, [], []
+        for i in (int(i) for i in ids):
+            if 0 <= i < n:
+                run.append(i)
+                continue
+            out += [self.sp.decode(run), f"<id {i}>"]
+            run = []
+        return "".join(out + [self.sp.decode(run)])
 
     def _encode_dropout(self, text: str, dropout: float, rng: np.random.Generator) -> list[int]:
         ids = []

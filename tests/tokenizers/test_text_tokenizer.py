@@ -49,6 +49,14 @@ def test_round_trip_corpus_and_unicode(corpus, tok):
     assert all(len(tok.encode(str(n))) == len(str(n)) for n in (7, 42, 1234))  # digits are split
 
 
+def test_ids_outside_the_vocabulary_decode_to_a_marker(tok):
+    ids = tok.encode("hello world")
+    n = tok.vocab_size
+    assert tok.decode(ids) == "hello world"
+    assert tok.decode(ids[:1] + [n + 3] + ids[1:]) == tok.decode(ids[:1]) + f"<id {n + 3}>" + tok.decode(ids[1:])
+    assert tok.decode([n, -1]) == f"<id {n}><id -1>"
+
+
 def test_dropout_zero_limit_matches_sentencepiece(corpus, tok):
     docs = corpus[0][::4]
     assert tok.encode_batch(docs, dropout=1e-12, seed=0) == tok.encode_batch(docs)

@@ -17,7 +17,7 @@ def merger_run(data_cache, tmp_path_factory):
     tok_dir = tiny_tokenizer(folder)
     cfg = vision_config(data_cache, folder + "/run", tok_dir, "task=vision_merger", "train.progress=false",
                         "train.max_steps=3", "train.warmup_steps=1", "train.batch_size=4",
-                        "vision_merger.video_attributes=[direction,speed,fg]")
+                        "vision_merger.image_attributes=[digit]", "vision_merger.video_attributes=[direction,speed,fg]")
     return cfg, VM.train_from_config(cfg), tok_dir
 
 
