@@ -23,7 +23,13 @@ def test_evenly_spaced_layers_rule():
 
 
 def test_sampling_frequencies_match_the_configured_probabilities():
-    cfg = load_config(os.path.join(RECIPES, "pretrain_tiny.yaml"), ["elastic.enabled=true"])
+    # The sampler's default probabilities (the recipe's elastic block tunes some of them).
+    from paddle_ernie5.config import ElasticConfig
+
+    d = ElasticConfig()
+    cfg = load_config(os.path.join(RECIPES, "pretrain_tiny.yaml"),
+                      ["elastic.enabled=true", f"elastic.depth_full_prob={d.depth_full_prob}",
+                       f"elastic.min_layers={d.min_layers}"])
     e, m = cfg.elastic, cfg.model
     sampler = ElasticSampler(e, m, seed=7)
     n = 20000
