@@ -1,8 +1,8 @@
 """Frozen configuration: dataclasses, YAML recipes with `base:` inheritance, dotted overrides.
 
 A recipe is a YAML mapping whose top-level keys are the sections of `Config` (model, data, train,
-parallel, elastic, visual_tokenizer, vision_judge, vision_merger) plus an optional `base:` path (relative to the
-recipe) that it is merged over.
+parallel, elastic, visual_tokenizer, vision_judge, vision_merger, ...) plus an optional `base:` path
+(relative to the recipe) that it is merged over.
 Overrides on the command line are `section.key=value` with the value parsed as YAML.
 
 Every problem is reported as one `ConfigError` naming the key, the bad value and what is allowed;

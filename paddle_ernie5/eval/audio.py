@@ -1,7 +1,8 @@
 """Speech metrics of a model with audio, each beside its chance level.
 
 ASR word accuracy: the held-out voices' single-word utterances (data/speech.py WORDS) go in as codec
-frames (<bos> <boa> frames <eoa>, then model.audio.asr_prompt if set); the greedy transcript counts when it is exactly the spoken word.
+frames (<bos> <boa> frames <eoa>, then model.audio.asr_prompt if set); the greedy transcript counts
+when it is exactly the spoken word.
 Chance: 1 / len(WORDS) (guessing one of the words).
 
 TTS intelligibility: for every word, `tts_samples` speech samples are drawn depth-wise from

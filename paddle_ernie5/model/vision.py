@@ -40,6 +40,7 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from ..config import ModelConfig, VisionModelConfig
+from ..errors import UserError
 from .embeddings import MODALITY_IDS, register_modality
 from .heads import register_head
 from .norm import RMSNorm
@@ -160,7 +161,8 @@ class VisualEmbedding(nn.Layer):
                                   places if v.merger_place_projection else 0)
         self.place = nn.Embedding(places, cfg.hidden_size, weight_attr=init) if v.merger_position else None
         self.merger_init = v.merger_init
-        if self.modality in v.freeze_merger:
+        self.frozen = self.modality in v.freeze_merger
+        if self.frozen:
             for p in self.merger.parameters() + (self.place.parameters() if self.place is not None else []):
                 p.stop_gradient = True
 
@@ -172,6 +174,11 @@ class VisualEmbedding(nn.Layer):
         from ..train.vision_merger import load_merger
 
         if not load_merger(self, self.modality, self.merger_init):
+            if self.frozen:  # a fixed random merger would silently never learn
+                raise UserError(f"model.vision.freeze_merger lists {self.modality}, but {self.merger_init} "
+                                f"pre-trained no {self.modality} merger: add attributes to "
+                                f"vision_merger.{self.modality}_attributes there, or drop {self.modality} "
+                                "from freeze_merger")
             return f"{self.modality} patch merger: not pre-trained in {self.merger_init}; starts random"
         return f"{self.modality} patch merger initialised from {self.merger_init}"
 

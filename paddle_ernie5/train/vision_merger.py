@@ -8,12 +8,12 @@ here, on the training split only).
 
     pictures (train split) -> pre-quantisation features -> image / video embedding (patch merger,
     place embedding and place projection, exactly as in the backbone) -> mean over the picture's
-    tokens -> one linear head per configured attribute of its caption (vision_merger: digit for
-    images, direction and speed for clips) -> summed cross-entropy
+    tokens -> one linear head per configured attribute of its caption (vision_merger.*_attributes;
+    by default direction and speed for clips, images not pre-trained) -> summed cross-entropy
 
 The mean of a picture's tokens is what a backbone's attention reads first, so features that answer
-through it are features the backbone can learn to use. Saved: <run_dir>/merger.pdparams (the two
-visual embeddings' weights) and metrics.json (held-out accuracy of each head, beside chance). A
+through it are features the backbone can learn to use. Saved: <run_dir>/merger.pdparams (the
+weights of each pre-trained kind's visual embedding) and metrics.json (held-out accuracy of each head, beside chance). A
 multimodal run starts from them with model.vision.merger_init=<run_dir> (fresh runs only).
 """
 
@@ -29,7 +29,6 @@ from paddle import nn
 from ..errors import UserError
 
 WEIGHTS = "merger.pdparams"
-KINDS = ("image", "video")
 
 
 def _classes(attribute: str) -> int:
@@ -45,11 +44,13 @@ class MergerProbe(nn.Layer):
         super().__init__()
         from ..model.vision import ImageEmbedding, VideoEmbedding
 
-        self.attributes = {"image": tuple(mc.image_attributes), "video": tuple(mc.video_attributes)}
-        self.embed = nn.LayerDict({"image": ImageEmbedding(model_cfg), "video": VideoEmbedding(model_cfg)})
+        wanted = {"image": tuple(mc.image_attributes), "video": tuple(mc.video_attributes)}
+        self.attributes = {kind: a for kind, a in wanted.items() if a}  # kinds without any: not built
+        layers = {"image": ImageEmbedding, "video": VideoEmbedding}
+        self.embed = nn.LayerDict({kind: layers[kind](model_cfg) for kind in self.attributes})
         m = model_cfg.hidden_size
-        self.heads = nn.LayerDict({f"{kind}_{k}": nn.Linear(m, _classes(k)) for kind in KINDS
-                                   for k in self.attributes[kind]})
+        self.heads = nn.LayerDict({f"{kind}_{k}": nn.Linear(m, _classes(k))
+                                   for kind, attrs in self.attributes.items() for k in attrs})
 
     def forward(self, kind: str, groups, places) -> dict:
         """groups [N, P, G, K], places [N, P] -> {attribute: logits [N, classes]}"""
@@ -97,7 +98,8 @@ def evaluate(probe: MergerProbe, cfg, sets: dict, batch: int = 256) -> dict:
 
 
 def train_from_config(cfg) -> dict:
-    """Pre-train both visual embeddings on the train split; save them; report held-out accuracy."""
+    """Pre-train the configured kinds' visual embeddings on the train split; save them; report
+    held-out accuracy."""
     from ..data.vision_tasks import encoded_digits, load_visual_tokenizer
     from .component import ComponentRun
     from .optim import apply_update, build_optimizer
@@ -106,7 +108,7 @@ def train_from_config(cfg) -> dict:
     run = ComponentRun(cfg, "patch merger")
     tok = load_visual_tokenizer(cfg.model.vision)
     probe = MergerProbe(cfg.model, cfg.vision_merger)
-    kinds = [kind for kind in KINDS if probe.attributes[kind]]
+    kinds = list(probe.attributes)
     train = {kind: encoded_digits(cfg, kind, "train", tok) for kind in kinds}
     held = {kind: encoded_digits(cfg, kind, "heldout", tok) for kind in kinds}
     opt = build_optimizer(probe, tr)

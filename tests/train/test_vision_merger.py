@@ -88,3 +88,10 @@ def test_a_kind_the_run_did_not_pretrain_starts_random(data_cache, tmp_path):
                                       f"model.vision.merger_init={cfg.train.run_dir}").model)
     assert "starts random" in model.embed.by_modality["image"].init_fresh()
     assert "initialised from" in model.embed.by_modality["video"].init_fresh()
+    frozen = Ernie5Model(vision_config(data_cache, str(tmp_path / "mm"), tok_dir,
+                                       f"model.vision.merger_init={cfg.train.run_dir}",
+                                       "model.vision.freeze_merger=[image]").model)
+    with pytest.raises(UserError, match="pre-trained no image merger"):  # a fixed random merger
+        frozen.embed.by_modality["image"].init_fresh()
+    saved = paddle.load(f"{cfg.train.run_dir}/{VM.WEIGHTS}")
+    assert set(saved) == {"video"}  # only the pre-trained kind is built and saved
