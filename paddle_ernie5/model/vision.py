@@ -182,6 +182,26 @@ class VisualEmbedding(nn.Layer):
             return f"{self.modality} patch merger: not pre-trained in {self.merger_init}; starts random"
         return f"{self.modality} patch merger initialised from {self.merger_init}"
 
+    def _understanding_rows(self, batch):
+        """Flat indices of the positions that hold this modality's merged tokens (None = all of them:
+        a batch without token_types, e.g. the merger's pre-training)."""
+        if "token_types" not in batch:
+            return None
+        sel = batch["token_types"] == self.type_id
+        if "vis_scale" in batch:
+            sel = paddle.logical_and(sel, batch["vis_scale"] == 0)
+        return paddle.nonzero(sel.reshape([-1])).squeeze(-1)
+
+    def _merge_rows(self, groups_NGK, places_N, rows):
+        """The merger on the selected rows only (zeros elsewhere, where another embedding is used)."""
+        if rows is None:
+            return self.merger(groups_NGK, places_N)
+        out = paddle.zeros([groups_NGK.shape[0], self.merger.out.weight.shape[1]], groups_NGK.dtype)
+        if rows.shape[0] == 0:
+            return out
+        part = self.merger(paddle.gather(groups_NGK, rows), paddle.gather(places_N, rows))
+        return paddle.scatter(out, rows, part)
+
     def forward(self, batch):
         key = FEATURE_KEY[self.modality]
         x = None
@@ -194,11 +214,12 @@ class VisualEmbedding(nn.Layer):
         if key in batch:
             groups = batch[key]
             b, s = groups.shape[:2]
-            places = batch[PATCH_INDEX_KEY].reshape([b * s]) if self.merger.places else None
-            merged = self.merger(groups.reshape([b * s, *groups.shape[2:]]), places).reshape([b, s, -1])
+            merged = self._merge_rows(groups.reshape([b * s, *groups.shape[2:]]),
+                                      batch[PATCH_INDEX_KEY].reshape([b * s]), self._understanding_rows(batch))
+            merged = merged.reshape([b, s, -1])
             if self.place is not None:  # indices checked against the table by merged_segment
                 merged = merged + self.place(batch[PATCH_INDEX_KEY])
-            x = merged if x is None else paddle.where((batch["vis_scale"] > 0).unsqueeze(-1), x, merged)
+            x = merged if x is None else paddle.where((batch["vis_scale"] == 0).unsqueeze(-1), x, merged)
         return x
 
 
@@ -257,7 +278,7 @@ class VisualBitHead(nn.Layer):
         out = {}
         for name, type_id in self.kinds:
             w = weight * (batch["token_types"] == type_id).astype("float32")
-            count = ((batch["vis_scale"] > 0) & (batch["token_types"] == type_id)).astype("float32").sum()
+            count = ((batch["vis_scale"] == 0) & (batch["token_types"] == type_id)).astype("float32").sum()
             if float(count) == 0:
                 continue
             out[f"{name}_bits"] = ((per_token * w).sum() / paddle.clip(w.sum(), min=1e-6), count)

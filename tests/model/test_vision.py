@@ -171,6 +171,25 @@ def test_embeddings_heads_and_merger_forward_backward_on_a_mixture_batch(setup):
     assert model.head_losses(model(to_model_batch(text)), to_model_batch(text)) == {}
 
 
+def test_merger_runs_only_where_merged_tokens_are_read(setup):
+    """The merger runs on the understanding positions only; the model's input embeddings equal those
+    of merging every position (the other positions take another embedding either way)."""
+    cfg, _ = setup
+    _, np_batch = _mixture_batch(cfg)
+    paddle.seed(0)
+    model = Ernie5Model(cfg.model)
+    model.eval()
+    batch = to_model_batch(np_batch)
+    got = model.embed(batch).numpy()
+    for name in ("image", "video"):
+        emb = model.embed.by_modality[name]
+        rows = emb._understanding_rows(batch)
+        assert 0 < rows.shape[0] < batch["token_types"].size  # some positions, not all
+        emb._understanding_rows = lambda b: None  # merge every position, as before
+    want = model.embed(batch).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_patch_merger_understanding_path_learns_the_answer(setup):
     cfg, _ = setup
     ctx = _ctx(cfg)
