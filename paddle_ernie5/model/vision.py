@@ -219,7 +219,7 @@ class VisualEmbedding(nn.Layer):
             merged = merged.reshape([b, s, -1])
             if self.place is not None:  # indices checked against the table by merged_segment
                 merged = merged + self.place(batch[PATCH_INDEX_KEY])
-            x = merged if x is None else paddle.where((batch["vis_scale"] == 0).unsqueeze(-1), x, merged)
+            x = merged if x is None else paddle.where((batch["vis_scale"] > 0).unsqueeze(-1), x, merged)
         return x
 
 
@@ -278,7 +278,7 @@ class VisualBitHead(nn.Layer):
         out = {}
         for name, type_id in self.kinds:
             w = weight * (batch["token_types"] == type_id).astype("float32")
-            count = ((batch["vis_scale"] == 0) & (batch["token_types"] == type_id)).astype("float32").sum()
+            count = ((batch["vis_scale"] > 0) & (batch["token_types"] == type_id)).astype("float32").sum()
             if float(count) == 0:
                 continue
             out[f"{name}_bits"] = ((per_token * w).sum() / paddle.clip(w.sum(), min=1e-6), count)
