@@ -82,13 +82,13 @@ def cmd_config(args) -> int:
 def cmd_export(args) -> int:
     from .train.export import export_from_checkpoint
 
-    _set_threads(0)
+    _set_threads(args.threads)
     export_from_checkpoint(args.checkpoint, args.layers, args.experts, args.top_k, args.out)
     return 0
 
 
 def cmd_eval(args) -> int:
-    _set_threads(0)
+    _set_threads(args.threads)
     from .eval.runner import evaluate_run
 
     rows, report = evaluate_run(args.checkpoint, elastic_grid=args.elastic_grid, compare=args.compare,
@@ -98,7 +98,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_routing_report(args) -> int:
-    _set_threads(0)
+    _set_threads(args.threads)
     from .eval.runner import routing_report
 
     print(routing_report(args.checkpoint, args.out, args.max_batches))
@@ -106,7 +106,7 @@ def cmd_routing_report(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    _set_threads(0)
+    _set_threads(args.threads)
     from . import generate
 
     return generate.run(args)
@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate.add_arguments(p)
     p.set_defaults(fn=cmd_generate)
+    for name in ("export", "eval", "routing-report", "generate"):
+        sub.choices[name].add_argument("--threads", type=int, default=0,
+                                       help="CPU threads (0 = all cores), as train.threads")
     return parser
 
 

@@ -211,6 +211,10 @@ class VisionModelConfig:
     # text-to-image accuracy is measured on their captions.
     heldout_combo_fraction: float = 0.15
     judge: str = "runs/vision_judge"  # evaluation only: judge of generated images ("" = skip)
+    # Evaluation only: besides the greedy image per held-out caption, this many sampled ones
+    # (temperature 1) are judged; one greedy image per prompt leaves the judged rates noisy between
+    # runs. 0 = greedy only.
+    judge_samples: int = 8
 
     def merged_places(self, kind: str) -> int:
         """Merged groups in one picture (image) or clip (video): frame groups x rows x columns."""
@@ -250,6 +254,7 @@ class VisionModelConfig:
         _check(at, "loss_weight", self.loss_weight, self.loss_weight >= 0, ">= 0")
         _check(at, "cond_drop_prob", self.cond_drop_prob, 0 <= self.cond_drop_prob < 1, "0 <= p < 1")
         _check(at, "cfg_scale", self.cfg_scale, self.cfg_scale >= 0, ">= 0 (1 = off)")
+        _check(at, "judge_samples", self.judge_samples, self.judge_samples >= 0, ">= 0 (0 = greedy only)")
         _check(at, "heldout_combo_fraction", self.heldout_combo_fraction,
                0 <= self.heldout_combo_fraction < 1, "0 <= f < 1")
 

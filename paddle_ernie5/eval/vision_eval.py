@@ -6,7 +6,12 @@
     video QA        held-out clips, "Which way does the digit move?", four directions
     text -> image   captions of held-out (digit, colour, background) combinations (never generated in
                     training) are sampled into images, and the independent judge (eval/vision_judge.py)
-                    reads digit, colour and background off them; chance is a random digit and colours
+                    reads digit, colour and background off them; chance is a random digit and colours.
+                    One greedy image per caption (t2i_*) and model.vision.judge_samples sampled ones
+                    (t2i_sampled_*, temperature 1: lower variance between runs)
+    caption information
+                    teacher-forced bit loss of the held-out images without their caption minus with it
+                    (nats per bit): how much the caption tells the model about the picture; 0 = nothing
 
 Ranking candidates measures understanding without a free-form parser; `ernie5 generate --image`
 answers greedily instead.
@@ -23,8 +28,8 @@ import paddle.nn.functional as F
 from ..data.digits import COLOUR_PAIRS, COLOURS, DIRECTIONS, image_caption
 from ..data.multimodal import pack_segments
 from ..data.packing import IGNORE
-from ..data.vision_tasks import (DELIMITERS, encoded_digits, generation_prompt, is_heldout_combo,
-                                 load_visual_tokenizer, qa_document, special_ids)
+from ..data.vision_tasks import (DELIMITERS, caption_of, encoded_digits, generation_document, generation_prompt,
+                                 is_heldout_combo, load_visual_tokenizer, qa_document, special_ids)
 from ..model.vision_sampling import decode_tokens, sample_visual
 
 CANDIDATES = {"What digit is this?": [str(d) for d in range(10)],
@@ -116,6 +121,8 @@ def vision_metrics(cfg, model, tokenizer, max_items: int = 0, temperature: float
         out["vision/image_qa_chance"] = float(np.mean([out[f"vision/image_qa_{k}_chance"] for k in IMAGE_QUESTIONS]))
         out["vision/image_qa_items"] = n
         log(f"image QA on {n} held-out images: {out['vision/image_qa']:.3f}")
+        out.update(caption_information(model, cfg, tokenizer, data, n))
+        log(f"caption information: {out['vision/t2i_caption_nats']:.4f} nats per bit")
         if v.judge and os.path.isdir(v.judge):
             out.update(text_to_image_judged(model, cfg, tokenizer, tok, max_items, temperature))
             log(f"text->image judged (all three right): {out['vision/t2i_all']:.3f}")
@@ -131,23 +138,58 @@ def vision_metrics(cfg, model, tokenizer, max_items: int = 0, temperature: float
     return out
 
 
+@paddle.no_grad()
+def caption_information(model, cfg, tokenizer, data, n: int, batch: int = 64) -> dict:
+    """Mean teacher-forced bit loss of the first n images of `data` without their caption minus with
+    it (nats per bit); chance (a model that ignores the caption) is 0."""
+    from ..train.trainer import to_model_batch
+
+    v = cfg.model.vision
+    ids = special_ids(cfg.model.vocab_size, tokenizer)
+    model.eval()
+    loss = {}
+    for name, with_caption in (("cond", True), ("uncond", False)):
+        total = 0.0
+        for a in range(0, n, batch):
+            docs = [generation_document(tokenizer.encode(caption_of("image", data.labels, i)) if with_caption
+                                        else [], data.tokens[i], v, "image", ids) for i in range(a, min(n, a + batch))]
+            b = to_model_batch(pack_segments(docs, max(sum(len(s) for s in d) for d in docs), one_per_row=True))
+            bits, _, _ = model.head_losses(model(b, with_mtp=False), b)["image_bits"]
+            total += float(bits) * len(docs)  # one image per row, all of equal length: rows weigh equally
+        loss[name] = total / n
+    return {"vision/t2i_caption_nats": loss["uncond"] - loss["cond"], "vision/t2i_caption_nats_chance": 0.0}
+
+
 def text_to_image_judged(model, cfg, tokenizer, tok, max_items: int = 0, temperature: float = 0.0) -> dict:
     from .vision_judge import VisionJudge
 
-    judge = VisionJudge.load(cfg.model.vision.judge)
-    combos = heldout_combos(cfg.model.vision.heldout_combo_fraction)
+    v = cfg.model.vision
+    judge = VisionJudge.load(v.judge)
+    combos = heldout_combos(v.heldout_combo_fraction)
     if max_items:
         combos = combos[:max_items]
     captions = [image_caption(*c) for c in combos]
-    images = generate_images(model, cfg, tokenizer, tok, captions, temperature=temperature)[:, 0]
-    pred = judge.predict(images)
     truth = {k: np.array([c[j] for c in combos]) for j, k in enumerate(("digit", "fg", "bg"))}
-    hits = {k: pred[k] == truth[k] for k in truth}
-    out = {f"vision/t2i_{k}": float(np.mean(h)) for k, h in hits.items()}
-    out["vision/t2i_all"] = float(np.mean(hits["digit"] & hits["fg"] & hits["bg"]))
-    out.update({"vision/t2i_digit_chance": 0.1, "vision/t2i_fg_chance": 1 / len(COLOURS),
-                "vision/t2i_bg_chance": 1 / len(COLOURS),
-                "vision/t2i_all_chance": 1 / (10 * len(COLOUR_PAIRS)), "vision/t2i_prompts": len(combos)})
+
+    def judged(images) -> dict:
+        pred = judge.predict(images)
+        return {k: pred[k] == np.tile(truth[k], len(images) // len(combos)) for k in truth}
+
+    def rates(hits, prefix) -> dict:
+        out = {f"{prefix}_{k}": float(np.mean(h)) for k, h in hits.items()}
+        out[f"{prefix}_all"] = float(np.mean(hits["digit"] & hits["fg"] & hits["bg"]))
+        chance = {"digit": 0.1, "fg": 1 / len(COLOURS), "bg": 1 / len(COLOURS), "all": 1 / (10 * len(COLOUR_PAIRS))}
+        out.update({f"{prefix}_{k}_chance": c for k, c in chance.items()})
+        return out
+
+    out = rates(judged(generate_images(model, cfg, tokenizer, tok, captions, temperature=temperature)[:, 0]),
+                "vision/t2i")
+    out["vision/t2i_prompts"] = len(combos)
+    if v.judge_samples:
+        images = np.concatenate([generate_images(model, cfg, tokenizer, tok, captions, temperature=1.0,
+                                                 seed=1000 * (s + 1))[:, 0] for s in range(v.judge_samples)])
+        out.update(rates(judged(images), "vision/t2i_sampled"))
+        out["vision/t2i_sampled_images"] = len(images)
     return out
 
 
@@ -163,6 +205,13 @@ def report_rows(m: dict) -> str:
     row("text->image judged: digit, colour and background all right (held-out combinations)", "vision/t2i_all")
     for k, what in (("digit", "digit"), ("fg", "digit colour"), ("bg", "background")):
         row(f"text->image judged: {what}", f"vision/t2i_{k}")
+    n = m.get("vision/t2i_sampled_images", 0)
+    row(f"text->image judged, {n} sampled images (temperature 1): all three right", "vision/t2i_sampled_all")
+    for k, what in (("digit", "digit"), ("fg", "digit colour"), ("bg", "background")):
+        row(f"text->image judged, sampled: {what}", f"vision/t2i_sampled_{k}")
+    if "vision/t2i_caption_nats" in m:
+        rows.append(f"| caption information (held-out images, teacher-forced), nats per bit | "
+                    f"{m['vision/t2i_caption_nats']:.4f} | chance 0 |")
     row("video QA: direction, held-out clips", "vision/video_qa_direction")
     return "".join(r + "\n" for r in rows)
 

@@ -43,7 +43,34 @@ def test_vision_metrics_have_chance_levels_and_table_rows(run):
     for key in ("vision/image_qa_digit", "vision/t2i_all", "vision/t2i_digit", "vision/video_qa_direction"):
         assert 0.0 <= m[key] <= 1.0 and m[key] * 3 == pytest.approx(round(m[key] * 3)), key
     rows = vision_eval.report_rows(m)
-    assert rows.count("| chance ") == 9 and "video QA: direction" in rows
+    assert rows.count("| chance ") == 14 and "video QA: direction" in rows
+
+
+def test_sampled_judging_and_caption_information(run):
+    import dataclasses
+
+    from paddle_ernie5.data.vision_tasks import encoded_digits
+    from paddle_ernie5.eval import vision_eval
+    from paddle_ernie5.eval.runner import load_model
+    from paddle_ernie5.tokenizers.text import get_text_tokenizer
+
+    cfg, _ = run
+    cfg, model = load_model(cfg.train.run_dir, log=lambda *_: None)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, vision=dataclasses.replace(cfg.model.vision, judge_samples=2)))
+    tok = get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed, cfg.data.val_fraction)
+    m = vision_eval.vision_metrics(cfg, model, tok, max_items=3, log=lambda *_: None)
+    assert m["vision/t2i_sampled_images"] == 6 and m["vision/t2i_sampled_all_chance"] == pytest.approx(1 / 480)
+    for k in ("digit", "fg", "bg", "all"):
+        x = m[f"vision/t2i_sampled_{k}"]
+        assert 0.0 <= x <= 1.0 and x * 6 == pytest.approx(round(x * 6)), k
+    # Captions differ in length, so a batch pads rows: batched and one image at a time agree.
+    data = encoded_digits(cfg, "image", "heldout")
+    batched = vision_eval.caption_information(model, cfg, tok, data, 6)["vision/t2i_caption_nats"]
+    single = vision_eval.caption_information(model, cfg, tok, data, 6, batch=1)["vision/t2i_caption_nats"]
+    assert batched == pytest.approx(single, abs=1e-5) and abs(batched) > 1e-6
+    three = vision_eval.caption_information(model, cfg, tok, data, 3)["vision/t2i_caption_nats"]
+    assert m["vision/t2i_caption_nats"] == pytest.approx(three, abs=1e-6)
 
 
 def test_candidate_ranking_picks_the_most_likely_answer(run, monkeypatch):
