@@ -1,0 +1,109 @@
+"""Matched comparison of two groups of evaluated runs (each run's eval.json from `ernie5 eval`).
+
+    python -m paddle_ernie5.eval.compare --baseline runs/mm600n runs/mm600n_s1 \
+        --candidate runs/omni600c runs/omni600c_s1 --bound 0.10
+
+Runs pair up in order (the same seed in both groups). One Markdown row per metric: each pair as
+candidate / baseline, then the means over the pairs, the relative change of the means and whether the
+candidate's mean is worse than the baseline's by more than --bound (lower is better for perplexity,
+higher for the rest). Metrics only the candidate has (e.g. speech with audio added) show its mean. A
+single pair of a noisy metric (one greedy image per held-out caption) can move by tens of percent
+between seeds; the mean over seeds is what the bound is checked on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+# (key, label, higher is better)
+METRICS = (
+    ("text/ppl", "text perplexity (validation)", False),
+    ("vision/image_qa", "image QA (digit / colour / background)", True),
+    ("vision/video_qa_direction", "video direction QA", True),
+    ("vision/t2i_all", "text->image judged, all three right (greedy)", True),
+    ("vision/t2i_fg", "text->image judged: digit colour (greedy)", True),
+    ("vision/t2i_bg", "text->image judged: background (greedy)", True),
+    ("vision/t2i_sampled_all", "text->image judged, all three right (sampled)", True),
+    ("vision/t2i_sampled_fg", "text->image judged: digit colour (sampled)", True),
+    ("vision/t2i_sampled_bg", "text->image judged: background (sampled)", True),
+    ("vision/t2i_caption_nats", "caption information (nats per bit)", True),
+    ("audio/asr_word_acc", "ASR word accuracy", True),
+    ("audio/tts_judge_acc", "TTS intelligibility", True),
+)
+
+
+def load_eval(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "eval.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: evaluate the run first (ernie5 eval --checkpoint {run_dir})")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)[0]
+
+
+def compare(baseline: list[dict], candidate: list[dict], bound: float = 0.10) -> list[dict]:
+    """One dict per metric present in the candidate runs: key, label, pairs [(cand, base)], means,
+    relative change of the means (None without a baseline) and `worse` (beyond the bound)."""
+    rows = []
+    for key, label, higher in METRICS:
+        if not all(key in c for c in candidate):
+            continue
+        cand = [float(c[key]) for c in candidate]
+        base = [float(b[key]) for b in baseline] if all(key in b for b in baseline) else None
+        row = {"key": key, "label": label, "candidate": cand, "baseline": base,
+               "mean_candidate": float(np.mean(cand)), "mean_baseline": None, "relative": None, "worse": False}
+        if base is not None:
+            mb = float(np.mean(base))
+            rel = (row["mean_candidate"] - mb) / mb if mb else 0.0
+            row.update(mean_baseline=mb, relative=rel, worse=(rel < -bound) if higher else (rel > bound))
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], names: list[str], bound: float) -> str:
+    """names: one "candidate / baseline" label per pair."""
+    head = "| metric | " + " | ".join(names) + " | mean candidate / baseline | relative | within the bound |\n"
+    out = [head, "|---|" + "---:|" * (len(names) + 3) + "\n"]
+    for r in rows:
+        pairs = [f"{c:.3f} / " + ("-" if r["baseline"] is None else f"{r['baseline'][i]:.3f}")
+                 for i, c in enumerate(r["candidate"])]
+        if r["baseline"] is None:
+            tail = f"{r['mean_candidate']:.3f} / - | | |"
+        else:
+            ok = "no" if r["worse"] else "yes"
+            tail = f"{r['mean_candidate']:.3f} / {r['mean_baseline']:.3f} | {100 * r['relative']:+.1f}% | {ok} |"
+        out.append(f"| {r['label']} | " + " | ".join(pairs) + f" | {tail}\n")
+    out.append(f"\nBound: the candidate's mean no worse than the baseline's by more than {100 * bound:.0f}% "
+               f"relative, over {len(names)} pair(s).\n")
+    return "".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--baseline", nargs="+", required=True, help="evaluated runs without the change")
+    p.add_argument("--candidate", nargs="+", required=True, help="evaluated runs with it, same order")
+    p.add_argument("--bound", type=float, default=0.10, help="allowed relative loss of a mean (0.10 = 10%%)")
+    args = p.parse_args(argv)
+    if len(args.baseline) != len(args.candidate):
+        print(f"compare: {len(args.baseline)} baseline runs but {len(args.candidate)} candidate runs; "
+              "give one of each per seed, in the same order", file=sys.stderr)
+        return 2
+    try:
+        base = [load_eval(d) for d in args.baseline]
+        cand = [load_eval(d) for d in args.candidate]
+    except FileNotFoundError as e:
+        print(f"compare: {e}", file=sys.stderr)
+        return 2
+    rows = compare(base, cand, args.bound)
+    name = lambda d: os.path.basename(os.path.normpath(d))
+    names = [f"{name(c)} / {name(b)}" for c, b in zip(args.candidate, args.baseline)]
+    print(markdown(rows, names, args.bound), end="")
+    return 1 if any(r["worse"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

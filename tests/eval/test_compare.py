@@ -1,0 +1,47 @@
+"""Matched comparison of evaluated runs (eval/compare.py) on hand-made eval.json files."""
+
+import json
+
+import pytest
+
+from paddle_ernie5.eval import compare
+
+
+def _run(tmp_path, name, **metrics):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "eval.json").write_text(json.dumps([{k.replace("__", "/"): v for k, v in metrics.items()}]))
+    return str(d)
+
+
+def test_means_relative_change_and_direction_of_the_bound(tmp_path, capsys):
+    base = [_run(tmp_path, "b0", text__ppl=40.0, vision__image_qa=0.50),
+            _run(tmp_path, "b1", text__ppl=50.0, vision__image_qa=0.70)]
+    cand = [_run(tmp_path, "c0", text__ppl=44.0, vision__image_qa=0.40, audio__asr_word_acc=0.7),
+            _run(tmp_path, "c1", text__ppl=54.0, vision__image_qa=0.70, audio__asr_word_acc=0.8)]
+    rows = {r["key"]: r for r in compare.compare([compare.load_eval(d) for d in base],
+                                                 [compare.load_eval(d) for d in cand], bound=0.10)}
+    assert rows["text/ppl"]["relative"] == pytest.approx(98 / 90 - 1)  # +8.9%: within 10%
+    assert not rows["text/ppl"]["worse"]
+    assert rows["vision/image_qa"]["relative"] == pytest.approx(0.55 / 0.60 - 1)  # -8.3%
+    assert not rows["vision/image_qa"]["worse"]
+    assert rows["audio/asr_word_acc"]["mean_candidate"] == pytest.approx(0.75)
+    assert rows["audio/asr_word_acc"]["relative"] is None
+    assert "vision/video_qa_direction" not in rows  # in no run
+    # A tighter bound: perplexity (lower is better) rising 8.9% and image QA falling 8.3% both fail it.
+    tight = compare.compare([compare.load_eval(d) for d in base], [compare.load_eval(d) for d in cand], 0.05)
+    assert {r["key"] for r in tight if r["worse"]} == {"text/ppl", "vision/image_qa"}
+    assert compare.main(["--baseline", *base, "--candidate", *cand]) == 0
+    assert compare.main(["--baseline", *base, "--candidate", *cand, "--bound", "0.05"]) == 1
+    out = capsys.readouterr().out
+    assert "| text perplexity (validation) | 44.000 / 40.000 | 54.000 / 50.000 | 49.000 / 45.000 | +8.9% | no |" in out
+    assert "c0 / b0" in out
+
+
+def test_bad_input_is_one_clear_message(tmp_path, capsys):
+    a = _run(tmp_path, "a", text__ppl=1.0)
+    assert compare.main(["--baseline", a, "--candidate", a, a]) == 2
+    assert "1 baseline runs but 2 candidate runs" in capsys.readouterr().err
+    assert compare.main(["--baseline", a, "--candidate", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "eval.json not found" in err and "ernie5 eval --checkpoint" in err
