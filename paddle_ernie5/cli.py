@@ -171,8 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate.add_arguments(p)
     p.set_defaults(fn=cmd_generate)
+    def threads(text: str) -> int:
+        n = int(text)
+        if n < 0:
+            raise argparse.ArgumentTypeError(f"{n} is not a thread count: give 0 (all cores) or more")
+        return n
+
     for name in ("export", "eval", "routing-report", "generate"):
-        sub.choices[name].add_argument("--threads", type=int, default=0,
+        sub.choices[name].add_argument("--threads", type=threads, default=0,
                                        help="CPU threads (0 = all cores), as train.threads")
     return parser
 

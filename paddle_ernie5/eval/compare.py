@@ -3,7 +3,7 @@
     python -m paddle_ernie5.eval.compare --baseline runs/mm600n runs/mm600n_s1 \
         --candidate runs/omni600c runs/omni600c_s1 --bound 0.10
 
-Runs pair up in order (the same seed in both groups). One Markdown row per metric: each pair as
+Runs pair up in order: the same seed in both groups (checked against each run's config.yaml). One Markdown row per metric: each pair as
 candidate / baseline, then the means over the pairs, the relative change of the means and whether the
 candidate's mean is worse than the baseline's by more than --bound (lower is better for perplexity,
 higher for the rest). Metrics only the candidate has (e.g. speech with audio added) show its mean. A
@@ -37,12 +37,34 @@ METRICS = (
 )
 
 
+class CompareError(ValueError):
+    pass
+
+
 def load_eval(run_dir: str) -> dict:
     path = os.path.join(run_dir, "eval.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: evaluate the run first (ernie5 eval --checkpoint {run_dir})")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)[0]
+        raise CompareError(f"{path} not found: evaluate the run first (ernie5 eval --checkpoint {run_dir})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            metrics = json.load(f)[0]
+        if not isinstance(metrics, dict):
+            raise TypeError
+    except (ValueError, IndexError, KeyError, TypeError):
+        raise CompareError(f"{path} is not an evaluation table (a JSON list of metric dicts): "
+                           f"re-run ernie5 eval --checkpoint {run_dir}") from None
+    return metrics
+
+
+def run_seed(run_dir: str) -> int | None:
+    """train.seed from the run's config.yaml (None when the run has none)."""
+    import yaml
+
+    try:
+        with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
+            return int(yaml.safe_load(f)["train"]["seed"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
 
 
 def compare(baseline: list[dict], candidate: list[dict], bound: float = 0.10) -> list[dict]:
@@ -57,9 +79,13 @@ def compare(baseline: list[dict], candidate: list[dict], bound: float = 0.10) ->
         row = {"key": key, "label": label, "candidate": cand, "baseline": base,
                "mean_candidate": float(np.mean(cand)), "mean_baseline": None, "relative": None, "worse": False}
         if base is not None:
-            mb = float(np.mean(base))
-            rel = (row["mean_candidate"] - mb) / mb if mb else 0.0
-            row.update(mean_baseline=mb, relative=rel, worse=(rel < -bound) if higher else (rel > bound))
+            mb, mc = float(np.mean(base)), row["mean_candidate"]
+            if mb:  # relative to the baseline's size, so the sign is right for a negative baseline too
+                rel = (mc - mb) / abs(mb)
+                worse = (rel < -bound) if higher else (rel > bound)
+            else:  # no relative change from zero: any step the wrong way counts
+                rel, worse = None, (mc < mb) if higher else (mc > mb)
+            row.update(mean_baseline=mb, relative=rel, worse=worse)
         rows.append(row)
     return rows
 
@@ -75,7 +101,8 @@ def markdown(rows: list[dict], names: list[str], bound: float) -> str:
             tail = f"{r['mean_candidate']:.3f} / - | | |"
         else:
             ok = "no" if r["worse"] else "yes"
-            tail = f"{r['mean_candidate']:.3f} / {r['mean_baseline']:.3f} | {100 * r['relative']:+.1f}% | {ok} |"
+            rel = "n/a" if r["relative"] is None else f"{100 * r['relative']:+.1f}%"
+            tail = f"{r['mean_candidate']:.3f} / {r['mean_baseline']:.3f} | {rel} | {ok} |"
         out.append(f"| {r['label']} | " + " | ".join(pairs) + f" | {tail}\n")
     out.append(f"\nBound: the candidate's mean no worse than the baseline's by more than {100 * bound:.0f}% "
                f"relative, over {len(names)} pair(s).\n")
@@ -95,9 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = [load_eval(d) for d in args.baseline]
         cand = [load_eval(d) for d in args.candidate]
-    except FileNotFoundError as e:
+    except CompareError as e:
         print(f"compare: {e}", file=sys.stderr)
         return 2
+    for b, c in zip(args.baseline, args.candidate):
+        sb, sc = run_seed(b), run_seed(c)
+        if sb is not None and sc is not None and sb != sc:
+            print(f"compare: {c} (train.seed {sc}) is paired with {b} (train.seed {sb}); list both groups "
+                  "in the same seed order", file=sys.stderr)
+            return 2
     rows = compare(base, cand, args.bound)
     name = lambda d: os.path.basename(os.path.normpath(d))
     names = [f"{name(c)} / {name(b)}" for c, b in zip(args.candidate, args.baseline)]

@@ -11,7 +11,8 @@
                     (t2i_sampled_*, temperature 1: lower variance between runs)
     caption information
                     teacher-forced bit loss of the held-out images without their caption minus with it
-                    (nats per bit): how much the caption tells the model about the picture; 0 = nothing
+                    (nats per bit, scales weighted as in training): how much the caption tells the
+                    model about the picture; 0 = nothing
 
 Ranking candidates measures understanding without a free-form parser; `ernie5 generate --image`
 answers greedily instead.
@@ -155,7 +156,7 @@ def caption_information(model, cfg, tokenizer, data, n: int, batch: int = 64) ->
                                         else [], data.tokens[i], v, "image", ids) for i in range(a, min(n, a + batch))]
             b = to_model_batch(pack_segments(docs, max(sum(len(s) for s in d) for d in docs), one_per_row=True))
             bits, _, _ = model.head_losses(model(b, with_mtp=False), b)["image_bits"]
-            total += float(bits) * len(docs)  # one image per row, all of equal length: rows weigh equally
+            total += float(bits) * len(docs)  # one image per row, the same bit targets in each: rows weigh equally
         loss[name] = total / n
     return {"vision/t2i_caption_nats": loss["uncond"] - loss["cond"], "vision/t2i_caption_nats_chance": 0.0}
 

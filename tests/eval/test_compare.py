@@ -38,6 +38,23 @@ def test_means_relative_change_and_direction_of_the_bound(tmp_path, capsys):
     assert "c0 / b0" in out
 
 
+def test_improvements_negative_and_zero_baselines():
+    rows = lambda b, c: {r["key"]: r for r in compare.compare(b, c, bound=0.10)}
+    # Perplexity 40 -> 30 and accuracy 0.5 -> 0.8 are large improvements, not beyond-the-bound losses.
+    r = rows([{"text/ppl": 40.0, "vision/image_qa": 0.5}], [{"text/ppl": 30.0, "vision/image_qa": 0.8}])
+    assert r["text/ppl"]["relative"] == pytest.approx(-0.25) and not r["text/ppl"]["worse"]
+    assert r["vision/image_qa"]["relative"] == pytest.approx(0.6) and not r["vision/image_qa"]["worse"]
+    # Caption information can be negative: -0.01 -> +0.02 is better, -0.01 -> -0.05 worse.
+    key = "vision/t2i_caption_nats"
+    up, down = rows([{key: -0.01}], [{key: 0.02}])[key], rows([{key: -0.01}], [{key: -0.05}])[key]
+    assert up["relative"] == pytest.approx(3.0) and not up["worse"]
+    assert down["relative"] == pytest.approx(-4.0) and down["worse"]
+    # From a zero baseline there is no relative change; a drop still counts.
+    zero_up, zero_down = rows([{key: 0.0}], [{key: 0.3}])[key], rows([{key: 0.0}], [{key: -0.1}])[key]
+    assert zero_up["relative"] is None and not zero_up["worse"] and zero_down["worse"]
+    assert "| n/a | yes |" in compare.markdown([zero_up], ["c / b"], 0.10)
+
+
 def test_bad_input_is_one_clear_message(tmp_path, capsys):
     a = _run(tmp_path, "a", text__ppl=1.0)
     assert compare.main(["--baseline", a, "--candidate", a, a]) == 2
@@ -45,3 +62,14 @@ def test_bad_input_is_one_clear_message(tmp_path, capsys):
     assert compare.main(["--baseline", a, "--candidate", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "eval.json not found" in err and "ernie5 eval --checkpoint" in err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for text in ("[]", "{not json", '["x"]'):
+        (bad / "eval.json").write_text(text)
+        assert compare.main(["--baseline", a, "--candidate", str(bad)]) == 2
+        assert "is not an evaluation table" in capsys.readouterr().err
+    (tmp_path / "a" / "config.yaml").write_text("train:\n  seed: 0\n")
+    b = _run(tmp_path, "b", text__ppl=1.0)
+    (tmp_path / "b" / "config.yaml").write_text("train:\n  seed: 3\n")
+    assert compare.main(["--baseline", a, "--candidate", b]) == 2
+    assert "train.seed 3" in capsys.readouterr().err

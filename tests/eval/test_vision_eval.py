@@ -68,9 +68,43 @@ def test_sampled_judging_and_caption_information(run):
     data = encoded_digits(cfg, "image", "heldout")
     batched = vision_eval.caption_information(model, cfg, tok, data, 6)["vision/t2i_caption_nats"]
     single = vision_eval.caption_information(model, cfg, tok, data, 6, batch=1)["vision/t2i_caption_nats"]
-    assert batched == pytest.approx(single, abs=1e-5) and abs(batched) > 1e-6
+    uneven = vision_eval.caption_information(model, cfg, tok, data, 6, batch=4)["vision/t2i_caption_nats"]
+    assert batched == pytest.approx(single, abs=1e-5) and uneven == pytest.approx(single, abs=1e-5)
+    assert abs(batched) > 1e-6
     three = vision_eval.caption_information(model, cfg, tok, data, 3)["vision/t2i_caption_nats"]
     assert m["vision/t2i_caption_nats"] == pytest.approx(three, abs=1e-6)
+
+
+def test_sampled_images_are_judged_against_their_own_captions(run, monkeypatch):
+    import dataclasses
+
+    from paddle_ernie5.eval import vision_eval, vision_judge
+
+    cfg, _ = run
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, vision=dataclasses.replace(cfg.model.vision, judge_samples=2)))
+    combos = vision_eval.heldout_combos(cfg.model.vision.heldout_combo_fraction)[:3]
+
+    # Image = (caption index, sample): greedy is sample 0, sampled seeds 1000, 2000 are 1 and 2.
+    def fake_generate(model, cfg, tokenizer, tok, captions, temperature=0.0, seed=0, **_):
+        s = 0 if temperature == 0 else seed // 1000
+        return np.array([[[[i, s]]] for i in range(len(captions))], np.float32)
+
+    class FakeJudge:  # digit right only for caption 0, colour always, background only in sample 1
+        def predict(self, images):
+            i, s = images[:, 0, 0].astype(int), images[:, 0, 1].astype(int)
+            truth = np.array(combos)[i]
+            return {"digit": np.where(i == 0, truth[:, 0], -1), "fg": truth[:, 1],
+                    "bg": np.where(s == 1, truth[:, 2], -1)}
+
+    monkeypatch.setattr(vision_eval, "generate_images", fake_generate)
+    monkeypatch.setattr(vision_judge.VisionJudge, "load", staticmethod(lambda path: FakeJudge()))
+    m = vision_eval.text_to_image_judged(None, cfg, None, None, max_items=3)
+    assert m["vision/t2i_digit"] == pytest.approx(1 / 3) and m["vision/t2i_bg"] == 0.0
+    assert m["vision/t2i_sampled_images"] == 6
+    assert m["vision/t2i_sampled_digit"] == pytest.approx(1 / 3) and m["vision/t2i_sampled_fg"] == 1.0
+    assert m["vision/t2i_sampled_bg"] == pytest.approx(1 / 2)
+    assert m["vision/t2i_sampled_all"] == pytest.approx(1 / 6)  # caption 0 in sample 1
 
 
 def test_candidate_ranking_picks_the_most_likely_answer(run, monkeypatch):
