@@ -3,12 +3,13 @@
     python -m paddle_ernie5.eval.compare --baseline runs/mm600n runs/mm600n_s1 \
         --candidate runs/omni600c runs/omni600c_s1 --bound 0.10
 
-Runs pair up in order: the same seed in both groups (checked against each run's config.yaml). One Markdown row per metric: each pair as
-candidate / baseline, then the means over the pairs, the relative change of the means and whether the
-candidate's mean is worse than the baseline's by more than --bound (lower is better for perplexity,
-higher for the rest). Metrics only the candidate has (e.g. speech with audio added) show its mean. A
-single pair of a noisy metric (one greedy image per held-out caption) can move by tens of percent
-between seeds; the mean over seeds is what the bound is checked on.
+Runs pair up in order: the same seed in both groups (checked against each run's config.yaml). One
+Markdown row per metric: each pair as candidate / baseline, then the means over the pairs, the
+relative change of the means with the standard error of the mean paired difference beside it, and
+whether the candidate's mean is worse than the baseline's by more than --bound (lower is better for
+perplexity, higher for the rest). Metrics only the candidate has (e.g. speech with audio added) show
+its mean. A single pair of a noisy metric (one greedy image per held-out caption) can move by tens of
+percent between seeds; the mean over seeds is what the bound is checked on.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def run_seed(run_dir: str) -> int | None:
 
 def compare(baseline: list[dict], candidate: list[dict], bound: float = 0.10) -> list[dict]:
     """One dict per metric present in the candidate runs: key, label, pairs [(cand, base)], means,
-    relative change of the means (None without a baseline) and `worse` (beyond the bound)."""
+    relative change of the means (None without a baseline) with the standard error of the mean paired
+    difference on the same scale (relative_se, None for one pair) and `worse` (beyond the bound)."""
     rows = []
     for key, label, higher in METRICS:
         if not all(key in c for c in candidate):
@@ -85,7 +87,10 @@ def compare(baseline: list[dict], candidate: list[dict], bound: float = 0.10) ->
                 worse = (rel < -bound) if higher else (rel > bound)
             else:  # no relative change from zero: any step the wrong way counts
                 rel, worse = None, (mc < mb) if higher else (mc > mb)
-            row.update(mean_baseline=mb, relative=rel, worse=worse)
+            se = None  # standard error of the mean paired difference, relative like `rel`
+            if mb and len(cand) > 1:
+                se = float(np.std(np.subtract(cand, base), ddof=1) / np.sqrt(len(cand)) / abs(mb))
+            row.update(mean_baseline=mb, relative=rel, relative_se=se, worse=worse)
         rows.append(row)
     return rows
 
@@ -102,10 +107,13 @@ def markdown(rows: list[dict], names: list[str], bound: float) -> str:
         else:
             ok = "no" if r["worse"] else "yes"
             rel = "n/a" if r["relative"] is None else f"{100 * r['relative']:+.1f}%"
+            if r.get("relative_se") is not None:
+                rel += f" ± {100 * r['relative_se']:.1f}%"
             tail = f"{r['mean_candidate']:.3f} / {r['mean_baseline']:.3f} | {rel} | {ok} |"
         out.append(f"| {r['label']} | " + " | ".join(pairs) + f" | {tail}\n")
     out.append(f"\nBound: the candidate's mean no worse than the baseline's by more than {100 * bound:.0f}% "
-               f"relative, over {len(names)} pair(s).\n")
+               f"relative, over {len(names)} pair(s); ± is the standard error of the mean paired "
+               "difference (relative to the baseline's mean).\n")
     return "".join(out)
 
 

@@ -34,7 +34,10 @@ def test_means_relative_change_and_direction_of_the_bound(tmp_path, capsys):
     assert compare.main(["--baseline", *base, "--candidate", *cand]) == 0
     assert compare.main(["--baseline", *base, "--candidate", *cand, "--bound", "0.05"]) == 1
     out = capsys.readouterr().out
-    assert "| text perplexity (validation) | 44.000 / 40.000 | 54.000 / 50.000 | 49.000 / 45.000 | +8.9% | no |" in out
+    assert "| text perplexity (validation) | 44.000 / 40.000 | 54.000 / 50.000 | 49.000 / 45.000 | +8.9% ± 0.0% | no |" in out
+    # image QA: paired differences -0.1 and 0: standard error 0.05 of the mean, 0.05 / 0.6 relative
+    assert rows["vision/image_qa"]["relative_se"] == pytest.approx(0.05 / 0.6)
+    assert "| -8.3% ± 8.3% | no |" in out
     assert "c0 / b0" in out
 
 
