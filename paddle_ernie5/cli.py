@@ -88,6 +88,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.compare and not args.elastic_grid:
+        raise UserError("--compare adds runs to the --elastic-grid table; to compare evaluated runs seed by "
+                        "seed use `python -m paddle_ernie5.eval.compare --baseline ... --candidate ...`")
     _set_threads(args.threads)
     from .eval.runner import evaluate_run
 
@@ -157,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--elastic-grid", action="store_true",
                    help="also measure a grid of sliced sub-models (params, metrics, decode speed)")
     p.add_argument("--compare", action="append", default=[],
-                   help="another run to add to the grid (e.g. a sub-model shape trained from scratch)")
+                   help="with --elastic-grid: another run to add to the grid (e.g. a sub-model shape trained "
+                        "from scratch)")
     p.add_argument("--max-batches", type=int, default=0, help="validation batches (0 = all)")
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("routing-report", help="expert usage, top-25%% IoU and routing entropy per task")

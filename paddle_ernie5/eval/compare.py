@@ -21,6 +21,8 @@ import sys
 
 import numpy as np
 
+from ..errors import UserError
+
 # (key, label, higher is better)
 METRICS = (
     ("text/ppl", "text perplexity (validation)", False),
@@ -38,21 +40,17 @@ METRICS = (
 )
 
 
-class CompareError(ValueError):
-    pass
-
-
 def load_eval(run_dir: str) -> dict:
     path = os.path.join(run_dir, "eval.json")
     if not os.path.isfile(path):
-        raise CompareError(f"{path} not found: evaluate the run first (ernie5 eval --checkpoint {run_dir})")
+        raise UserError(f"{path} not found: evaluate the run first (ernie5 eval --checkpoint {run_dir})")
     try:
         with open(path, encoding="utf-8") as f:
             metrics = json.load(f)[0]
         if not isinstance(metrics, dict):
             raise TypeError
     except (ValueError, IndexError, KeyError, TypeError):
-        raise CompareError(f"{path} is not an evaluation table (a JSON list of metric dicts): "
+        raise UserError(f"{path} is not an evaluation table (a JSON list of metric dicts): "
                            f"re-run ernie5 eval --checkpoint {run_dir}") from None
     return metrics
 
@@ -79,7 +77,8 @@ def compare(baseline: list[dict], candidate: list[dict], bound: float = 0.10) ->
         cand = [float(c[key]) for c in candidate]
         base = [float(b[key]) for b in baseline] if all(key in b for b in baseline) else None
         row = {"key": key, "label": label, "candidate": cand, "baseline": base,
-               "mean_candidate": float(np.mean(cand)), "mean_baseline": None, "relative": None, "worse": False}
+               "mean_candidate": float(np.mean(cand)), "mean_baseline": None, "relative": None, "relative_se": None,
+               "worse": False}
         if base is not None:
             mb, mc = float(np.mean(base)), row["mean_candidate"]
             if mb:  # relative to the baseline's size, so the sign is right for a negative baseline too
@@ -107,7 +106,7 @@ def markdown(rows: list[dict], names: list[str], bound: float) -> str:
         else:
             ok = "no" if r["worse"] else "yes"
             rel = "n/a" if r["relative"] is None else f"{100 * r['relative']:+.1f}%"
-            if r.get("relative_se") is not None:
+            if r["relative_se"] is not None:
                 rel += f" ± {100 * r['relative_se']:.1f}%"
             tail = f"{r['mean_candidate']:.3f} / {r['mean_baseline']:.3f} | {rel} | {ok} |"
         out.append(f"| {r['label']} | " + " | ".join(pairs) + f" | {tail}\n")
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = [load_eval(d) for d in args.baseline]
         cand = [load_eval(d) for d in args.candidate]
-    except CompareError as e:
+    except UserError as e:
         print(f"compare: {e}", file=sys.stderr)
         return 2
     for b, c in zip(args.baseline, args.candidate):

@@ -76,3 +76,11 @@ def test_bad_input_is_one_clear_message(tmp_path, capsys):
     (tmp_path / "b" / "config.yaml").write_text("train:\n  seed: 3\n")
     assert compare.main(["--baseline", a, "--candidate", b]) == 2
     assert "train.seed 3" in capsys.readouterr().err
+
+
+def test_eval_compare_without_the_grid_points_to_the_matched_comparison(tmp_path, capsys):
+    from paddle_ernie5.cli import main
+
+    assert main(["eval", "--checkpoint", str(tmp_path), "--compare", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--elastic-grid" in err and "python -m paddle_ernie5.eval.compare" in err

@@ -71,6 +71,22 @@ def test_frozen_kinds_keep_their_pretrained_merger(merger_run, data_cache, tmp_p
     assert all(p.stop_gradient for p in video.merger.parameters() + video.place.parameters())
     assert not any(p.stop_gradient for p in image.merger.parameters())
     assert not video.bits.weight.stop_gradient  # generation inputs keep training
+    # Three optimizer steps on both QA tasks: the frozen video merger keeps the pre-trained weights
+    # exactly (no update, no weight decay); the image merger, trained, moves.
+    from paddle_ernie5.train.trainer import Trainer
+
+    train_cfg = vision_config(data_cache, str(tmp_path / "fit"), tok_dir, f"model.vision.merger_init={cfg.train.run_dir}",
+                              "model.vision.freeze_merger=[video]", "data.mixture.image_qa=1", "data.mixture.video_qa=1",
+                              "train.max_steps=3", "train.warmup_steps=1", "train.save_every=3", "train.eval_every=3", "data.eval_batches=1",
+                              "train.weight_decay=0.1")
+    trainer = Trainer(train_cfg, log=lambda *_: None)
+    saved = paddle.load(f"{cfg.train.run_dir}/{VM.WEIGHTS}")
+    trainer.fit()
+    by_kind = trainer.model.embed.by_modality
+    video_now, image_now = by_kind["video"].state_dict(), by_kind["image"].state_dict()
+    for k in (k for k in saved["video"] if k.startswith(("merger.", "place."))):
+        np.testing.assert_array_equal(video_now[k].numpy(), saved["video"][k].numpy(), err_msg=k)
+    assert not np.array_equal(image_now["merger.out.weight"].numpy(), saved["image"]["merger.out.weight"].numpy())
     for bad in ("model.vision.freeze_merger=[audio]", "model.vision.freeze_merger=[image]"):
         with pytest.raises(C.ConfigError, match="model.vision.freeze_merger"):
             extra = [f"model.vision.merger_init={cfg.train.run_dir}"] if "audio" in bad else []
