@@ -38,7 +38,7 @@ def _vision_arguments(p) -> None:
 
 
 def _text_tokenizer(cfg):
-    from .tokenizers.text import get_text_tokenizer
+    from .data.text import get_text_tokenizer
 
     return get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed, cfg.data.val_fraction)
 
@@ -101,7 +101,7 @@ def _audio_arguments(p) -> None:
 
 
 def _audio_model(cfg):
-    from .model.audio import load_codec
+    from .tokenizers.audio import load_codec
 
     if "audio" not in cfg.model.modalities:
         raise _user_error(f"this model has no audio modality (model.modalities={list(cfg.model.modalities)})")

@@ -8,8 +8,8 @@ import paddle
 import pytest
 
 from paddle_ernie5.config import ClipConfig, ConfigError
-from paddle_ernie5.train import checkpoint
-from paddle_ernie5.train.optim import AdaGC
+from paddle_ernie5.io import checkpoint
+from paddle_ernie5.optim.optimizer import AdaGC
 from paddle_ernie5.train.trainer import Trainer, read_metrics
 
 
@@ -140,5 +140,5 @@ def test_adagc_outside_pretraining_is_refused_by_name():
     from paddle_ernie5.config import ConfigError, load_config
     from support import RECIPES
 
-    with pytest.raises(ConfigError, match=r"train.clip.mode='adagc'.*task 'sft'"):
+    with pytest.raises(ConfigError, match=r"train.clip.mode='adagc'.*component 'sft'"):
         load_config(os.path.join(RECIPES, "sft_tiny.yaml"), ["train.clip.mode=adagc"])

@@ -9,7 +9,8 @@ import paddle
 import pytest
 
 from paddle_ernie5.config import ConfigError, MoEConfig, load_config
-from paddle_ernie5.model.dispatch import LocalDispatcher, expert_capacity
+from paddle_ernie5.model.dispatch import LocalDispatcher
+from paddle_ernie5.ops.grouping import expert_capacity
 from paddle_ernie5.model.moe import MoE
 from paddle_ernie5.model.view import ElasticView
 from paddle_ernie5.ops import build

@@ -9,7 +9,7 @@ import pytest
 
 from paddle_ernie5.config import ConfigError
 from paddle_ernie5.data.packing import pack_documents
-from paddle_ernie5.train.losses import IGNORE, document_ids, sample_anchors, simreg_loss
+from paddle_ernie5.model.losses import IGNORE, document_ids, sample_anchors, simreg_loss
 
 
 def _naive(hidden, labels, docs, anchors, tau):

@@ -65,7 +65,7 @@ def load_coded_speech(cache_dir: str, codec_dir: str, spec: SpeechSpec | None = 
     """(training voices, held-out voices) as codec codes, encoded on first use and cached.
     `spec`: the speech set (default SPEECH_SPEC)."""
     spec = spec or SPEECH_SPEC
-    from ..model.audio import codec_fingerprint, open_codec
+    from ..tokenizers.audio import codec_fingerprint, open_codec
 
     path = os.path.join(cache_dir, f"speech_codes_{codec_fingerprint(codec_dir)}_{spec.key()}_v{_FORMAT}.npz")
     if not os.path.exists(path):

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from paddle_ernie5.data.packing import pack_documents
+from paddle_ernie5.model.losses import IGNORE
 from paddle_ernie5.tokenizers.text import BOS_ID, EOS_ID
 
 
@@ -82,7 +83,7 @@ def build_text_data(cache_dir: str, vocab_size: int, seq_len: int, batch_size: i
     Training documents are re-encoded each epoch with BPE-dropout seeded by seed + epoch; validation is
     always encoded without dropout."""
     from paddle_ernie5.data.text import build_text_corpus
-    from paddle_ernie5.tokenizers.text import get_text_tokenizer
+    from paddle_ernie5.data.text import get_text_tokenizer
 
     train_docs, val_docs = build_text_corpus(seed, val_fraction)
     tok = get_text_tokenizer(cache_dir, vocab_size, seed, val_fraction)
@@ -98,3 +99,13 @@ def build_text_data(cache_dir: str, vocab_size: int, seq_len: int, batch_size: i
                               bos_id=tok.bos_id, eos_id=tok.eos_id)
     val_packed = pack_documents(tok.encode_batch(val_docs), seq_len, tok.pad_id, tok.bos_id, tok.eos_id)
     return tok, loader, val_packed
+
+
+def unigram_baseline(train_docs: list[list[int]], val_labels: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of an add-one unigram model fit on training tokens, on val targets."""
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for doc in train_docs:
+        np.add.at(counts, np.asarray(doc, dtype=np.int64), 1)
+    logp = np.log(counts / counts.sum())
+    targets = val_labels[val_labels != IGNORE]
+    return float(-logp[targets].mean())

@@ -34,9 +34,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..io import save_npz
+from ..tokenizers.mel import SAMPLE_RATE
 
-SAMPLE_RATE = 16000
-ESPEAK_RATE = 22050  # what espeak-ng writes
 MARGIN_S = 0.04  # silence kept before and after the trimmed speech
 PEAK = 0.9
 _FORMAT = 1  # bump when the building procedure changes, so old caches are not reused

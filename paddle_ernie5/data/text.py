@@ -8,9 +8,15 @@ depend on order or seed, and a document generated twice always lands on the same
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
+import sys
 
 import numpy as np
+import sentencepiece as spm
+
+from ..tokenizers.text import TRAINER_OPTIONS, TextTokenizer
 
 COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta", "white", "orange")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -210,3 +216,26 @@ def validation_documents_by_kind(seed: int = 0, val_fraction: float = 0.05) -> d
         if in_validation(doc, val_fraction):
             out[kind].append(doc)
     return out
+
+
+def get_text_tokenizer(cache_dir: str, vocab_size: int, seed: int = 0,
+                       val_fraction: float = 0.05) -> TextTokenizer:
+    """Tokenizer trained on the built-in corpus' training split, cached in cache_dir by config hash.
+
+    A cached model that cannot be loaded (truncated, corrupt) is reported and retrained in place."""
+    train_docs, _ = build_text_corpus(seed, val_fraction)
+    h = hashlib.sha256()
+    h.update(json.dumps(dict(TRAINER_OPTIONS, vocab_size=vocab_size, sp=spm.__version__),
+                        sort_keys=True).encode())
+    for doc in train_docs:
+        h.update(doc.encode("utf-8"))
+        h.update(b"\0")
+    prefix = os.path.join(cache_dir, f"text_bpe_v{vocab_size}_{h.hexdigest()[:12]}")
+    if os.path.exists(prefix + ".model"):
+        try:
+            return TextTokenizer.load(prefix + ".model")
+        except Exception as e:  # noqa: BLE001 - sentencepiece raises bare RuntimeError/OSError
+            print(f"warning: cached tokenizer {prefix}.model is unreadable ({e}); retraining it",
+                  file=sys.stderr)
+    os.makedirs(cache_dir, exist_ok=True)
+    return TextTokenizer.train(train_docs, vocab_size, prefix)

@@ -89,7 +89,7 @@ class AudioEval:
 
     def __init__(self, cfg, tokenizer, log=print):
         from ..data.audio_tasks import load_coded_speech
-        from ..model.audio import load_codec
+        from ..tokenizers.audio import load_codec
 
         self.cfg, self.tokenizer = cfg, tokenizer
         _, held = load_coded_speech(cfg.data.cache_dir, cfg.model.audio.codec_dir, log=log)
@@ -146,7 +146,7 @@ def report_rows(m: dict) -> str:
 
 def log_speech_samples(model, cfg, tokenizer, logger, step: int, texts=("seven", "blue")) -> None:
     """Generated speech for the dashboards (VisualDL audio tag samples/speech)."""
-    from ..model.audio import load_codec
+    from ..tokenizers.audio import load_codec
 
     try:
         codec = load_codec(cfg.model.audio)

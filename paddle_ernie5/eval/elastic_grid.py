@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 
 from ..model.params import count_params
-from ..train.export import plan_export
+from ..model.slicing import plan_export
 from .suite import TextEval, score, text_metrics
 
 

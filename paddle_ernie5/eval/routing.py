@@ -85,7 +85,7 @@ def multimodal_task_batches(cfg, tokenizer, max_batches: int = 4) -> dict[str, l
     from ..data.mixture import TASKS, MixtureContext, draw_documents, load_task_modules
     from ..data.multimodal import pack_segments
     from ..model.embeddings import MODALITY_IDS
-    from ..train.trainer import to_model_batch
+    from ..model.inputs import to_model_batch
 
     load_task_modules()
     ctx = MixtureContext(cfg, tokenizer, "val")
@@ -216,7 +216,7 @@ def text_task_batches(cfg, tokenizer, max_batches: int = 4) -> dict[str, list]:
     from ..data.loader import eval_batches
     from ..data.packing import pack_documents
     from ..data.text import validation_documents_by_kind
-    from ..train.trainer import to_model_batch
+    from ..model.inputs import to_model_batch
 
     out = {}
     for kind, docs in validation_documents_by_kind(cfg.train.seed, cfg.data.val_fraction).items():

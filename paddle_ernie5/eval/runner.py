@@ -9,7 +9,7 @@ import paddle
 
 from .. import config as C
 from ..model.model import Ernie5Model
-from ..train import checkpoint
+from ..io import checkpoint
 from .elastic_grid import markdown, run_grid
 from .suite import TextEval, text_metrics
 
@@ -62,7 +62,7 @@ def evaluate_run(path: str, elastic_grid: bool = False, compare: list[str] = (),
 
 def routing_report(path: str, out_dir: str = "", max_batches: int = 4, log=print) -> str:
     """Run held-out data of every task through the model at `path`; write figures and report.md."""
-    from ..tokenizers.text import get_text_tokenizer
+    from ..data.text import get_text_tokenizer
     from .routing import multimodal_task_batches, text_task_batches, usage, write_report
 
     cfg, model = load_model(path, log)

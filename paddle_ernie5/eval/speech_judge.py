@@ -30,9 +30,9 @@ import paddle.nn.functional as F
 
 from ..config import SpeechJudgeConfig, TrainConfig
 from ..io import read_layer, save_layer
-from ..data import mel as M
+from ..tokenizers import mel as M
 from ..data.speech import SAMPLE_RATE, WORDS
-from ..train.optim import apply_update
+from ..optim.optimizer import apply_update
 
 WEIGHTS, META = "judge.safetensors", "judge.json"
 

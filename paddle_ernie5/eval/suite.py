@@ -18,8 +18,9 @@ import paddle
 from ..data.loader import build_text_data, eval_batches
 from ..model.generation import generate
 from ..model.view import FULL_VIEW, ElasticView
-from ..train.losses import compute_loss
-from ..train.trainer import to_model_batch, unigram_baseline
+from ..model.losses import compute_loss
+from ..model.inputs import to_model_batch
+from ..data.loader import unigram_baseline
 
 
 class TextEval:

@@ -45,7 +45,7 @@ IMAGE_QUESTIONS = {"digit": ("What digit is this?", lambda l, i: str(l["digit"][
 @paddle.no_grad()
 def target_logprobs(model, docs, batch: int = 96) -> np.ndarray:
     """Sum of the log-probabilities of every text target of each document (one document per row)."""
-    from ..train.trainer import to_model_batch
+    from ..model.inputs import to_model_batch
 
     model.eval()
     out = []
@@ -143,7 +143,7 @@ def vision_metrics(cfg, model, tokenizer, max_items: int = 0, temperature: float
 def caption_information(model, cfg, tokenizer, data, n: int, batch: int = 64) -> dict:
     """Mean teacher-forced bit loss of the first n images of `data` without their caption minus with
     it (nats per bit); chance (a model that ignores the caption) is 0."""
-    from ..train.trainer import to_model_batch
+    from ..model.inputs import to_model_batch
 
     v = cfg.model.vision
     ids = special_ids(cfg.model.vocab_size, tokenizer)
@@ -220,7 +220,7 @@ def report_rows(m: dict) -> str:
 @paddle.no_grad()
 def answer_question(model, cfg, tokenizer, tok, pixels, question: str, max_tokens: int = 8) -> str:
     """Greedy answer to `question` about one image [3, H, W] (or clip [T, 3, H, W]) in [0, 1]."""
-    from ..train.trainer import to_model_batch
+    from ..model.inputs import to_model_batch
 
     kind = "video" if pixels.ndim == 4 else "image"
     feats, _ = tok.encode(paddle.to_tensor(pixels[None].astype(np.float32)))

@@ -169,7 +169,7 @@ def _targets(labels: dict) -> dict:
 
 def train_steps(judge: VisionJudge, opt, batches, cfg_train, max_steps: int, on_step=None) -> list[float]:
     """Cross-entropy summed over heads; `batches(step) -> list of (pixels, targets)`."""
-    from ..train.optim import apply_update
+    from ..optim.optimizer import apply_update
 
     judge.train()
     losses = []
@@ -192,7 +192,7 @@ def train_from_config(cfg) -> dict:
     """Train on real train-split digits, save to <run_dir>/judge, report held-out accuracy per head."""
     from ..data.digits import digit_images, digit_videos
     from ..train.component import ComponentRun
-    from ..train.optim import build_optimizer
+    from ..optim.optimizer import build_optimizer
 
     jc, tr = cfg.vision_judge, cfg.train
     run = ComponentRun(cfg, "vision judge")

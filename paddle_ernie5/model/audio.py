@@ -22,9 +22,7 @@ means <eoa>); `audio_target_mask` [B,S,L] float32, 1 where a level has a target.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 
 import numpy as np
 import paddle
@@ -39,41 +37,6 @@ from .heads import register_head
 from .norm import RMSNorm
 
 AUDIO_TYPE = MODALITY_IDS["audio"]
-
-
-class CodecMissing(UserError, FileNotFoundError):
-    """model.audio.codec_dir holds no trained codec."""
-
-
-def open_codec(codec_dir: str):
-    """The frozen codec in `codec_dir`, or CodecMissing naming the command that trains one."""
-    from ..tokenizers.audio import AudioCodec
-
-    try:
-        return AudioCodec.load(codec_dir)
-    except FileNotFoundError as e:
-        raise CodecMissing(f"model.audio.codec_dir={codec_dir!r}: {e}") from None
-
-
-def load_codec(acfg: AudioModelConfig):
-    """The codec of model.audio, checked against its levels and codebook size."""
-    codec = open_codec(acfg.codec_dir)
-    if codec.num_levels < acfg.levels or codec.codebook_size != acfg.codebook_size:
-        raise UserError(f"model.audio (levels={acfg.levels}, codebook_size={acfg.codebook_size}) does not "
-                        f"fit the codec in {acfg.codec_dir!r} ({codec.num_levels} levels of "
-                        f"{codec.codebook_size} codes)")
-    return codec
-
-
-def codec_fingerprint(codec_dir: str) -> str:
-    """Hash of the codec's weights: cached codes are keyed by it."""
-    from ..tokenizers.audio import WEIGHTS
-
-    path = os.path.join(codec_dir, WEIGHTS)
-    if not os.path.isfile(path):
-        open_codec(codec_dir)  # raises CodecMissing with the full explanation
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
 @register_modality("audio")
@@ -91,12 +54,6 @@ class AudioEmbedding(nn.Layer):
         self.proj = nn.Linear(a.embed_dim, cfg.hidden_size, bias_attr=False, weight_attr=nn.initializer.Normal(
             std=cfg.init_std / math.sqrt(a.embed_dim * a.levels)))
         self.acfg = a
-
-    def init_fresh(self) -> None:
-        """Called by the trainer on a fresh run (not on resume or init_from): with
-        model.audio.init_from_codebooks, read the codec's codebooks."""
-        if self.acfg.init_from_codebooks:
-            self.init_from_codebooks(load_codec(self.acfg).codebooks()[:self.levels])
 
     @paddle.no_grad()
     def init_from_codebooks(self, codebooks_LKD) -> None:

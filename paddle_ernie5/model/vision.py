@@ -166,22 +166,6 @@ class VisualEmbedding(nn.Layer):
             for p in self.merger.parameters() + (self.place.parameters() if self.place is not None else []):
                 p.stop_gradient = True
 
-    def init_fresh(self) -> str | None:
-        """Called by the trainer on a fresh run: with model.vision.merger_init, start from the
-        pre-trained merger (train/vision_merger.py); returns what was loaded, for the log."""
-        if not self.merger_init:
-            return None
-        from ..train.vision_merger import load_merger
-
-        if not load_merger(self, self.modality, self.merger_init):
-            if self.frozen:  # a fixed random merger would silently never learn
-                raise UserError(f"model.vision.freeze_merger lists {self.modality}, but {self.merger_init} "
-                                f"pre-trained no {self.modality} merger: add attributes to "
-                                f"vision_merger.{self.modality}_attributes there, or drop {self.modality} "
-                                "from freeze_merger")
-            return f"{self.modality} patch merger: not pre-trained in {self.merger_init}; starts random"
-        return f"{self.modality} patch merger initialised from {self.merger_init}"
-
     def _understanding_rows(self, batch):
         """Flat indices of the positions that hold this modality's merged tokens (None = all of them:
         a batch without token_types, e.g. the merger's pre-training)."""
@@ -283,8 +267,3 @@ class VisualBitHead(nn.Layer):
                 continue
             out[f"{name}_bits"] = ((per_token * w).sum() / paddle.clip(w.sum(), min=1e-6), count)
         return out
-
-
-def bit_accuracy(logits, target) -> float:
-    """Share of bits whose sign the logits get right (diagnostics)."""
-    return float(((logits > 0).astype("float32") * 2 - 1 == target).astype("float32").mean())

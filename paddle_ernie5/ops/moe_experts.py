@@ -23,8 +23,7 @@ import functools
 import paddle
 from paddle.nn.functional import swiglu
 
-from ..model.dispatch import LocalDispatcher, expert_capacity
-from ..model.router import Routing
+from .grouping import combine_grouped, expert_capacity, gather_grouped, group_by_expert
 
 BACKENDS = ("auto", "cpu_op", "grouped")
 
@@ -66,11 +65,11 @@ def moe_experts_reference(x_TM, w_gate_up, w_down, topk_ids_TK, topk_weights_TK,
                           capacity_factor: float = 0.0):
     """The grouped pure-Paddle path (the local dispatcher around `grouped_swiglu`)."""
     _check(x_TM, w_gate_up, w_down, topk_ids_TK, topk_weights_TK)
-    dispatcher = LocalDispatcher(capacity_factor)
-    # The dispatcher reads only the ids and weights of a Routing.
-    routing = Routing(topk_ids_TK, topk_weights_TK, load_E=None, aux_loss=None, z_loss=None)
-    x_ECM, _, meta = dispatcher.dispatch(x_TM, routing, w_gate_up.shape[0])
-    return dispatcher.combine(grouped_swiglu(x_ECM, w_gate_up, w_down), meta)
+    e = w_gate_up.shape[0]
+    slot_N, source_EC, _, capacity = group_by_expert(topk_ids_TK.numpy(), e, capacity_factor)
+    x_ECM = gather_grouped(x_TM, source_EC, e, capacity)
+    return combine_grouped(grouped_swiglu(x_ECM, w_gate_up, w_down), paddle.to_tensor(slot_N),
+                           topk_weights_TK, x_TM.shape[0])
 
 
 @functools.lru_cache(maxsize=1)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 
-from ..model.dispatch import DispatchMeta, LocalDispatcher, group_by_expert
+from ..model.dispatch import DispatchMeta, LocalDispatcher
+from ..ops.grouping import group_by_expert
 from ..model.router import Routing
 from . import comm
 

@@ -3,7 +3,7 @@
 Assumptions (stated in the printed table too): bf16 weights (2 B/param), fp32 gradients (4 B),
 fp32 master weights + Adam moments (12 B) divided by the sharding degree (stage 1). Tensor parallel
 (mp) splits every matmul weight; expert parallel (ep) splits the experts of each MoE layer; pipeline
-(pp) splits the layers as `pipeline.plan_stages` does; the device reported is the pipeline rank that
+(pp) splits the layers as `stages.plan_stages` does; the device reported is the pipeline rank that
 needs the most memory. Activations are bf16 per token and layer for FlashMask attention (no S x S term):
 
     attention  M (norm in) + M (qkv in) + (H + 2K) D (q, k, v) + H D (attention out), + 2 H (fp32 lse)
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ..config import Config
 from ..model.params import count_params
-from .pipeline import plan_stages
+from .stages import plan_stages
 
 GiB = 1024 ** 3
 

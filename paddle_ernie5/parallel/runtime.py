@@ -21,8 +21,8 @@ import numpy as np
 import paddle
 
 from ..config import Config
-from ..train.losses import IGNORE, mtp_labels
-from ..train.optim import (build_optimizer, clip_by_global_norm, global_grad_norm,
+from ..model.losses import IGNORE, mtp_labels
+from ..optim.optimizer import (build_optimizer, clip_by_global_norm, global_grad_norm,
                            load_optimizer_state, optimizer_state, tensor_sq_norms)
 from . import comm, expert, topology
 

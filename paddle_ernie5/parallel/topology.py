@@ -49,10 +49,10 @@ def check_degrees(pcfg: ParallelConfig, world_size: int, num_experts: int, cuda:
                               f"allowed 1 ({what} uses Fleet layers that only run on GPUs)")
     if degrees["mp"] > 1 or degrees["pp"] > 1:
         # The trainer wraps data, sharding and expert parallel; pipeline/tensor parallel are sized by
-        # the planner and partitioned by parallel/pipeline.py, but not driven by this trainer yet.
+        # the planner and partitioned by parallel/stages.py, but not driven by this trainer yet.
         raise ConfigError(f"parallel.pp={pcfg.pp}, parallel.mp={pcfg.mp} is invalid for `ernie5 train`: "
                           "allowed pp=1 and mp=1 (pipeline/tensor parallel are GPU paths sized by "
-                          "`ernie5 plan`; see parallel/pipeline.py)")
+                          "`ernie5 plan`; see parallel/stages.py)")
     if pcfg.sharding > 1 and pcfg.sharding_stage != 1:
         raise ConfigError(f"parallel.sharding_stage={pcfg.sharding_stage} is invalid for `ernie5 train`: "
                           "allowed 1 (optimizer-state sharding)")
@@ -87,9 +87,6 @@ class Layout:
             c = self.coords(r)
             by_key.setdefault(tuple(c[a] for a in fixed), []).append(r)
         return [by_key[k] for k in sorted(by_key)]
-
-    def group_of(self, rank: int, axes: tuple[str, ...]) -> list[int]:
-        return next(g for g in self.groups(axes) if rank in g)
 
 
 GROUP_AXES = {

@@ -16,7 +16,7 @@ from ..model.generation import generate
 from .objectives import response_logp_entropy
 from .prompts import Prompt
 from .rollout import build_prompt, continuation_arrays, model_inputs, prompt_arrays, score, stop_id
-from .verifiers import Problem
+from .problems import Problem
 
 
 @paddle.no_grad()

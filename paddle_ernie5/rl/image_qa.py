@@ -18,7 +18,8 @@ from ..config import Config, ConfigError
 from ..data.multimodal import pack_segments
 from ..data.vision_tasks import encoded_digits, qa_prompt, questions_of, special_ids
 from .prompts import Prompt
-from .verifiers import Problem, TaskSpec, register_task
+from .problems import Problem
+from .verifiers import TaskSpec, register_task
 
 KIND = "image"
 

@@ -12,14 +12,12 @@ A response is text continuing the prompt: its positions follow the prompt's last
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from ..data.multimodal import Segment, text_segment
-
-if TYPE_CHECKING:
-    from .verifiers import Problem
+from .problems import Problem
 
 ANSWER_STOP = ".\n"  # the corpus ends every answer line with this piece; text rollouts stop on it
 

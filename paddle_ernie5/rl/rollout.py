@@ -22,10 +22,11 @@ import paddle
 from ..data.multimodal import pack_segments
 from ..model.generation import generate
 from ..model.model import Ernie5Model
-from ..train.trainer import to_model_batch
+from ..model.inputs import to_model_batch
 from .objectives import response_logp_entropy
 from .prompts import Prompt
-from .verifiers import Problem, get_task, reward
+from .problems import Problem
+from .verifiers import get_task, reward
 
 
 @dataclass

@@ -15,11 +15,11 @@ import numpy as np
 import paddle
 
 from .. import config as C
-from ..tokenizers.text import get_text_tokenizer
-from ..train import checkpoint
-from ..train.losses import IGNORE, token_cross_entropy
+from ..data.text import get_text_tokenizer
+from ..io import checkpoint
+from ..model.losses import IGNORE, token_cross_entropy
 from ..train.logging import RunLogger
-from ..train.optim import apply_update, build_optimizer, optimizer_state
+from ..optim.optimizer import apply_update, build_optimizer, optimizer_state
 from .evaluate import evaluate
 from .prompts import Prompt
 from .rollout import build_prompt, continuation_arrays, model_inputs

@@ -26,11 +26,11 @@ import paddle
 
 from .. import config as C
 from ..model.model import Ernie5Model
-from ..tokenizers.text import get_text_tokenizer
-from ..train import checkpoint
+from ..data.text import get_text_tokenizer
+from ..io import checkpoint
 from ..train.logging import RunLogger, flatten
-from ..train.optim import build_optimizer, clip_by_global_norm, load_optimizer_state, optimizer_state
-from ..train.schedules import learning_rate
+from ..optim.optimizer import build_optimizer, clip_by_global_norm, load_optimizer_state, optimizer_state
+from ..optim.schedules import learning_rate
 from .evaluate import evaluate
 from .hints import QueryStats
 from .objectives import grpo_advantages, gspo_loss, gspo_ratio, icepop_mask, k3_kl, wpsm_weights

@@ -26,21 +26,8 @@ import numpy as np
 from ..config import Config
 from ..data.text import _counting, build_arithmetic_problems, in_validation
 from ..plugins import import_optional
+from .problems import Problem
 from .prompts import ANSWER_STOP, TEXT_PROMPT, PromptFormat
-
-
-@dataclass(frozen=True)
-class Problem:
-    task: str
-    prompt: str  # text given to the model
-    answer: str  # the exact answer the verifier checks
-    solution: str  # reference response (SFT target, AHRL hints)
-    meta: dict = field(default_factory=dict, compare=False, hash=False)  # judge/prompt inputs (labels, image)
-    context: str = ""  # what the prompt refers to besides its text (an image's id); part of the key
-
-    @property
-    def key(self) -> str:
-        return f"{self.task}:{self.context}:{self.prompt}" if self.context else f"{self.task}:{self.prompt}"
 
 
 class Verifier(Protocol):

@@ -36,6 +36,7 @@ K codebook size, D code dimension, C channels, V characters (CTC blank = 0).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import sys
@@ -46,11 +47,13 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ..config import AudioCodecConfig, TrainConfig
+from ..config import AudioCodecConfig, AudioModelConfig, TrainConfig
+from ..errors import UserError
 from ..io import read_layer, save_layer, write_json
-from ..data import mel as M
-from ..data.speech import SAMPLE_RATE, WORDS
-from ..train.optim import apply_update
+from . import mel as M
+from ..data.speech import WORDS
+from .mel import SAMPLE_RATE
+from ..optim.optimizer import apply_update
 
 WEIGHTS, META = "codec.safetensors", "codec.json"
 CHARS = " abcdefghijklmnopqrstuvwxyz'"  # CTC classes 1..; 0 is the blank
@@ -433,3 +436,34 @@ def train_from_config(cfg) -> dict:
     save_config(cfg, os.path.join(cfg.train.run_dir, "config.yaml"))
     write_json(os.path.join(cfg.train.run_dir, "metrics.json"), metrics)
     return metrics
+
+
+class CodecMissing(UserError, FileNotFoundError):
+    """model.audio.codec_dir holds no trained codec."""
+
+
+def open_codec(codec_dir: str):
+    """The frozen codec in `codec_dir`, or CodecMissing naming the command that trains one."""
+    try:
+        return AudioCodec.load(codec_dir)
+    except FileNotFoundError as e:
+        raise CodecMissing(f"model.audio.codec_dir={codec_dir!r}: {e}") from None
+
+
+def load_codec(acfg: AudioModelConfig):
+    """The codec of model.audio, checked against its levels and codebook size."""
+    codec = open_codec(acfg.codec_dir)
+    if codec.num_levels < acfg.levels or codec.codebook_size != acfg.codebook_size:
+        raise UserError(f"model.audio (levels={acfg.levels}, codebook_size={acfg.codebook_size}) does not "
+                        f"fit the codec in {acfg.codec_dir!r} ({codec.num_levels} levels of "
+                        f"{codec.codebook_size} codes)")
+    return codec
+
+
+def codec_fingerprint(codec_dir: str) -> str:
+    """Hash of the codec's weights: cached codes are keyed by it."""
+    path = os.path.join(codec_dir, WEIGHTS)
+    if not os.path.isfile(path):
+        open_codec(codec_dir)  # raises CodecMissing with the full explanation
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]

@@ -173,28 +173,3 @@ def _words(escaped: str) -> list[str]:
     if escaped:
         out.append(escaped[start:])
     return out
-
-
-def get_text_tokenizer(cache_dir: str, vocab_size: int, seed: int = 0,
-                       val_fraction: float = 0.05) -> TextTokenizer:
-    """Tokenizer trained on the built-in corpus' training split, cached in cache_dir by config hash.
-
-    A cached model that cannot be loaded (truncated, corrupt) is reported and retrained in place."""
-    from paddle_ernie5.data.text import build_text_corpus
-
-    train_docs, _ = build_text_corpus(seed, val_fraction)
-    h = hashlib.sha256()
-    h.update(json.dumps(dict(TRAINER_OPTIONS, vocab_size=vocab_size, sp=spm.__version__),
-                        sort_keys=True).encode())
-    for doc in train_docs:
-        h.update(doc.encode("utf-8"))
-        h.update(b"\0")
-    prefix = os.path.join(cache_dir, f"text_bpe_v{vocab_size}_{h.hexdigest()[:12]}")
-    if os.path.exists(prefix + ".model"):
-        try:
-            return TextTokenizer.load(prefix + ".model")
-        except Exception as e:  # noqa: BLE001 - sentencepiece raises bare RuntimeError/OSError
-            print(f"warning: cached tokenizer {prefix}.model is unreadable ({e}); retraining it",
-                  file=sys.stderr)
-    os.makedirs(cache_dir, exist_ok=True)
-    return TextTokenizer.train(train_docs, vocab_size, prefix)

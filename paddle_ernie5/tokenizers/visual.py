@@ -330,7 +330,7 @@ def active_bits(cfg: VisualTokenizerConfig, step: int, max_steps: int) -> int:
 def train_steps(tok: VisualTokenizer, opt, batches, cfg_train, max_steps: int, start: int = 0,
                 on_step=None) -> list[float]:
     """Optimise on `batches(step) -> list of frame arrays`; returns the loss of every step."""
-    from ..train.optim import apply_update
+    from ..optim.optimizer import apply_update
 
     losses = []
     tok.train()
@@ -355,7 +355,7 @@ def train_from_config(cfg) -> dict:
     """Train on the built-in digits, save to <run_dir>/tokenizer, report held-out PSNR."""
     from ..data.digits import digit_images, digit_videos
     from ..train.component import ComponentRun
-    from ..train.optim import build_optimizer
+    from ..optim.optimizer import build_optimizer
 
     vt, tr = cfg.visual_tokenizer, cfg.train
     run = ComponentRun(cfg, "visual tokenizer")

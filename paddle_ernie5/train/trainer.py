@@ -23,57 +23,25 @@ import numpy as np
 import paddle
 
 from .. import config as C
-from ..data.loader import build_text_data, eval_batches
+from ..data.loader import build_text_data, eval_batches, unigram_baseline
 from ..model.generation import generate
+from ..model.inputs import to_model_batch
 from ..model.model import Ernie5Model
 from ..model.params import count_params
 from ..parallel.runtime import SingleProcess
-from . import checkpoint
+from ..io import checkpoint
+from .pretrained import init_fresh
 from .elastic import ElasticSampler, LoadAccumulator
 from .logging import RunLogger, flatten, heatmap_image, load_balance
-from .losses import IGNORE, compute_loss, distillation_kl, document_ids, sample_anchors, simreg_loss
-from .optim import AdaGC, global_clip_stats
-from .schedules import learning_rate
-
-
-_TEXT_KEYS = ("input_ids", "labels", "token_types", "positions", "startend_row_indices", "mask_causal")
-
-
-def to_model_batch(np_batch: dict) -> dict:
-    """Numpy batch from the data pipeline -> model inputs (positions broadcast to t = h = w). Keys
-    beyond the text ones (modality inputs and targets, data/mixture.py) become tensors as they are:
-    floating arrays float32, integer arrays int64."""
-    pos = np_batch["positions"]
-    if pos.ndim == 2:
-        pos = np.broadcast_to(pos[:, None, :], (pos.shape[0], 3, pos.shape[1]))
-    extras = {k: paddle.to_tensor(v, dtype="float32" if np.issubdtype(v.dtype, np.floating) else "int64")
-              for k, v in np_batch.items() if k not in _TEXT_KEYS and isinstance(v, np.ndarray)}
-    return {
-        **extras,
-        "input_ids": paddle.to_tensor(np_batch["input_ids"], dtype="int64"),
-        "labels": paddle.to_tensor(np_batch["labels"], dtype="int64"),
-        "token_types": paddle.to_tensor(np_batch["token_types"], dtype="int64"),
-        "positions": paddle.to_tensor(np.ascontiguousarray(pos), dtype="int64"),
-        "startend_row_indices": paddle.to_tensor(np_batch["startend_row_indices"], dtype="int32"),
-        "mask_causal": bool(np_batch.get("mask_causal", True)),
-    }
-
-
-def unigram_baseline(train_docs: list[list[int]], val_labels: np.ndarray, vocab_size: int) -> float:
-    """Cross-entropy (nats/token) of an add-one unigram model fit on training tokens, on val targets."""
-    counts = np.ones(vocab_size, dtype=np.float64)
-    for doc in train_docs:
-        np.add.at(counts, np.asarray(doc, dtype=np.int64), 1)
-    logp = np.log(counts / counts.sum())
-    targets = val_labels[val_labels != IGNORE]
-    return float(-logp[targets].mean())
+from ..model.losses import IGNORE, compute_loss, distillation_kl, document_ids, sample_anchors, simreg_loss
+from ..optim.optimizer import AdaGC, global_clip_stats
+from ..optim.schedules import learning_rate
 
 
 @dataclass
 class FitResult:
     step: int
     val_loss: float
-    unigram_loss: float
     run_dir: str
 
 
@@ -311,10 +279,9 @@ class Trainer:
         if not self.try_resume():
             if tc.init_from:
                 self.init_weights(tc.init_from)
-            else:  # a fresh run: layers that start from a frozen tokenizer (model/audio.py codebooks)
-                for layer in self.model.sublayers():
-                    if hasattr(layer, "init_fresh") and (note := layer.init_fresh()):
-                        self.log(note)
+            else:  # a fresh run: layers that start from pre-trained components
+                for note in init_fresh(self.model):
+                    self.log(note)
         params = count_params(cfg.model)
         self.log(f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M "
                  f"activated per token; run dir {self.run_dir}")
@@ -350,7 +317,7 @@ class Trainer:
         finally:
             bar.close()
             logger.close()
-        return FitResult(self.step, val_loss, float("nan"), self.run_dir)
+        return FitResult(self.step, val_loss, self.run_dir)
 
     def unigram_loss(self) -> float:
         return unigram_baseline(self.text_loader.docs_ids_fn(0), self.val_packed["labels"],

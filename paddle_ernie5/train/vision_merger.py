@@ -28,7 +28,7 @@ from paddle import nn
 
 from ..errors import UserError
 
-WEIGHTS = "merger.pdparams"
+from .pretrained import MERGER_WEIGHTS as WEIGHTS
 
 
 def _classes(attribute: str) -> int:
@@ -102,7 +102,7 @@ def train_from_config(cfg) -> dict:
     held-out accuracy."""
     from ..data.vision_tasks import encoded_digits, load_visual_tokenizer
     from .component import ComponentRun
-    from .optim import apply_update, build_optimizer
+    from ..optim.optimizer import apply_update, build_optimizer
 
     tr = cfg.train
     run = ComponentRun(cfg, "patch merger")
@@ -127,25 +127,3 @@ def train_from_config(cfg) -> dict:
     metrics = evaluate(probe, cfg, held)
     metrics["train_seconds"] = seconds
     return run.finish(metrics)
-
-
-def load_merger(embedding, kind: str, path: str) -> bool:
-    """Copy the pre-trained weights of `kind`'s visual embedding (merger, place tables) from the
-    vision_merger run at `path` into `embedding`; False when that run trained no `kind` attribute.
-    A missing run or another shape is a clear error."""
-    file = os.path.join(path, WEIGHTS)
-    if not os.path.isfile(file):
-        raise UserError(f"model.vision.merger_init={path!r}: no {WEIGHTS} there; pre-train the merger "
-                        f"with `ernie5 train recipes/vision_merger.yaml` or set model.vision.merger_init=''")
-    saved = paddle.load(file).get(kind)
-    if saved is None:
-        return False
-    own = embedding.state_dict()
-    wanted = [k for k in own if k.startswith(("merger.", "place."))]
-    bad = [k for k in wanted if k not in saved or list(saved[k].shape) != list(own[k].shape)]
-    if bad:
-        raise UserError(f"model.vision.merger_init={path!r}: the saved {kind} merger does not fit this model "
-                        f"({bad[0]}); pre-train it with this recipe's model settings")
-    for k in wanted:
-        own[k].set_value(saved[k])
-    return True

@@ -64,7 +64,7 @@ def test_codes_are_the_codec_encoding_of_each_utterance_and_cached(data_cache, c
     def no_codec(_):
         raise AssertionError("the codec ran although the codes are cached")
 
-    monkeypatch.setattr("paddle_ernie5.model.audio.open_codec", no_codec)
+    monkeypatch.setattr("paddle_ernie5.tokenizers.audio.open_codec", no_codec)
     again, _ = T.load_coded_speech(data_cache, codec_dir, S.DEBUG_SPEC, log=lambda *_: None)
     np.testing.assert_array_equal(again.codes[3], train.codes[3])
 
@@ -73,7 +73,7 @@ def test_codes_are_the_codec_encoding_of_each_utterance_and_cached(data_cache, c
 def test_a_different_codec_gets_its_own_cache(data_cache, codec_dir, coded, tmp_path):
     paddle.seed(5)
     AudioCodec(SMALL_CODEC).save(str(tmp_path))
-    from paddle_ernie5.model.audio import codec_fingerprint
+    from paddle_ernie5.tokenizers.audio import codec_fingerprint
 
     assert codec_fingerprint(str(tmp_path)) != codec_fingerprint(codec_dir)
     other, _ = T.load_coded_speech(data_cache, str(tmp_path), S.DEBUG_SPEC, log=lambda *_: None)
@@ -157,8 +157,8 @@ def test_tts_document_layout(ctx):
 @needs_espeak
 def test_a_packed_speech_batch_trains_the_model(ctx):
     from paddle_ernie5.model.model import Ernie5Model
-    from paddle_ernie5.train.losses import compute_loss
-    from paddle_ernie5.train.trainer import to_model_batch
+    from paddle_ernie5.model.losses import compute_loss
+    from paddle_ernie5.model.inputs import to_model_batch
 
     loader = mixture.MixtureLoader(ctx, 3, seed=1)
     np_batch = loader.batch_at(0)

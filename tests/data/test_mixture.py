@@ -110,7 +110,7 @@ def test_head_registry_builds_heads_and_adds_their_weighted_losses(debug_config,
 
     from paddle_ernie5.model import heads as H
     from paddle_ernie5.model.model import Ernie5Model
-    from paddle_ernie5.train.losses import compute_loss
+    from paddle_ernie5.model.losses import compute_loss
 
     class Probe(nn.Layer):
         loss_weight = 0.5

@@ -6,7 +6,7 @@ from paddle_ernie5.data.multimodal import Segment, pack_segments, text_segment
 from paddle_ernie5.data.packing import pack_documents
 from paddle_ernie5.model.model import Ernie5Model
 from paddle_ernie5.ops.masks import to_dense
-from paddle_ernie5.train.trainer import to_model_batch
+from paddle_ernie5.model.inputs import to_model_batch
 
 
 def _image(scale_lens, t=0):

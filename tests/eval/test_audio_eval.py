@@ -44,7 +44,7 @@ def cfg(debug_config, dirs, monkeypatch, request):
 
 
 def _tokenizer(cfg):
-    from paddle_ernie5.tokenizers.text import get_text_tokenizer
+    from paddle_ernie5.data.text import get_text_tokenizer
 
     return get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed, cfg.data.val_fraction)
 
@@ -73,7 +73,7 @@ def test_transcription_prompt_is_the_training_layout(cfg):
     from paddle_ernie5.data.multimodal import pack_segments
     from paddle_ernie5.model.generation import generate
     from paddle_ernie5.model.model import Ernie5Model
-    from paddle_ernie5.train.trainer import to_model_batch
+    from paddle_ernie5.model.inputs import to_model_batch
 
     tok = _tokenizer(cfg)
     mixture.load_task_modules()

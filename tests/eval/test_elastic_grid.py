@@ -6,7 +6,7 @@ from paddle_ernie5.config import load_config
 from paddle_ernie5.eval.elastic_grid import _sliced_counts, grid_shapes
 from paddle_ernie5.model.model import Ernie5Model
 from paddle_ernie5.model.view import evenly_spaced_layers
-from paddle_ernie5.train.export import slice_state
+from paddle_ernie5.model.slicing import slice_state
 
 from support import RECIPES
 

@@ -81,7 +81,7 @@ def test_multimodal_routing_counts_only_the_task_modality(debug_config, monkeypa
     monkeypatch.setitem(mixture.TASKS, "asr", Toy)
     monkeypatch.setitem(EMB._REGISTRY, "audio", AudioAsText)
     cfg = debug_config("model.modalities=[text,audio]", "data.mixture.asr=1.0", "train.batch_size=2")
-    from paddle_ernie5.tokenizers.text import get_text_tokenizer
+    from paddle_ernie5.data.text import get_text_tokenizer
 
     tok = get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed, cfg.data.val_fraction)
     batches = multimodal_task_batches(cfg, tok, max_batches=1)["audio understanding (ASR)"]

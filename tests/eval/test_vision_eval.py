@@ -31,7 +31,7 @@ def run(data_cache, tmp_path_factory):
 def test_vision_metrics_have_chance_levels_and_table_rows(run):
     from paddle_ernie5.eval import vision_eval
     from paddle_ernie5.eval.runner import load_model
-    from paddle_ernie5.tokenizers.text import get_text_tokenizer
+    from paddle_ernie5.data.text import get_text_tokenizer
 
     cfg, folder = run
     cfg, model = load_model(cfg.train.run_dir, log=lambda *_: None)
@@ -52,7 +52,7 @@ def test_sampled_judging_and_caption_information(run):
     from paddle_ernie5.data.vision_tasks import encoded_digits
     from paddle_ernie5.eval import vision_eval
     from paddle_ernie5.eval.runner import load_model
-    from paddle_ernie5.tokenizers.text import get_text_tokenizer
+    from paddle_ernie5.data.text import get_text_tokenizer
 
     cfg, _ = run
     cfg, model = load_model(cfg.train.run_dir, log=lambda *_: None)
@@ -111,7 +111,7 @@ def test_candidate_ranking_picks_the_most_likely_answer(run, monkeypatch):
     from paddle_ernie5.data.vision_tasks import encoded_digits
     from paddle_ernie5.eval import vision_eval
     from paddle_ernie5.eval.runner import load_model
-    from paddle_ernie5.tokenizers.text import get_text_tokenizer
+    from paddle_ernie5.data.text import get_text_tokenizer
 
     cfg, _ = run
     cfg, model = load_model(cfg.train.run_dir, log=lambda *_: None)

@@ -7,7 +7,7 @@ import pytest
 from paddle_ernie5.config import TrainConfig, VisionJudgeConfig
 from paddle_ernie5.data.digits import digit_images, digit_videos
 from paddle_ernie5.eval.vision_judge import VisionJudge, _targets, train_steps
-from paddle_ernie5.train.optim import build_optimizer
+from paddle_ernie5.optim.optimizer import build_optimizer
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ from paddle_ernie5.errors import UserError
 from paddle_ernie5.model import audio as A
 from paddle_ernie5.model.model import Ernie5Model
 from paddle_ernie5.model.params import count_params
-from paddle_ernie5.tokenizers.audio import AudioCodec
-from paddle_ernie5.train.losses import compute_loss
+from paddle_ernie5.tokenizers.audio import AudioCodec, CodecMissing, load_codec
+from paddle_ernie5.train.pretrained import init_layer_fresh
+from paddle_ernie5.model.losses import compute_loss
 
 SMALL_CODEC = AudioCodecConfig(levels=3, codebook_size=16, code_dim=8, channels=16, res_blocks=0,
                                griffin_lim_iters=2)
@@ -136,24 +137,25 @@ def test_tables_start_at_the_codec_codebooks(audio_config, codec_dir):
     cfg = audio_config("model.audio.init_from_codebooks=true")
     cb = AudioCodec.load(codec_dir).codebooks().numpy()
     layer = Ernie5Model(cfg.model).embed.by_modality["audio"]
-    layer.init_fresh()
+    init_layer_fresh(layer)
     np.testing.assert_allclose(layer.tables.numpy(), cb / cb.std(), rtol=1e-4, atol=1e-6)
     layer = Ernie5Model(audio_config().model).embed.by_modality["audio"]
     before = layer.tables.numpy()
-    layer.init_fresh()  # init_from_codebooks false: the random start stays
+    init_layer_fresh(layer)  # init_from_codebooks false: the random start stays
     np.testing.assert_array_equal(layer.tables.numpy(), before)
     with pytest.raises(UserError, match="embed_dim"):
-        Ernie5Model(audio_config("model.audio.init_from_codebooks=true",
-                                 "model.audio.embed_dim=12").model).embed.by_modality["audio"].init_fresh()
+        init_layer_fresh(Ernie5Model(audio_config("model.audio.init_from_codebooks=true",
+                                                  "model.audio.embed_dim=12").model
+                                     ).embed.by_modality["audio"])
 
 
 def test_missing_or_mismatched_codec_is_a_clear_error(audio_config, tmp_path):
-    with pytest.raises(A.CodecMissing, match="recipes/audio_codec.yaml"):
-        Ernie5Model(audio_config("model.audio.init_from_codebooks=true",
-                                 f"model.audio.codec_dir={tmp_path / 'none'}").model
-                    ).embed.by_modality["audio"].init_fresh()
+    with pytest.raises(CodecMissing, match="recipes/audio_codec.yaml"):
+        init_layer_fresh(Ernie5Model(audio_config("model.audio.init_from_codebooks=true",
+                                                  f"model.audio.codec_dir={tmp_path / 'none'}").model
+                                     ).embed.by_modality["audio"])
     with pytest.raises(UserError, match="does not fit the codec"):
-        A.load_codec(audio_config("model.audio.codebook_size=32").model.audio)
+        load_codec(audio_config("model.audio.codebook_size=32").model.audio)
 
 
 def test_audio_config_is_validated(audio_config):

@@ -3,7 +3,7 @@ import paddle
 import pytest
 
 from paddle_ernie5.config import MoEConfig
-from paddle_ernie5.model.dispatch import group_by_expert
+from paddle_ernie5.ops.grouping import group_by_expert
 from paddle_ernie5.model.moe import MoE
 from paddle_ernie5.model.router import Router
 from paddle_ernie5.model.view import ElasticView

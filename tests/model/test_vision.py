@@ -19,8 +19,8 @@ from paddle_ernie5.model.vision import (frame_layout, generation_positions, hist
 from paddle_ernie5.model.vision_sampling import decode_tokens, sample_visual, tokens_to_codes
 from paddle_ernie5.ops.masks import to_dense
 from paddle_ernie5.tokenizers.visual import VisualTokenizer, codes_to_ids, ids_to_codes
-from paddle_ernie5.train.losses import compute_loss
-from paddle_ernie5.train.trainer import to_model_batch
+from paddle_ernie5.model.losses import compute_loss
+from paddle_ernie5.model.inputs import to_model_batch
 
 IDS = {"<boi>": 512, "<eoi>": 513, "<bov>": 514, "<eov>": 515, "bos": 2, "eos": 3}
 

@@ -17,8 +17,9 @@ import paddle.distributed as dist
 from paddle_ernie5.config import load_config
 from paddle_ernie5.parallel import comm, expert, topology
 from paddle_ernie5.parallel.runtime import Distributed
-from paddle_ernie5.train.losses import compute_loss
-from paddle_ernie5.train.trainer import Trainer, to_model_batch
+from paddle_ernie5.model.losses import compute_loss
+from paddle_ernie5.model.inputs import to_model_batch
+from paddle_ernie5.train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CACHE, OUT = sys.argv[1], sys.argv[2]

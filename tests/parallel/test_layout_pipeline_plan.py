@@ -10,7 +10,7 @@ from paddle_ernie5 import cli
 from paddle_ernie5 import config as C
 from paddle_ernie5.model.params import count_params
 from paddle_ernie5.parallel import expert
-from paddle_ernie5.parallel.pipeline import layer_costs, partition, plan_stages
+from paddle_ernie5.parallel.stages import layer_costs, partition, plan_stages
 from paddle_ernie5.parallel.planner import make_plan
 from paddle_ernie5.parallel.topology import Layout, check_degrees
 

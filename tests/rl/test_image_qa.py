@@ -17,8 +17,8 @@ from paddle_ernie5.ops.masks import to_dense
 from paddle_ernie5.rl import rollout as R
 from paddle_ernie5.rl import verifiers as V
 from paddle_ernie5.rl.objectives import response_logp_entropy
-from paddle_ernie5.tokenizers.text import get_text_tokenizer
-from paddle_ernie5.train.tasks import run_task
+from paddle_ernie5.data.text import get_text_tokenizer
+from paddle_ernie5.train.components import run_component
 
 ROUNDING = 2e-6  # as tests/rl/test_router_replay.py: same routing, float32 summation order only
 
@@ -26,7 +26,7 @@ ROUNDING = 2e-6  # as tests/rl/test_router_replay.py: same routing, float32 summ
 @pytest.fixture(scope="module")
 def setup(data_cache, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("image_qa"))
-    cfg = vision_config(data_cache, folder + "/run", tiny_tokenizer(folder), "task=rl",
+    cfg = vision_config(data_cache, folder + "/run", tiny_tokenizer(folder), "component=rl",
                         "rl.tasks=[image_qa,counting]")
     tok = get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed, cfg.data.val_fraction)
     train, held = V.split_problems("image_qa", 60, 0, 0.2, cfg)
@@ -140,11 +140,11 @@ def test_router_replay_reproduces_rollout_logprobs_of_a_mixed_image_and_text_bat
 
 def test_rl_run_on_image_qa_and_counting(setup, data_cache, tmp_path):
     run = tmp_path / "rl"
-    cfg = vision_config(data_cache, str(run), setup[0].model.vision.tokenizer_dir, "task=rl",
+    cfg = vision_config(data_cache, str(run), setup[0].model.vision.tokenizer_dir, "component=rl",
                         "rl.tasks=[image_qa,counting]", "rl.train_problems=40", "rl.eval_problems=2",
                         "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=3",
                         "train.max_steps=1", "train.warmup_steps=0")
-    out = run_task(cfg)
+    out = run_component(cfg)
     assert {"image_qa/reward_before", "image_qa/reward_after", "counting/entropy_after"} <= set(out)
     step = [json.loads(l) for l in open(run / "metrics.jsonl") if '"loss"' in l][0]
     assert step["router/mismatch"] == 0 and np.isfinite(step["loss"])

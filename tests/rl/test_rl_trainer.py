@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from paddle_ernie5.train.tasks import run_task
+from paddle_ernie5.train.components import run_component
 
 SMALL = ["rl.train_problems=40", "rl.eval_problems=2", "rl.prompts_per_step=2", "rl.group_size=2",
          "rl.max_new_tokens=3", "train.lr=1.0e-3", "train.min_lr=1.0e-4", "train.warmup_steps=0",
@@ -11,12 +11,12 @@ SMALL = ["rl.train_problems=40", "rl.eval_problems=2", "rl.prompts_per_step=2", 
 
 
 def test_sft_then_rl_end_to_end(debug_config, tmp_path):
-    sft = debug_config("task=sft", f"train.run_dir={tmp_path / 'sft'}", *SMALL)
-    metrics = run_task(sft)
+    sft = debug_config("component=sft", f"train.run_dir={tmp_path / 'sft'}", *SMALL)
+    metrics = run_component(sft)
     assert {"arithmetic/reward", "counting/greedy_accuracy"} <= set(metrics)
-    rl = debug_config("task=rl", f"train.run_dir={tmp_path / 'rl'}", f"train.init_from={tmp_path / 'sft'}",
+    rl = debug_config("component=rl", f"train.run_dir={tmp_path / 'rl'}", f"train.init_from={tmp_path / 'sft'}",
                       "rl.kl_coef=0.01", "rl.rollout_workers=1", *SMALL)
-    out = run_task(rl)
+    out = run_component(rl)
     assert {"arithmetic/reward_before", "counting/reward_after"} <= set(out)
     rows = [json.loads(l) for l in open(tmp_path / "rl" / "metrics.jsonl")]
     steps = [r for r in rows if "loss" in r]

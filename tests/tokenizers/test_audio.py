@@ -5,7 +5,7 @@ import paddle
 import pytest
 
 from paddle_ernie5.config import AudioCodecConfig, TrainConfig
-from paddle_ernie5.data import mel as M
+from paddle_ernie5.tokenizers import mel as M
 from paddle_ernie5.data import speech as S
 from paddle_ernie5.tokenizers import audio as A
 

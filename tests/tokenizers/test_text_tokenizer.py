@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from paddle_ernie5.data.text import build_text_corpus
-from paddle_ernie5.tokenizers.text import MODALITY_SYMBOLS, TextTokenizer, get_text_tokenizer
+from paddle_ernie5.tokenizers.text import MODALITY_SYMBOLS, TextTokenizer
+from paddle_ernie5.data.text import get_text_tokenizer
 
 VOCAB = 512
 
@@ -105,7 +106,7 @@ def test_cache_reuses_model_file(tmp_path):
 
 
 def test_corrupt_cached_tokenizer_is_retrained(tmp_path, capsys):
-    from paddle_ernie5.tokenizers.text import get_text_tokenizer
+    from paddle_ernie5.data.text import get_text_tokenizer
 
     tok = get_text_tokenizer(str(tmp_path), 512)
     path = next(p for p in tmp_path.iterdir() if p.suffix == ".model")

@@ -7,7 +7,7 @@ import pytest
 from paddle_ernie5.config import TrainConfig, VisualTokenizerConfig
 from paddle_ernie5.tokenizers.visual import (VisualTokenizer, active_bits, codes_to_ids, ids_to_codes,
                                              psnr, reconstruct, train_steps)
-from paddle_ernie5.train.optim import build_optimizer
+from paddle_ernie5.optim.optimizer import build_optimizer
 
 TINY = VisualTokenizerConfig(image_size=8, width=8, downsample=2, bits=6, scales=(1, 2, 4),
                              temporal_kernel=2, frames=4)

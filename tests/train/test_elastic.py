@@ -7,10 +7,12 @@ import pytest
 from paddle_ernie5.config import load_config
 from paddle_ernie5.model.model import Ernie5Model
 from paddle_ernie5.model.view import evenly_spaced_layers
-from paddle_ernie5.train import checkpoint
+from paddle_ernie5.io import checkpoint
 from paddle_ernie5.train.elastic import ElasticSampler, LoadAccumulator
-from paddle_ernie5.train.export import ExportError, export_from_checkpoint
-from paddle_ernie5.train.trainer import Trainer, read_metrics, to_model_batch
+from paddle_ernie5.model.slicing import ExportError
+from paddle_ernie5.train.export import export_from_checkpoint
+from paddle_ernie5.model.inputs import to_model_batch
+from paddle_ernie5.train.trainer import Trainer, read_metrics
 
 from support import RECIPES
 
@@ -145,7 +147,7 @@ def _kl_reference(student_logits, teacher_logits, labels):
     """KL(teacher || student) per target position via paddle's kl_div, averaged over the targets."""
     import paddle.nn.functional as F
 
-    from paddle_ernie5.train.losses import IGNORE
+    from paddle_ernie5.model.losses import IGNORE
 
     kl = F.kl_div(F.log_softmax(student_logits, -1), F.softmax(teacher_logits.detach(), -1),
                   reduction="none").sum(-1)
@@ -154,7 +156,7 @@ def _kl_reference(student_logits, teacher_logits, labels):
 
 
 def test_distillation_kl_is_zero_for_the_teacher_and_does_not_train_it():
-    from paddle_ernie5.train.losses import IGNORE, distillation_kl
+    from paddle_ernie5.model.losses import IGNORE, distillation_kl
 
     paddle.seed(0)
     teacher = paddle.randn([2, 5, 7])
@@ -176,7 +178,7 @@ def test_full_every_step_trains_the_full_model_beside_each_sub_model(debug_confi
     model's and the sub-model's gradients on the same micro-batch; the logged loss is the full model's.
     With distill_weight the sub-model's loss adds that weight x KL(full || sub), the full model detached."""
     from paddle_ernie5.model.view import FULL_VIEW
-    from paddle_ernie5.train.losses import compute_loss
+    from paddle_ernie5.model.losses import compute_loss
 
     always_sub = ["elastic.enabled=true", "elastic.depth_full_prob=0", "elastic.width_full_prob=0",
                   "elastic.topk_full_prob=0", "train.clip_norm=0", f"elastic.sub_loss_weight={sub_weight}",

@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from paddle_ernie5.train import checkpoint
-from paddle_ernie5.train.schedules import learning_rate
+from paddle_ernie5.io import checkpoint
+from paddle_ernie5.optim.schedules import learning_rate
 from paddle_ernie5.train.trainer import Trainer, read_metrics
 
 LOSS_KEYS = ("loss", "loss/text", "loss/mtp", "train/grad_norm")

@@ -9,6 +9,7 @@ from paddle_ernie5 import config as C
 from paddle_ernie5.errors import UserError
 from paddle_ernie5.model.model import Ernie5Model
 from paddle_ernie5.train import vision_merger as VM
+from paddle_ernie5.train.pretrained import init_fresh, init_layer_fresh
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_a_fresh_run_starts_from_the_pretrained_mergers(merger_run, data_cache, 
                             f"model.vision.merger_init={cfg.train.run_dir}")
     paddle.seed(5)
     model = Ernie5Model(run_cfg.model)
-    notes = [layer.init_fresh() for layer in model.sublayers() if hasattr(layer, "init_fresh")]
+    notes = init_fresh(model)
     assert sum(bool(n) for n in notes) == 2  # image and video
     for kind in ("image", "video"):
         own = model.embed.by_modality[kind].state_dict()
@@ -54,7 +55,7 @@ def test_a_missing_or_misfitting_merger_run_is_a_clear_error(merger_run, data_ca
         extra = ["model.vision.merger_width=32"] if "fit" in needle else []
         model = Ernie5Model(vision_config(data_cache, str(tmp_path / "mm"), tok_dir, override, *extra).model)
         with pytest.raises(UserError, match=needle):
-            model.embed.by_modality["image"].init_fresh()
+            init_layer_fresh(model.embed.by_modality["image"])
 
 
 def test_unknown_attributes_are_refused(data_cache, tmp_path):
@@ -102,12 +103,12 @@ def test_a_kind_the_run_did_not_pretrain_starts_random(data_cache, tmp_path):
     assert not any(k.startswith("image_") for k in metrics)
     model = Ernie5Model(vision_config(data_cache, str(tmp_path / "mm"), tok_dir,
                                       f"model.vision.merger_init={cfg.train.run_dir}").model)
-    assert "starts random" in model.embed.by_modality["image"].init_fresh()
-    assert "initialised from" in model.embed.by_modality["video"].init_fresh()
+    assert "starts random" in init_layer_fresh(model.embed.by_modality["image"])
+    assert "initialised from" in init_layer_fresh(model.embed.by_modality["video"])
     frozen = Ernie5Model(vision_config(data_cache, str(tmp_path / "mm"), tok_dir,
                                        f"model.vision.merger_init={cfg.train.run_dir}",
                                        "model.vision.freeze_merger=[image]").model)
     with pytest.raises(UserError, match="pre-trained no image merger"):  # a fixed random merger
-        frozen.embed.by_modality["image"].init_fresh()
+        init_layer_fresh(frozen.embed.by_modality["image"])
     saved = paddle.load(f"{cfg.train.run_dir}/{VM.WEIGHTS}")
     assert set(saved) == {"video"}  # only the pre-trained kind is built and saved

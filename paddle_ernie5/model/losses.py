@@ -16,7 +16,7 @@ import paddle
 import paddle.nn.functional as F
 
 from ..config import ModelConfig
-from ..model.model import ModelOutput
+from .model import ModelOutput
 
 IGNORE = -100
 

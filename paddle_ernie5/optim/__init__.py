@@ -1,0 +1,1 @@
+"""Optimizers (AdamW, AdaGC clipping) and learning-rate schedules."""
