@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup ops espeak train test bench clean
+.PHONY: setup ops espeak lint train test bench clean
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,13 @@ espeak:
 train: ops
 	$(VENV)/bin/ernie5 train recipes/pretrain_tiny.yaml --eval
 
+# ruff (pinned in requirements.txt, rules in pyproject.toml): lint and format check.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 # pytest exits 5 when it collects no test: that is a failure here, not a pass.
-test: ops espeak
+test: lint ops espeak
 	@$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
