@@ -52,7 +52,7 @@ def _frames_to_uint8(x: np.ndarray, upscale: int) -> np.ndarray:
 def _run_visual(args, cfg, model) -> list[str]:
     from PIL import Image
 
-    from .data.vision_tasks import load_visual_tokenizer
+    from .data.vision_sources import load_visual_tokenizer
     from .eval.vision_eval import generate_images
 
     kind = "video" if args.video else "image"
@@ -80,7 +80,7 @@ def _run_visual(args, cfg, model) -> list[str]:
 def _run_answer(args, cfg, model) -> list[str]:
     from PIL import Image
 
-    from .data.vision_tasks import load_visual_tokenizer
+    from .data.vision_sources import load_visual_tokenizer
     from .eval.vision_eval import answer_question
 
     if "image" not in cfg.model.modalities:
@@ -125,7 +125,7 @@ def _run_speech(args, cfg, model) -> list[str]:
 
 
 def _run_transcribe(args, cfg, model) -> list[str]:
-    from .data.audio_tasks import encode_speech
+    from .data.audio_sources import encode_speech
     from .data.speech import PEAK
     from .eval.audio import read_wav, transcribe
 

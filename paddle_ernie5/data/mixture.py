@@ -1,14 +1,14 @@
-"""The multimodal pretraining mixture: tasks that turn built-in data into documents of `Segment`s, and a
+"""The multimodal pretraining mixture: sources that turn built-in data into documents of `Segment`s, and a
 loader that samples them by weight (data.mixture) and packs them into rows (data/multimodal.py).
 
-A task is registered by name (the fields of config.MixtureConfig) with a factory taking the
-`MixtureContext` (config, text tokenizer, split) and returning a `TaskSource`:
+A source is registered by name (the fields of config.MixtureConfig) with a factory taking the
+`MixtureContext` (config, text tokenizer, split) and returning a `Source`:
 
     len(source)                   number of distinct items of the split
     source.document(i, rng)       one document: a list of Segments (text, image scales, audio frames...)
 
-Text is built in here; vision (model/vision.py's data side) and audio register their tasks from their
-own modules, imported by `load_task_modules`. Row r of step t is drawn from Generator([seed, t]) alone,
+Text is built in here; vision (model/vision.py's data side) and audio register their sources from their
+own modules, imported by `load_source_modules`. Row r of step t is drawn from Generator([seed, t]) alone,
 so the loader's whole state is the step: resuming gives the same batches.
 
 Legend: S row length, N rows.
@@ -26,7 +26,7 @@ from ..plugins import import_optional
 from .multimodal import Segment, pack_segments, text_segment
 
 
-class TaskSource(Protocol):
+class Source(Protocol):
     def __len__(self) -> int: ...
 
     def document(self, index: int, rng: np.random.Generator) -> list[Segment]: ...
@@ -38,7 +38,7 @@ class MixtureContext:
     tokenizer: object  # tokenizers/text.TextTokenizer
     split: str  # "train" | "val"
     text_docs: list[list[int]] = field(default_factory=list)  # encoded text corpus of the split
-    cache: dict = field(default_factory=dict)  # shared by the tasks of one modality (tokenised data)
+    cache: dict = field(default_factory=dict)  # shared by the sources of one modality (tokenised data)
 
     def special_id(self, name: str) -> int:
         """Id of a modality delimiter, e.g. special_id("<boi>") (config.SPECIAL_TOKENS)."""
@@ -48,24 +48,24 @@ class MixtureContext:
         return list(self.tokenizer.encode(s))
 
 
-TASKS: dict[str, Callable[[MixtureContext], TaskSource]] = {}
-# Modules that register tasks on import (data for the image/video and audio tasks).
-TASK_MODULES = ("paddle_ernie5.data.vision_tasks", "paddle_ernie5.data.audio_tasks")
+SOURCES: dict[str, Callable[[MixtureContext], Source]] = {}
+# Modules that register sources on import (data for the image/video and audio sources).
+SOURCE_MODULES = ("paddle_ernie5.data.vision_sources", "paddle_ernie5.data.audio_sources")
 
 
-def register_task(name: str):
+def register_source(name: str):
     def wrap(factory):
-        TASKS[name] = factory
+        SOURCES[name] = factory
         return factory
 
     return wrap
 
 
-def load_task_modules() -> None:
-    import_optional(TASK_MODULES)
+def load_source_modules() -> None:
+    import_optional(SOURCE_MODULES)
 
 
-class TextTask:
+class TextSource:
     """A random window of a corpus document, <bos> first; long documents give several windows."""
 
     def __init__(self, ctx: MixtureContext):
@@ -83,16 +83,16 @@ class TextTask:
         return [text_segment([self.bos] + doc[start:start + n - 1])]
 
 
-register_task("text")(TextTask)
+register_source("text")(TextSource)
 
 
-def draw_documents(sources: dict[str, TaskSource], weights: dict[str, float], rng: np.random.Generator,
+def draw_documents(sources: dict[str, Source], weights: dict[str, float], rng: np.random.Generator,
                    seq_len: int, rows: int) -> tuple[list[list[Segment]], list[str]]:
-    """Documents (and their task names) filling `rows` rows of `seq_len` in packing order."""
+    """Documents (and their source names) filling `rows` rows of `seq_len` in packing order."""
     names = [k for k, w in weights.items() if w > 0]
     p = np.array([weights[k] for k in names], dtype=np.float64)
     p /= p.sum()
-    docs, tasks = [], []
+    docs, drawn = [], []
     row, used = 0, 0
     misses = 0
     while row < rows:
@@ -112,34 +112,34 @@ def draw_documents(sources: dict[str, TaskSource], weights: dict[str, float], rn
                 misses += 1  # try a few more draws that may still fit this row
                 continue
         docs.append(doc)
-        tasks.append(name)
+        drawn.append(name)
         used += n
-    return docs, tasks
+    return docs, drawn
 
 
 class MixtureLoader:
     """Infinite stream of packed multimodal batches (numpy), `batch_size` rows each."""
 
     def __init__(self, ctx: MixtureContext, batch_size: int, seed: int):
-        load_task_modules()
+        load_source_modules()
         weights = ctx.cfg.data.mixture.weights()
-        missing = [k for k, w in weights.items() if w > 0 and k not in TASKS]
+        missing = [k for k, w in weights.items() if w > 0 and k not in SOURCES]
         if missing:
             raise ValueError(f"data.mixture gives weight to {missing}, which no module registers; "
-                             f"registered: {sorted(TASKS)}")
+                             f"registered: {sorted(SOURCES)}")
         self.weights = weights
-        self.sources = {k: TASKS[k](ctx) for k, w in weights.items() if w > 0}
+        self.sources = {k: SOURCES[k](ctx) for k, w in weights.items() if w > 0}
         self.seq_len = ctx.cfg.data.seq_len
         self.batch_size = batch_size
         self.seed = seed
         self.pad_id = ctx.tokenizer.pad_id
         self.step = 0
-        self.last_tasks: list[str] = []
+        self.last_sources: list[str] = []
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])
-        docs, tasks = draw_documents(self.sources, self.weights, rng, self.seq_len, self.batch_size)
-        self.last_tasks = tasks
+        docs, sources = draw_documents(self.sources, self.weights, rng, self.seq_len, self.batch_size)
+        self.last_sources = sources
         batch = pack_segments(docs, self.seq_len, self.pad_id)
         n = batch["input_ids"].shape[0]
         if n != self.batch_size:

@@ -208,7 +208,7 @@ def generated_documents(char_budget: int, seed: int, with_kinds: bool = False):
 
 
 def validation_documents_by_kind(seed: int = 0, val_fraction: float = 0.05) -> dict[str, list[str]]:
-    """The validation split grouped by kind (prose, arithmetic_qa, ...): tasks for routing analysis."""
+    """The validation split grouped by kind (prose, arithmetic_qa, ...): sources for routing analysis."""
     prose = pydoc_documents()
     budget = int(sum(len(d) for d in prose) * GENERATED_FRACTION / (1.0 - GENERATED_FRACTION))
     out: dict[str, list[str]] = {k: [] for k in TEXT_KINDS}

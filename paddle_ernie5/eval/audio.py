@@ -54,7 +54,7 @@ def transcribe(model, tokenizer, cfg, codes_list: list[np.ndarray], max_tokens: 
     """Greedy transcripts of codec frames: <bos> <boa> frames <eoa> [asr_prompt] -> text up to <eos>.
     Utterances of one frame count decode together."""
     from ..config import SPECIAL_TOKENS
-    from ..data.audio_tasks import asr_question
+    from ..data.audio_sources import asr_question
     from ..model.generation import generate
     from ..model.audio import AUDIO_TYPE
 
@@ -88,7 +88,7 @@ class AudioEval:
     """Held-out coded speech, the codec and (if trained) the judge, loaded once."""
 
     def __init__(self, cfg, tokenizer, log=print):
-        from ..data.audio_tasks import load_coded_speech
+        from ..data.audio_sources import load_coded_speech
         from ..tokenizers.audio import load_codec
 
         self.cfg, self.tokenizer = cfg, tokenizer

@@ -1,9 +1,9 @@
 """Routing analysis (ERNIE 5.0's figures, reproduced on our model).
 
-For every task (a modality or a kind of text) we run held-out batches and count, per MoE layer, how
-often each expert is chosen. From the usage matrix U[task][layer, expert]:
-- heatmaps (layers x experts) per task;
-- IoU of the top-25% most used experts between task pairs, per layer (first / middle / last);
+For every source (a modality or a kind of text) we run held-out batches and count, per MoE layer, how
+often each expert is chosen. From the usage matrix U[source][layer, expert]:
+- heatmaps (layers x experts) per source;
+- IoU of the top-25% most used experts between source pairs, per layer (first / middle / last);
 - normalised routing entropy per layer: NE = -sum p log p / log E (1 = uniform use of all experts).
 """
 
@@ -15,7 +15,7 @@ import os
 import numpy as np
 import paddle
 
-PAPER_IOU = {  # first / middle / last layer, ERNIE5.md; names are tasks or GROUPS
+PAPER_IOU = {  # first / middle / last layer, ERNIE5.md; names are sources or GROUPS
     ("text", "audio"): (0.12, 0.32, 0.40),
     ("image understanding", "video understanding"): (0.98, 0.52, 0.64),
     ("understanding", "generation"): (0.2, 0.2, 0.2),
@@ -51,8 +51,8 @@ def count_selected(ids_TK: np.ndarray, select_T: np.ndarray, num_experts: int) -
     return np.bincount(ids, minlength=num_experts)[:num_experts]
 
 
-# Multimodal tasks of the routing report: mixture task -> (report name, modality whose tokens count).
-MULTIMODAL_TASKS = {
+# Multimodal sources of the routing report: mixture source -> (report name, modality whose tokens count).
+MULTIMODAL_SOURCES = {
     "image_qa": ("image understanding", "image"),
     "video_qa": ("video understanding", "video"),
     "image_gen": ("image generation", "image"),
@@ -60,7 +60,7 @@ MULTIMODAL_TASKS = {
     "asr": ("audio understanding (ASR)", "audio"),
     "tts": ("audio generation (TTS)", "audio"),
 }
-# Aggregates compared with the paper: name -> the report tasks (prefixes) whose usages are summed.
+# Aggregates compared with the paper: name -> the report sources (prefixes) whose usages are summed.
 GROUPS = {
     "text": ("text/",),
     "audio": ("audio ",),
@@ -79,26 +79,26 @@ def group_usages(usages: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def multimodal_task_batches(cfg, tokenizer, max_batches: int = 4) -> dict[str, list]:
-    """Held-out documents of every multimodal task the recipe trains (data.mixture weight > 0),
-    packed into model batches whose `routing_select` marks the positions of the task's modality."""
-    from ..data.mixture import TASKS, MixtureContext, draw_documents, load_task_modules
+def multimodal_source_batches(cfg, tokenizer, max_batches: int = 4) -> dict[str, list]:
+    """Held-out documents of every multimodal source the recipe trains (data.mixture weight > 0),
+    packed into model batches whose `routing_select` marks the positions of the source's modality."""
+    from ..data.mixture import SOURCES, MixtureContext, draw_documents, load_source_modules
     from ..data.multimodal import pack_segments
     from ..model.embeddings import MODALITY_IDS
     from ..model.inputs import to_model_batch
 
-    load_task_modules()
+    load_source_modules()
     ctx = MixtureContext(cfg, tokenizer, "val")
     out = {}
-    for task, w in cfg.data.mixture.weights().items():
-        if w <= 0 or task not in MULTIMODAL_TASKS or task not in TASKS:
+    for source, w in cfg.data.mixture.weights().items():
+        if w <= 0 or source not in MULTIMODAL_SOURCES or source not in SOURCES:
             continue
-        name, modality = MULTIMODAL_TASKS[task]
-        source = TASKS[task](ctx)
+        name, modality = MULTIMODAL_SOURCES[source]
+        source = SOURCES[source](ctx)
         rng = np.random.default_rng([cfg.train.seed, 0x5EED])
         batches = []
         for _ in range(max_batches):
-            docs, _ = draw_documents({task: source}, {task: 1.0}, rng, cfg.data.seq_len,
+            docs, _ = draw_documents({source: source}, {source: 1.0}, rng, cfg.data.seq_len,
                                      cfg.train.batch_size)
             np_batch = pack_segments(docs, cfg.data.seq_len, tokenizer.pad_id)
             batch = to_model_batch(np_batch)
@@ -126,16 +126,16 @@ def normalised_entropy(counts_E: np.ndarray) -> float:
 
 
 def analyse(usages: dict[str, np.ndarray]) -> dict:
-    """IoU matrices at the first/middle/last MoE layer and entropy per layer, per task."""
-    tasks = list(usages)
+    """IoU matrices at the first/middle/last MoE layer and entropy per layer, per source."""
+    sources = list(usages)
     n_layers = next(iter(usages.values())).shape[0]
     picks = {"first": 0, "middle": n_layers // 2, "last": n_layers - 1}
     iou_mats = {}
     for name, layer in picks.items():
-        sets = {t: top_set(usages[t][layer]) for t in tasks}
-        iou_mats[name] = np.array([[iou(sets[a], sets[b]) for b in tasks] for a in tasks])
+        sets = {t: top_set(usages[t][layer]) for t in sources}
+        iou_mats[name] = np.array([[iou(sets[a], sets[b]) for b in sources] for a in sources])
     entropy = {t: [normalised_entropy(u[l]) for l in range(n_layers)] for t, u in usages.items()}
-    return {"tasks": tasks, "layers": picks, "iou": iou_mats, "entropy": entropy}
+    return {"sources": sources, "layers": picks, "iou": iou_mats, "entropy": entropy}
 
 
 def write_report(usages: dict[str, np.ndarray], layer_ids: list[int], out_dir: str) -> str:
@@ -147,9 +147,9 @@ def write_report(usages: dict[str, np.ndarray], layer_ids: list[int], out_dir: s
 
     os.makedirs(out_dir, exist_ok=True)
     res = analyse(usages)
-    tasks = res["tasks"]
-    fig, axes = plt.subplots(len(tasks), 1, figsize=(10, 1.2 + 0.9 * len(tasks) * 1.2), squeeze=False)
-    for ax, t in zip(axes[:, 0], tasks):
+    sources = res["sources"]
+    fig, axes = plt.subplots(len(sources), 1, figsize=(10, 1.2 + 0.9 * len(sources) * 1.2), squeeze=False)
+    for ax, t in zip(axes[:, 0], sources):
         share = usages[t] / np.maximum(1, usages[t].sum(axis=1, keepdims=True))
         ax.imshow(share, aspect="auto", cmap="viridis")
         ax.set_title(f"{t}: expert usage share", fontsize=9)
@@ -163,16 +163,16 @@ def write_report(usages: dict[str, np.ndarray], layer_ids: list[int], out_dir: s
     for ax, (name, mat) in zip(axes, res["iou"].items()):
         ax.imshow(mat, vmin=0, vmax=1, cmap="magma")
         ax.set_title(f"top-25% IoU, {name} MoE layer (L{layer_ids[res['layers'][name]]})", fontsize=8)
-        ax.set_xticks(range(len(tasks)), tasks, rotation=60, fontsize=7)
-        ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
-        for i, j in itertools.product(range(len(tasks)), repeat=2):
+        ax.set_xticks(range(len(sources)), sources, rotation=60, fontsize=7)
+        ax.set_yticks(range(len(sources)), sources, fontsize=7)
+        for i, j in itertools.product(range(len(sources)), repeat=2):
             ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "iou_top25.png"), dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for t in tasks:
+    for t in sources:
         ax.plot(layer_ids, res["entropy"][t], marker="o", label=t)
     ax.set_xlabel("layer")
     ax.set_ylabel("normalised routing entropy")
@@ -184,15 +184,15 @@ def write_report(usages: dict[str, np.ndarray], layer_ids: list[int], out_dir: s
 
     lines = ["# Routing report", "", "![usage](usage_heatmaps.png) ![iou](iou_top25.png) "
              "![entropy](entropy.png)", "", "## Normalised routing entropy per layer", "",
-             "| task | " + " | ".join(f"L{i}" for i in layer_ids) + " |",
+             "| source | " + " | ".join(f"L{i}" for i in layer_ids) + " |",
              "|---|" + "---:|" * len(layer_ids)]
-    lines += [f"| {t} | " + " | ".join(f"{v:.3f}" for v in res["entropy"][t]) + " |" for t in tasks]
-    lines += ["", "## Top-25% expert IoU between tasks (first / middle / last MoE layer)", "",
-              "| task pair | first | middle | last |", "|---|---:|---:|---:|"]
-    for a, b in itertools.combinations(range(len(tasks)), 2):
+    lines += [f"| {t} | " + " | ".join(f"{v:.3f}" for v in res["entropy"][t]) + " |" for t in sources]
+    lines += ["", "## Top-25% expert IoU between sources (first / middle / last MoE layer)", "",
+              "| source pair | first | middle | last |", "|---|---:|---:|---:|"]
+    for a, b in itertools.combinations(range(len(sources)), 2):
         vals = [res["iou"][n][a, b] for n in ("first", "middle", "last")]
-        lines.append(f"| {tasks[a]} vs {tasks[b]} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
-    lines += ["", "## Against the paper", "", "| task pair | paper (first / middle / last) | ours |",
+        lines.append(f"| {sources[a]} vs {sources[b]} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+    lines += ["", "## Against the paper", "", "| source pair | paper (first / middle / last) | ours |",
               "|---|---|---|"]
     pool = {**group_usages(usages), **usages}
     for (a, b), vals in PAPER_IOU.items():
@@ -200,10 +200,10 @@ def write_report(usages: dict[str, np.ndarray], layer_ids: list[int], out_dir: s
             pair = analyse({a: pool[a], b: pool[b]})
             ours = " / ".join(f"{pair['iou'][n][0, 1]:.2f}" for n in ("first", "middle", "last"))
         else:
-            ours = "not measurable: the model has no such tasks"
+            ours = "not measurable: the model has no such sources"
         lines.append(f"| {a} vs {b} | {' / '.join(f'{v:.2f}' for v in vals)} | {ours} |")
     lines += ["", "Groups: " + "; ".join(f"{g} = sum of {', '.join(p.strip() + '*' for p in prefixes)}"
-                                          for g, prefixes in GROUPS.items()) + ". Multimodal tasks count "
+                                          for g, prefixes in GROUPS.items()) + ". Multimodal sources count "
               "only the positions of their own modality (`routing_select`)."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
@@ -211,7 +211,7 @@ def write_report(usages: dict[str, np.ndarray], layer_ids: list[int], out_dir: s
     return text
 
 
-def text_task_batches(cfg, tokenizer, max_batches: int = 4) -> dict[str, list]:
+def text_source_batches(cfg, tokenizer, max_batches: int = 4) -> dict[str, list]:
     """Held-out text grouped by kind (prose, arithmetic, counting, ...), packed into model batches."""
     from ..data.loader import eval_batches
     from ..data.packing import pack_documents

@@ -61,17 +61,17 @@ def evaluate_run(path: str, elastic_grid: bool = False, compare: list[str] = (),
 
 
 def routing_report(path: str, out_dir: str = "", max_batches: int = 4, log=print) -> str:
-    """Run held-out data of every task through the model at `path`; write figures and report.md."""
+    """Run held-out data of every source through the model at `path`; write figures and report.md."""
     from ..data.text import get_text_tokenizer
-    from .routing import multimodal_task_batches, text_task_batches, usage, write_report
+    from .routing import multimodal_source_batches, text_source_batches, usage, write_report
 
     cfg, model = load_model(path, log)
     tokenizer = get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed,
                                    cfg.data.val_fraction)
-    tasks = text_task_batches(cfg, tokenizer, max_batches)
+    sources = text_source_batches(cfg, tokenizer, max_batches)
     if cfg.data.mixture.enabled:
-        tasks.update(multimodal_task_batches(cfg, tokenizer, max_batches))
-    usages = {name: usage(model, batches) for name, batches in tasks.items()}
+        sources.update(multimodal_source_batches(cfg, tokenizer, max_batches))
+    usages = {name: usage(model, batches) for name, batches in sources.items()}
     out_dir = out_dir or os.path.join(os.path.dirname(checkpoint.find_run(path)[0]), "routing_report")
     text = write_report(usages, [i for i, _ in model.moe_layers()], out_dir)
     log(f"wrote {out_dir}/report.md and figures")

@@ -29,7 +29,7 @@ import paddle.nn.functional as F
 from ..data.digits import COLOUR_PAIRS, COLOURS, DIRECTIONS, image_caption
 from ..data.multimodal import pack_segments
 from ..data.packing import IGNORE
-from ..data.vision_tasks import (DELIMITERS, caption_of, encoded_digits, generation_document, generation_prompt,
+from ..data.vision_sources import (DELIMITERS, caption_of, encoded_digits, generation_document, generation_prompt,
                                  is_heldout_combo, load_visual_tokenizer, qa_document, special_ids)
 from ..model.vision_sampling import decode_tokens, sample_visual
 

@@ -58,7 +58,7 @@ class Trainer:
             dc.cache_dir, cfg.model.vocab_size, dc.seq_len, tc.batch_size, tc.seed, dc.bpe_dropout,
             dc.val_fraction)
         self.loader = self.text_loader
-        if dc.mixture.enabled:  # multimodal tasks: data/mixture.py (validation stays the text split)
+        if dc.mixture.enabled:  # multimodal sources: data/mixture.py (validation stays the text split)
             from ..data.mixture import MixtureContext, MixtureLoader
 
             ctx = MixtureContext(cfg, self.tokenizer, "train", self.text_loader.docs_ids_fn(0))
@@ -247,19 +247,19 @@ class Trainer:
 
     @paddle.no_grad()
     def log_modality_views(self, logger, captions=((3, 0, 1), (7, 2, 3))) -> None:
-        """Per-task routing heatmaps (routing/usage_layers_x_experts/<task>: one held-out batch of each
-        multimodal task, its own modality's tokens only) and, with images, generated samples
+        """Per-source routing heatmaps (routing/usage_layers_x_experts/<source>: one held-out batch of each
+        multimodal source, its own modality's tokens only) and, with images, generated samples
         (samples/image: greedy text -> image for `captions` given as (digit, fg, bg))."""
-        from ..eval.routing import multimodal_task_batches, usage
+        from ..eval.routing import multimodal_source_batches, usage
 
-        for name, batches in multimodal_task_batches(self.cfg, self.tokenizer, 1).items():
+        for name, batches in multimodal_source_batches(self.cfg, self.tokenizer, 1).items():
             counts = usage(self.model, batches)
             share = counts / np.maximum(1, counts.sum(axis=1, keepdims=True))
             tag = name.split(" (")[0].replace(" ", "_")
             logger.image(self.step, f"routing/usage_layers_x_experts/{tag}", heatmap_image(share))
         if "image" in self.cfg.model.modalities:
             from ..data.digits import image_caption
-            from ..data.vision_tasks import load_visual_tokenizer
+            from ..data.vision_sources import load_visual_tokenizer
             from ..eval.vision_eval import generate_images
 
             tok = load_visual_tokenizer(self.cfg.model.vision)

@@ -1,4 +1,4 @@
-"""The multimodal mixture loader: whole documents per row, exact resume, task frequencies, heads."""
+"""The multimodal mixture loader: whole documents per row, exact resume, source frequencies, heads."""
 
 import numpy as np
 import paddle
@@ -35,10 +35,10 @@ def _loader(weights, seq_len=32, batch=4, seed=3):
 def test_draw_documents_fills_exactly_the_rows_with_whole_documents():
     from paddle_ernie5.data.multimodal import pack_segments
 
-    docs, tasks = _loader({"a": 1.0, "b": 1.0, "c": 1.0})
+    docs, sources = _loader({"a": 1.0, "b": 1.0, "c": 1.0})
     batch = pack_segments(docs, 32)
     assert batch["input_ids"].shape == (4, 32)
-    assert len(docs) == len(tasks) > 4
+    assert len(docs) == len(sources) > 4
     # Every packed document keeps its own length tag on all of its positions: nothing was split.
     tag = batch["tag"][..., 0]
     lts = batch["startend_row_indices"][:, 0, :, 0]
@@ -50,13 +50,13 @@ def test_draw_documents_fills_exactly_the_rows_with_whole_documents():
             start = end
 
 
-def test_task_frequencies_follow_the_weights():
+def test_source_frequencies_follow_the_weights():
     counts = {"a": 0, "c": 0}
     rng = np.random.default_rng(0)
     sources = {"a": _Toy(5), "c": _Toy(5)}
     for _ in range(200):
-        _, tasks = mixture.draw_documents(sources, {"a": 1.0, "c": 3.0}, rng, 40, 2)
-        for t in tasks:
+        _, drawn = mixture.draw_documents(sources, {"a": 1.0, "c": 3.0}, rng, 40, 2)
+        for t in drawn:
             counts[t] += 1
     n = counts["a"] + counts["c"]
     p = 0.25
@@ -69,7 +69,7 @@ def test_too_long_document_names_the_fix():
 
 
 def test_mixture_loader_resumes_exactly(debug_config, monkeypatch):
-    monkeypatch.setitem(mixture.TASKS, "tts", lambda ctx: _Toy(7))
+    monkeypatch.setitem(mixture.SOURCES, "tts", lambda ctx: _Toy(7))
     cfg = debug_config("model.modalities=[text,audio]", "data.mixture.tts=1.0")
     from paddle_ernie5.data.loader import build_text_data
 
@@ -79,7 +79,7 @@ def test_mixture_loader_resumes_exactly(debug_config, monkeypatch):
     assert ctx.special_id("<boi>") == cfg.model.vocab_size
     a = mixture.MixtureLoader(ctx, 3, seed=7)
     first = [a.next_batch() for _ in range(3)]
-    assert set(a.last_tasks) <= {"text", "tts"}
+    assert set(a.last_sources) <= {"text", "tts"}
     b = mixture.MixtureLoader(ctx, 3, seed=7)
     b.load_state_dict({"step": 2})
     again = b.next_batch()

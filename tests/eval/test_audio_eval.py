@@ -9,7 +9,7 @@ import paddle
 import pytest
 
 from paddle_ernie5.config import AudioCodecConfig
-from paddle_ernie5.data import audio_tasks as T
+from paddle_ernie5.data import audio_sources as T
 from paddle_ernie5.data import mixture
 from paddle_ernie5.data import speech as S
 from paddle_ernie5.eval import audio as EA
@@ -76,15 +76,15 @@ def test_transcription_prompt_is_the_training_layout(cfg):
     from paddle_ernie5.model.inputs import to_model_batch
 
     tok = _tokenizer(cfg)
-    mixture.load_task_modules()
-    task = mixture.TASKS["asr"](mixture.MixtureContext(cfg, tok, "val"))
+    mixture.load_source_modules()
+    source = mixture.SOURCES["asr"](mixture.MixtureContext(cfg, tok, "val"))
     paddle.seed(0)
     model = Ernie5Model(cfg.model)
     model.eval()
     for i in (0, 5):
-        doc = task.document(i, np.random.default_rng(0))
+        doc = source.document(i, np.random.default_rng(0))
         batch = to_model_batch(pack_segments([doc], cfg.data.seq_len, tok.pad_id))
-        last = 2 + len(task.codes(i)) + len(T.asr_question(tok, cfg.model.audio.asr_prompt))  # <eoa> + question
+        last = 2 + len(source.codes(i)) + len(T.asr_question(tok, cfg.model.audio.asr_prompt))  # <eoa> + question
         logits = model(batch, with_mtp=False).logits.numpy()[0, last]
         expected = int(logits.argmax())
         n = last + 1
@@ -92,7 +92,7 @@ def test_transcription_prompt_is_the_training_layout(cfg):
                        prompt_extras={"token_types": batch["token_types"].numpy()[:, :n],
                                       "audio_codes": batch["audio_codes"].numpy()[:, :n]})
         assert int(got.tokens[0, 0]) == expected
-        said = EA.transcribe(model, tok, cfg, [task.codes(i)], max_tokens=1)[0]
+        said = EA.transcribe(model, tok, cfg, [source.codes(i)], max_tokens=1)[0]
         assert said == tok.decode([expected]).strip() if expected != tok.eos_id else said == ""
 
 
@@ -130,7 +130,7 @@ def test_trained_run_generates_speech_and_transcribes_it(cfg, tmp_path, capsys):
 
 
 def test_visualdl_gets_generated_speech_and_per_task_routing_heatmaps(cfg):
-    """A 3-step run of a speech model: VisualDL's reader finds the audio and the per-task images."""
+    """A 3-step run of a speech model: VisualDL's reader finds the audio and the per-source images."""
     import glob
 
     from visualdl import LogReader

@@ -47,13 +47,13 @@ def test_selected_positions_and_groups_by_hand(tmp_path):
     assert "| text vs audio | 0.12 / 0.32 / 0.40 | 0.00 / 0.00 / 0.00 |" in text
 
 
-def test_multimodal_routing_counts_only_the_task_modality(debug_config, monkeypatch):
-    """A toy task whose documents are text + 'audio' positions: usage counts only the audio ones."""
+def test_multimodal_routing_counts_only_the_source_modality(debug_config, monkeypatch):
+    """A toy source whose documents are text + 'audio' positions: usage counts only the audio ones."""
     import paddle
 
     from paddle_ernie5.data import mixture
     from paddle_ernie5.data.multimodal import Segment
-    from paddle_ernie5.eval.routing import multimodal_task_batches, usage
+    from paddle_ernie5.eval.routing import multimodal_source_batches, usage
     from paddle_ernie5.model import embeddings as EMB
     from paddle_ernie5.model.model import Ernie5Model
 
@@ -78,13 +78,13 @@ def test_multimodal_routing_counts_only_the_task_modality(debug_config, monkeypa
         def forward(self, batch):
             return self.table(batch["input_ids"])
 
-    monkeypatch.setitem(mixture.TASKS, "asr", Toy)
+    monkeypatch.setitem(mixture.SOURCES, "asr", Toy)
     monkeypatch.setitem(EMB._REGISTRY, "audio", AudioAsText)
     cfg = debug_config("model.modalities=[text,audio]", "data.mixture.asr=1.0", "train.batch_size=2")
     from paddle_ernie5.data.text import get_text_tokenizer
 
     tok = get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed, cfg.data.val_fraction)
-    batches = multimodal_task_batches(cfg, tok, max_batches=1)["audio understanding (ASR)"]
+    batches = multimodal_source_batches(cfg, tok, max_batches=1)["audio understanding (ASR)"]
     select = batches[0]["routing_select"]
     paddle.seed(0)
     model = Ernie5Model(cfg.model)

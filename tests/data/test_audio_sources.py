@@ -1,4 +1,4 @@
-"""Speech tasks of the mixture: coded speech cached per codec, held-out voices kept out of training,
+"""Speech sources of the mixture: coded speech cached per codec, held-out voices kept out of training,
 the ASR and TTS document layouts, and a packed speech batch through the model (forward/backward)."""
 
 import os
@@ -9,7 +9,7 @@ import paddle
 import pytest
 
 from paddle_ernie5.config import AudioCodecConfig
-from paddle_ernie5.data import audio_tasks as T
+from paddle_ernie5.data import audio_sources as T
 from paddle_ernie5.data import mixture
 from paddle_ernie5.data import speech as S
 from paddle_ernie5.data.packing import IGNORE
@@ -100,12 +100,12 @@ def test_training_split_holds_only_training_voices(ctx, coded):
 
 @needs_espeak
 def test_asr_document_layout(ctx):
-    task = mixture.TASKS["asr"](ctx)
+    source = mixture.SOURCES["asr"](ctx)
     i = 4
-    head, audio, tail = task.document(i, np.random.default_rng(0))
-    codes = task.codes(i)
+    head, audio, tail = source.document(i, np.random.default_rng(0))
+    codes = source.codes(i)
     f = len(codes)
-    words = ctx.text(task.data.texts[i])
+    words = ctx.text(source.data.texts[i])
     assert codes.shape[1] == 2
     assert head.input_ids.tolist() == [ctx.tokenizer.bos_id, ctx.special_id("<boa>")]
     assert (audio.token_types == 3).all() and (audio.blocks is None)
@@ -124,25 +124,25 @@ def test_asr_prompt_puts_a_question_before_the_transcript(debug_config, codec_di
                        "model.audio.levels=2", "model.audio.codebook_size=16", "model.audio.embed_dim=8",
                        "model.audio.asr_prompt='What is said?'", "data.mixture.asr=1.0")
     c = mixture.MixtureContext(cfg, ctx.tokenizer, "train", ctx.text_docs, {"coded_speech": coded})
-    task = mixture.TASKS["asr"](c)
+    source = mixture.SOURCES["asr"](c)
     i = 4
-    _, audio, tail = task.document(i, np.random.default_rng(0))
-    question, answer = ctx.text("What is said?"), ctx.text(" " + task.data.texts[i])
+    _, audio, tail = source.document(i, np.random.default_rng(0))
+    question, answer = ctx.text("What is said?"), ctx.text(" " + source.data.texts[i])
     eos = ctx.tokenizer.eos_id
     assert tail.input_ids.tolist() == [ctx.special_id("<eoa>")] + question + answer + [eos]
     # only the transcript and <eos> are targets; the question is context, like a QA question
     assert tail.labels.tolist() == [IGNORE] * len(question) + answer + [eos, IGNORE]
-    assert int(tail.positions[0, 0]) == 2 + len(task.codes(i)) == 2 + len(audio.input_ids)
+    assert int(tail.positions[0, 0]) == 2 + len(source.codes(i)) == 2 + len(audio.input_ids)
 
 
 @needs_espeak
 def test_tts_document_layout(ctx):
-    task = mixture.TASKS["tts"](ctx)
+    source = mixture.SOURCES["tts"](ctx)
     i = 2
-    head, audio, tail = task.document(i, np.random.default_rng(0))
-    codes = task.codes(i)
+    head, audio, tail = source.document(i, np.random.default_rng(0))
+    codes = source.codes(i)
     f, k = len(codes), ctx.cfg.model.audio.codebook_size
-    words = ctx.text(task.data.texts[i])
+    words = ctx.text(source.data.texts[i])
     assert head.input_ids.tolist() == [ctx.tokenizer.bos_id] + words + [ctx.special_id("<boa>")]
     assert tail.input_ids.tolist() == [ctx.special_id("<eoa>")]
     targets = np.concatenate([s.extras["audio_targets"] for s in (head, audio, tail)])
@@ -162,7 +162,7 @@ def test_a_packed_speech_batch_trains_the_model(ctx):
 
     loader = mixture.MixtureLoader(ctx, 3, seed=1)
     np_batch = loader.batch_at(0)
-    assert {"asr", "tts"} & set(loader.last_tasks)
+    assert {"asr", "tts"} & set(loader.last_sources)
     assert np_batch["audio_codes"].shape == (3, ctx.cfg.data.seq_len, 2)
     assert np_batch["mask_causal"] is False
     audio = np_batch["token_types"] == 3
@@ -172,7 +172,7 @@ def test_a_packed_speech_batch_trains_the_model(ctx):
     batch = to_model_batch(np_batch)
     out = model(batch)
     heads = model.head_losses(out, batch)
-    if "tts" in loader.last_tasks:
+    if "tts" in loader.last_sources:
         assert float(heads["audio/level0"][1]) > 0
     parts = compute_loss(out, batch["labels"], ctx.cfg.model, heads)
     parts.total.backward()

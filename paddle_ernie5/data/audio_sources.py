@@ -1,4 +1,4 @@
-"""Speech tasks of the pretraining mixture: `asr` (speech -> transcript) and `tts` (transcript -> speech).
+"""Speech sources of the pretraining mixture: `asr` (speech -> transcript) and `tts` (transcript -> speech).
 
 The built-in speech (data/speech.py) is encoded once with the frozen codec (model.audio.codec_dir) and
 cached in data.cache_dir under the codec's weight hash and the speech set's key, so training reads
@@ -22,14 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..io import save_npz
-from .mixture import MixtureContext, register_task
+from .mixture import MixtureContext, register_source
 from .multimodal import Segment, text_segment
 from .packing import IGNORE
 from .speech import SpeechSpec, load_speech
 
 AUDIO_TYPE = 3  # model/embeddings.MODALITY_IDS["audio"] (config.MODALITIES order)
 _FORMAT = 1  # bump when the cached layout changes
-SPEECH_SPEC = SpeechSpec()  # the built-in speech set the tasks and the evaluation read
+SPEECH_SPEC = SpeechSpec()  # the built-in speech set the sources and the evaluation read
 
 
 @dataclass
@@ -91,7 +91,7 @@ def load_coded_speech(cache_dir: str, codec_dir: str, spec: SpeechSpec | None = 
 
 
 def coded_speech(ctx: MixtureContext) -> CodedSpeech:
-    """The split of the context (train: training voices; otherwise held-out voices), shared by tasks."""
+    """The split of the context (train: training voices; otherwise held-out voices), shared by sources."""
     if "coded_speech" not in ctx.cache:
         ctx.cache["coded_speech"] = load_coded_speech(ctx.cfg.data.cache_dir, ctx.cfg.model.audio.codec_dir)
     train, held = ctx.cache["coded_speech"]
@@ -111,7 +111,7 @@ def _quiet(ids, start: int) -> Segment:
 
 
 def audio_segment(codes_FL: np.ndarray, start: int) -> Segment:
-    """Causal audio frames (blocks = -1), t = h = w = index; no targets (the tasks add them)."""
+    """Causal audio frames (blocks = -1), t = h = w = index; no targets (the sources add them)."""
     f, levels = codes_FL.shape
     pos = np.arange(start, start + f, dtype=np.int64)
     extras = _audio_extras(f, levels)
@@ -120,7 +120,7 @@ def audio_segment(codes_FL: np.ndarray, start: int) -> Segment:
                    np.full(f, IGNORE, np.int64), None, extras)
 
 
-class _SpeechTask:
+class _SpeechSource:
     def __init__(self, ctx: MixtureContext):
         a = ctx.cfg.model.audio
         self.data = coded_speech(ctx)
@@ -146,7 +146,7 @@ def asr_answer_text(text: str, prompt: str) -> str:
     return " " + text if prompt else text
 
 
-class ASRTask(_SpeechTask):
+class ASRSource(_SpeechSource):
     """<bos> <boa> frames <eoa> [asr_prompt] transcript <eos>; the transcript and <eos> are the targets."""
 
     def __init__(self, ctx: MixtureContext):
@@ -167,7 +167,7 @@ class ASRTask(_SpeechTask):
         return [head, audio, tail]
 
 
-class TTSTask(_SpeechTask):
+class TTSSource(_SpeechSource):
     def document(self, index: int, rng: np.random.Generator) -> list[Segment]:
         codes = self.codes(index)
         prompt = [self.bos] + self.words[index] + [self.boa]
@@ -185,5 +185,5 @@ class TTSTask(_SpeechTask):
         return [head, audio, tail]
 
 
-register_task("asr")(ASRTask)
-register_task("tts")(TTSTask)
+register_source("asr")(ASRSource)
+register_source("tts")(TTSSource)

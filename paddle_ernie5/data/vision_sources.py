@@ -1,4 +1,4 @@
-"""Vision tasks of the pretraining mixture: image_gen, image_qa, video_gen, video_qa.
+"""Vision sources of the pretraining mixture: image_gen, image_qa, video_gen, video_qa.
 
 The built-in digits (data/digits.py) are coded once by the frozen visual tokenizer
 (model.vision.tokenizer_dir) and cached in data.cache_dir under the hash of the tokenizer's files, so
@@ -34,7 +34,7 @@ from ..model.vision import (IMAGE_ID, VIDEO_ID, FEATURE_KEY, PATCH_INDEX_KEY, ge
                             history_bits, span_extent)
 from .digits import (digit_images, digit_videos, image_caption, image_questions, video_caption,
                      video_questions)
-from .mixture import MixtureContext, register_task
+from .mixture import MixtureContext, register_source
 from .multimodal import Segment, text_segment
 from .packing import IGNORE
 
@@ -254,7 +254,7 @@ def special_ids(vocab_size: int, tokenizer) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------ tasks
+# ------------------------------------------------------------------------------ sources
 
 
 def _split(ctx: MixtureContext) -> str:
@@ -268,8 +268,8 @@ def _encoded(ctx: MixtureContext, kind: str) -> EncodedSet:
     return ctx.cache[key]
 
 
-class _VisionTask:
-    """What every vision task holds: the vision config, the encoded split, the delimiter ids."""
+class _VisionSource:
+    """What every vision source holds: the vision config, the encoded split, the delimiter ids."""
 
     kind = "image"
 
@@ -280,7 +280,7 @@ class _VisionTask:
         self.ctx = ctx
 
 
-class GenerationTask(_VisionTask):
+class GenerationSource(_VisionSource):
     """caption -> image / clip (next-frame-and-scale bits)."""
 
     def __init__(self, ctx: MixtureContext):
@@ -309,7 +309,7 @@ class GenerationTask(_VisionTask):
                                    rng if self.train else None)
 
 
-class QATask(_VisionTask):
+class QASource(_VisionSource):
     """image / clip + question -> answer, from pre-quantisation features through the patch merger."""
 
     def __init__(self, ctx: MixtureContext):
@@ -333,21 +333,21 @@ class QATask(_VisionTask):
         return qa_document(self.data.feats[index], *pairs[-1], self.v, self.kind, self.ids, pairs[:-1])
 
 
-@register_task("image_gen")
-class ImageGenTask(GenerationTask):
+@register_source("image_gen")
+class ImageGenSource(GenerationSource):
     kind = "image"
 
 
-@register_task("video_gen")
-class VideoGenTask(GenerationTask):
+@register_source("video_gen")
+class VideoGenSource(GenerationSource):
     kind = "video"
 
 
-@register_task("image_qa")
-class ImageQATask(QATask):
+@register_source("image_qa")
+class ImageQASource(QASource):
     kind = "image"
 
 
-@register_task("video_qa")
-class VideoQATask(QATask):
+@register_source("video_qa")
+class VideoQASource(QASource):
     kind = "video"
