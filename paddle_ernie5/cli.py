@@ -38,11 +38,11 @@ def cmd_train(args) -> int:
     if cfg.build_only:
         raise C.ConfigError(f"recipe {args.recipe!r} is build-only (it sizes a model and is never "
                             "allocated); use `ernie5 config` to see its parameter count")
-    if cfg.task != "pretrain":
+    if cfg.component != "pretrain":
         _set_threads(cfg.train.threads)
-        from .train.tasks import run_task
+        from .train.components import run_component
 
-        metrics = run_task(cfg)
+        metrics = run_component(cfg)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         return 0
     # Under paddle.distributed.launch the processes of one machine share its cores.
@@ -73,6 +73,8 @@ def cmd_config(args) -> int:
     from .model.params import count_params
 
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    if not isinstance(cfg, C.Config):
+        return 0  # a separately trained component: no backbone to size
     p = count_params(cfg.model)
     print(f"# parameters: {p['total']:,} total, {p['activated']:,} activated per token "
           f"({100 * p['activated'] / p['total']:.2f}%)")
@@ -120,6 +122,9 @@ def cmd_plan(args) -> int:
     from .parallel.planner import format_plan, make_plan
 
     cfg = C.load_config(args.recipe, args.overrides)
+    if not isinstance(cfg, C.Config):
+        raise C.ConfigError(f"recipe {args.recipe!r} trains component {cfg.component!r}; "
+                            "`ernie5 plan` sizes backbone recipes")
     print(f"ernie5 plan: {args.recipe} {' '.join(args.overrides)}".rstrip())
     print(format_plan(cfg, make_plan(cfg)))
     return 0

@@ -1,7 +1,9 @@
-"""`ernie5 train` for components trained apart from the backbone: tokenizers, codecs, judges.
+"""`ernie5 train` for every component but the backbone's pretraining: tokenizers, codecs, judges,
+the merger, and the supervised and RL stages.
 
-Each task name (config.TASKS) maps to `module:function`; the function takes the resolved Config,
-trains, saves under train.run_dir and returns a dict of held-out metrics, which the CLI prints.
+Each component name (config.COMPONENTS, but pretrain) maps to `module:function`; the function
+takes the resolved config, trains, saves under train.run_dir and returns a dict of held-out
+metrics, which the CLI prints.
 """
 
 from __future__ import annotations
@@ -19,6 +21,6 @@ RUNNERS = {
 }
 
 
-def run_task(cfg) -> dict:
-    module_name, _, fn_name = RUNNERS[cfg.task].partition(":")
+def run_component(cfg) -> dict:
+    module_name, _, fn_name = RUNNERS[cfg.component].partition(":")
     return getattr(importlib.import_module(module_name), fn_name)(cfg)

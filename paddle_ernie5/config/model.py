@@ -1,0 +1,194 @@
+"""The `model` section with its `attention` and `moe` sub-sections (`audio` and `vision` are in
+modalities.py), and the modality constants shared with the data and tokenizer code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ._check import _check
+from .modalities import AudioModelConfig, VisionModelConfig
+
+MODALITIES = ("text", "image", "video", "audio")
+# Delimiters of modality spans, ids vocab_size + index (multimodal models only;
+# ModelConfig.text_vocab).
+SPECIAL_TOKENS = ("<boi>", "<eoi>", "<bov>", "<eov>", "<boa>", "<eoa>")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionConfig:
+    num_heads: int = 4
+    num_kv_heads: int = 2  # GQA: num_heads must be a multiple of it
+    head_dim: int = 32
+    rope_base: float = 1e6  # ERNIE5.md
+    # Uni-RoPE: share of rotary frequency pairs given to the (t, h, w) axes. Not disclosed; we
+    # follow the usual multimodal-RoPE split that gives time a quarter and the two spatial axes the
+    # rest.
+    rope_sections: tuple[float, float, float] = (0.25, 0.375, 0.375)
+    # auto: Paddle's flashmask_attention on a GPU build with fp16/bf16, the CPU FlashMask op
+    # otherwise.
+    backend: str = "auto"
+
+    def validate(self, at: str) -> None:
+        _check(at, "num_heads", self.num_heads, self.num_heads >= 1, ">= 1")
+        _check(
+            at,
+            "num_kv_heads",
+            self.num_kv_heads,
+            self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0,
+            f"a divisor of num_heads={self.num_heads}",
+        )
+        _check(
+            at,
+            "head_dim",
+            self.head_dim,
+            self.head_dim >= 2 and self.head_dim % 2 == 0,
+            "an even number >= 2",
+        )
+        _check(at, "rope_base", self.rope_base, self.rope_base > 1, "> 1")
+        _check(
+            at,
+            "rope_sections",
+            self.rope_sections,
+            len(self.rope_sections) == 3
+            and all(s >= 0 for s in self.rope_sections)
+            and abs(sum(self.rope_sections) - 1) < 1e-6,
+            "three non-negative shares summing to 1",
+        )
+        _check(
+            at,
+            "backend",
+            self.backend,
+            self.backend in ("auto", "cpu", "reference", "paddle"),
+            "one of auto, cpu, reference, paddle",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    num_experts: int = 32  # ONE pool shared by every modality (ERNIE5.md)
+    top_k: int = 4
+    expert_hidden: int = 128  # fine-grained SwiGLU experts
+    num_shared_experts: int = 1
+    shared_expert_hidden: int = 128
+    first_dense_layers: int = 0  # layers before this index use a dense SwiGLU instead of MoE
+    # Width of those dense SwiGLUs (and of the MTP block's); 0 = top_k * expert_hidden + shared
+    # width, the activated width of an MoE layer.
+    dense_hidden: int = 0
+    score_func: str = "softmax"  # router scores; top-k weights are renormalised to sum to 1
+    bias_update_rate: float = 1e-3  # aux-free balancing; the paper uses 1e-4 at scale
+    aux_loss_weight: float = 0.0  # optional sequence-level balance loss
+    z_loss_weight: float = 0.0  # optional router z-loss
+    capacity_factor: float = 0.0  # 0 = dropless (the default and the paper's choice)
+    # Routed experts (paddle_ernie5/ops/moe_experts.py): cpu_op = the C++ op (token rows by index,
+    # no padded grid), grouped = batched matmuls over an [E, C, M] grid; auto = cpu_op for CPU
+    # tensors, grouped on a GPU. Expert-parallel dispatchers always use grouped.
+    expert_backend: str = "auto"
+
+    def dense_width(self) -> int:
+        return self.dense_hidden or (
+            self.top_k * self.expert_hidden + self.num_shared_experts * self.shared_expert_hidden
+        )
+
+    def validate(self, at: str) -> None:
+        _check(at, "num_experts", self.num_experts, self.num_experts >= 1, ">= 1")
+        _check(
+            at,
+            "top_k",
+            self.top_k,
+            1 <= self.top_k <= self.num_experts,
+            f"1 <= top_k <= num_experts={self.num_experts}",
+        )
+        _check(at, "expert_hidden", self.expert_hidden, self.expert_hidden >= 1, ">= 1")
+        _check(
+            at, "num_shared_experts", self.num_shared_experts, self.num_shared_experts >= 0, ">= 0"
+        )
+        _check(
+            at,
+            "shared_expert_hidden",
+            self.shared_expert_hidden,
+            self.shared_expert_hidden >= 1,
+            ">= 1",
+        )
+        _check(
+            at, "first_dense_layers", self.first_dense_layers, self.first_dense_layers >= 0, ">= 0"
+        )
+        _check(at, "dense_hidden", self.dense_hidden, self.dense_hidden >= 0, ">= 0 (0 = derived)")
+        _check(
+            at,
+            "score_func",
+            self.score_func,
+            self.score_func in ("softmax", "sigmoid"),
+            "softmax or sigmoid",
+        )
+        _check(at, "bias_update_rate", self.bias_update_rate, self.bias_update_rate >= 0, ">= 0")
+        _check(at, "aux_loss_weight", self.aux_loss_weight, self.aux_loss_weight >= 0, ">= 0")
+        _check(at, "z_loss_weight", self.z_loss_weight, self.z_loss_weight >= 0, ">= 0")
+        _check(
+            at,
+            "capacity_factor",
+            self.capacity_factor,
+            self.capacity_factor == 0 or self.capacity_factor >= 1,
+            "0 (dropless) or >= 1",
+        )
+        _check(
+            at,
+            "expert_backend",
+            self.expert_backend,
+            self.expert_backend in ("auto", "cpu_op", "grouped"),
+            "one of auto, cpu_op, grouped",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    vocab_size: int = 4096  # text BPE vocabulary; the tokenizer is trained to this size
+    hidden_size: int = 128
+    num_layers: int = 4
+    max_seq_len: int = 256
+    rms_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+    num_mtp_modules: int = 1  # DeepSeek-V3 style multi-token prediction depth
+    mtp_loss_weight: float = 0.3  # ERNIE5.md: 0.3 in the first stage
+    modalities: tuple[str, ...] = ("text",)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    audio: AudioModelConfig = field(default_factory=AudioModelConfig)
+    vision: VisionModelConfig = field(default_factory=VisionModelConfig)
+
+    def validate(self, at: str) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "max_seq_len"):
+            _check(at, name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
+        _check(
+            at, "num_mtp_modules", self.num_mtp_modules, self.num_mtp_modules in (0, 1), "0 or 1"
+        )
+        _check(at, "mtp_loss_weight", self.mtp_loss_weight, self.mtp_loss_weight >= 0, ">= 0")
+        _check(
+            at,
+            "modalities",
+            self.modalities,
+            len(self.modalities) > 0 and set(self.modalities) <= set(MODALITIES),
+            f"a non-empty subset of {list(MODALITIES)}",
+        )
+        _check(
+            at,
+            "moe.first_dense_layers",
+            self.moe.first_dense_layers,
+            self.moe.first_dense_layers <= self.num_layers,
+            f"<= num_layers={self.num_layers}",
+        )
+        self.attention.validate(f"{at}.attention")
+        self.moe.validate(f"{at}.moe")
+        self.audio.validate(f"{at}.audio")
+        self.vision.validate(f"{at}.vision")
+
+    @property
+    def multimodal(self) -> bool:
+        return tuple(self.modalities) != ("text",)
+
+    @property
+    def text_vocab(self) -> int:
+        """Rows of the text embedding and text head: the BPE vocabulary plus, in a multimodal
+        model, the modality delimiters (tokenizers/text.SPECIAL_TOKENS: <boi> <eoi> <bov> <eov>
+        <boa> <eoa>)."""
+        return self.vocab_size + (len(SPECIAL_TOKENS) if self.multimodal else 0)

@@ -1,0 +1,114 @@
+"""The `rl` section: RL post-training, also read by the supervised stage (component sft)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._check import _check
+
+
+@dataclass(frozen=True, kw_only=True)
+class RLConfig:
+    """RL post-training on verifiable tasks (rl/): GSPO + token-level IcePop (MISC), WPSM, AHRL
+    hints, unbiased replay buffer (U-RB) and rollout router replay. ERNIE5.md names the techniques
+    but not their constants; where a value is not disclosed the default is our choice and says so.
+
+    `component: sft` reads the task list and problem pools from this section too (the supervised
+    stage)."""
+
+    # verifier task names (rl/verifiers.py, rl/image_qa.py)
+    tasks: tuple[str, ...] = ("arithmetic", "counting")
+    train_problems: int = 4000  # problems drawn per task before the held-out split is removed
+    eval_problems: int = 64  # held-out prompts per task for the before/after measurement
+    # Share of question texts (by hash) never used for training; image_qa uses the image split
+    # instead.
+    heldout_fraction: float = 0.2
+    prompts_per_step: int = 8  # queries per iteration group (U-RB assigns queries to groups)
+    group_size: int = 8  # responses per query; GRPO normalises rewards inside the group
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    num_minibatches: int = 2  # gradient updates per group; the first is on-policy
+    # GSPO: sequence ratio s = exp(mean_t log(pi/pi_old)) clipped to [1 - clip_low, 1 + clip_high]
+    # (the GSPO paper's values; ERNIE 5.0 does not disclose its own).
+    clip_low: float = 3e-4
+    clip_high: float = 4e-4
+    # IcePop (MISC): tokens whose train/rollout probability ratio is outside [low, high] are masked.
+    # Not disclosed; these are IcePop's published bounds.
+    icepop_low: float = 0.5
+    icepop_high: float = 5.0
+    # WPSM: a response to a query with running accuracy > tau and mean token entropy < eta has its
+    # loss scaled by (1 - alpha). Not disclosed (our choice).
+    wpsm_tau: float = 0.8
+    wpsm_eta: float = 0.3
+    wpsm_alpha: float = 0.5
+    # k3 KL to the initial (reference) policy; 0 = off, no reference model kept
+    kl_coef: float = 0.0
+    # AHRL: a query whose running pass rate is below hint_below gets the first p_hint of its
+    # reference solution, p_hint = p_init * exp(-gamma * t * pass_init(x)), t = iteration. Not
+    # disclosed.
+    hints: bool = True
+    hint_p_init: float = 0.5
+    hint_gamma: float = 0.02
+    hint_below: float = 0.2
+    # U-RB: rollouts for up to `lookahead` future groups run in the background on `rollout_workers`
+    # threads with the weights of the step that started them; 0 workers = in the training thread.
+    lookahead: int = 1
+    rollout_workers: int = 1
+    router_replay: bool = True  # the training forward reuses the experts chosen during rollout
+    eval_every: int = 0  # held-out reward every N steps; 0 = only before and after
+
+    def validate(self, at: str) -> None:
+        _check(
+            at,
+            "tasks",
+            self.tasks,
+            len(self.tasks) > 0 and len(set(self.tasks)) == len(self.tasks),
+            "a non-empty list of distinct task names (rl/verifiers.py), e.g. [arithmetic, "
+            "counting]",
+        )
+        for name in (
+            "train_problems",
+            "eval_problems",
+            "prompts_per_step",
+            "max_new_tokens",
+            "num_minibatches",
+        ):
+            _check(at, name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
+        _check(
+            at,
+            "group_size",
+            self.group_size,
+            self.group_size >= 2,
+            ">= 2 (GRPO compares responses within a group)",
+        )
+        _check(
+            at,
+            "num_minibatches",
+            self.num_minibatches,
+            self.prompts_per_step % self.num_minibatches == 0,
+            f"a divisor of prompts_per_step={self.prompts_per_step} (minibatches hold whole "
+            "groups)",
+        )
+        _check(
+            at,
+            "heldout_fraction",
+            self.heldout_fraction,
+            0 < self.heldout_fraction < 1,
+            "0 < f < 1",
+        )
+        _check(at, "temperature", self.temperature, self.temperature > 0, "> 0 (rollouts sample)")
+        _check(at, "clip_low", self.clip_low, 0 <= self.clip_low < 1, "0 <= eps < 1")
+        _check(at, "clip_high", self.clip_high, self.clip_high >= 0, ">= 0")
+        _check(at, "icepop_low", self.icepop_low, 0 <= self.icepop_low <= 1, "0..1")
+        _check(at, "icepop_high", self.icepop_high, self.icepop_high >= 1, ">= 1")
+        for name in ("wpsm_tau", "wpsm_alpha", "hint_p_init", "hint_below"):
+            _check(at, name, getattr(self, name), 0 <= getattr(self, name) <= 1, "0..1")
+        for name in (
+            "wpsm_eta",
+            "kl_coef",
+            "hint_gamma",
+            "lookahead",
+            "rollout_workers",
+            "eval_every",
+        ):
+            _check(at, name, getattr(self, name), getattr(self, name) >= 0, ">= 0")

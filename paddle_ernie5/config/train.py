@@ -1,0 +1,158 @@
+"""The `train` section.
+
+`LoopConfig` holds what every training loop reads: run directory, steps, batch, optimizer,
+learning-rate schedule, global-norm clipping, seed, threads, logging and checkpoint cadence. The
+separately trained components (tokenizers, codecs, judges, the merger) read only these.
+`TrainConfig` extends it with what only the backbone trainers (components pretrain, sft, rl) read:
+gradient accumulation, AdaGC, SimReg, evaluation cadence, resume and initial weights. The
+attribute names are the same in both, so a loop written against one reads the other unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ._check import _check
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopClipConfig:
+    """Gradient clipping of a component loop: the global norm at train.clip_norm, always. `mode`
+    is there so a recipe may say so (train.clip.mode: global); only the backbone trainer implements
+    adagc."""
+
+    mode: str = "global"
+
+    def validate(self, at: str) -> None:
+        _check(
+            at,
+            "mode",
+            self.mode,
+            self.mode == "global",
+            "global (component loops clip by the global norm; only the pretraining trainer "
+            "implements adagc)",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipConfig(LoopClipConfig):
+    """Gradient clipping, applied once per optimizer step to the accumulated, reduced gradients.
+
+    global: scale all gradients so their global L2 norm is at most train.clip_norm.
+    adagc: AdaGC (arXiv 2502.11034), per-tensor clipping against an EMA of each tensor's own clipped
+    norms: h = min(1, lambda_rel * gamma / ||g||), gamma <- beta * gamma + (1 - beta) * ||h g||. For
+    the first `warmup_steps` steps it clips globally at lambda_abs while gamma tracks each tensor's
+    running minimum clipped norm. The defaults (beta 0.98, lambda_rel 1.05, lambda_abs = the global
+    clip value, 100 warm-up steps) are the settings published with the paper. Tensors without a
+    gradient in a step (layers an elastic view skipped) keep their state."""
+
+    mode: str = "global"  # global | adagc
+    beta: float = 0.98
+    lambda_rel: float = 1.05
+    lambda_abs: float = 0.0  # warm-up global threshold; 0 = train.clip_norm
+    warmup_steps: int = 100
+
+    def validate(self, at: str) -> None:
+        _check(at, "mode", self.mode, self.mode in ("global", "adagc"), "global or adagc")
+        _check(at, "beta", self.beta, 0 <= self.beta < 1, "0 <= beta < 1")
+        _check(at, "lambda_rel", self.lambda_rel, self.lambda_rel > 0, "> 0")
+        _check(
+            at, "lambda_abs", self.lambda_abs, self.lambda_abs >= 0, ">= 0 (0 = train.clip_norm)"
+        )
+        _check(at, "warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimRegConfig:
+    """SimReg: a supervised-contrastive loss on the final hidden states added to the objective,
+    total = CE + weight * L_sim. Within one document, positions whose next-token labels agree are
+    positives and the others negatives; up to `max_anchors` anchors per sequence are sampled (seeded
+    by train.seed and the step, so resumed runs draw the same ones). Weight and temperature are our
+    choice."""
+
+    enabled: bool = False
+    # At initialisation of the tiny recipe the SimReg gradient (temperature 0.1) is ~5x the CE one,
+    # so a weight of 0.05 keeps it at about a quarter of the objective's gradient under one clipping
+    # budget.
+    weight: float = 0.05
+    temperature: float = 0.1  # cosine similarities are divided by it (the usual SupCon value)
+    max_anchors: int = 64  # anchors per sequence; cost is O(seq_len * max_anchors) per sequence
+
+    def validate(self, at: str) -> None:
+        _check(at, "weight", self.weight, self.weight >= 0, ">= 0")
+        _check(at, "temperature", self.temperature, self.temperature > 0, "> 0")
+        _check(at, "max_anchors", self.max_anchors, self.max_anchors >= 1, ">= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    """`train:` of a component recipe: what the component training loops, the shared optimizer
+    and the learning-rate schedule read."""
+
+    run_dir: str = "runs/pretrain_tiny"
+    max_steps: int = 600
+    batch_size: int = 8  # sequences (or examples) per step
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    schedule: str = "wsd"  # wsd (warmup-stable-decay, ERNIE5.md 8K stage) | cosine
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # WSD: share of steps spent decaying to min_lr
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # global-norm clipping threshold (clip.mode=global); 0 disables
+    clip: LoopClipConfig = field(default_factory=LoopClipConfig)
+    seed: int = 1234
+    threads: int = 0  # intra-op CPU threads; 0 = all cores
+    log_every: int = 10
+    save_every: int = 200  # checkpoint every n steps (and after the last)
+    keep_last: int = 2  # checkpoints kept
+    visualdl: bool = True
+    progress: bool = True
+
+    def validate(self, at: str) -> None:
+        for name in ("max_steps", "batch_size", "log_every", "save_every", "keep_last"):
+            _check(at, name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
+        _check(at, "lr", self.lr, self.lr > 0, "> 0")
+        _check(
+            at, "min_lr", self.min_lr, 0 <= self.min_lr <= self.lr, f"0 <= min_lr <= lr={self.lr}"
+        )
+        _check(at, "schedule", self.schedule, self.schedule in ("wsd", "cosine"), "wsd or cosine")
+        _check(
+            at,
+            "warmup_steps",
+            self.warmup_steps,
+            0 <= self.warmup_steps <= self.max_steps,
+            f"0 <= warmup_steps <= max_steps={self.max_steps}",
+        )
+        _check(at, "decay_fraction", self.decay_fraction, 0 <= self.decay_fraction <= 1, "0..1")
+        _check(at, "weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
+        _check(at, "beta1", self.beta1, 0 <= self.beta1 < 1, "0 <= beta1 < 1")
+        _check(at, "beta2", self.beta2, 0 <= self.beta2 < 1, "0 <= beta2 < 1")
+        _check(at, "eps", self.eps, self.eps > 0, "> 0")
+        _check(at, "clip_norm", self.clip_norm, self.clip_norm >= 0, ">= 0 (0 disables)")
+        _check(at, "threads", self.threads, self.threads >= 0, ">= 0 (0 = all cores)")
+        self.clip.validate(f"{at}.clip")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(LoopConfig):
+    """`train:` of a backbone recipe (components pretrain, sft, rl): the loop settings plus what
+    only the backbone trainers read."""
+
+    grad_accum: int = 1  # micro-batches per optimizer step
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    simreg: SimRegConfig = field(default_factory=SimRegConfig)
+    eval_every: int = 200
+    resume: str = "auto"  # auto: continue from the newest complete checkpoint | never
+    # Start from these model weights (a run dir, a checkpoint dir or an exported model) when the run
+    # has no checkpoint of its own yet; optimizer and data start fresh. "" = random initialisation.
+    init_from: str = ""
+
+    def validate(self, at: str) -> None:
+        for name in ("grad_accum", "eval_every"):
+            _check(at, name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
+        _check(at, "resume", self.resume, self.resume in ("auto", "never"), "auto or never")
+        super().validate(at)
+        self.simreg.validate(f"{at}.simreg")
