@@ -1,4 +1,5 @@
-"""Optional modules that register themselves (modality embeddings and heads, mixture tasks) on import."""
+"""Optional modules that register themselves on import (modality embeddings and heads, mixture
+sources)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,8 @@ def module_name(path: pathlib.Path, root: pathlib.Path, package: str) -> str:
 
 
 def import_graph(root: pathlib.Path, package: str) -> dict[str, set[str]]:
-    """module -> the package modules it imports (`from a import b` counts as a.b when b is a module)."""
+    """module -> the package modules it imports (`from a import b` counts as a.b when b is a
+    module)."""
     files = {module_name(p, root, package): p for p in root.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for mod, path in files.items():
@@ -49,12 +50,14 @@ def import_graph(root: pathlib.Path, package: str) -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = mod.split(".") if is_pkg else mod.split(".")[:-1]
-                    base = base[:len(base) - (node.level - 1)]
+                    base = base[: len(base) - (node.level - 1)]
                     parent = ".".join(base + ([node.module] if node.module else []))
                 else:
                     parent = node.module or ""
-                targets = [f"{parent}.{a.name}" if f"{parent}.{a.name}" in files else parent
-                           for a in node.names]
+                targets = [
+                    f"{parent}.{a.name}" if f"{parent}.{a.name}" in files else parent
+                    for a in node.names
+                ]
             else:
                 continue
             for t in targets:
@@ -67,7 +70,7 @@ def import_graph(root: pathlib.Path, package: str) -> dict[str, set[str]]:
 
 
 def layer_of(mod: str, package: str) -> int | None:
-    head = mod[len(package) + 1:].split(".")[0]
+    head = mod[len(package) + 1 :].split(".")[0]
     for i, names in enumerate(LAYERS):
         if head in names:
             return i
@@ -150,17 +153,29 @@ def _write(root: pathlib.Path, files: dict[str, str]) -> None:
         path.write_text(text, encoding="utf-8")
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("from ..train import loop\n", "pkg.model.block -> pkg.train.loop"),
-    ("def f():\n    from pkg.train.loop import run\n", "pkg.model.block -> pkg.train.loop"),
-    ("import pkg.eval.suite\n", "pkg.model.block -> pkg.eval.suite"),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("from ..train import loop\n", "pkg.model.block -> pkg.train.loop"),
+        ("def f():\n    from pkg.train.loop import run\n", "pkg.model.block -> pkg.train.loop"),
+        ("import pkg.eval.suite\n", "pkg.model.block -> pkg.eval.suite"),
+    ],
+)
 def test_checker_catches_a_synthetic_upward_import(tmp_path, source, expected):
     root = tmp_path / "pkg"
-    _write(root, {"__init__.py": "", "model/__init__.py": "", "model/norm.py": "",
-                  "train/__init__.py": "", "train/loop.py": "from ..model import norm\n",
-                  "eval/__init__.py": "", "eval/suite.py": "",
-                  "model/block.py": "from . import norm\n" + source})
+    _write(
+        root,
+        {
+            "__init__.py": "",
+            "model/__init__.py": "",
+            "model/norm.py": "",
+            "train/__init__.py": "",
+            "train/loop.py": "from ..model import norm\n",
+            "eval/__init__.py": "",
+            "eval/suite.py": "",
+            "model/block.py": "from . import norm\n" + source,
+        },
+    )
     graph = import_graph(root, "pkg")
     assert upward_imports(graph, "pkg") == [expected]
     assert cycles(graph) == []
@@ -168,8 +183,15 @@ def test_checker_catches_a_synthetic_upward_import(tmp_path, source, expected):
 
 def test_checker_catches_a_synthetic_cycle(tmp_path):
     root = tmp_path / "pkg"
-    _write(root, {"__init__.py": "", "rl/__init__.py": "",
-                  "rl/a.py": "from .b import x\n", "rl/b.py": "def f():\n    from . import a\n"})
+    _write(
+        root,
+        {
+            "__init__.py": "",
+            "rl/__init__.py": "",
+            "rl/a.py": "from .b import x\n",
+            "rl/b.py": "def f():\n    from . import a\n",
+        },
+    )
     graph = import_graph(root, "pkg")
     assert upward_imports(graph, "pkg") == []
     assert cycles(graph) == [["pkg.rl.a", "pkg.rl.b"]]

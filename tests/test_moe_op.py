@@ -10,11 +10,11 @@ import pytest
 
 from paddle_ernie5.config import ConfigError, MoEConfig, load_config
 from paddle_ernie5.model.dispatch import LocalDispatcher
-from paddle_ernie5.ops.grouping import expert_capacity
 from paddle_ernie5.model.moe import MoE
-from paddle_ernie5.model.view import ElasticView
+from paddle_ernie5.model.view import FULL_VIEW, ElasticView
 from paddle_ernie5.ops import build
 from paddle_ernie5.ops import moe_experts as seam
+from paddle_ernie5.ops.grouping import expert_capacity
 
 
 @pytest.fixture(scope="module")
@@ -144,27 +144,37 @@ def test_backend_resolution():
 
 def _moe_pair(cf=0.0, shared=1):
     paddle.seed(5)
-    cfg = MoEConfig(num_experts=8, top_k=3, expert_hidden=24, shared_expert_hidden=16,
-                    num_shared_experts=shared, capacity_factor=cf, expert_backend="cpu_op")
+    cfg = MoEConfig(
+        num_experts=8,
+        top_k=3,
+        expert_hidden=24,
+        shared_expert_hidden=16,
+        num_shared_experts=shared,
+        capacity_factor=cf,
+        expert_backend="cpu_op",
+    )
     fused = MoE(32, cfg, init_std=0.1)
     grouped = MoE(32, dataclasses.replace(cfg, expert_backend="grouped"), init_std=0.1)
     grouped.set_state_dict(fused.state_dict())
     return fused, grouped
 
 
-def _layer_value_and_grads(moe, x, view=ElasticView(), replay=None):
+def _layer_value_and_grads(moe, x, view=FULL_VIEW, replay=None):
     y, stats = moe(x, view, replay)
     dy = paddle.to_tensor(np.random.default_rng(1).standard_normal(y.shape).astype(np.float32))
     grads = paddle.grad([y], [x, *moe.parameters()], grad_outputs=[dy])
     return [y.numpy(), stats.load_E.numpy()] + [g.numpy() for g in grads]
 
 
-@pytest.mark.parametrize("cf,view,replay", [
-    (0.0, ElasticView(), False),
-    (0.0, ElasticView(experts=(1, 2, 5, 6), top_k=2), False),  # elastic subset: masked experts
-    (1.0, ElasticView(), False),
-    (0.0, ElasticView(), True),  # router replay: forced expert ids
-])
+@pytest.mark.parametrize(
+    "cf,view,replay",
+    [
+        (0.0, ElasticView(), False),
+        (0.0, ElasticView(experts=(1, 2, 5, 6), top_k=2), False),  # elastic subset: masked experts
+        (1.0, ElasticView(), False),
+        (0.0, ElasticView(), True),  # router replay: forced expert ids
+    ],
+)
 def test_moe_layer_backends_agree(op, cf, view, replay):
     fused, grouped = _moe_pair(cf)
     x = paddle.to_tensor(np.random.default_rng(0).standard_normal((2, 23, 32)).astype(np.float32))
@@ -218,9 +228,11 @@ def test_make_ops_builds_the_moe_op(op):
 
 
 def test_importing_the_model_does_not_load_the_op():
-    code = ("import paddle_ernie5.model.model, paddle_ernie5.model.moe\n"
-            "from paddle_ernie5.ops import moe_experts\n"
-            "print('loaded', moe_experts._cpu_op.cache_info().currsize)")
+    code = (
+        "import paddle_ernie5.model.model, paddle_ernie5.model.moe\n"
+        "from paddle_ernie5.ops import moe_experts\n"
+        "print('loaded', moe_experts._cpu_op.cache_info().currsize)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "loaded 0" in done.stdout

@@ -1,5 +1,5 @@
-"""SimReg (train/losses.simreg_loss): a naive per-pair reference, the no-positive case, its effect on
-hidden states under gradient steps, anchor sampling and document ids."""
+"""SimReg (model/losses.simreg_loss): a naive per-pair reference, the no-positive case, its effect
+on hidden states under gradient steps, anchor sampling and document ids."""
 
 import math
 
@@ -13,15 +13,19 @@ from paddle_ernie5.model.losses import IGNORE, document_ids, sample_anchors, sim
 
 
 def _naive(hidden, labels, docs, anchors, tau):
-    """Per-pair loops: for every anchor with a positive, -mean_p log(exp(s_ap) / sum_c exp(s_ac))."""
+    """Per-pair loops: for every anchor with a positive,
+    -mean_p log(exp(s_ap) / sum_c exp(s_ac))."""
     losses = []
     for b in range(hidden.shape[0]):
         unit = hidden[b] / np.linalg.norm(hidden[b], axis=-1, keepdims=True)
         for a in anchors[b]:
             if a < 0:
                 continue
-            cands = [j for j in range(hidden.shape[1]) if j != a and labels[b, j] != IGNORE
-                     and docs[b, j] == docs[b, a]]
+            cands = [
+                j
+                for j in range(hidden.shape[1])
+                if j != a and labels[b, j] != IGNORE and docs[b, j] == docs[b, a]
+            ]
             pos = [j for j in cands if labels[b, j] == labels[b, a]]
             if not pos:
                 continue
@@ -32,29 +36,42 @@ def _naive(hidden, labels, docs, anchors, tau):
 
 
 def _run(hidden, labels, docs, anchors, tau):
-    s, n = simreg_loss(paddle.to_tensor(hidden), paddle.to_tensor(labels), paddle.to_tensor(docs),
-                       paddle.to_tensor(anchors), tau)
+    s, n = simreg_loss(
+        paddle.to_tensor(hidden),
+        paddle.to_tensor(labels),
+        paddle.to_tensor(docs),
+        paddle.to_tensor(anchors),
+        tau,
+    )
     return float(s), float(n)
 
 
 def test_matches_a_naive_per_pair_computation():
     rng = np.random.default_rng(0)
     hidden = rng.normal(size=(2, 9, 6)).astype("float32")
-    labels = np.array([[5, 3, 5, 5, IGNORE, 3, 7, 3, 5],
-                       [2, 2, IGNORE, 4, 2, 4, 4, 9, IGNORE]], dtype=np.int64)
-    docs = np.array([[4, 4, 4, 4, 4, 9, 9, 9, 9],  # two documents: 3 and 5 recur across the boundary
-                     [9, 9, 9, 9, 9, 9, 9, 9, 9]], dtype=np.int32)
+    labels = np.array(
+        [[5, 3, 5, 5, IGNORE, 3, 7, 3, 5], [2, 2, IGNORE, 4, 2, 4, 4, 9, IGNORE]], dtype=np.int64
+    )
+    docs = np.array(
+        [
+            [4, 4, 4, 4, 4, 9, 9, 9, 9],  # two documents: 3 and 5 recur across the boundary
+            [9, 9, 9, 9, 9, 9, 9, 9, 9],
+        ],
+        dtype=np.int32,
+    )
     anchors = np.array([[0, 1, 2, 5, 6, 8], [0, 3, 4, 7, -1, -1]], dtype=np.int64)
     want_sum, want_n = _naive(hidden, labels, docs, anchors, 0.3)
     got_sum, got_n = _run(hidden, labels, docs, anchors, 0.3)
-    assert want_n == 6  # anchors 6 (only label 7 in its document) and 7 of row 1 (9) have no positive
+    # anchors 6 (only label 7 in its document) and 7 of row 1 (9) have no positive
+    assert want_n == 6
     assert got_n == want_n
     assert got_sum == pytest.approx(want_sum, rel=1e-5)
 
 
 def test_no_positives_gives_zero_loss_and_zero_finite_gradients():
-    hidden = paddle.to_tensor(np.random.default_rng(1).normal(size=(1, 6, 4)).astype("float32"),
-                              stop_gradient=False)
+    hidden = paddle.to_tensor(
+        np.random.default_rng(1).normal(size=(1, 6, 4)).astype("float32"), stop_gradient=False
+    )
     labels = paddle.to_tensor(np.array([[1, 2, 3, IGNORE, 4, 5]], dtype=np.int64))
     docs = paddle.to_tensor(np.zeros((1, 6), dtype=np.int32))
     anchors = paddle.to_tensor(np.array([[0, 1, 2, 4, 5, -1]], dtype=np.int64))
@@ -76,9 +93,13 @@ def test_same_label_pairs_across_documents_are_not_positives():
 def test_gradient_steps_decrease_it_and_pull_same_label_states_together():
     rng = np.random.default_rng(3)
     labels_np = np.array([[0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2]], dtype=np.int64)
-    hidden = paddle.create_parameter([1, 12, 8], "float32",
-                                     default_initializer=paddle.nn.initializer.Assign(
-                                         rng.normal(size=(1, 12, 8)).astype("float32")))
+    hidden = paddle.create_parameter(
+        [1, 12, 8],
+        "float32",
+        default_initializer=paddle.nn.initializer.Assign(
+            rng.normal(size=(1, 12, 8)).astype("float32")
+        ),
+    )
     labels, docs = paddle.to_tensor(labels_np), paddle.to_tensor(np.zeros((1, 12), np.int32))
     anchors = paddle.to_tensor(np.arange(12, dtype=np.int64)[None])
     same = labels_np[0][:, None] == labels_np[0][None, :]
@@ -120,7 +141,8 @@ def test_anchor_sampling_is_seeded_and_uses_only_targets():
 def test_document_ids_separate_packed_documents():
     packed = pack_documents([[5, 6, 7], [8, 9], [10, 11, 12, 13]], seq_len=8, pad_id=0)
     ids = document_ids(packed["startend_row_indices"])
-    # Row 0 holds doc 0 (5 tokens with bos/eos) and the start of doc 1; positions restart per segment.
+    # Row 0 holds doc 0 (5 tokens with bos/eos) and the start of doc 1;
+    # positions restart per segment.
     segment = np.cumsum(packed["positions"] == 0, axis=1)
     for r in range(ids.shape[0]):
         real = packed["labels"][r] != IGNORE
@@ -129,11 +151,14 @@ def test_document_ids_separate_packed_documents():
                 assert (ids[r, i] == ids[r, j]) == (segment[r, i] == segment[r, j])
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("train.simreg.temperature=0", "train.simreg.temperature=0.0 is invalid: allowed > 0"),
-    ("train.simreg.weight=-1", "train.simreg.weight=-1.0 is invalid: allowed >= 0"),
-    ("train.simreg.max_anchors=0", "train.simreg.max_anchors=0 is invalid: allowed >= 1"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.simreg.temperature=0", "train.simreg.temperature=0.0 is invalid: allowed > 0"),
+        ("train.simreg.weight=-1", "train.simreg.weight=-1.0 is invalid: allowed >= 0"),
+        ("train.simreg.max_anchors=0", "train.simreg.max_anchors=0 is invalid: allowed >= 1"),
+    ],
+)
 def test_bad_simreg_values_are_config_errors(debug_config, override, needle):
     with pytest.raises(ConfigError) as err:
         debug_config(override)

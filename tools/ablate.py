@@ -2,17 +2,19 @@
 
     python tools/ablate.py --steps 200 --lr 0.01 --spike-at 100 --spike-factor 20 --spike-steps 3
 
-Arms: baseline (global-norm clipping), adagc (train.clip.mode=adagc), simreg (train.simreg.enabled)
-and both. `--lr` raises the learning rate and `--spike-at/--spike-factor/--spike-steps` multiply it
-for a few steps, to provoke the loss spikes the options are meant to prevent. The arms run one after
-another in this process; each writes its own run directory under --out, and an arm whose run already
-reached --steps is read back instead of retrained (so an interrupted ablation continues where it was).
+Arms: baseline (global-norm clipping), adagc (train.clip.mode=adagc), simreg
+(train.simreg.enabled) and both. `--lr` raises the learning rate and
+`--spike-at/--spike-factor/--spike-steps` multiply it for a few steps, to provoke the loss spikes
+the options are meant to prevent. The arms run one after another in this process; each writes its
+own run directory under --out, and an arm whose run already reached --steps is read back instead of
+retrained (so an interrupted ablation continues where it was).
 
 Columns: validation loss at the last step; the first evaluation step at which an arm's validation
 loss is at or below the baseline's final one; loss spikes, steps whose text loss exceeds 1.5x the
 median of the previous --window steps; the highest text loss after the first --window steps; the
 largest gradient norm before clipping; the mean share of tensors clipped per step (global clipping
-scales every tensor at once, so there it is the share of steps clipped). Extra dotted overrides after the options apply to every arm.
+scales every tensor at once, so there it is the share of steps clipped). Extra dotted overrides
+after the options apply to every arm.
 """
 
 from __future__ import annotations
@@ -31,18 +33,20 @@ ARMS = {
 
 
 def spike_steps(losses: list[float], window: int, ratio: float = 1.5) -> list[int]:
-    """Indices i whose loss exceeds `ratio` x the median of the (up to) `window` losses before it."""
+    """Indices i whose loss exceeds `ratio` x the median of the (up to) `window` losses before
+    it."""
     import numpy as np
 
     out = []
     for i in range(5, len(losses)):
-        if losses[i] > ratio * float(np.median(losses[max(0, i - window):i])):
+        if losses[i] > ratio * float(np.median(losses[max(0, i - window) : i])):
             out.append(i)
     return out
 
 
 def read_run(run_dir: str) -> tuple[dict[int, dict], dict[int, float]]:
-    """(train metrics by step, validation loss by step); the last record of a step wins (resumes)."""
+    """(train metrics by step, validation loss by step); the last record of a step wins
+    (resumes)."""
     train, val = {}, {}
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         for line in f:
@@ -61,43 +65,64 @@ def summarise(runs: dict[str, str], steps: int, window: int) -> list[dict]:
     for arm, (train, val) in data.items():
         ordered = [train[s] for s in sorted(train)]
         losses = [m["loss/text"] for m in ordered]
-        reach = next((s for s in sorted(val) if base_final is not None and val[s] <= base_final), None)
+        reach = next(
+            (s for s in sorted(val) if base_final is not None and val[s] <= base_final), None
+        )
         spikes = spike_steps(losses, window)
-        rows.append({
-            "arm": arm, "val_loss": val.get(steps), "steps_to_baseline": reach,
-            "spikes": len(spikes), "spike_steps": [sorted(train)[i] for i in spikes],
-            "peak_loss": max(losses[window:]),
-            "max_grad_norm": max(m["train/grad_norm"] for m in ordered),
-            "clipped": sum(m.get("clip/fraction_clipped", 0.0) for m in ordered) / len(ordered),
-            "final_simreg": ordered[-1].get("loss/simreg"),
-        })
+        rows.append(
+            {
+                "arm": arm,
+                "val_loss": val.get(steps),
+                "steps_to_baseline": reach,
+                "spikes": len(spikes),
+                "spike_steps": [sorted(train)[i] for i in spikes],
+                "peak_loss": max(losses[window:]),
+                "max_grad_norm": max(m["train/grad_norm"] for m in ordered),
+                "clipped": sum(m.get("clip/fraction_clipped", 0.0) for m in ordered) / len(ordered),
+                "final_simreg": ordered[-1].get("loss/simreg"),
+            }
+        )
     return rows
 
 
 def table(rows: list[dict], steps: int) -> str:
-    lines = ["| arm | final val loss | steps to baseline's final val loss | loss spikes (steps) "
-             "| peak text loss | max grad norm | mean share of tensors clipped |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arm | final val loss | steps to baseline's final val loss | loss spikes (steps) "
+        "| peak text loss | max grad norm | mean share of tensors clipped |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         reach = "not reached" if r["steps_to_baseline"] is None else str(r["steps_to_baseline"])
         where = f" ({', '.join(map(str, r['spike_steps']))})" if r["spike_steps"] else ""
-        lines.append(f"| {r['arm']} | {r['val_loss']:.4f} | {reach} of {steps} | {r['spikes']}{where} "
-                     f"| {r['peak_loss']:.2f} | {r['max_grad_norm']:.2f} | {r['clipped']:.3f} |")
+        lines.append(
+            f"| {r['arm']} | {r['val_loss']:.4f} | {reach} of {steps} | {r['spikes']}{where} "
+            f"| {r['peak_loss']:.2f} | {r['max_grad_norm']:.2f} | {r['clipped']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--recipe", default="recipes/pretrain_tiny.yaml")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=0.0, help="peak learning rate; 0 = the recipe's")
-    ap.add_argument("--spike-at", type=int, default=0, help="first step of an injected lr spike; 0 = none")
+    ap.add_argument(
+        "--spike-at", type=int, default=0, help="first step of an injected lr spike; 0 = none"
+    )
     ap.add_argument("--spike-factor", type=float, default=20.0)
     ap.add_argument("--spike-steps", type=int, default=3)
-    ap.add_argument("--adagc-warmup", type=int, default=25,
-                    help="train.clip.warmup_steps of the AdaGC arms (the paper's 100 is for long runs)")
+    ap.add_argument(
+        "--adagc-warmup",
+        type=int,
+        default=25,
+        help="train.clip.warmup_steps of the AdaGC arms (the paper's 100 is for long runs)",
+    )
     ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--window", type=int, default=20, help="running-median window of the spike count")
+    ap.add_argument(
+        "--window", type=int, default=20, help="running-median window of the spike count"
+    )
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--threads", type=int, default=0, help="0 = all cores")
     ap.add_argument("--out", default="runs/ablate")
@@ -120,17 +145,28 @@ def main() -> int:
                 return lr * args.spike_factor
             return lr
 
-    common = [f"train.max_steps={args.steps}", "train.log_every=1", f"train.eval_every={args.eval_every}",
-              f"train.save_every={args.eval_every}", f"train.clip.warmup_steps={args.adagc_warmup}",
-              "train.progress=false", "train.visualdl=false"]
+    common = [
+        f"train.max_steps={args.steps}",
+        "train.log_every=1",
+        f"train.eval_every={args.eval_every}",
+        f"train.save_every={args.eval_every}",
+        f"train.clip.warmup_steps={args.adagc_warmup}",
+        "train.progress=false",
+        "train.visualdl=false",
+    ]
     if args.lr:
         common.append(f"train.lr={args.lr}")
     runs = {}
     for arm in arms:
         run_dir = os.path.join(args.out, arm)
         runs[arm] = run_dir
-        cfg = C.load_config(args.recipe, [*common, *ARMS[arm], *args.overrides, f"train.run_dir={run_dir}"])
-        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and args.steps in read_run(run_dir)[1]:
+        cfg = C.load_config(
+            args.recipe, [*common, *ARMS[arm], *args.overrides, f"train.run_dir={run_dir}"]
+        )
+        if (
+            os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
+            and args.steps in read_run(run_dir)[1]
+        ):
             print(f"{arm}: already trained, read back from {run_dir}", flush=True)
             continue
         print(f"{arm}: training {args.steps} steps into {run_dir}", flush=True)

@@ -23,11 +23,15 @@ import time
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a run dir or checkpoint (trained weights)")
     src.add_argument("--recipe", help="a recipe whose model is built untrained (see --set)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override"
+    )
     ap.add_argument("--batch", type=int, action="append", help="batch sizes (default 1 and 16)")
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per decode")
     ap.add_argument("--prompt", type=int, default=16, help="prompt length")
@@ -62,15 +66,19 @@ def main() -> int:
     model.eval()
     k = model_cfg.moe.top_k
     ks = args.top_k or sorted({max(1, k // 2), max(1, k // 4)}, reverse=True)
-    views = {f"full (k={k})": FULL_VIEW, **{f"top-k {100 * j // k}% (k={j})": ElasticView(top_k=j)
-                                            for j in ks if j < k}}
+    views = {
+        f"full (k={k})": FULL_VIEW,
+        **{f"top-k {100 * j // k}% (k={j})": ElasticView(top_k=j) for j in ks if j < k},
+    }
     counts = count_params(model_cfg)
     m = model_cfg
     routed = (m.num_layers - m.moe.first_dense_layers) * k * 3 * m.hidden_size * m.moe.expert_hidden
-    print(f"model: hidden {m.hidden_size}, {m.num_layers} layers, {m.moe.num_experts} experts x "
-          f"{m.moe.expert_hidden}, top-k {k}; {counts['total'] / 1e6:.2f}M total, "
-          f"{counts['activated'] / 1e6:.2f}M activated per token, of which routed experts "
-          f"{routed / counts['activated']:.0%}; threads {os.environ['OMP_NUM_THREADS']}")
+    print(
+        f"model: hidden {m.hidden_size}, {m.num_layers} layers, {m.moe.num_experts} experts x "
+        f"{m.moe.expert_hidden}, top-k {k}; {counts['total'] / 1e6:.2f}M total, "
+        f"{counts['activated'] / 1e6:.2f}M activated per token, of which routed experts "
+        f"{routed / counts['activated']:.0%}; threads {os.environ['OMP_NUM_THREADS']}"
+    )
     rng = np.random.default_rng(0)
     rows = []
     for b in args.batch or [1, 16]:
@@ -88,7 +96,7 @@ def main() -> int:
             speed = b * args.tokens / statistics.median(times[name])
             full = full or speed
             rows.append((b, name, speed, speed / full))
-    print(f"\n| batch | view | decode tok/s | speed / full |\n|---:|---|---:|---:|")
+    print("\n| batch | view | decode tok/s | speed / full |\n|---:|---|---:|---:|")
     for b, name, speed, ratio in rows:
         print(f"| {b} | {name} | {speed:.0f} | {ratio:.2f}x |")
     return 0

@@ -6,14 +6,14 @@
 Every implementation runs in this process with the same number of threads (--threads, set as
 OMP_NUM_THREADS before Paddle and torch are imported, and torch.set_num_threads). Times are the
 best of --repeats rounds after a warm-up round, the implementations interleaved within each round
-(a single run when one run takes over 5 s). Peak memory
-is the rise of the process's peak RSS over the call, the inputs excluded (the indices or the dense
-mask built inside). GFLOP/s counts the FLOPs of the 64x64 tiles the op does not skip (4 S_tile D
-per tile and head forward, 3.5x that forward+backward) and divides the same count by each
-implementation's time, so the numbers compare useful work. Paddle's dense path
-(scaled_dot_product_attention with a boolean mask) is skipped where its estimated memory exceeds
-the machine's available memory; FlexAttention (torch.compile, CPU, forward only: it has no CPU
-backward) runs when torch is importable, with block-mask creation and compilation timed apart.
+(a single run when one run takes over 5 s). Peak memory is the rise of the process's peak RSS over
+the call, the inputs excluded (the indices or the dense mask built inside). GFLOP/s counts the
+FLOPs of the 64x64 tiles the op does not skip (4 S_tile D per tile and head forward, 3.5x that
+forward+backward) and divides the same count by each implementation's time, so the numbers compare
+useful work. Paddle's dense path (scaled_dot_product_attention with a boolean mask) is skipped
+where its estimated memory exceeds the machine's available memory; FlexAttention (torch.compile,
+CPU, forward only: it has no CPU backward) runs when torch is importable, with block-mask creation
+and compilation timed apart.
 """
 
 from __future__ import annotations
@@ -65,10 +65,12 @@ def computed_tiles(idx: np.ndarray, causal: bool, sq: int) -> int:
         lts, lte, uts, ute = idx.T
     nkt = -(-sk // TILE)
     pad = nkt * TILE - sk
-    cols = [np.concatenate([a, np.full(pad, f)]).reshape(nkt, TILE)
-            for a, f in ((lts, 0), (lte, sq + TILE), (uts, 0), (ute, 0))]
-    lts_max, lte_min, uts_max, ute_min = (cols[0].max(1), cols[1].min(1), cols[2].max(1),
-                                          cols[3].min(1))
+    cols = [
+        np.concatenate([a, np.full(pad, f)]).reshape(nkt, TILE)
+        for a, f in ((lts, 0), (lte, sq + TILE), (uts, 0), (ute, 0))
+    ]
+    lts_max, lte_min = cols[0].max(1), cols[1].min(1)
+    uts_max, ute_min = cols[2].max(1), cols[3].min(1)
     r0 = np.arange(0, sq, TILE)[:, None]
     r1 = np.minimum(r0 + TILE, sq)
     j0 = (np.arange(nkt) * TILE)[None, :]
@@ -147,7 +149,7 @@ def matmul_gflops() -> float:
     a, b = paddle.randn([4096, 4096]), paddle.randn([4096, 4096])
     paddle.matmul(a, b)
     best = min(_time_once(lambda: paddle.matmul(a, b)) for _ in range(5))
-    return 2 * 4096 ** 3 / best / 1e9
+    return 2 * 4096**3 / best / 1e9
 
 
 def _time_once(fn) -> float:
@@ -167,13 +169,17 @@ class Case:
         self.tiles = computed_tiles(self.idx_np, self.causal, s)
         self.fwd_flops = self.tiles * 4 * TILE * TILE * d * h
         rng = np.random.default_rng(0)
-        make = lambda heads: paddle.to_tensor(rng.standard_normal((1, s, heads, d), np.float32))
+
+        def make(heads):
+            return paddle.to_tensor(rng.standard_normal((1, s, heads, d), np.float32))
+
         self.q, self.k, self.v = make(h), make(hk), make(hk)
         self.dout = make(h)
 
 
 def flashmask_call(case: Case, grad: bool):
     import paddle
+
     from paddle_ernie5.ops import masks
     from paddle_ernie5.ops.flashmask import flashmask_attention
 
@@ -192,22 +198,25 @@ def flashmask_call(case: Case, grad: bool):
 
 
 def dense_estimate_mb(case: Case, measured: tuple[int, float] | None) -> float:
-    """Peak MB of the dense path: a measured smaller size scaled by (S / s)^2, else ~6 S^2 tensors."""
+    """Peak MB of the dense path: a measured smaller size scaled by (S / s)^2, else ~6 S^2
+    tensors."""
     if measured is not None:
         s, peak = measured
         return peak * (case.s / s) ** 2
-    return 6 * case.h * case.s ** 2 * 4 / 2 ** 20
+    return 6 * case.h * case.s**2 * 4 / 2**20
 
 
 def dense_call(case: Case, grad: bool):
     """Paddle's scaled_dot_product_attention with a dense boolean mask (built inside the call)."""
     import paddle
     import paddle.nn.functional as F
+
     from paddle_ernie5.ops import masks
 
     def call():
         mask = paddle.to_tensor(masks.to_dense(case.idx_np, case.causal)).reshape(
-            [1, 1, case.s, case.s])
+            [1, 1, case.s, case.s]
+        )
         q, k, v = case.q, case.k, case.v
         if case.hk != case.h:
             k, v = (t.repeat_interleave(case.h // case.hk, axis=2) for t in (k, v))
@@ -240,7 +249,8 @@ def flex_call(case: Case, threads: int):
 
     def mask_mod(b, h, q_idx, kv_idx):
         masked = ((q_idx >= lts[kv_idx]) & (q_idx < lte[kv_idx])) | (
-            (q_idx >= uts[kv_idx]) & (q_idx < ute[kv_idx]))
+            (q_idx >= uts[kv_idx]) & (q_idx < ute[kv_idx])
+        )
         if causal:
             masked = masked | (kv_idx > q_idx)
         return ~masked
@@ -248,10 +258,13 @@ def flex_call(case: Case, threads: int):
     start = time.perf_counter()
     block_mask = create_block_mask(mask_mod, 1, 1, s, s, device="cpu")
     mask_seconds = time.perf_counter() - start
-    to_torch = lambda t: torch.from_numpy(t.numpy()).transpose(1, 2).contiguous()
+
+    def to_torch(t):
+        return torch.from_numpy(t.numpy()).transpose(1, 2).contiguous()
+
     q, k, v = to_torch(case.q), to_torch(case.k), to_torch(case.v)
     compiled = torch.compile(flex_attention, dynamic=False)
-    scale = case.d ** -0.5
+    scale = case.d**-0.5
 
     def call():
         with torch.no_grad():
@@ -271,21 +284,35 @@ def format_row(case: Case, ours, dense, dense_estimate, flex, matmul: float) -> 
     d_fwd, d_fb, d_mem = dense
     total_tiles = (-(-case.s // TILE)) ** 2
     gf = case.fwd_flops / fwd / 1e9
-    ms = lambda t: None if t is None else t * 1e3
+
+    def ms(t):
+        return None if t is None else t * 1e3
+
     if d_mem is None and dense_estimate is not None:
         dense_mem = f"skipped (est. {dense_estimate:.0f})"
         mem_ratio = dense_estimate / max(mem, 1.0)
     else:
         dense_mem = fmt(d_mem, ".0f")
         mem_ratio = None if d_mem is None else d_mem / max(mem, 1.0)
-    row = [case.mask, case.s, case.hk, f"{100 * case.tiles / total_tiles:.1f}",
-           fmt(ms(fwd)), fmt(ms(fb)), f"{gf:.1f} ({100 * gf / matmul:.0f}%)",
-           fmt(None if fb is None else 3.5 * case.fwd_flops / fb / 1e9), fmt(mem, ".0f"),
-           fmt(ms(d_fwd)), fmt(ms(d_fb)), dense_mem,
-           fmt(None if d_fb is None or fb is None else d_fb / fb),
-           fmt(mem_ratio, ".0f"),
-           fmt(ms(flex[2])), fmt(None if flex[2] is None else fwd / flex[2], ".2f"),
-           fmt(None if flex[0] is None else flex[0] + flex[1])]
+    row = [
+        case.mask,
+        case.s,
+        case.hk,
+        f"{100 * case.tiles / total_tiles:.1f}",
+        fmt(ms(fwd)),
+        fmt(ms(fb)),
+        f"{gf:.1f} ({100 * gf / matmul:.0f}%)",
+        fmt(None if fb is None else 3.5 * case.fwd_flops / fb / 1e9),
+        fmt(mem, ".0f"),
+        fmt(ms(d_fwd)),
+        fmt(ms(d_fb)),
+        dense_mem,
+        fmt(None if d_fb is None or fb is None else d_fb / fb),
+        fmt(mem_ratio, ".0f"),
+        fmt(ms(flex[2])),
+        fmt(None if flex[2] is None else fwd / flex[2], ".2f"),
+        fmt(None if flex[0] is None else flex[0] + flex[1]),
+    ]
     return "| " + " | ".join(str(x) for x in row) + " |"
 
 
@@ -301,8 +328,11 @@ def parse_args(argv=None):
     p.add_argument("--no-backward", action="store_true", help="forward only")
     p.add_argument("--no-dense", action="store_true", help="skip Paddle's dense-mask attention")
     p.add_argument("--no-flex", action="store_true", help="skip torch FlexAttention")
-    p.add_argument("--flex-kv-heads", default="8", help="Hk values FlexAttention runs for "
-                   "(each size and mask costs a compilation)")
+    p.add_argument(
+        "--flex-kv-heads",
+        default="8",
+        help="Hk values FlexAttention runs for (each size and mask costs a compilation)",
+    )
     p.add_argument("--output", help="also write the markdown table to this file")
     return p.parse_args(argv)
 
@@ -324,7 +354,8 @@ def main(argv=None) -> int:
 
     paddle.set_device("cpu")
     try:
-        import torch  # noqa: F401
+        import torch  # noqa: F401  (only probing whether torch is installed)
+
         have_torch = not args.no_flex
     except ImportError:
         have_torch = False
@@ -379,8 +410,10 @@ def main(argv=None) -> int:
                 print(line, flush=True)
     mm_end = matmul_gflops()
     lines.append("")
-    lines.append(f"matmul GFLOP/s measured again at the end: {mm_end:.1f} (percentages above use "
-                 f"the first, {mm:.1f}); other load on the machine lowers both.")
+    lines.append(
+        f"matmul GFLOP/s measured again at the end: {mm_end:.1f} (percentages above use "
+        f"the first, {mm:.1f}); other load on the machine lowers both."
+    )
     print(lines[-1])
     if args.output:
         with open(args.output, "w") as f:

@@ -25,7 +25,9 @@ import time
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--expert-hidden", type=int, default=128)
@@ -51,10 +53,17 @@ def main() -> int:
     from paddle_ernie5.train.logging import load_balance
 
     paddle.seed(0)
-    cfg = MoEConfig(num_experts=args.experts, top_k=args.top_k, expert_hidden=args.expert_hidden,
-                    num_shared_experts=0, expert_backend="cpu_op")
+    cfg = MoEConfig(
+        num_experts=args.experts,
+        top_k=args.top_k,
+        expert_hidden=args.expert_hidden,
+        num_shared_experts=0,
+        expert_backend="cpu_op",
+    )
     moe_op = MoE(args.hidden, cfg, init_std=0.02)
-    moe_grouped = MoE(args.hidden, dataclasses.replace(cfg, expert_backend="grouped"), init_std=0.02)
+    moe_grouped = MoE(
+        args.hidden, dataclasses.replace(cfg, expert_backend="grouped"), init_std=0.02
+    )
     moe_grouped.set_state_dict(moe_op.state_dict())
     dense = SwiGLU(args.hidden, args.top_k * args.expert_hidden, init_std=0.02)
     x = paddle.randn([1, args.tokens, args.hidden])
@@ -78,18 +87,34 @@ def main() -> int:
     zeros_T1 = paddle.zeros([args.tokens, 1], dtype="int64")
 
     def dense_on_op(inp):
-        return moe_experts(inp.reshape([args.tokens, args.hidden]), dense_gate_up, dense_down,
-                           zeros_T1, ones_T1, backend="cpu_op")
+        return moe_experts(
+            inp.reshape([args.tokens, args.hidden]),
+            dense_gate_up,
+            dense_down,
+            zeros_T1,
+            ones_T1,
+            backend="cpu_op",
+        )
 
-    params = (list(moe_op.parameters()) + list(moe_grouped.parameters()) + list(dense.parameters())
-              + [weights_TK, dense_gate_up, dense_down])
+    params = (
+        list(moe_op.parameters())
+        + list(moe_grouped.parameters())
+        + list(dense.parameters())
+        + [weights_TK, dense_gate_up, dense_down]
+    )
 
     def router_only(inp):
         return moe_op.route(inp.reshape([args.tokens, args.hidden]), 1, FULL_VIEW).topk_weights_TK
 
     def op_only(inp):
-        return moe_experts(inp.reshape([args.tokens, args.hidden]), moe_op.experts.w_gate_up,
-                           moe_op.experts.w_down, fixed.topk_ids_TK, weights_TK, backend="cpu_op")
+        return moe_experts(
+            inp.reshape([args.tokens, args.hidden]),
+            moe_op.experts.w_gate_up,
+            moe_op.experts.w_down,
+            fixed.topk_ids_TK,
+            weights_TK,
+            backend="cpu_op",
+        )
 
     def fwd_bwd(fn):
         def run():
@@ -99,18 +124,22 @@ def main() -> int:
             x.clear_gradient()
             for p in params:
                 p.clear_gradient()
+
         return run
 
     def fwd(fn):
         def run():
             with paddle.no_grad():
                 fn(x)
+
         return run
 
-    impls = [("MoE, C++ routed-experts op", moe_op),
-             ("MoE, grouped batched matmuls", moe_grouped),
-             ("dense SwiGLU, same activated FLOPs", dense),
-             ("dense SwiGLU on the op's kernels (E=1, K=1)", dense_on_op)]
+    impls = [
+        ("MoE, C++ routed-experts op", moe_op),
+        ("MoE, grouped batched matmuls", moe_grouped),
+        ("dense SwiGLU, same activated FLOPs", dense),
+        ("dense SwiGLU on the op's kernels (E=1, K=1)", dense_on_op),
+    ]
     if not args.skip_naive:
         impls.append(("MoE, naive per-expert loop", moe_op.forward_reference))
     impls += [("  part: router alone", router_only), ("  part: expert op alone", op_only)]
@@ -127,18 +156,26 @@ def main() -> int:
     rows = [(name, ms[2 * i], ms[2 * i + 1]) for i, (name, _) in enumerate(impls)]
     flops = 3 * 2 * args.tokens * args.hidden * args.top_k * args.expert_hidden  # forward
     base_fb, base_op_fb = rows[2][2], rows[3][2]
-    print(f"tokens={args.tokens} hidden={args.hidden} experts={args.experts} top_k={args.top_k} "
-          f"expert_hidden={args.expert_hidden} threads={os.environ['OMP_NUM_THREADS']} "
-          f"paddle={paddle.__version__} max/mean expert load={max_mean:.2f}")
-    print(f"load average (1 min) before the run: {load_before:.2f}, after: {os.getloadavg()[0]:.2f}")
+    print(
+        f"tokens={args.tokens} hidden={args.hidden} experts={args.experts} top_k={args.top_k} "
+        f"expert_hidden={args.expert_hidden} threads={os.environ['OMP_NUM_THREADS']} "
+        f"paddle={paddle.__version__} max/mean expert load={max_mean:.2f}"
+    )
+    print(
+        f"load average (1 min) before the run: {load_before:.2f}, after: {os.getloadavg()[0]:.2f}"
+    )
     print()
-    print("| implementation | fwd ms | fwd+bwd ms | fwd+bwd / dense | fwd+bwd / dense on op "
-          "| fwd GFLOP/s (activated) |")
+    print(
+        "| implementation | fwd ms | fwd+bwd ms | fwd+bwd / dense | fwd+bwd / dense on op "
+        "| fwd GFLOP/s (activated) |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for name, f, fb in rows:
         gflops = f"{flops / f / 1e6:.0f}" if not name.startswith("  part: router") else "-"
-        print(f"| {name} | {f:.1f} | {fb:.1f} | {fb / base_fb:.2f}x | {fb / base_op_fb:.2f}x "
-              f"| {gflops} |")
+        print(
+            f"| {name} | {f:.1f} | {fb:.1f} | {fb / base_fb:.2f}x | {fb / base_op_fb:.2f}x "
+            f"| {gflops} |"
+        )
     return 0
 
 

@@ -1,11 +1,12 @@
-"""Step time of the tiny recipe on one process vs DP=2 vs EP=2 (gloo, this machine), and the bytes each
-expert dispatcher sends per step.
+"""Step time of the tiny recipe on one process vs DP=2 vs EP=2 (gloo, this machine).
+
+Also the bytes each expert dispatcher sends per step. (The first line is the --help description.)
 
     python tools/bench_parallel.py [--steps 8] [key=value overrides for recipes/pretrain_tiny.yaml]
 
-Each setup runs in its own process group (1 process with every core; 2 processes with half the cores
-each), warms up 2 steps and reports the median of --steps timed training steps. Dispatcher bytes are
-computed from the routing of a real EP=2 step: the all-gather dispatcher's as it ran, the
+Each setup runs in its own process group (1 process with every core; 2 processes with half the
+cores each), warms up 2 steps and reports the median of --steps timed training steps. Dispatcher
+bytes are computed from the routing of a real EP=2 step: the all-gather dispatcher's as it ran, the
 all-to-all dispatcher's for the same routing (gloo has no all-to-all, so it is sized, not timed).
 """
 
@@ -32,8 +33,10 @@ def worker(out: str, steps: int, overrides: list[str]) -> None:
     from paddle_ernie5.parallel.topology import rank_from_env, world_size_from_env
     from paddle_ernie5.train.trainer import Trainer
 
-    cfg = load_config(RECIPE, [f"train.run_dir={out}/run", "train.visualdl=false", "train.progress=false",
-                               *overrides])
+    cfg = load_config(
+        RECIPE,
+        [f"train.run_dir={out}/run", "train.visualdl=false", "train.progress=false", *overrides],
+    )
     par = init_runtime(cfg, world_size_from_env(), rank_from_env())
     trainer = Trainer(cfg, log=lambda *_: None, parallel=par)
     for _ in range(2):
@@ -43,8 +46,11 @@ def worker(out: str, steps: int, overrides: list[str]) -> None:
         t0 = time.perf_counter()
         trainer.train_step()
         times.append(time.perf_counter() - t0)
-    result = {"step_s": float(np.median(times)), "tokens": cfg.train.batch_size * cfg.data.seq_len,
-              "params": trainer.model.num_params()}
+    result = {
+        "step_s": float(np.median(times)),
+        "tokens": cfg.train.batch_size * cfg.data.seq_len,
+        "params": trainer.model.num_params(),
+    }
     if cfg.parallel.ep > 1:  # one more step, recording each MoE layer's dispatch
         metas = []
         for _, moe in trainer.model.moe_layers():
@@ -56,13 +62,28 @@ def worker(out: str, steps: int, overrides: list[str]) -> None:
             r, e = meta.ranks, cfg.model.moe.num_experts
             per_rank = ids_all.reshape(r, -1)
             capacity = max(int(np.bincount(row, minlength=e).max()) for row in per_rank)
-            alltoall += expert.AllToAllDispatcher.bytes_sent(expert.AllToAllMeta(
-                None, None, meta.num_tokens // r, capacity, ranks=r, hidden=meta.hidden, num_experts=e))
+            alltoall += expert.AllToAllDispatcher.bytes_sent(
+                expert.AllToAllMeta(
+                    None,
+                    None,
+                    meta.num_tokens // r,
+                    capacity,
+                    ranks=r,
+                    hidden=meta.hidden,
+                    num_experts=e,
+                )
+            )
             # Rows that really leave their rank (mean over ranks), four exchanges of M floats each.
             away = np.mean([np.sum(row // (e // r) != src) for src, row in enumerate(per_rank)])
             routed += 4 * away * meta.hidden * 4
-        result.update({"allgather_bytes": allgather, "alltoall_bytes": alltoall,
-                       "routed_bytes": routed, "moe_layers": len(metas)})
+        result.update(
+            {
+                "allgather_bytes": allgather,
+                "alltoall_bytes": alltoall,
+                "routed_bytes": routed,
+                "moe_layers": len(metas),
+            }
+        )
     if par.is_main:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f)
@@ -95,8 +116,16 @@ def run_setup(name: str, procs: int, steps: int, overrides: list[str], threads: 
     if procs == 1:
         cmd = [sys.executable, *args]
     else:
-        cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(procs),
-               "--log_dir", os.path.join(out, "log"), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "paddle.distributed.launch",
+            "--nproc_per_node",
+            str(procs),
+            "--log_dir",
+            os.path.join(out, "log"),
+            *args,
+        ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         sys.exit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -114,31 +143,46 @@ def main() -> None:
         return worker(args.worker, args.steps, args.overrides)
     cores = os.cpu_count() or 1
     half = max(1, cores // 2)
-    setups = [("1 process", 1, max(1, cores), []), ("1 process, 1 thread", 1, 1, []),
-              ("DP=2", 2, half, ["parallel.dp=2"]),
-              ("EP=2 (all-gather)", 2, half, ["parallel.ep=2", "parallel.dispatcher=allgather"])]
-    results = {name: run_setup(name.split()[0], procs, args.steps, [*args.overrides, *extra], threads)
-               for name, procs, threads, extra in setups}
+    setups = [
+        ("1 process", 1, max(1, cores), []),
+        ("1 process, 1 thread", 1, 1, []),
+        ("DP=2", 2, half, ["parallel.dp=2"]),
+        ("EP=2 (all-gather)", 2, half, ["parallel.ep=2", "parallel.dispatcher=allgather"]),
+    ]
+    results = {
+        name: run_setup(name.split()[0], procs, args.steps, [*args.overrides, *extra], threads)
+        for name, procs, threads, extra in setups
+    }
     base = results["1 process"]["step_s"]
-    print(f"tiny recipe, global batch {results['1 process']['tokens']} tokens/step, {cores} cores, "
-          f"median of {args.steps} steps\n")
+    print(
+        f"tiny recipe, global batch {results['1 process']['tokens']} tokens/step, {cores} cores, "
+        f"median of {args.steps} steps\n"
+    )
     print("| setup | processes x threads | step time (s) | vs 1 process | tokens/s |")
     print("|---|---|---|---|---|")
     for name, procs, threads, _ in setups:
         r = results[name]
-        print(f"| {name} | {procs} x {threads} | {r['step_s']:.3f} | "
-              f"{r['step_s'] / base:.2f}x | {r['tokens'] / r['step_s']:.0f} |")
+        print(
+            f"| {name} | {procs} x {threads} | {r['step_s']:.3f} | "
+            f"{r['step_s'] / base:.2f}x | {r['tokens'] / r['step_s']:.0f} |"
+        )
     ep = results["EP=2 (all-gather)"]
     grad_bytes = 2 * (2 - 1) / 2 * results["1 process"]["params"] * 4
-    print(f"\nbytes sent per rank per step (EP=2, {ep['moe_layers']} MoE layers, forward + backward; "
-          "ring collectives)\n")
+    print(
+        f"\nbytes sent per rank per step (EP=2, {ep['moe_layers']} MoE layers, forward + backward; "
+        "ring collectives)\n"
+    )
     print("| traffic | MiB / step / rank |")
     print("|---|---|")
     print(f"| all-gather dispatcher (measured routing) | {ep['allgather_bytes'] / 2**20:.2f} |")
-    print(f"| all-to-all dispatcher (same routing, sized; blocks padded to the largest load) | "
-          f"{ep['alltoall_bytes'] / 2**20:.2f} |")
-    print(f"| rows routed to the other rank (a variable-split all-to-all would send this) | "
-          f"{ep['routed_bytes'] / 2**20:.2f} |")
+    print(
+        f"| all-to-all dispatcher (same routing, sized; blocks padded to the largest load) | "
+        f"{ep['alltoall_bytes'] / 2**20:.2f} |"
+    )
+    print(
+        f"| rows routed to the other rank (a variable-split all-to-all would send this) | "
+        f"{ep['routed_bytes'] / 2**20:.2f} |"
+    )
     print(f"| DP=2 gradient all-reduce (all parameters, fp32) | {grad_bytes / 2**20:.2f} |")
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, BinaryIO, Callable
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -38,8 +39,13 @@ def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def save_layer(directory: str, layer, meta: dict, weights: str = "model.safetensors",
-               meta_name: str = "config.json") -> None:
+def save_layer(
+    directory: str,
+    layer,
+    meta: dict,
+    weights: str = "model.safetensors",
+    meta_name: str = "config.json",
+) -> None:
     """A layer's state as safetensors plus its JSON description, both written atomically."""
     from safetensors.numpy import save as save_bytes
 
@@ -48,15 +54,21 @@ def save_layer(directory: str, layer, meta: dict, weights: str = "model.safetens
     write_json(os.path.join(directory, meta_name), meta)
 
 
-def read_layer(directory: str, what: str, how_to_make: str, weights: str = "model.safetensors",
-               meta_name: str = "config.json") -> tuple[dict, dict[str, np.ndarray]]:
+def read_layer(
+    directory: str,
+    what: str,
+    how_to_make: str,
+    weights: str = "model.safetensors",
+    meta_name: str = "config.json",
+) -> tuple[dict, dict[str, np.ndarray]]:
     """(JSON description, numpy state) written by `save_layer`; a clear error when absent."""
     from safetensors.numpy import load_file
 
     meta_path, weights_path = os.path.join(directory, meta_name), os.path.join(directory, weights)
     if not (os.path.isfile(meta_path) and os.path.isfile(weights_path)):
-        raise FileNotFoundError(f"no {what} in {directory!r} (expected {meta_name} and {weights}); "
-                                f"{how_to_make}")
+        raise FileNotFoundError(
+            f"no {what} in {directory!r} (expected {meta_name} and {weights}); {how_to_make}"
+        )
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
     return meta, load_file(weights_path)

@@ -50,9 +50,16 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save(root: str, step: int, model_state: dict[str, np.ndarray], optim_state: dict[str, np.ndarray],
-         meta: dict, keep_last: int) -> str:
-    """Write checkpoint `step` atomically under `root`; keep the newest `keep_last`. Returns its path."""
+def save(
+    root: str,
+    step: int,
+    model_state: dict[str, np.ndarray],
+    optim_state: dict[str, np.ndarray],
+    meta: dict,
+    keep_last: int,
+) -> str:
+    """Write checkpoint `step` atomically under `root`; keep the newest `keep_last`. Returns its
+    path."""
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{step:08d}")
     tmp = final + ".tmp"
@@ -93,8 +100,10 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]
             meta = json.load(f)
         files = meta["files"]
     except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {path} has no readable meta.json ({e}); "
-                              "delete the directory or point to another checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint {path} has no readable meta.json ({e}); "
+            "delete the directory or point to another checkpoint"
+        ) from None
     states = []
     for name in _FILES:
         fpath = os.path.join(path, name)
@@ -103,18 +112,21 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]
             raise CheckpointError(f"checkpoint {path} is missing {name}")
         size = os.path.getsize(fpath)
         if size != want.get("bytes") or _sha256(fpath) != want.get("sha256"):
-            raise CheckpointError(f"checkpoint file {fpath} is corrupt or truncated "
-                                  f"({size} bytes, expected {want.get('bytes')} with a matching sha256)")
+            raise CheckpointError(
+                f"checkpoint file {fpath} is corrupt or truncated "
+                f"({size} bytes, expected {want.get('bytes')} with a matching sha256)"
+            )
         try:
             states.append(load_file(fpath))
-        except Exception as e:  # noqa: BLE001 - any parse failure means the same thing here
+        except Exception as e:  # any parse failure means the same thing here
             raise CheckpointError(f"checkpoint file {fpath} cannot be parsed: {e}") from None
     return states[0], states[1], meta
 
 
 def latest_valid(root: str, warn=print):
-    """Newest checkpoint under `root` that loads, as (path, model, optim, meta); None if there is none.
-    Corrupt ones are reported through `warn` and skipped (never deleted: they may be inspected)."""
+    """Newest checkpoint under `root` that loads, as (path, model, optim, meta); None if there is
+    none. Corrupt ones are reported through `warn` and skipped (never deleted: they may be
+    inspected)."""
     for path in reversed(list_checkpoints(root)):
         try:
             return (path, *load(path))
@@ -124,24 +136,30 @@ def latest_valid(root: str, warn=print):
 
 
 def find_run(path: str) -> tuple[str, str]:
-    """(config.yaml, weights source) for a run directory, a checkpoint directory or an exported model."""
+    """(config.yaml, weights source) for a run directory, a checkpoint directory or an exported
+    model."""
     path = os.path.normpath(path)
     if not os.path.exists(path):
-        raise CheckpointError(f"{path} does not exist; pass a run directory, a checkpoint "
-                              "directory (…/checkpoints/step_N) or an exported model directory")
+        raise CheckpointError(
+            f"{path} does not exist; pass a run directory, a checkpoint "
+            "directory (…/checkpoints/step_N) or an exported model directory"
+        )
     for cfg_dir in (path, os.path.dirname(os.path.dirname(path))):
         candidate = os.path.join(cfg_dir, "config.yaml")
         if os.path.isfile(candidate):
             return candidate, path
-    raise CheckpointError(f"no config.yaml found for {path} (looked in it and in its run directory)")
+    raise CheckpointError(
+        f"no config.yaml found for {path} (looked in it and in its run directory)"
+    )
 
 
 def load_model_weights(path: str, warn=print) -> dict[str, np.ndarray]:
     """Model parameters from a checkpoint directory, the newest valid checkpoint of a run directory,
     or an exported model directory (model.safetensors without optimizer state)."""
     if not os.path.exists(path):
-        raise CheckpointError(f"{path} does not exist (expected a run, checkpoint or exported-model "
-                              "directory)")
+        raise CheckpointError(
+            f"{path} does not exist (expected a run, checkpoint or exported-model directory)"
+        )
     if os.path.isfile(os.path.join(path, "meta.json")):
         return load(path)[0]
     if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -153,9 +171,11 @@ def load_model_weights(path: str, warn=print) -> dict[str, np.ndarray]:
     if os.path.isfile(weights):
         try:
             return load_file(weights)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # any parse failure means the same thing here
             raise CheckpointError(f"{weights} cannot be parsed ({e}); re-export it") from None
-    raise CheckpointError(f"{path} holds no model weights (no meta.json, checkpoints/ or model.safetensors)")
+    raise CheckpointError(
+        f"{path} holds no model weights (no meta.json, checkpoints/ or model.safetensors)"
+    )
 
 
 def resumable(root: str, resume: str, model_config: dict, warn=print):
@@ -165,23 +185,31 @@ def resumable(root: str, resume: str, model_config: dict, warn=print):
         return None
     found = latest_valid(root, warn=warn)
     if found is not None and found[3].get("model_config") != model_config:
-        raise CheckpointError(f"checkpoint {found[0]} was written with a different model config; set a "
-                              "new train.run_dir or train.resume=never to start over")
+        raise CheckpointError(
+            f"checkpoint {found[0]} was written with a different model config; set a "
+            "new train.run_dir or train.resume=never to start over"
+        )
     return found
 
 
 def init_weights(model, path: str, warn=print, local=lambda state: state) -> None:
-    """`train.init_from`: load model weights from `path` into `model` (optimizer and data start fresh).
-    `local` maps the full state to this process's share (expert parallelism)."""
+    """`train.init_from`: load model weights from `path` into `model` (optimizer and data start
+    fresh). `local` maps the full state to this process's share (expert parallelism)."""
     try:
         state = local(load_model_weights(path, warn=warn))
     except CheckpointError as e:
-        raise CheckpointError(f"train.init_from: {e}; train that model first or fix the path") from None
+        raise CheckpointError(
+            f"train.init_from: {e}; train that model first or fix the path"
+        ) from None
     own = model.state_dict()
-    bad = (set(own) ^ set(state)) | {k for k in own if k in state and tuple(own[k].shape) != state[k].shape}
+    bad = (set(own) ^ set(state)) | {
+        k for k in own if k in state and tuple(own[k].shape) != state[k].shape
+    }
     if bad:
-        raise CheckpointError(f"train.init_from={path} does not match the model config (differing keys: "
-                              f"{sorted(bad)[:5]}); its config.yaml lists the model it holds")
+        raise CheckpointError(
+            f"train.init_from={path} does not match the model config (differing keys: "
+            f"{sorted(bad)[:5]}); its config.yaml lists the model it holds"
+        )
     import paddle
 
     model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})

@@ -34,6 +34,13 @@ class Attention(nn.Layer):
         k_BSKD = apply_rope(k_BSKD, cos, sin)
         if cache is not None:
             k_BSKD, v_BSKD = cache.append(k_BSKD, v_BSKD)
-        o_BSHD = flashmask_attention(q_BSHD, k_BSKD, v_BSKD, startend_row_indices, causal=causal,
-                                     softmax_scale=d ** -0.5, backend=self.cfg.backend)
+        o_BSHD = flashmask_attention(
+            q_BSHD,
+            k_BSKD,
+            v_BSKD,
+            startend_row_indices,
+            causal=causal,
+            softmax_scale=d**-0.5,
+            backend=self.cfg.backend,
+        )
         return self.out(o_BSHD.reshape([b, s, h * d]))

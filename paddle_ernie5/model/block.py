@@ -1,7 +1,7 @@
 """Transformer block: pre-norm attention and feed-forward (MoE or dense), two residual lines.
 
-    x ─┬─ RMSNorm ─ Attention ─(+)─┬─ RMSNorm ─ MoE / SwiGLU ─(+)─> x
-       └────────────────────────────┘  └──────────────────────────┘
+x ─┬─ RMSNorm ─ Attention ─(+)─┬─ RMSNorm ─ MoE / SwiGLU ─(+)─> x
+   └────────────────────────────┘  └──────────────────────────┘
 """
 
 from __future__ import annotations
@@ -23,11 +23,23 @@ class Block(nn.Layer):
         self.attn = Attention(cfg.hidden_size, cfg.attention, cfg.init_std)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         moe = cfg.moe
-        self.ffn = (MoE(cfg.hidden_size, moe, cfg.init_std) if use_moe
-                    else SwiGLU(cfg.hidden_size, moe.dense_width(), cfg.init_std))
+        self.ffn = (
+            MoE(cfg.hidden_size, moe, cfg.init_std)
+            if use_moe
+            else SwiGLU(cfg.hidden_size, moe.dense_width(), cfg.init_std)
+        )
 
-    def forward(self, x, cos, sin, startend_row_indices, view=FULL_VIEW, cache=None, replay_ids=None,
-                causal: bool = True):
+    def forward(
+        self,
+        x,
+        cos,
+        sin,
+        startend_row_indices,
+        view=FULL_VIEW,
+        cache=None,
+        replay_ids=None,
+        causal: bool = True,
+    ):
         x = x + self.attn(self.attn_norm(x), cos, sin, startend_row_indices, cache, causal)
         if isinstance(self.ffn, MoE):
             y, stats = self.ffn(self.ffn_norm(x), view, replay_ids)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import paddle
 
 from ..ops.grouping import combine_grouped, gather_grouped, group_by_expert
@@ -24,7 +23,8 @@ from .router import Routing
 
 @dataclass
 class DispatchMeta:
-    slot_N: paddle.Tensor  # per assignment (token-major, N = T*K): row in the flat [E*C] grid, or E*C if dropped
+    # per assignment (token-major, N = T*K): row in the flat [E*C] grid, or E*C if dropped
+    slot_N: paddle.Tensor
     weights_TK: paddle.Tensor
     num_tokens: int
     capacity: int
@@ -42,12 +42,19 @@ class LocalDispatcher:
     def dispatch(self, x_TM, routing: Routing, num_experts: int):
         t = x_TM.shape[0]
         slot_N, source_EC, counts_E, capacity = group_by_expert(
-            routing.topk_ids_TK.numpy(), num_experts, self.capacity_factor)
+            routing.topk_ids_TK.numpy(), num_experts, self.capacity_factor
+        )
         expert_inputs_ECM = gather_grouped(x_TM, source_EC, num_experts, capacity)
-        meta = DispatchMeta(paddle.to_tensor(slot_N), routing.topk_weights_TK, t, capacity,
-                            has_sentinel=bool((slot_N == num_experts * capacity).any()))
+        meta = DispatchMeta(
+            paddle.to_tensor(slot_N),
+            routing.topk_weights_TK,
+            t,
+            capacity,
+            has_sentinel=bool((slot_N == num_experts * capacity).any()),
+        )
         return expert_inputs_ECM, counts_E, meta
 
     def combine(self, expert_outputs_ECM, meta: DispatchMeta):
-        return combine_grouped(expert_outputs_ECM, meta.slot_N, meta.weights_TK, meta.num_tokens,
-                               meta.has_sentinel)
+        return combine_grouped(
+            expert_outputs_ECM, meta.slot_N, meta.weights_TK, meta.num_tokens, meta.has_sentinel
+        )

@@ -1,14 +1,15 @@
 """Per-modality input embeddings behind one registry.
 
-Each modality registers a factory building a layer that maps the batch to [B, S, M] for the positions
-whose `token_types` equal its id, or returns None when the batch carries none of its inputs (a
-text-only batch through a multimodal model). Adding a modality means registering one class; the blocks never
-change. Text is built in; image, video and audio register themselves from their own modules.
+Each modality registers a factory building a layer that maps the batch to [B, S, M] for the
+positions whose `token_types` equal its id, or returns None when the batch carries none of its
+inputs (a text-only batch through a multimodal model). Adding a modality means registering one
+class; the blocks never change. Text is built in; image, video and audio register themselves from
+their own modules.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import paddle
 from paddle import nn
@@ -42,8 +43,9 @@ def register_modality(name: str):
 class TextEmbedding(nn.Layer):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.table = nn.Embedding(cfg.text_vocab, cfg.hidden_size,
-                                  weight_attr=nn.initializer.Normal(std=cfg.init_std))
+        self.table = nn.Embedding(
+            cfg.text_vocab, cfg.hidden_size, weight_attr=nn.initializer.Normal(std=cfg.init_std)
+        )
 
     def forward(self, batch):
         return self.table(batch["input_ids"])
@@ -56,8 +58,10 @@ class ModalityEmbeddings(nn.Layer):
             load_modality_modules()
         missing = [m for m in cfg.modalities if m not in _REGISTRY]
         if missing:
-            raise ValueError(f"model.modalities lists {missing}, which have no embedding registered "
-                             f"in this build; available: {sorted(_REGISTRY)}")
+            raise ValueError(
+                f"model.modalities lists {missing}, which have no embedding registered "
+                f"in this build; available: {sorted(_REGISTRY)}"
+            )
         self.by_modality = nn.LayerDict({m: _REGISTRY[m](cfg) for m in cfg.modalities})
 
     def forward(self, batch):

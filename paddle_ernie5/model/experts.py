@@ -14,7 +14,7 @@ from ..ops.moe_experts import grouped_swiglu, moe_experts
 
 
 class SwiGLU(nn.Layer):
-    """Dense SwiGLU FFN (shared expert, dense layers); gate and up projections fused in one matmul."""
+    """Dense SwiGLU FFN (shared expert, dense layers); gate and up projections in one matmul."""
 
     def __init__(self, hidden_size: int, ffn_hidden: int, init_std: float):
         super().__init__()
@@ -33,10 +33,12 @@ class GroupedExperts(nn.Layer):
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden: int, init_std: float):
         super().__init__()
         init = nn.initializer.Normal(std=init_std)
-        self.w_gate_up = self.create_parameter([num_experts, hidden_size, 2 * ffn_hidden],
-                                               default_initializer=init)
-        self.w_down = self.create_parameter([num_experts, ffn_hidden, hidden_size],
-                                            default_initializer=init)
+        self.w_gate_up = self.create_parameter(
+            [num_experts, hidden_size, 2 * ffn_hidden], default_initializer=init
+        )
+        self.w_down = self.create_parameter(
+            [num_experts, ffn_hidden, hidden_size], default_initializer=init
+        )
 
     def forward(self, x_ECM, experts=None):
         """`experts`: optional int64 tensor of the expert indices the rows of x_ECM belong to."""
@@ -48,8 +50,15 @@ class GroupedExperts(nn.Layer):
     def routed(self, x_TM, topk_ids_TK, topk_weights_TK, capacity_factor: float, backend: str):
         """y_TM = sum_k topk_weights_TK[:, k] * expert_{topk_ids_TK[:, k]}(x_TM): dispatch, experts
         and the weighted combine in one call."""
-        return moe_experts(x_TM, self.w_gate_up, self.w_down, topk_ids_TK, topk_weights_TK,
-                           capacity_factor, backend)
+        return moe_experts(
+            x_TM,
+            self.w_gate_up,
+            self.w_down,
+            topk_ids_TK,
+            topk_weights_TK,
+            capacity_factor,
+            backend,
+        )
 
     def expert_forward(self, e: int, x_CM):
         """One expert on its own tokens; used by the naive reference path."""

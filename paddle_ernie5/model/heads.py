@@ -8,13 +8,14 @@ the embedding of token i+1 and predicts token i+2 through one extra block and th
                    concat ─ Linear(2M -> M) ─ Block ─ RMSNorm ─ text head ─> logits for x_{i+2}
     emb(x_{i+1}) ─ RMSNorm ─┘
 
-The MTP block uses a dense SwiGLU (width of the activated experts) rather than the expert pool: it is
-a training-time auxiliary, and keeping it dense keeps expert statistics those of the backbone only.
+The MTP block uses a dense SwiGLU (width of the activated experts) rather than the expert pool: it
+is a training-time auxiliary, and keeping it dense keeps expert statistics those of the backbone
+only.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import paddle
 from paddle import nn
@@ -28,9 +29,16 @@ class TextHead(nn.Layer):
     def __init__(self, cfg: ModelConfig, tied_table=None):
         super().__init__()
         self.tied_table = tied_table
-        self.proj = None if tied_table is not None else nn.Linear(
-            cfg.hidden_size, cfg.text_vocab, weight_attr=nn.initializer.Normal(std=cfg.init_std),
-            bias_attr=False)
+        self.proj = (
+            None
+            if tied_table is not None
+            else nn.Linear(
+                cfg.hidden_size,
+                cfg.text_vocab,
+                weight_attr=nn.initializer.Normal(std=cfg.init_std),
+                bias_attr=False,
+            )
+        )
 
     def forward(self, h_BSM):
         if self.tied_table is not None:
@@ -43,13 +51,19 @@ class MTPModule(nn.Layer):
         super().__init__()
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.embed_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.merge = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size,
-                               weight_attr=nn.initializer.Normal(std=cfg.init_std), bias_attr=False)
+        self.merge = nn.Linear(
+            2 * cfg.hidden_size,
+            cfg.hidden_size,
+            weight_attr=nn.initializer.Normal(std=cfg.init_std),
+            bias_attr=False,
+        )
         self.block = Block(cfg, use_moe=False)
         self.out_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
 
     def forward(self, h_BSM, next_embed_BSM, cos, sin, startend_row_indices, causal: bool = True):
-        x = self.merge(paddle.concat([self.hidden_norm(h_BSM), self.embed_norm(next_embed_BSM)], -1))
+        x = self.merge(
+            paddle.concat([self.hidden_norm(h_BSM), self.embed_norm(next_embed_BSM)], -1)
+        )
         x, _ = self.block(x, cos, sin, startend_row_indices, causal=causal)
         return self.out_norm(x)
 
@@ -67,7 +81,8 @@ _HEADS: dict[str, tuple[tuple[str, ...], Callable[[ModelConfig], nn.Layer]]] = {
 
 
 def register_head(name: str, modalities: tuple[str, ...]):
-    """Class decorator: `@register_head("visual", ("image", "video")) class VisualBitHead(nn.Layer)`.
+    """Class decorator, e.g.
+    `@register_head("visual", ("image", "video")) class VisualBitHead(nn.Layer)`.
     The model builds the head when any of `modalities` is in `model.modalities`."""
 
     def wrap(factory):
@@ -78,5 +93,10 @@ def register_head(name: str, modalities: tuple[str, ...]):
 
 
 def build_heads(cfg: ModelConfig) -> nn.LayerDict:
-    return nn.LayerDict({name: factory(cfg) for name, (mods, factory) in sorted(_HEADS.items())
-                         if set(mods) & set(cfg.modalities)})
+    return nn.LayerDict(
+        {
+            name: factory(cfg)
+            for name, (mods, factory) in sorted(_HEADS.items())
+            if set(mods) & set(cfg.modalities)
+        }
+    )

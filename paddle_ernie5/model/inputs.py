@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
-_TEXT_KEYS = ("input_ids", "labels", "token_types", "positions", "startend_row_indices", "mask_causal")
+_TEXT_KEYS = (
+    "input_ids",
+    "labels",
+    "token_types",
+    "positions",
+    "startend_row_indices",
+    "mask_causal",
+)
 
 
 def to_model_batch(np_batch: dict) -> dict:
@@ -15,8 +22,11 @@ def to_model_batch(np_batch: dict) -> dict:
     pos = np_batch["positions"]
     if pos.ndim == 2:
         pos = np.broadcast_to(pos[:, None, :], (pos.shape[0], 3, pos.shape[1]))
-    extras = {k: paddle.to_tensor(v, dtype="float32" if np.issubdtype(v.dtype, np.floating) else "int64")
-              for k, v in np_batch.items() if k not in _TEXT_KEYS and isinstance(v, np.ndarray)}
+    extras = {
+        k: paddle.to_tensor(v, dtype="float32" if np.issubdtype(v.dtype, np.floating) else "int64")
+        for k, v in np_batch.items()
+        if k not in _TEXT_KEYS and isinstance(v, np.ndarray)
+    }
     return {
         **extras,
         "input_ids": paddle.to_tensor(np_batch["input_ids"], dtype="int64"),

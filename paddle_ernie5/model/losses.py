@@ -1,5 +1,5 @@
-"""Training objective: text next-token loss, MTP loss, the modality heads' losses (visual bits, audio
-codes; model.head_losses) and the optional router losses.
+"""Training objective: text next-token loss, MTP loss, the modality heads' losses (visual bits,
+audio codes; model.head_losses) and the optional router losses.
 
 Labels use -100 for positions without a target (document ends, padding).
 
@@ -30,8 +30,12 @@ def mtp_labels(labels_BS):
 def token_cross_entropy(logits_BSV, labels_BS):
     """Mean cross-entropy over positions with a target (fp32), and the number of such positions."""
     v = logits_BSV.shape[-1]
-    losses = F.cross_entropy(logits_BSV.reshape([-1, v]).astype("float32"), labels_BS.reshape([-1, 1]),
-                             ignore_index=IGNORE, reduction="none").reshape([-1])
+    losses = F.cross_entropy(
+        logits_BSV.reshape([-1, v]).astype("float32"),
+        labels_BS.reshape([-1, 1]),
+        ignore_index=IGNORE,
+        reduction="none",
+    ).reshape([-1])
     valid = (labels_BS.reshape([-1]) != IGNORE).astype("float32")
     count = valid.sum()
     return (losses * valid).sum() / paddle.clip(count, min=1.0), count
@@ -48,8 +52,11 @@ class LossParts:
     heads: dict = field(default_factory=dict)  # loss name -> (mean loss, number of targets, weight)
 
 
-def compute_loss(out: ModelOutput, labels_BS, cfg: ModelConfig, heads: dict | None = None) -> LossParts:
-    """`heads`: model.head_losses(out, batch) for a multimodal batch; each adds weight x mean loss."""
+def compute_loss(
+    out: ModelOutput, labels_BS, cfg: ModelConfig, heads: dict | None = None
+) -> LossParts:
+    """`heads`: model.head_losses(out, batch) for a multimodal batch; each adds weight x mean
+    loss."""
     text, count = token_cross_entropy(out.logits, labels_BS)
     total = text
     heads = heads or {}
@@ -89,28 +96,30 @@ def document_ids(startend_row_indices):
 
 
 def sample_anchors(labels_BS: np.ndarray, max_anchors: int, rng: np.random.Generator) -> np.ndarray:
-    """[B, A] SimReg anchors: per row up to A = min(max_anchors, S) positions that have a target, drawn
-    without replacement from `rng`, ascending, padded with -1."""
+    """[B, A] SimReg anchors: per row up to A = min(max_anchors, S) positions that have a target,
+    drawn without replacement from `rng`, ascending, padded with -1."""
     labels_BS = np.asarray(labels_BS)
     a = min(max_anchors, labels_BS.shape[1])
     out = np.full((labels_BS.shape[0], a), -1, dtype=np.int64)
     for b, row in enumerate(labels_BS):
         valid = np.flatnonzero(row != IGNORE)
         pick = valid if len(valid) <= a else np.sort(rng.choice(valid, a, replace=False))
-        out[b, :len(pick)] = pick
+        out[b, : len(pick)] = pick
     return out
 
 
 def simreg_loss(hidden_BSD, labels_BS, doc_BS, anchors_BA, temperature: float):
-    """Supervised-contrastive loss over sampled anchors. Returns (sum of the per-anchor losses, number
-    of anchors with at least one positive); the SimReg value is their ratio.
+    """Supervised-contrastive loss over sampled anchors. Returns (sum of the per-anchor losses,
+    number of anchors with at least one positive); the SimReg value is their ratio.
 
-        anchors_BA ──gather──> h_BAD ──cosine / temperature──> sim_BAS (each anchor vs its whole row)
+        anchors_BA ──gather──> h_BAD ──cosine / temperature──> sim_BAS
+                                                       (each anchor vs its whole row)
         candidates_BAS = same document, position has a target, not the anchor itself
         positives_BAS  = candidates whose next-token label equals the anchor's
         loss(anchor)   = -mean over positives of log softmax over candidates of sim
 
-    Cost is O(S * A) per sequence. Anchors without a positive contribute nothing (and no gradient)."""
+    Cost is O(S * A) per sequence. Anchors without a positive contribute nothing (and no
+    gradient)."""
     b, s, d = hidden_BSD.shape
     h_BSD = F.normalize(hidden_BSD.astype("float32"), axis=-1)
     anchor_ok_BA = anchors_BA >= 0
@@ -121,14 +130,18 @@ def simreg_loss(hidden_BSD, labels_BS, doc_BS, anchors_BA, temperature: float):
     doc_BA = paddle.take_along_axis(doc_BS.astype("int64"), idx_BA, axis=1)
     sim_BAS = paddle.matmul(h_BAD, h_BSD, transpose_y=True) / temperature
     not_self_BAS = paddle.arange(s, dtype=idx_BA.dtype).reshape([1, 1, s]) != idx_BA.unsqueeze(-1)
-    cand_BAS = ((doc_BA.unsqueeze(-1) == doc_BS.astype("int64").unsqueeze(1))
-                & (labels_BS != IGNORE).unsqueeze(1) & not_self_BAS & anchor_ok_BA.unsqueeze(-1))
+    cand_BAS = (
+        (doc_BA.unsqueeze(-1) == doc_BS.astype("int64").unsqueeze(1))
+        & (labels_BS != IGNORE).unsqueeze(1)
+        & not_self_BAS
+        & anchor_ok_BA.unsqueeze(-1)
+    )
     pos_BAS = cand_BAS & (label_BA.unsqueeze(-1) == labels_BS.unsqueeze(1))
     # A large finite fill (not -inf) keeps rows without candidates finite in value and gradient.
     masked_BAS = paddle.where(cand_BAS, sim_BAS, paddle.full_like(sim_BAS, -1e9))
     logp_BAS = masked_BAS - paddle.logsumexp(masked_BAS, axis=-1, keepdim=True)
     npos_BA = pos_BAS.astype("float32").sum(-1)
-    per_anchor_BA = -paddle.where(pos_BAS, logp_BAS, paddle.zeros_like(logp_BAS)).sum(-1) \
-        / paddle.clip(npos_BA, min=1.0)
+    pos_logp_BA = paddle.where(pos_BAS, logp_BAS, paddle.zeros_like(logp_BAS)).sum(-1)
+    per_anchor_BA = -pos_logp_BA / paddle.clip(npos_BA, min=1.0)
     has_pos_BA = (npos_BA > 0).astype("float32")
     return (per_anchor_BA * has_pos_BA).sum(), has_pos_BA.sum()

@@ -7,13 +7,13 @@ Legend: B batch, S sequence, M width, V text vocabulary.
                                                  └─ MTP module ─ text head ─> mtp_logits_BSV
 
 Inputs (dict of tensors): input_ids [B,S] int64, token_types [B,S] int64, positions [B,3,S] int64
-(Uni-RoPE t, h, w), startend_row_indices [B,1,S,C] int32 (FlashMask) and optionally mask_causal (bool,
-default True; False for layouts with bidirectional blocks, e.g. [LTS, UTE] from
-data/multimodal.py). Outputs: `ModelOutput` with
-logits, the modality heads' predictions and one `RouterStats` per MoE layer that ran. Modality inputs
-and targets other than text ride in the batch under keys their modules define (embeddings/heads
-registered by model/vision.py, model/audio.py). `router_replay` (RL): layer index -> expert ids
-[B,S,K] recorded during rollout; those layers use them instead of choosing (model/router.py).
+(Uni-RoPE t, h, w), startend_row_indices [B,1,S,C] int32 (FlashMask) and optionally mask_causal
+(bool, default True; False for layouts with bidirectional blocks, e.g. [LTS, UTE] from
+data/multimodal.py). Outputs: `ModelOutput` with logits, the modality heads' predictions and one
+`RouterStats` per MoE layer that ran. Modality inputs and targets other than text ride in the batch
+under keys their modules define (embeddings/heads registered by model/vision.py, model/audio.py).
+`router_replay` (RL): layer index -> expert ids [B,S,K] recorded during rollout; those layers use
+them instead of choosing (model/router.py).
 """
 
 from __future__ import annotations
@@ -48,16 +48,24 @@ class Ernie5Model(nn.Layer):
         super().__init__()
         self.cfg = cfg
         self.embed = ModalityEmbeddings(cfg)
-        self.blocks = nn.LayerList([Block(cfg, use_moe=i >= cfg.moe.first_dense_layers)
-                                    for i in range(cfg.num_layers)])
+        self.blocks = nn.LayerList(
+            [Block(cfg, use_moe=i >= cfg.moe.first_dense_layers) for i in range(cfg.num_layers)]
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.text_head = TextHead(cfg, self.embed.text_table() if cfg.tie_embeddings else None)
         self.mtp = MTPModule(cfg) if cfg.num_mtp_modules > 0 else None
         self.heads = build_heads(cfg)
 
-    def forward(self, batch, view: ElasticView = FULL_VIEW, with_mtp: bool = True,
-                cache: KVCache | None = None, router_replay: dict | None = None) -> ModelOutput:
-        """`cache`: incremental decoding (generation.py); batch then holds only the new positions."""
+    def forward(
+        self,
+        batch,
+        view: ElasticView = FULL_VIEW,
+        with_mtp: bool = True,
+        cache: KVCache | None = None,
+        router_replay: dict | None = None,
+    ) -> ModelOutput:
+        """`cache`: incremental decoding (generation.py); the batch then holds only the new
+        positions."""
         att = self.cfg.attention
         cos, sin = rope_cos_sin(batch["positions"], att.head_dim, att.rope_base, att.rope_sections)
         mask = batch.get("startend_row_indices")
@@ -66,23 +74,33 @@ class Ernie5Model(nn.Layer):
         stats = {}
         layers = range(len(self.blocks)) if view.layers is None else view.layers
         for i in layers:
-            x, layer_stats = self.blocks[i](x, cos, sin, mask, view.for_layer(i),
-                                            None if cache is None else cache.layer(i),
-                                            None if router_replay is None else router_replay.get(i),
-                                            causal)
+            x, layer_stats = self.blocks[i](
+                x,
+                cos,
+                sin,
+                mask,
+                view.for_layer(i),
+                None if cache is None else cache.layer(i),
+                None if router_replay is None else router_replay.get(i),
+                causal,
+            )
             if layer_stats is not None:
                 stats[i] = layer_stats
         h = self.norm(x)
         logits = self.text_head(h)
         mtp_logits = None
         if with_mtp and self.mtp is not None:
-            next_ids = paddle.concat([batch["input_ids"][:, 1:], batch["input_ids"][:, -1:]], axis=1)
+            next_ids = paddle.concat(
+                [batch["input_ids"][:, 1:], batch["input_ids"][:, -1:]], axis=1
+            )
             next_embed = self.embed.text_table()(next_ids)
             mtp_logits = self.text_head(self.mtp(x, next_embed, cos, sin, mask, causal))
         extra = {name: head(h, batch) for name, head in self.heads.items()}
         return ModelOutput(logits, mtp_logits, h, stats, extra)
 
-    def head_losses(self, out: ModelOutput, batch) -> dict[str, tuple[paddle.Tensor, paddle.Tensor, float]]:
+    def head_losses(
+        self, out: ModelOutput, batch
+    ) -> dict[str, tuple[paddle.Tensor, paddle.Tensor, float]]:
         """Loss name -> (mean loss, number of targets, weight) of every modality head. A head's loss
         entry is (loss, count), weighted by head.loss_weight, or (loss, count, weight) with its own
         weight (e.g. one entry per audio level)."""

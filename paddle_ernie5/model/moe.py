@@ -1,4 +1,5 @@
-"""Mixture-of-experts feed-forward: router -> dispatcher -> experts -> combine, plus a shared expert.
+"""Mixture-of-experts feed-forward: router -> dispatcher -> experts -> combine, plus a shared
+expert.
 
 Legend: B batch, S sequence, T = B*S tokens, M width, E experts, K top-k.
 
@@ -29,13 +30,13 @@ from .view import FULL_VIEW, ElasticView
 
 @dataclass
 class RouterStats:
-    """What one MoE layer reports per forward (explicit outputs, consumed by losses and the trainer)."""
+    """What one MoE layer reports per forward (explicit outputs, read by losses and the trainer)."""
 
     load_E: paddle.Tensor  # int64 assignments per expert
     aux_loss: paddle.Tensor
     z_loss: paddle.Tensor
     expert_mask_E: np.ndarray | None  # experts the elastic view allowed (None = all)
-    topk_ids_TK: paddle.Tensor | None = None  # experts chosen per token (recorded for router replay)
+    topk_ids_TK: paddle.Tensor | None = None  # experts chosen per token (for router replay)
     logits_TE: paddle.Tensor | None = None  # router logits, detached
 
 
@@ -45,18 +46,26 @@ class MoE(nn.Layer):
         self.cfg = cfg
         self.router = Router(hidden_size, cfg, init_std)
         self.experts = GroupedExperts(cfg.num_experts, hidden_size, cfg.expert_hidden, init_std)
-        self.shared = (SwiGLU(hidden_size, cfg.shared_expert_hidden * cfg.num_shared_experts, init_std)
-                       if cfg.num_shared_experts > 0 else None)
+        self.shared = (
+            SwiGLU(hidden_size, cfg.shared_expert_hidden * cfg.num_shared_experts, init_std)
+            if cfg.num_shared_experts > 0
+            else None
+        )
         # A strategy object without state; expert parallelism swaps it for a distributed one.
         self.dispatcher = LocalDispatcher(cfg.capacity_factor)
 
     def route(self, x_TM, num_seqs: int, view: ElasticView, forced_ids_TK=None) -> Routing:
-        return self.router(x_TM, num_seqs=num_seqs, top_k=view.top_k,
-                           expert_mask_E=view.expert_mask(self.cfg.num_experts),
-                           forced_ids_TK=forced_ids_TK)
+        return self.router(
+            x_TM,
+            num_seqs=num_seqs,
+            top_k=view.top_k,
+            expert_mask_E=view.expert_mask(self.cfg.num_experts),
+            forced_ids_TK=forced_ids_TK,
+        )
 
     def forward(self, x_BSM, view: ElasticView = FULL_VIEW, replay_ids_BSK=None):
-        """`replay_ids_BSK`: recorded expert ids to use instead of the router's choice (router replay)."""
+        """`replay_ids_BSK`: recorded expert ids to use instead of the router's choice (router
+        replay)."""
         b, s, m = x_BSM.shape
         x_TM = x_BSM.reshape([b * s, m])
         forced = None if replay_ids_BSK is None else replay_ids_BSK.reshape([b * s, -1])
@@ -64,23 +73,36 @@ class MoE(nn.Layer):
         y_TM = self.routed_experts(x_TM, routing)
         if self.shared is not None:
             y_TM = y_TM + self.shared(x_TM)
-        stats = RouterStats(routing.load_E, routing.aux_loss, routing.z_loss,
-                            view.expert_mask(self.cfg.num_experts), routing.topk_ids_TK,
-                            routing.logits_TE)
+        stats = RouterStats(
+            routing.load_E,
+            routing.aux_loss,
+            routing.z_loss,
+            view.expert_mask(self.cfg.num_experts),
+            routing.topk_ids_TK,
+            routing.logits_TE,
+        )
         return y_TM.reshape([b, s, m]), stats
 
     def routed_experts(self, x_TM, routing: Routing):
         """The weighted sum of each token's experts: the fused op when it serves this call."""
-        fused = (isinstance(self.dispatcher, LocalDispatcher)
-                 and resolve_backend(self.cfg.expert_backend, x_TM) == "cpu_op")
+        fused = (
+            isinstance(self.dispatcher, LocalDispatcher)
+            and resolve_backend(self.cfg.expert_backend, x_TM) == "cpu_op"
+        )
         if fused:
-            return self.experts.routed(x_TM, routing.topk_ids_TK, routing.topk_weights_TK,
-                                       self.cfg.capacity_factor, backend="cpu_op")
+            return self.experts.routed(
+                x_TM,
+                routing.topk_ids_TK,
+                routing.topk_weights_TK,
+                self.cfg.capacity_factor,
+                backend="cpu_op",
+            )
         expert_inputs_ECM, _, meta = self.dispatcher.dispatch(x_TM, routing, self.cfg.num_experts)
         return self.dispatcher.combine(self.experts(expert_inputs_ECM), meta)
 
     def forward_reference(self, x_BSM, view: ElasticView = FULL_VIEW):
-        """Naive per-expert loop with the same routing: the oracle the grouped path is tested against."""
+        """Naive per-expert loop with the same routing: the oracle the grouped path is tested
+        against."""
         b, s, m = x_BSM.shape
         x_TM = x_BSM.reshape([b * s, m])
         routing = self.route(x_TM, b, view)
@@ -91,7 +113,9 @@ class MoE(nn.Layer):
             if tok.size == 0:
                 continue
             tok_t = paddle.to_tensor(tok)
-            w = paddle.gather_nd(routing.topk_weights_TK, paddle.to_tensor(np.stack([tok, slot], 1)))
+            w = paddle.gather_nd(
+                routing.topk_weights_TK, paddle.to_tensor(np.stack([tok, slot], 1))
+            )
             out = self.experts.expert_forward(e, paddle.gather(x_TM, tok_t)) * w.unsqueeze(-1)
             y_TM = paddle.index_add(y_TM, tok_t, 0, out)
         if self.shared is not None:

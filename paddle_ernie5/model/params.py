@@ -6,7 +6,7 @@ from ..config import ModelConfig
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts computed from the config alone (no allocation), for any size.
+    """Parameter counts of the model `cfg` describes.
 
     total: every parameter, MTP included. activated: parameters one text token touches in inference
     (backbone with top_k of the experts, the text embedding row excluded, MTP excluded)."""
@@ -26,7 +26,9 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     mtp = (2 * m + 2 * m * m + attn + norms + dense_ffn + m) if cfg.num_mtp_modules else 0
     backbone_common = l * (attn + norms) + n_dense * dense_ffn + m
     total = embed + head + backbone_common + n_moe * moe_layer_total + mtp
-    activated = head + backbone_common + n_moe * moe_layer_active + (embed if cfg.tie_embeddings else 0)
+    activated = (
+        head + backbone_common + n_moe * moe_layer_active + (embed if cfg.tie_embeddings else 0)
+    )
     if "audio" in cfg.modalities:
         total += audio_params(cfg)
     for kind in ("image", "video"):
@@ -34,8 +36,12 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
             total += vision_embedding_params(cfg, kind)
     if "image" in cfg.modalities or "video" in cfg.modalities:
         total += vision_head_params(cfg)
-    return {"total": total, "activated": activated, "embedding": embed,
-            "experts": n_moe * moe.num_experts * expert}
+    return {
+        "total": total,
+        "activated": activated,
+        "embedding": embed,
+        "experts": n_moe * moe.num_experts * expert,
+    }
 
 
 def audio_params(cfg: ModelConfig) -> int:
@@ -60,8 +66,8 @@ def audio_head_params(cfg: ModelConfig) -> int:
 
 
 def modality_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(input side, output side) parameters of the non-text modalities; pipeline stages put them with
-    the embedding and with the head."""
+    """(input side, output side) parameters of the non-text modalities; pipeline stages put them
+    with the embedding and with the head."""
     mods = set(cfg.modalities)
     inputs = sum(vision_embedding_params(cfg, k) for k in ("image", "video") if k in mods)
     heads = vision_head_params(cfg) if mods & {"image", "video"} else 0
@@ -74,10 +80,18 @@ def vision_embedding_params(cfg: ModelConfig, kind: str) -> int:
     """model/vision.py: bits -> width, scale table, the patch merger of one visual modality and its
     group-place table."""
     v, m, d = cfg.vision, cfg.hidden_size, cfg.vision.merger_width
-    group = v.merge ** 2 * (v.merge_frames if kind == "video" else 1)
+    group = v.merge**2 * (v.merge_frames if kind == "video" else 1)
     channels = v.bits * (2 if kind == "video" and v.merger_motion and v.merge_frames > 1 else 1)
-    merger = (channels * d + d) + group * d + 4 * d + (3 * d * d + 3 * d) + (d * d + d) \
-        + (2 * d * d + 2 * d) + (2 * d * d + d) + (d * m + m)
+    merger = (
+        (channels * d + d)
+        + group * d
+        + 4 * d
+        + (3 * d * d + 3 * d)
+        + (d * d + d)
+        + (2 * d * d + 2 * d)
+        + (2 * d * d + d)
+        + (d * m + m)
+    )
     place = v.merged_places(kind) * m if v.merger_position else 0
     place += v.merged_places(kind) * d * m if v.merger_place_projection else 0
     return (v.bits * m + m) + (len(v.scales) + 1) * m + merger + place

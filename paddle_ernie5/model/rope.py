@@ -33,8 +33,9 @@ def rope_cos_sin(positions_B3S, head_dim: int, base: float, sections):
     """cos/sin tables [B, S, 1, D] for positions [B, 3, S] (computed once per forward)."""
     inv_freq_P = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     axes_P = axis_of_pair(head_dim, tuple(sections))
-    pos_BSP = paddle.gather(positions_B3S.astype("float32").transpose([0, 2, 1]),
-                            paddle.to_tensor(axes_P), axis=2)
+    pos_BSP = paddle.gather(
+        positions_B3S.astype("float32").transpose([0, 2, 1]), paddle.to_tensor(axes_P), axis=2
+    )
     angles_BSP = pos_BSP * paddle.to_tensor(inv_freq_P.astype(np.float32))
     angles_BSD = paddle.concat([angles_BSP, angles_BSP], axis=-1)
     return paddle.cos(angles_BSD).unsqueeze(2), paddle.sin(angles_BSD).unsqueeze(2)

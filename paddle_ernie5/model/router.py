@@ -2,9 +2,10 @@
 
 Legend: T tokens, M model width, E experts, K top-k.
 
-The router sees only hidden states (no modality id). Scores are fp32. The selection bias shifts which
-experts are *chosen* but never the combine weights; the trainer updates it after each optimizer step
-from the loads this router reports (`update_selection_bias`). Aux losses and loads are explicit outputs.
+The router sees only hidden states (no modality id). Scores are fp32. The selection bias shifts
+which experts are *chosen* but never the combine weights; the trainer updates it after each
+optimizer step from the loads this router reports (`update_selection_bias`). Aux losses and loads
+are explicit outputs.
 
 Router replay (RL): `forced_ids_TK` makes the router use expert ids recorded elsewhere (the rollout)
 instead of its own top-k choice; the combine weights are still computed from the current scores at
@@ -37,22 +38,34 @@ class Router(nn.Layer):
     def __init__(self, hidden_size: int, cfg: MoEConfig, init_std: float):
         super().__init__()
         self.cfg = cfg
-        self.weight = self.create_parameter([hidden_size, cfg.num_experts], dtype="float32",
-                                            default_initializer=nn.initializer.Normal(std=init_std))
-        self.register_buffer("selection_bias", paddle.zeros([cfg.num_experts], dtype="float32"),
-                             persistable=True)
+        self.weight = self.create_parameter(
+            [hidden_size, cfg.num_experts],
+            dtype="float32",
+            default_initializer=nn.initializer.Normal(std=init_std),
+        )
+        self.register_buffer(
+            "selection_bias", paddle.zeros([cfg.num_experts], dtype="float32"), persistable=True
+        )
 
-    def forward(self, x_TM, num_seqs: int = 1, top_k: int | None = None,
-                expert_mask_E: np.ndarray | None = None, forced_ids_TK=None) -> Routing:
+    def forward(
+        self,
+        x_TM,
+        num_seqs: int = 1,
+        top_k: int | None = None,
+        expert_mask_E: np.ndarray | None = None,
+        forced_ids_TK=None,
+    ) -> Routing:
         cfg = self.cfg
         k = top_k or cfg.top_k
         logits_TE = paddle.matmul(x_TM.astype("float32"), self.weight)
         if expert_mask_E is not None:
-            # Experts outside an elastic subset do not exist for this pass: the router behaves exactly
-            # like the router of a model sliced down to the subset (same scores, same choices).
+            # Experts outside an elastic subset do not exist for this pass: the router behaves
+            # exactly like the router of a model sliced down to the subset (same scores, choices).
             allowed = paddle.to_tensor(expert_mask_E).unsqueeze(0)
             logits_TE = paddle.where(allowed, logits_TE, paddle.full_like(logits_TE, float("-inf")))
-        scores_TE = F.softmax(logits_TE, axis=-1) if cfg.score_func == "softmax" else F.sigmoid(logits_TE)
+        scores_TE = (
+            F.softmax(logits_TE, axis=-1) if cfg.score_func == "softmax" else F.sigmoid(logits_TE)
+        )
         select_TE = scores_TE.detach() + self.selection_bias
         if expert_mask_E is not None:
             select_TE = paddle.where(allowed, select_TE, paddle.full_like(select_TE, float("-inf")))
@@ -65,27 +78,38 @@ class Router(nn.Layer):
         load_E = paddle.bincount(topk_ids_TK.flatten(), minlength=cfg.num_experts)
 
         zero = paddle.zeros([], dtype="float32")
-        aux_loss = self._sequence_aux_loss(scores_TE, topk_ids_TK, num_seqs) \
-            if cfg.aux_loss_weight > 0 else zero
-        z_loss = paddle.logsumexp(logits_TE, axis=-1).pow(2).mean() if cfg.z_loss_weight > 0 else zero
+        aux_loss = (
+            self._sequence_aux_loss(scores_TE, topk_ids_TK, num_seqs)
+            if cfg.aux_loss_weight > 0
+            else zero
+        )
+        z_loss = (
+            paddle.logsumexp(logits_TE, axis=-1).pow(2).mean() if cfg.z_loss_weight > 0 else zero
+        )
         return Routing(topk_ids_TK, topk_weights_TK, load_E, aux_loss, z_loss, logits_TE.detach())
 
     def _sequence_aux_loss(self, scores_TE, topk_ids_TK, num_seqs: int):
         """E * sum_e f_e * P_e averaged over sequences (DeepSeek-V3 complementary balance loss)."""
         e, k = self.cfg.num_experts, topk_ids_TK.shape[-1]
         t = scores_TE.shape[0] // num_seqs
-        probs_NSE = (scores_TE / (scores_TE.sum(axis=-1, keepdim=True) + 1e-20)).reshape([num_seqs, t, e])
+        probs_NSE = (scores_TE / (scores_TE.sum(axis=-1, keepdim=True) + 1e-20)).reshape(
+            [num_seqs, t, e]
+        )
         onehot_NSE = F.one_hot(topk_ids_TK, e).sum(axis=1).reshape([num_seqs, t, e])
         frac_NE = onehot_NSE.mean(axis=1) * (e / k)
         return (frac_NE * probs_NSE.mean(axis=1)).sum(axis=-1).mean()
 
     @paddle.no_grad()
-    def update_selection_bias(self, load_E: np.ndarray, rate: float,
-                              expert_mask_E: np.ndarray | None = None) -> None:
-        """bias += rate * sign(mean_load - load); experts outside an elastic subset keep their bias."""
+    def update_selection_bias(
+        self, load_E: np.ndarray, rate: float, expert_mask_E: np.ndarray | None = None
+    ) -> None:
+        """bias += rate * sign(mean_load - load); experts outside an elastic subset keep their
+        bias."""
         load = np.asarray(load_E, dtype=np.float64)
         active = np.ones_like(load, dtype=bool) if expert_mask_E is None else expert_mask_E
         if not active.any():
             return
         delta = rate * np.sign(load[active].mean() - load) * active
-        self.selection_bias.set_value(self.selection_bias + paddle.to_tensor(delta.astype(np.float32)))
+        self.selection_bias.set_value(
+            self.selection_bias + paddle.to_tensor(delta.astype(np.float32))
+        )

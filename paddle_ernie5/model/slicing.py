@@ -1,4 +1,5 @@
-"""Export an elastic sub-model by slicing: fewer layers, fewer experts per MoE layer, smaller top-k.
+"""Export an elastic sub-model by slicing: fewer layers, fewer experts per MoE layer, smaller
+top-k.
 
 No retraining: the sliced parameters are copied as they are. The result is an ordinary model
 (`Ernie5Model` with a smaller config) whose logits equal the full model's in the matching
@@ -22,8 +23,12 @@ from ..errors import UserError
 from .view import ElasticView, evenly_spaced_layers
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
-_EXPERT_AXIS = {"ffn.router.weight": 1, "ffn.router.selection_bias": 0,
-                "ffn.experts.w_gate_up": 0, "ffn.experts.w_down": 0}
+_EXPERT_AXIS = {
+    "ffn.router.weight": 1,
+    "ffn.router.selection_bias": 0,
+    "ffn.experts.w_gate_up": 0,
+    "ffn.experts.w_down": 0,
+}
 
 
 class ExportError(UserError, ValueError):
@@ -33,13 +38,19 @@ class ExportError(UserError, ValueError):
 def check_request(cfg: ModelConfig, layers: int, experts: int, top_k: int) -> None:
     moe = cfg.moe
     if not 1 <= layers <= cfg.num_layers:
-        raise ExportError(f"--layers {layers}: the model has {cfg.num_layers} layers (allowed 1..{cfg.num_layers})")
+        raise ExportError(
+            f"--layers {layers}: the model has {cfg.num_layers} layers "
+            f"(allowed 1..{cfg.num_layers})"
+        )
     if not 1 <= experts <= moe.num_experts:
-        raise ExportError(f"--experts {experts}: the model has {moe.num_experts} experts per layer "
-                          f"(allowed 1..{moe.num_experts})")
+        raise ExportError(
+            f"--experts {experts}: the model has {moe.num_experts} experts per layer "
+            f"(allowed 1..{moe.num_experts})"
+        )
     if not 1 <= top_k <= min(experts, moe.top_k):
-        raise ExportError(f"--top-k {top_k}: allowed 1..min(--experts={experts}, "
-                          f"trained top_k={moe.top_k})")
+        raise ExportError(
+            f"--top-k {top_k}: allowed 1..min(--experts={experts}, trained top_k={moe.top_k})"
+        )
 
 
 def choose_experts(loads: dict[int, np.ndarray], keep: int) -> dict[int, tuple[int, ...]]:
@@ -51,12 +62,21 @@ def choose_experts(loads: dict[int, np.ndarray], keep: int) -> dict[int, tuple[i
     return out
 
 
-def sub_view(layers: tuple[int, ...], layer_experts: dict[int, tuple[int, ...]], top_k: int) -> ElasticView:
-    return ElasticView(layers=layers, top_k=top_k, layer_experts=tuple(sorted(layer_experts.items())))
+def sub_view(
+    layers: tuple[int, ...], layer_experts: dict[int, tuple[int, ...]], top_k: int
+) -> ElasticView:
+    return ElasticView(
+        layers=layers, top_k=top_k, layer_experts=tuple(sorted(layer_experts.items()))
+    )
 
 
-def slice_state(state: dict[str, np.ndarray], cfg: ModelConfig, layers: tuple[int, ...],
-                layer_experts: dict[int, tuple[int, ...]], top_k: int):
+def slice_state(
+    state: dict[str, np.ndarray],
+    cfg: ModelConfig,
+    layers: tuple[int, ...],
+    layer_experts: dict[int, tuple[int, ...]],
+    top_k: int,
+):
     """(sliced state dict, sliced ModelConfig)."""
     renumber = {old: new for new, old in enumerate(layers)}
     out = {}
@@ -72,9 +92,13 @@ def slice_state(state: dict[str, np.ndarray], cfg: ModelConfig, layers: tuple[in
             value = np.take(value, list(layer_experts[old]), axis=_EXPERT_AXIS[rest])
         out[f"blocks.{renumber[old]}.{rest}"] = np.ascontiguousarray(value)
     keep_experts = len(next(iter(layer_experts.values()))) if layer_experts else cfg.moe.num_experts
-    moe = dataclasses.replace(cfg.moe, num_experts=keep_experts, top_k=top_k,
-                              dense_hidden=cfg.moe.dense_width(),
-                              first_dense_layers=sum(1 for l in layers if l < cfg.moe.first_dense_layers))
+    moe = dataclasses.replace(
+        cfg.moe,
+        num_experts=keep_experts,
+        top_k=top_k,
+        dense_hidden=cfg.moe.dense_width(),
+        first_dense_layers=sum(1 for l in layers if l < cfg.moe.first_dense_layers),
+    )
     new_cfg = dataclasses.replace(cfg, num_layers=len(layers), moe=moe)
     new_cfg.validate("model")
     return out, new_cfg

@@ -1,8 +1,8 @@
 """Elastic view: which layers, which experts and which top-k a forward pass uses.
 
-The same parameters serve every view; a view is an argument, never state on the model. Experts can be
-restricted for all layers (`experts`) or per layer (`layer_experts`, e.g. an exported sub-model whose
-experts were chosen layer by layer)."""
+The same parameters serve every view; a view is an argument, never state on the model. Experts can
+be restricted for all layers (`experts`) or per layer (`layer_experts`, e.g. an exported sub-model
+whose experts were chosen layer by layer)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ class ElasticView:
     layers: tuple[int, ...] | None = None  # indices of the blocks to run; None = all
     experts: tuple[int, ...] | None = None  # experts every router may choose; None = all
     top_k: int | None = None  # None = the configured top_k
-    layer_experts: tuple[tuple[int, tuple[int, ...]], ...] | None = None  # (layer, experts) overrides
+    # (layer, experts) overrides of `experts`
+    layer_experts: tuple[tuple[int, tuple[int, ...]], ...] | None = None
 
     def experts_of(self, layer: int) -> tuple[int, ...] | None:
         for index, experts in self.layer_experts or ():
@@ -32,7 +33,7 @@ class ElasticView:
         mask[list(experts)] = True
         return mask
 
-    def for_layer(self, layer: int) -> "ElasticView":
+    def for_layer(self, layer: int) -> ElasticView:
         """The view one block sees: its own expert subset and the top-k."""
         return ElasticView(experts=self.experts_of(layer), top_k=self.top_k)
 

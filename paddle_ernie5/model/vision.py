@@ -1,28 +1,30 @@
-"""Images and video in the backbone: the layout of visual tokens, their input embeddings, the patch
-merger for understanding and the bit-wise next-scale head.
+"""Images and video in the backbone: the layout of visual tokens, their input embeddings, the
+patch merger for understanding and the bit-wise next-scale head.
 
 Generation (next-frame-and-scale prediction). A frame is coded by the frozen tokenizer
 (tokenizers/visual.py) as token maps of growing side (1x1, 2x2, 4x4, 8x8); a token is `bits` signs.
 The positions of scale k carry, as input, the bits of their parent cell in scale k-1 (zeros for the
 first scale of a frame) and predict the bits of their own cell, all cells of a scale at once:
 
-    frame f:   [ scale 0 ] [ scale 1 (2x2) ] [ scale 2 (4x4) ] ...      one attention block per scale:
-    input:       start       bits_0 upsampled  bits_1 upsampled           bidirectional inside, causal
-    predicts:    bits_0      bits_1            bits_2                     to earlier scales and frames
+    frame f:   [ scale 0 ] [ scale 1 (2x2) ] [ scale 2 (4x4) ] ...   one attention block per scale:
+    input:       start       bits_0 upsampled  bits_1 upsampled        bidirectional inside, causal
+    predicts:    bits_0      bits_1            bits_2                  to earlier scales and frames
 
-Uni-RoPE: a token has (t, h, w) = (start + frame, start + y, start + x) where (y, x) is its cell centre
-in doubled latent units, (2i + 1) * side / s - 1, so the scales of one frame are centre-aligned
-(the 1x1 token sits at the middle of the 8x8 grid). A scale embedding tells the scales apart.
+Uni-RoPE: a token has (t, h, w) = (start + frame, start + y, start + x) where (y, x) is its cell
+centre in doubled latent units, (2i + 1) * side / s - 1, so the scales of one frame are
+centre-aligned (the 1x1 token sits at the middle of the 8x8 grid). A scale embedding tells the
+scales apart.
 
-Understanding. Pre-quantisation features [T, K, h, w] are cut into groups of merge x merge cells (and
-merge_frames frames for video); each group is one token:
+Understanding. Pre-quantisation features [T, K, h, w] are cut into groups of merge x merge cells
+(and merge_frames frames for video); each group is one token:
 
-    group [G, K] (video, merger_motion: [G, 2K], each patch with its change since the previous frame)
-                 -> Linear(K -> d) + slot embedding -> pre-norm self-attention over the G patches
-                 -> mean over G -> Linear(d -> M) (+ embedding of the group's place, merger_position)
-                    (+ Linear_place(d -> M) of the same mean, one per place, merger_place_projection)
+    group [G, K]  (video, merger_motion: [G, 2K], each patch with its change since the previous
+                   frame)
+      -> Linear(K -> d) + slot embedding -> pre-norm self-attention over the G patches
+      -> mean over G -> Linear(d -> M) (+ embedding of the group's place, merger_position)
+         (+ Linear_place(d -> M) of the same mean, one per place, merger_place_projection)
 
-Batch keys (extras of data/vision_tasks.py, zero where absent):
+Batch keys (extras of data/vision_sources.py, zero where absent):
     vis_in      [B, S, bits]   float  input bits of generation positions
     vis_target  [B, S, bits]   float  target bits (+1 / -1)
     vis_scale   [B, S]         int    1 + scale index of a generation position, 0 elsewhere
@@ -40,14 +42,14 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from ..config import ModelConfig, VisionModelConfig
-from ..errors import UserError
 from .embeddings import MODALITY_IDS, register_modality
 from .heads import register_head
 from .norm import RMSNorm
 
 IMAGE_ID, VIDEO_ID = MODALITY_IDS["image"], MODALITY_IDS["video"]
 FEATURE_KEY = {"image": "image_patches", "video": "video_patches"}
-PATCH_INDEX_KEY = "patch_index"  # place of a merged group in its picture: (frame group, row, column)
+# place of a merged group in its picture: (frame group, row, column)
+PATCH_INDEX_KEY = "patch_index"
 
 
 # ------------------------------------------------------------------------------------------ layout
@@ -79,8 +81,8 @@ def history_bits(tokens_FNb: np.ndarray, scales) -> np.ndarray:
     out = np.zeros_like(tokens_FNb)
     offsets = np.cumsum([0] + [s * s for s in scales])
     for k in range(1, len(scales)):
-        parent = tokens_FNb[:, offsets[k - 1]:offsets[k]]
-        out[:, offsets[k]:offsets[k + 1]] = parent[:, parent_index(scales, k)]
+        parent = tokens_FNb[:, offsets[k - 1] : offsets[k]]
+        out[:, offsets[k] : offsets[k + 1]] = parent[:, parent_index(scales, k)]
     return out
 
 
@@ -91,7 +93,9 @@ def generation_positions(scales, latent: int, frames: int, start: int) -> np.nda
     y = np.array([cell_centres(s, latent)[i] for s, i in zip(sides, r)])
     x = np.array([cell_centres(s, latent)[j] for s, j in zip(sides, c)])
     t = np.repeat(np.arange(frames), len(k))
-    return np.stack([start + t, start + np.tile(y, frames), start + np.tile(x, frames)]).astype(np.int64)
+    return np.stack([start + t, start + np.tile(y, frames), start + np.tile(x, frames)]).astype(
+        np.int64
+    )
 
 
 def span_extent(frames: int, latent: int) -> int:
@@ -107,8 +111,16 @@ class PatchMerger(nn.Layer):
     With `frames` > 1 (video, merger_motion) each patch also gets its difference from the same cell
     one frame earlier (zero in the group's first frame): G = frames x cells, frame-major."""
 
-    def __init__(self, channels: int, group: int, cfg: VisionModelConfig, hidden_size: int, init_std: float,
-                 frames: int = 1, places: int = 0):
+    def __init__(
+        self,
+        channels: int,
+        group: int,
+        cfg: VisionModelConfig,
+        hidden_size: int,
+        init_std: float,
+        frames: int = 1,
+        places: int = 0,
+    ):
         super().__init__()
         d = cfg.merger_width
         self.heads = cfg.merger_heads
@@ -122,7 +134,11 @@ class PatchMerger(nn.Layer):
         self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
         self.out = nn.Linear(d, hidden_size, weight_attr=init)
         self.places = places
-        self.place_proj = nn.Linear(places * d, hidden_size, weight_attr=init, bias_attr=False) if places else None
+        self.place_proj = (
+            nn.Linear(places * d, hidden_size, weight_attr=init, bias_attr=False)
+            if places
+            else None
+        )
 
     def forward(self, groups_NGK, places_N=None):
         n, g, k = groups_NGK.shape
@@ -131,14 +147,17 @@ class PatchMerger(nn.Layer):
             motion = paddle.concat([paddle.zeros_like(f[:, :1]), f[:, 1:] - f[:, :-1]], axis=1)
             groups_NGK = paddle.concat([groups_NGK, motion.reshape([n, g, k])], axis=-1)
         x = self.inp(groups_NGK) + self.slot
-        q, k, v = self.qkv(self.norm1(x)).reshape([n, g, 3, self.heads, -1]).transpose([2, 0, 3, 1, 4])
+        q, k, v = (
+            self.qkv(self.norm1(x)).reshape([n, g, 3, self.heads, -1]).transpose([2, 0, 3, 1, 4])
+        )
         att = F.softmax(paddle.matmul(q, k, transpose_y=True) * q.shape[-1] ** -0.5, axis=-1)
         x = x + self.proj(paddle.matmul(att, v).transpose([0, 2, 1, 3]).reshape([n, g, -1]))
         x = x + self.mlp(self.norm2(x))
         pooled = x.mean(axis=1)
         if self.place_proj is None:
             return self.out(pooled)
-        # W[place] @ pooled for every token at once: (one-hot place outer pooled) @ [W_0; ...; W_P-1]
+        # W[place] @ pooled for every token at once:
+        # (one-hot place outer pooled) @ [W_0; ...; W_P-1]
         spread = F.one_hot(places_N, self.places).unsqueeze(-1) * pooled.unsqueeze(1)
         return self.out(pooled) + self.place_proj(spread.reshape([n, -1]))
 
@@ -157,18 +176,29 @@ class VisualEmbedding(nn.Layer):
         init = nn.initializer.Normal(std=cfg.init_std)
         self.bits = nn.Linear(v.bits, cfg.hidden_size, weight_attr=init)
         self.scale = nn.Embedding(len(v.scales) + 1, cfg.hidden_size, weight_attr=init)
-        self.merger = PatchMerger(v.bits, group, v, cfg.hidden_size, cfg.init_std, frames,
-                                  places if v.merger_place_projection else 0)
-        self.place = nn.Embedding(places, cfg.hidden_size, weight_attr=init) if v.merger_position else None
+        self.merger = PatchMerger(
+            v.bits,
+            group,
+            v,
+            cfg.hidden_size,
+            cfg.init_std,
+            frames,
+            places if v.merger_place_projection else 0,
+        )
+        self.place = (
+            nn.Embedding(places, cfg.hidden_size, weight_attr=init) if v.merger_position else None
+        )
         self.merger_init = v.merger_init
         self.frozen = self.modality in v.freeze_merger
         if self.frozen:
-            for p in self.merger.parameters() + (self.place.parameters() if self.place is not None else []):
+            for p in self.merger.parameters() + (
+                self.place.parameters() if self.place is not None else []
+            ):
                 p.stop_gradient = True
 
     def _understanding_rows(self, batch):
-        """Flat indices of the positions that hold this modality's merged tokens (None = all of them:
-        a batch without token_types, e.g. the merger's pre-training)."""
+        """Flat indices of the positions that hold this modality's merged tokens (None = all of
+        them: a batch without token_types, e.g. the merger's pre-training)."""
         if "token_types" not in batch:
             return None
         sel = batch["token_types"] == self.type_id
@@ -177,7 +207,8 @@ class VisualEmbedding(nn.Layer):
         return paddle.nonzero(sel.reshape([-1])).squeeze(-1)
 
     def _merge_rows(self, groups_NGK, places_N, rows):
-        """The merger on the selected rows only (zeros elsewhere, where another embedding is used)."""
+        """The merger on the selected rows only (zeros elsewhere, where another embedding is
+        used)."""
         if rows is None:
             return self.merger(groups_NGK, places_N)
         out = paddle.zeros([groups_NGK.shape[0], self.merger.out.weight.shape[1]], groups_NGK.dtype)
@@ -198,12 +229,19 @@ class VisualEmbedding(nn.Layer):
         if key in batch:
             groups = batch[key]
             b, s = groups.shape[:2]
-            merged = self._merge_rows(groups.reshape([b * s, *groups.shape[2:]]),
-                                      batch[PATCH_INDEX_KEY].reshape([b * s]), self._understanding_rows(batch))
+            merged = self._merge_rows(
+                groups.reshape([b * s, *groups.shape[2:]]),
+                batch[PATCH_INDEX_KEY].reshape([b * s]),
+                self._understanding_rows(batch),
+            )
             merged = merged.reshape([b, s, -1])
             if self.place is not None:  # indices checked against the table by merged_segment
                 merged = merged + self.place(batch[PATCH_INDEX_KEY])
-            x = merged if x is None else paddle.where((batch["vis_scale"] > 0).unsqueeze(-1), x, merged)
+            x = (
+                merged
+                if x is None
+                else paddle.where((batch["vis_scale"] > 0).unsqueeze(-1), x, merged)
+            )
         return x
 
 
@@ -212,7 +250,7 @@ class ImageEmbedding(VisualEmbedding):
     modality = "image"
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, cfg.vision.merge ** 2, cfg.vision.merged_places("image"))
+        super().__init__(cfg, cfg.vision.merge**2, cfg.vision.merged_places("image"))
 
 
 @register_modality("video")
@@ -221,8 +259,12 @@ class VideoEmbedding(VisualEmbedding):
 
     def __init__(self, cfg: ModelConfig):
         v = cfg.vision
-        super().__init__(cfg, v.merge_frames * v.merge ** 2, v.merged_places("video"),
-                         v.merge_frames if v.merger_motion else 1)
+        super().__init__(
+            cfg,
+            v.merge_frames * v.merge**2,
+            v.merged_places("video"),
+            v.merge_frames if v.merger_motion else 1,
+        )
 
 
 # ------------------------------------------------------------------------------------------ head
@@ -240,13 +282,18 @@ class VisualBitHead(nn.Layer):
         init = nn.initializer.Normal(std=cfg.init_std)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         if v.head_hidden:
-            self.net = nn.Sequential(nn.Linear(cfg.hidden_size, v.head_hidden, weight_attr=init), nn.GELU(),
-                                     nn.Linear(v.head_hidden, v.bits, weight_attr=init))
+            self.net = nn.Sequential(
+                nn.Linear(cfg.hidden_size, v.head_hidden, weight_attr=init),
+                nn.GELU(),
+                nn.Linear(v.head_hidden, v.bits, weight_attr=init),
+            )
         else:
             self.net = nn.Linear(cfg.hidden_size, v.bits, weight_attr=init)
         # Index 1 + k: per-token weight of scale k; index 0 (no target) weighs nothing.
         self.scale_weight = (0.0,) + tuple(v.scale_weights())
-        self.kinds = [(name, MODALITY_IDS[name]) for name in ("image", "video") if name in cfg.modalities]
+        self.kinds = [
+            (name, MODALITY_IDS[name]) for name in ("image", "video") if name in cfg.modalities
+        ]
 
     def forward(self, h_BSM, batch):
         return {"logits": self.net(self.norm(h_BSM))}
@@ -257,12 +304,17 @@ class VisualBitHead(nn.Layer):
         logits = pred["logits"].astype("float32")
         target = (batch["vis_target"] + 1) * 0.5
         per_token = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)
-        weight = paddle.gather(paddle.to_tensor(self.scale_weight, dtype="float32"),
-                               batch["vis_scale"].reshape([-1])).reshape(per_token.shape)
+        weight = paddle.gather(
+            paddle.to_tensor(self.scale_weight, dtype="float32"), batch["vis_scale"].reshape([-1])
+        ).reshape(per_token.shape)
         out = {}
         for name, type_id in self.kinds:
             w = weight * (batch["token_types"] == type_id).astype("float32")
-            count = ((batch["vis_scale"] > 0) & (batch["token_types"] == type_id)).astype("float32").sum()
+            count = (
+                ((batch["vis_scale"] > 0) & (batch["token_types"] == type_id))
+                .astype("float32")
+                .sum()
+            )
             if float(count) == 0:
                 continue
             out[f"{name}_bits"] = ((per_token * w).sum() / paddle.clip(w.sum(), min=1e-6), count)

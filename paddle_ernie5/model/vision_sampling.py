@@ -6,10 +6,10 @@
         (guidance: logits = u + cfg_scale * (c - u), u from a second cache holding <bos> <boi>)
         bits = sign(logits) (temperature 0) or Bernoulli(sigmoid(logits / temperature))
 
-A scale's positions see the whole cache and each other (causal=False, nothing masked), which is the
-scale-wise block-causal mask of training; for video, frames more than temporal_window back are hidden
-through the FlashMask indices. Each forward runs one scale for every row at once, so a 1+4+16+64
-image costs 4 forwards after the prefill.
+A scale's positions see the whole cache and each other (causal=False, nothing masked), which is
+the scale-wise block-causal mask of training; for video, frames more than temporal_window back are
+hidden through the FlashMask indices. Each forward runs one scale for every row at once, so a
+1+4+16+64 image costs 4 forwards after the prefill.
 
 Legend: B rows, P prompt length, n tokens of one scale, T frames, N tokens per frame, K bits.
 """
@@ -26,9 +26,16 @@ from .vision import IMAGE_ID, VIDEO_ID, generation_positions, parent_index
 def _prefill(model, prompt_BP: np.ndarray, cache: KVCache) -> None:
     b, p = prompt_BP.shape
     pos = paddle.arange(p, dtype="int64").reshape([1, 1, p]).expand([b, 3, p])
-    model({"input_ids": paddle.to_tensor(prompt_BP, dtype="int64"),
-           "token_types": paddle.zeros([b, p], dtype="int64"), "positions": pos,
-           "startend_row_indices": None}, with_mtp=False, cache=cache)
+    model(
+        {
+            "input_ids": paddle.to_tensor(prompt_BP, dtype="int64"),
+            "token_types": paddle.zeros([b, p], dtype="int64"),
+            "positions": pos,
+            "startend_row_indices": None,
+        },
+        with_mtp=False,
+        cache=cache,
+    )
 
 
 def _hidden_columns(cache_len: int, n: int, b: int, hidden: tuple[int, int] | None):
@@ -37,19 +44,27 @@ def _hidden_columns(cache_len: int, n: int, b: int, hidden: tuple[int, int] | No
         return None
     sk = cache_len + n
     lts = np.full(sk, n, np.int32)
-    lts[hidden[0]:hidden[1]] = 0
+    lts[hidden[0] : hidden[1]] = 0
     idx = np.stack([lts, np.zeros(sk, np.int32)], -1)[None, None]
     return paddle.to_tensor(np.repeat(idx, b, axis=0))
 
 
 @paddle.no_grad()
-def sample_visual(model, prompt_BP: np.ndarray, kind: str = "image", *, uncond_BP: np.ndarray | None = None,
-                  cfg_scale: float = 1.0, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
+def sample_visual(
+    model,
+    prompt_BP: np.ndarray,
+    kind: str = "image",
+    *,
+    uncond_BP: np.ndarray | None = None,
+    cfg_scale: float = 1.0,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> np.ndarray:
     """Bit tokens [B, T, N, K] in {-1, +1} (scale order) continuing equal-length prompts that end in
     <boi> (image) or <bov> (video). `uncond_BP`: the caption-free prompt for guidance."""
     model.eval()
     v = model.cfg.vision
-    scales = v.scales if kind == "image" else v.scales[:v.video_scales]
+    scales = v.scales if kind == "image" else v.scales[: v.video_scales]
     frames = 1 if kind == "image" else v.video_frames
     type_id = IMAGE_ID if kind == "image" else VIDEO_ID
     rng = np.random.default_rng(seed)
@@ -66,25 +81,37 @@ def sample_visual(model, prompt_BP: np.ndarray, kind: str = "image", *, uncond_B
     tokens = np.zeros([b, frames, per_frame, v.bits], np.float32)
     for f in range(frames):
         hidden = None
-        if v.temporal_window and f > v.temporal_window:  # frames before f - window, after the prompt
+        if v.temporal_window and f > v.temporal_window:
+            # hide the frames before f - window (cache columns after the prompt)
             hidden = (0, (f - v.temporal_window) * per_frame)
         for k, side in enumerate(scales):
             n = side * side
             if k == 0:
                 bits_in = np.zeros([b, n, v.bits], np.float32)
             else:
-                bits_in = tokens[:, f, offsets[k - 1]:offsets[k]][:, parent_index(scales, k)]
+                bits_in = tokens[:, f, offsets[k - 1] : offsets[k]][:, parent_index(scales, k)]
             logits = []
             for (prompt, cache), pos in zip(streams, positions):
                 lo = f * per_frame + offsets[k]
-                mask = None if hidden is None else _hidden_columns(
-                    cache.length(), n, b, (prompt.shape[1] + hidden[0], prompt.shape[1] + hidden[1]))
-                batch = {"input_ids": paddle.zeros([b, n], dtype="int64"),
-                         "token_types": paddle.full([b, n], type_id, dtype="int64"),
-                         "positions": paddle.to_tensor(np.repeat(pos[None, :, lo:lo + n], b, axis=0)),
-                         "startend_row_indices": mask, "mask_causal": False,
-                         "vis_in": paddle.to_tensor(bits_in),
-                         "vis_scale": paddle.full([b, n], k + 1, dtype="int64")}
+                mask = (
+                    None
+                    if hidden is None
+                    else _hidden_columns(
+                        cache.length(),
+                        n,
+                        b,
+                        (prompt.shape[1] + hidden[0], prompt.shape[1] + hidden[1]),
+                    )
+                )
+                batch = {
+                    "input_ids": paddle.zeros([b, n], dtype="int64"),
+                    "token_types": paddle.full([b, n], type_id, dtype="int64"),
+                    "positions": paddle.to_tensor(np.repeat(pos[None, :, lo : lo + n], b, axis=0)),
+                    "startend_row_indices": mask,
+                    "mask_causal": False,
+                    "vis_in": paddle.to_tensor(bits_in),
+                    "vis_scale": paddle.full([b, n], k + 1, dtype="int64"),
+                }
                 out = model(batch, with_mtp=False, cache=cache)
                 logits.append(out.extra["visual"]["logits"].astype("float32").numpy())
             z = logits[0] if not guided else logits[1] + cfg_scale * (logits[0] - logits[1])
@@ -93,7 +120,7 @@ def sample_visual(model, prompt_BP: np.ndarray, kind: str = "image", *, uncond_B
             else:
                 p = 1.0 / (1.0 + np.exp(-z / temperature))
                 bits = np.where(rng.random(p.shape) < p, 1.0, -1.0)
-            tokens[:, f, offsets[k]:offsets[k + 1]] = bits
+            tokens[:, f, offsets[k] : offsets[k + 1]] = bits
     return tokens
 
 
@@ -101,12 +128,15 @@ def tokens_to_codes(tokens_BTNK: np.ndarray, scales) -> list[np.ndarray]:
     """Bit tokens in scale order -> the tokenizer's codes: per scale [B, T, s, s, K]."""
     b, t, _, k = tokens_BTNK.shape
     offsets = np.cumsum([0] + [s * s for s in scales])
-    return [tokens_BTNK[:, :, offsets[i]:offsets[i + 1]].reshape(b, t, s, s, k) for i, s in enumerate(scales)]
+    return [
+        tokens_BTNK[:, :, offsets[i] : offsets[i + 1]].reshape(b, t, s, s, k)
+        for i, s in enumerate(scales)
+    ]
 
 
 @paddle.no_grad()
 def decode_tokens(tok, tokens_BTNK: np.ndarray, scales) -> np.ndarray:
-    """Frames [B, T, 3, H, W] in [0, 1] decoded by the tokenizer from bit tokens of `scales` (a prefix
-    of the tokenizer's scales)."""
+    """Frames [B, T, 3, H, W] in [0, 1] decoded by the tokenizer from bit tokens of `scales` (a
+    prefix of the tokenizer's scales)."""
     codes = tokens_to_codes(tokens_BTNK, scales)
     return np.clip(tok.decode([paddle.to_tensor(c) for c in codes]).numpy(), 0.0, 1.0)

@@ -56,8 +56,9 @@ def _native_supported() -> bool:
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         return False
-    probe = subprocess.run([compiler, "-march=native", "-x", "c++", "-E", "-"], input=b"",
-                           capture_output=True)
+    probe = subprocess.run(
+        [compiler, "-march=native", "-x", "c++", "-E", "-"], input=b"", capture_output=True
+    )
     return probe.returncode == 0
 
 
@@ -87,8 +88,13 @@ def fingerprint(flags: list[str], op: str = DEFAULT_OP) -> str:
     for path in _sources(op):
         h.update(path.name.encode())
         h.update(path.read_bytes())
-    for part in (" ".join(flags), paddle.__version__, sys.version, platform.machine(),
-                 _cpu_signature()):
+    for part in (
+        " ".join(flags),
+        paddle.__version__,
+        sys.version,
+        platform.machine(),
+        _cpu_signature(),
+    ):
         h.update(part.encode())
     return h.hexdigest()
 
@@ -142,9 +148,13 @@ def _compile(flags: list[str], verbose: bool, op: str):
     print(f"building the {OPS[op]} CPU op into {library_dir(op)} ...", file=sys.stderr)
     with _quiet(verbose):
         module = cpp_extension.load(
-            name=op_name(op), sources=[str(p) for p in _sources(op) if p.suffix == ".cc"],
-            extra_cxx_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(BUILD_DIR),
-            verbose=verbose)
+            name=op_name(op),
+            sources=[str(p) for p in _sources(op) if p.suffix == ".cc"],
+            extra_cxx_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(BUILD_DIR),
+            verbose=verbose,
+        )
     _stamp(op).write_text(fingerprint(flags, op) + "\n")
     print(f"built in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return module
@@ -171,7 +181,8 @@ def load(auto_build: bool = True, op: str = DEFAULT_OP):
         if not is_up_to_date(flags, op):
             if not auto_build:
                 raise RuntimeError(
-                    f"the {OPS[op]} CPU op is not built or is stale; run {BUILD_COMMAND}")
+                    f"the {OPS[op]} CPU op is not built or is stale; run {BUILD_COMMAND}"
+                )
             return _compile(flags, verbose=False, op=op)
     with _quiet():
         return extension_utils._import_module_from_library(op_name(op), str(library_dir(op)), False)
@@ -181,8 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
-    parser.add_argument("--op", choices=list(OPS), action="append",
-                        help="build only this op (repeatable); default: all")
+    parser.add_argument(
+        "--op",
+        choices=list(OPS),
+        action="append",
+        help="build only this op (repeatable); default: all",
+    )
     args = parser.parse_args(argv)
     for op in args.op or OPS:
         built = build(force=args.force, verbose=args.verbose, op=op)

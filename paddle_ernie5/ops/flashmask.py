@@ -23,8 +23,11 @@ _BLOCK = 128  # block_mask granularity fixed by Paddle's GPU kernel
 
 
 def _gpu_capable(query) -> bool:
-    return (paddle.is_compiled_with_cuda() and query.place.is_gpu_place()
-            and query.dtype in (paddle.float16, paddle.bfloat16))
+    return (
+        paddle.is_compiled_with_cuda()
+        and query.place.is_gpu_place()
+        and query.dtype in (paddle.float16, paddle.bfloat16)
+    )
 
 
 def resolve_backend(backend: str, query) -> str:
@@ -36,7 +39,8 @@ def resolve_backend(backend: str, query) -> str:
     if backend == "paddle" and not _gpu_capable(query):
         raise RuntimeError(
             "attention backend 'paddle' needs a CUDA build of Paddle and float16/bfloat16 tensors "
-            f"on a GPU (got {query.dtype} on {query.place}); use 'cpu' or 'auto' instead")
+            f"on a GPU (got {query.dtype} on {query.place}); use 'cpu' or 'auto' instead"
+        )
     return backend
 
 
@@ -65,48 +69,70 @@ def check_inputs(query, key, value, startend_row_indices, causal: bool) -> None:
     """Raise TypeError/ValueError for arguments the FlashMask format does not allow."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"flashmask_attention: {name} must be float32/float16/bfloat16, "
-                            f"got {t.dtype}")
+            raise TypeError(
+                f"flashmask_attention: {name} must be float32/float16/bfloat16, got {t.dtype}"
+            )
         if len(t.shape) != 4:
-            raise ValueError(f"flashmask_attention: {name} must be 4-D [B, S, heads, D], "
-                             f"got shape {t.shape}")
+            raise ValueError(
+                f"flashmask_attention: {name} must be 4-D [B, S, heads, D], got shape {t.shape}"
+            )
     b, sq, h, d = query.shape
     if list(key.shape) != list(value.shape):
         raise ValueError(f"flashmask_attention: key {key.shape} and value {value.shape} differ")
     bk, sk, hk, dk = key.shape
     if bk != b or dk != d:
-        raise ValueError(f"flashmask_attention: query {query.shape} and key {key.shape} disagree "
-                         "on batch size or head dim")
+        raise ValueError(
+            f"flashmask_attention: query {query.shape} and key {key.shape} disagree "
+            "on batch size or head dim"
+        )
     if hk == 0 or h % hk:
-        raise ValueError(f"flashmask_attention: query heads ({h}) must be a multiple of key/value "
-                         f"heads ({hk})")
+        raise ValueError(
+            f"flashmask_attention: query heads ({h}) must be a multiple of key/value heads ({hk})"
+        )
     if startend_row_indices is None:
         return
     idx = startend_row_indices
     if idx.dtype != paddle.int32:
         raise TypeError(f"flashmask_attention: startend_row_indices must be int32, got {idx.dtype}")
-    if len(idx.shape) != 4 or idx.shape[0] != b or idx.shape[2] != sk or idx.shape[1] not in (1, hk, h):
-        raise ValueError(f"flashmask_attention: startend_row_indices must be [B={b}, 1|{hk}|{h}, "
-                         f"Sk={sk}, C], got {idx.shape}")
+    if (
+        len(idx.shape) != 4
+        or idx.shape[0] != b
+        or idx.shape[2] != sk
+        or idx.shape[1] not in (1, hk, h)
+    ):
+        raise ValueError(
+            f"flashmask_attention: startend_row_indices must be [B={b}, 1|{hk}|{h}, "
+            f"Sk={sk}, C], got {idx.shape}"
+        )
     c = idx.shape[3]
     allowed = (1, 2) if causal else (2, 4)
     if c not in allowed:
-        raise ValueError(f"flashmask_attention: with causal={causal} the last dim of "
-                         f"startend_row_indices must be one of {allowed}, got {c}")
+        raise ValueError(
+            f"flashmask_attention: with causal={causal} the last dim of "
+            f"startend_row_indices must be one of {allowed}, got {c}"
+        )
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi > sq:
-        raise ValueError(f"flashmask_attention: startend_row_indices must lie in [0, Sq={sq}], "
-                         f"got values in [{lo}, {hi}]")
+        raise ValueError(
+            f"flashmask_attention: startend_row_indices must lie in [0, Sq={sq}], "
+            f"got values in [{lo}, {hi}]"
+        )
 
 
-def _reject_rng_options(backend, dropout, training, return_seed_offset, fixed_seed_offset, rng_name):
+def _reject_rng_options(
+    backend, dropout, training, return_seed_offset, fixed_seed_offset, rng_name
+):
     if dropout and training:
-        raise NotImplementedError(f"flashmask_attention: dropout={dropout} is only supported by "
-                                  f"the 'paddle' GPU backend, not {backend!r}")
+        raise NotImplementedError(
+            f"flashmask_attention: dropout={dropout} is only supported by "
+            f"the 'paddle' GPU backend, not {backend!r}"
+        )
     if return_seed_offset or fixed_seed_offset is not None or rng_name:
-        raise NotImplementedError("flashmask_attention: return_seed_offset, fixed_seed_offset and "
-                                  f"rng_name belong to the GPU dropout RNG; backend {backend!r} "
-                                  "has no dropout")
+        raise NotImplementedError(
+            "flashmask_attention: return_seed_offset, fixed_seed_offset and "
+            f"rng_name belong to the GPU dropout RNG; backend {backend!r} "
+            "has no dropout"
+        )
 
 
 def dense_allowed_mask(startend_row_indices, sq: int, sk: int, causal: bool):
@@ -114,7 +140,10 @@ def dense_allowed_mask(startend_row_indices, sq: int, sk: int, causal: bool):
     idx = startend_row_indices.astype("int64")
     c = idx.shape[-1]
     rows = paddle.arange(sq, dtype="int64").reshape([1, 1, sq, 1])
-    col = lambda t: t.transpose([0, 1, 3, 2])  # [B, h, Sk, 1] -> [B, h, 1, Sk]
+
+    def col(t):
+        return t.transpose([0, 1, 3, 2])  # [B, h, Sk, 1] -> [B, h, 1, Sk]
+
     if causal:
         lts = col(idx[..., 0:1])
         lte = col(idx[..., 1:2]) if c == 2 else paddle.full_like(lts, sq)
@@ -132,21 +161,38 @@ def dense_allowed_mask(startend_row_indices, sq: int, sk: int, causal: bool):
     return allowed
 
 
-def flashmask_attention_reference(query, key, value, startend_row_indices=None, *, dropout=0.0,
-                                  causal=False, window_size=None, return_softmax_lse=False,
-                                  return_seed_offset=False, fixed_seed_offset=None, rng_name="",
-                                  training=True, name=None, softmax_scale=None, block_mask=None):
+def flashmask_attention_reference(
+    query,
+    key,
+    value,
+    startend_row_indices=None,
+    *,
+    dropout=0.0,
+    causal=False,
+    window_size=None,
+    return_softmax_lse=False,
+    return_seed_offset=False,
+    fixed_seed_offset=None,
+    rng_name="",
+    training=True,
+    name=None,
+    softmax_scale=None,
+    block_mask=None,
+):
     """Dense pure-Paddle reference: O(S^2) memory, exact semantics, differentiable."""
-    _reject_rng_options("reference", dropout, training, return_seed_offset, fixed_seed_offset,
-                        rng_name)
+    _reject_rng_options(
+        "reference", dropout, training, return_seed_offset, fixed_seed_offset, rng_name
+    )
     b, sq, h, d = query.shape
     sk, hk = key.shape[1], key.shape[2]
     if window_size is not None:
         if startend_row_indices is not None:
-            raise ValueError("flashmask_attention: window_size and startend_row_indices are exclusive")
+            raise ValueError(
+                "flashmask_attention: window_size and startend_row_indices are exclusive"
+            )
         startend_row_indices = window_indices(window_size, b, sq, sk, causal)
     check_inputs(query, key, value, startend_row_indices, causal)
-    scale = softmax_scale if softmax_scale is not None else d ** -0.5
+    scale = softmax_scale if softmax_scale is not None else d**-0.5
     q = query.astype("float32").transpose([0, 2, 1, 3])
     k = key.astype("float32").transpose([0, 2, 1, 3])
     v = value.astype("float32").transpose([0, 2, 1, 3])
@@ -186,14 +232,15 @@ def _cpu_op():
     return build.load(auto_build=True)
 
 
-def _flashmask_cpu(query, key, value, startend_row_indices, causal, softmax_scale,
-                   return_softmax_lse):
+def _flashmask_cpu(
+    query, key, value, startend_row_indices, causal, softmax_scale, return_softmax_lse
+):
     b, sq, h, d = query.shape
     sk = key.shape[1]
     idx = startend_row_indices
     if idx is None:
         idx = default_indices(b, sq, sk, causal)
-    scale = float(softmax_scale) if softmax_scale is not None else d ** -0.5
+    scale = float(softmax_scale) if softmax_scale is not None else d**-0.5
     dtype = query.dtype
     tensors = []
     for t in (query, key, value, idx):
@@ -206,11 +253,25 @@ def _flashmask_cpu(query, key, value, startend_row_indices, causal, softmax_scal
     return (out, lse) if return_softmax_lse else out
 
 
-def flashmask_attention(query, key, value, startend_row_indices=None, *, dropout=0.0,
-                        causal=False, window_size=None, return_softmax_lse=False,
-                        return_seed_offset=False, fixed_seed_offset=None, rng_name="",
-                        training=True, name=None, softmax_scale=None, block_mask=None,
-                        backend="auto"):
+def flashmask_attention(
+    query,
+    key,
+    value,
+    startend_row_indices=None,
+    *,
+    dropout=0.0,
+    causal=False,
+    window_size=None,
+    return_softmax_lse=False,
+    return_seed_offset=False,
+    fixed_seed_offset=None,
+    rng_name="",
+    training=True,
+    name=None,
+    softmax_scale=None,
+    block_mask=None,
+    backend="auto",
+):
     """FlashMask attention with `paddle.nn.functional.flashmask_attention`'s signature.
 
     Returns out, or (out, lse) with return_softmax_lse; on the "cpu" backend both are
@@ -220,25 +281,50 @@ def flashmask_attention(query, key, value, startend_row_indices=None, *, dropout
         if softmax_scale is not None and softmax_scale == query.shape[-1] ** -0.5:
             softmax_scale = None  # the default; Paddle's FA2 path rejects an explicit scale
         return paddle.nn.functional.flashmask_attention(
-            query, key, value, startend_row_indices, dropout=dropout, causal=causal,
-            window_size=window_size, return_softmax_lse=return_softmax_lse,
-            return_seed_offset=return_seed_offset, fixed_seed_offset=fixed_seed_offset,
-            rng_name=rng_name, training=training, name=name, softmax_scale=softmax_scale,
-            block_mask=block_mask)
+            query,
+            key,
+            value,
+            startend_row_indices,
+            dropout=dropout,
+            causal=causal,
+            window_size=window_size,
+            return_softmax_lse=return_softmax_lse,
+            return_seed_offset=return_seed_offset,
+            fixed_seed_offset=fixed_seed_offset,
+            rng_name=rng_name,
+            training=training,
+            name=name,
+            softmax_scale=softmax_scale,
+            block_mask=block_mask,
+        )
     if chosen == "reference":
         return flashmask_attention_reference(
-            query, key, value, startend_row_indices, dropout=dropout, causal=causal,
-            window_size=window_size, return_softmax_lse=return_softmax_lse,
-            return_seed_offset=return_seed_offset, fixed_seed_offset=fixed_seed_offset,
-            rng_name=rng_name, training=training, softmax_scale=softmax_scale,
-            block_mask=block_mask)
+            query,
+            key,
+            value,
+            startend_row_indices,
+            dropout=dropout,
+            causal=causal,
+            window_size=window_size,
+            return_softmax_lse=return_softmax_lse,
+            return_seed_offset=return_seed_offset,
+            fixed_seed_offset=fixed_seed_offset,
+            rng_name=rng_name,
+            training=training,
+            softmax_scale=softmax_scale,
+            block_mask=block_mask,
+        )
     _reject_rng_options("cpu", dropout, training, return_seed_offset, fixed_seed_offset, rng_name)
     if block_mask is not None:
-        raise NotImplementedError("flashmask_attention: block_mask is supported by the 'paddle' "
-                                  "GPU backend and the 'reference' backend, not by 'cpu'")
+        raise NotImplementedError(
+            "flashmask_attention: block_mask is supported by the 'paddle' "
+            "GPU backend and the 'reference' backend, not by 'cpu'"
+        )
     if window_size is not None:
         if startend_row_indices is not None:
-            raise ValueError("flashmask_attention: window_size and startend_row_indices are exclusive")
+            raise ValueError(
+                "flashmask_attention: window_size and startend_row_indices are exclusive"
+            )
         b, sq = query.shape[:2]
         startend_row_indices = window_indices(window_size, b, sq, key.shape[1], causal)
     check_inputs(query, key, value, startend_row_indices, causal)
@@ -246,6 +332,8 @@ def flashmask_attention(query, key, value, startend_row_indices=None, *, dropout
         raise RuntimeError(
             f"flashmask_attention: backend {backend!r} got {query.dtype} tensors on {query.place}: "
             "the 'cpu' op needs CPU tensors and Paddle's GPU kernel float16/bfloat16 ones; cast "
-            "to bfloat16 or use backend 'reference'")
-    return _flashmask_cpu(query, key, value, startend_row_indices, causal, softmax_scale,
-                          return_softmax_lse)
+            "to bfloat16 or use backend 'reference'"
+        )
+    return _flashmask_cpu(
+        query, key, value, startend_row_indices, causal, softmax_scale, return_softmax_lse
+    )

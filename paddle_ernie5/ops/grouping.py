@@ -1,5 +1,5 @@
-"""Grouping of (token, expert) assignments by expert: host-side index arithmetic plus one gather each
-way. Shared by the dispatchers (model/dispatch.py, parallel/expert.py) and the experts op's
+"""Grouping of (token, expert) assignments by expert: host-side index arithmetic plus one gather
+each way. Shared by the dispatchers (model/dispatch.py, parallel/expert.py) and the experts op's
 reference (ops/moe_experts.py).
 
 Legend: T tokens, K top-k, E experts, C rows per expert, M width, N = T*K assignments.
@@ -33,7 +33,8 @@ def group_by_expert(topk_ids_TK: np.ndarray, num_experts: int, capacity_factor: 
     rank_N = np.empty_like(ids_N)
     rank_N[order] = np.arange(ids_N.size) - starts_E[ids_N[order]]
     capacity = expert_capacity(t, k, num_experts, capacity_factor) or max(
-        1, int(counts_E.max()) if counts_E.size else 1)
+        1, int(counts_E.max()) if counts_E.size else 1
+    )
     kept_N = rank_N < capacity
     slot_N = np.where(kept_N, ids_N * capacity + rank_N, num_experts * capacity)
     source_EC = np.full([num_experts * capacity], t, dtype=np.int64)

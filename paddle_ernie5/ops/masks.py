@@ -12,13 +12,13 @@ j > i + (Sk - Sq). The stored columns depend on the causal flag (FLASHMASK.md):
 Each builder says which causal flag its indices go with; BUILDERS maps a name to
 (builder, causal). Lengths are in tokens; `seq_len` pads to a fixed length. Padding columns are
 masked for every row, and padding rows see nothing (output 0), except in causal_blockwise where
-the single LT range per column cannot hide the earlier blocks from padding rows. `batched` adds the batch and
-head axes the op takes; `to_dense` expands indices into the boolean mask they mean.
+the single LT range per column cannot hide the earlier blocks from padding rows. `batched` adds the
+batch and head axes the op takes; `to_dense` expands indices into the boolean mask they mean.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -49,7 +49,8 @@ def causal(seq_len: int) -> np.ndarray:
 
 
 def sliding_window(seq_len: int, window: int) -> np.ndarray:
-    """Causal sliding window (causal=True): row i sees keys [i - window, i], as Paddle's window_size."""
+    """Causal sliding window (causal=True): row i sees keys [i - window, i], as Paddle's
+    window_size."""
     j = np.arange(seq_len)
     return _finish([np.minimum(j + window + 1, seq_len)])
 
@@ -169,8 +170,9 @@ def scale_block_causal(scale_lens, seq_len: int | None = None) -> np.ndarray:
     return _finish([lts, ute])
 
 
-def frame_causal(num_frames: int, frame_len: int, window: int | None = None,
-                 seq_len: int | None = None) -> np.ndarray:
+def frame_causal(
+    num_frames: int, frame_len: int, window: int | None = None, seq_len: int | None = None
+) -> np.ndarray:
     """Video (causal=False): bidirectional inside a frame, causal across frames, and a frame sees
     at most the `window` frames before it (None: all of them)."""
     total = num_frames * frame_len
@@ -209,12 +211,16 @@ def batched(indices: np.ndarray, batch_size: int = 1) -> np.ndarray:
 
 
 def to_dense(indices: np.ndarray, causal: bool, seq_len_q: int | None = None) -> np.ndarray:
-    """Boolean [..., Sq, Sk] mask, True where row i may attend column j, from [..., Sk, C] indices."""
+    """Boolean [..., Sq, Sk] mask, True where row i may attend column j, from [..., Sk, C]
+    indices."""
     idx = np.asarray(indices, dtype=np.int64)
     sk, c = idx.shape[-2], idx.shape[-1]
     sq = sk if seq_len_q is None else seq_len_q
     rows = np.arange(sq)[:, None]
-    col = lambda k: np.expand_dims(idx[..., k], -2)  # [..., 1, Sk]
+
+    def col(k):
+        return np.expand_dims(idx[..., k], -2)  # [..., 1, Sk]
+
     if causal:
         lte = col(1) if c == 2 else sq
         masked = (rows >= col(0)) & (rows < lte)

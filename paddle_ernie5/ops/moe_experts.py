@@ -36,8 +36,10 @@ def resolve_backend(backend: str, x_TM) -> str:
     if backend == "auto":
         return "cpu_op" if on_cpu else "grouped"
     if backend == "cpu_op" and not on_cpu:
-        raise RuntimeError(f"MoE expert backend 'cpu_op' needs CPU tensors, got {x_TM.place}; "
-                           "use 'grouped' or 'auto'")
+        raise RuntimeError(
+            f"MoE expert backend 'cpu_op' needs CPU tensors, got {x_TM.place}; "
+            "use 'grouped' or 'auto'"
+        )
     return backend
 
 
@@ -48,28 +50,42 @@ def grouped_swiglu(x_ECM, w_gate_up, w_down):
 
 def _check(x_TM, w_gate_up, w_down, topk_ids_TK, topk_weights_TK) -> None:
     if len(x_TM.shape) != 2 or len(w_gate_up.shape) != 3 or len(w_down.shape) != 3:
-        raise ValueError("moe_experts: x must be [T, M], w_gate_up [E, M, 2F], w_down [E, F, M]; "
-                         f"got {x_TM.shape}, {w_gate_up.shape}, {w_down.shape}")
+        raise ValueError(
+            "moe_experts: x must be [T, M], w_gate_up [E, M, 2F], w_down [E, F, M]; "
+            f"got {x_TM.shape}, {w_gate_up.shape}, {w_down.shape}"
+        )
     t, m = x_TM.shape
     e, m2, f2 = w_gate_up.shape
     if m2 != m or f2 % 2 or list(w_down.shape) != [e, f2 // 2, m]:
-        raise ValueError(f"moe_experts: x {x_TM.shape}, w_gate_up {w_gate_up.shape} and w_down "
-                         f"{w_down.shape} disagree (expected [T, M], [E, M, 2F], [E, F, M])")
-    if list(topk_ids_TK.shape) != list(topk_weights_TK.shape) or len(topk_ids_TK.shape) != 2 \
-            or topk_ids_TK.shape[0] != t:
-        raise ValueError(f"moe_experts: topk ids {topk_ids_TK.shape} and weights "
-                         f"{topk_weights_TK.shape} must both be [T={t}, K]")
+        raise ValueError(
+            f"moe_experts: x {x_TM.shape}, w_gate_up {w_gate_up.shape} and w_down "
+            f"{w_down.shape} disagree (expected [T, M], [E, M, 2F], [E, F, M])"
+        )
+    if (
+        list(topk_ids_TK.shape) != list(topk_weights_TK.shape)
+        or len(topk_ids_TK.shape) != 2
+        or topk_ids_TK.shape[0] != t
+    ):
+        raise ValueError(
+            f"moe_experts: topk ids {topk_ids_TK.shape} and weights "
+            f"{topk_weights_TK.shape} must both be [T={t}, K]"
+        )
 
 
-def moe_experts_reference(x_TM, w_gate_up, w_down, topk_ids_TK, topk_weights_TK,
-                          capacity_factor: float = 0.0):
+def moe_experts_reference(
+    x_TM, w_gate_up, w_down, topk_ids_TK, topk_weights_TK, capacity_factor: float = 0.0
+):
     """The grouped pure-Paddle path (the local dispatcher around `grouped_swiglu`)."""
     _check(x_TM, w_gate_up, w_down, topk_ids_TK, topk_weights_TK)
     e = w_gate_up.shape[0]
     slot_N, source_EC, _, capacity = group_by_expert(topk_ids_TK.numpy(), e, capacity_factor)
     x_ECM = gather_grouped(x_TM, source_EC, e, capacity)
-    return combine_grouped(grouped_swiglu(x_ECM, w_gate_up, w_down), paddle.to_tensor(slot_N),
-                           topk_weights_TK, x_TM.shape[0])
+    return combine_grouped(
+        grouped_swiglu(x_ECM, w_gate_up, w_down),
+        paddle.to_tensor(slot_N),
+        topk_weights_TK,
+        x_TM.shape[0],
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,19 +106,32 @@ def _moe_experts_cpu(x_TM, w_gate_up, w_down, topk_ids_TK, topk_weights_TK, capa
     capacity = expert_capacity(t, k, w_gate_up.shape[0], capacity_factor)
     ids = topk_ids_TK.astype("int64") if topk_ids_TK.dtype != paddle.int64 else topk_ids_TK
     y_TM, _, _, _ = _cpu_op().moe_experts_cpu(
-        _fp32(x_TM), _fp32(w_gate_up), _fp32(w_down), _fp32(topk_weights_TK),
-        ids if ids.is_contiguous() else ids.contiguous(), capacity)
+        _fp32(x_TM),
+        _fp32(w_gate_up),
+        _fp32(w_down),
+        _fp32(topk_weights_TK),
+        ids if ids.is_contiguous() else ids.contiguous(),
+        capacity,
+    )
     return y_TM if x_TM.dtype == paddle.float32 else y_TM.astype(x_TM.dtype)
 
 
-def moe_experts(x_TM, w_gate_up, w_down, topk_ids_TK, topk_weights_TK,
-                capacity_factor: float = 0.0, backend: str = "auto"):
+def moe_experts(
+    x_TM,
+    w_gate_up,
+    w_down,
+    topk_ids_TK,
+    topk_weights_TK,
+    capacity_factor: float = 0.0,
+    backend: str = "auto",
+):
     """y_TM = sum_k topk_weights_TK[:, k] * SwiGLU_{topk_ids_TK[:, k]}(x_TM) on the chosen backend.
 
     `capacity_factor` as in the dispatcher: 0 = dropless."""
     chosen = resolve_backend(backend, x_TM)
     if chosen == "grouped":
-        return moe_experts_reference(x_TM, w_gate_up, w_down, topk_ids_TK, topk_weights_TK,
-                                     capacity_factor)
+        return moe_experts_reference(
+            x_TM, w_gate_up, w_down, topk_ids_TK, topk_weights_TK, capacity_factor
+        )
     _check(x_TM, w_gate_up, w_down, topk_ids_TK, topk_weights_TK)
     return _moe_experts_cpu(x_TM, w_gate_up, w_down, topk_ids_TK, topk_weights_TK, capacity_factor)

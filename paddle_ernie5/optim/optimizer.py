@@ -1,4 +1,5 @@
-"""Optimizer: AdamW with decoupled weight decay, gradient clipping (global norm or AdaGC), portable state.
+"""Optimizer: AdamW with decoupled weight decay, gradient clipping (global norm or AdaGC),
+portable state.
 
 Paddle names optimizer state after auto-generated parameter names (`linear_3.w_0_moment1_0`), which
 change with creation order. Checkpoints store it under the model's structured names instead
@@ -20,12 +21,20 @@ _NO_DECAY_SUFFIXES = ("norm.weight", "bias")
 
 def build_optimizer(model, cfg: TrainConfig) -> paddle.optimizer.AdamW:
     """AdamW over all trainable parameters; norms and biases are not decayed."""
-    no_decay = {p.name for n, p in model.named_parameters()
-                if n.endswith(_NO_DECAY_SUFFIXES) or "_norm." in n}
+    no_decay = {
+        p.name
+        for n, p in model.named_parameters()
+        if n.endswith(_NO_DECAY_SUFFIXES) or "_norm." in n
+    }
     return paddle.optimizer.AdamW(
-        learning_rate=cfg.lr, parameters=model.parameters(), beta1=cfg.beta1, beta2=cfg.beta2,
-        epsilon=cfg.eps, weight_decay=cfg.weight_decay,
-        apply_decay_param_fun=lambda name: name not in no_decay)
+        learning_rate=cfg.lr,
+        parameters=model.parameters(),
+        beta1=cfg.beta1,
+        beta2=cfg.beta2,
+        epsilon=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        apply_decay_param_fun=lambda name: name not in no_decay,
+    )
 
 
 @paddle.no_grad()
@@ -65,8 +74,11 @@ class ClipStats:
     mean_factor: float  # mean clip factor over the tensors with a gradient
 
     def metrics(self) -> dict[str, float]:
-        return {"train/grad_norm": self.norm, "clip/fraction_clipped": self.fraction_clipped,
-                "clip/mean_factor": self.mean_factor}
+        return {
+            "train/grad_norm": self.norm,
+            "clip/fraction_clipped": self.fraction_clipped,
+            "clip/mean_factor": self.mean_factor,
+        }
 
 
 def global_clip_stats(norm: float, max_norm: float) -> ClipStats:
@@ -80,11 +92,11 @@ class AdaGC:
     config.ClipConfig. State: gamma (the EMA of clipped norms) per structured parameter name and the
     number of steps clipped so far; both go into the optimizer checkpoint (`state_dict`).
 
-    Call `clip` once per optimizer step, after gradient accumulation and the parallel reduction, with
-    the norms of the full gradients (`sq_norms`; under expert parallelism the expert tensors' squares
-    summed over the expert ranks). A tensor whose clipped norm is 0 (no tokens reached it) leaves gamma
-    unchanged, so a silent expert is not frozen by a zero threshold; a tensor seen for the first time
-    after the warm-up starts its EMA at its own norm, unclipped."""
+    Call `clip` once per optimizer step, after gradient accumulation and the parallel reduction,
+    with the norms of the full gradients (`sq_norms`; under expert parallelism the expert tensors'
+    squares summed over the expert ranks). A tensor whose clipped norm is 0 (no tokens reached it)
+    leaves gamma unchanged, so a silent expert is not frozen by a zero threshold; a tensor seen for
+    the first time after the warm-up starts its EMA at its own norm, unclipped."""
 
     STEP_KEY = "adagc::step"
     GAMMA_PREFIX = "adagc::gamma::"
@@ -100,7 +112,7 @@ class AdaGC:
         cfg = self.cfg
         norms = np.asarray(norms, dtype=np.float64)
         if self.step < cfg.warmup_steps:
-            total = math.sqrt(float(np.sum(norms ** 2)))
+            total = math.sqrt(float(np.sum(norms**2)))
             h = min(1.0, self.lambda_abs / total) if self.lambda_abs > 0 and total > 0 else 1.0
             out = np.full(len(names), h)
             for name, n in zip(names, norms):
@@ -114,14 +126,17 @@ class AdaGC:
                     out[i] = min(1.0, cfg.lambda_rel * prev / n)
                 clipped = out[i] * n
                 if clipped > 0:
-                    self.gamma[name] = clipped if prev is None else cfg.beta * prev + (1 - cfg.beta) * clipped
+                    self.gamma[name] = (
+                        clipped if prev is None else cfg.beta * prev + (1 - cfg.beta) * clipped
+                    )
         self.step += 1
         return out
 
     @paddle.no_grad()
     def clip(self, named_params, sq_norms: np.ndarray | None = None) -> ClipStats:
-        """Clip the gradients of (name, parameter) pairs in place. `sq_norms`: the squared norms of the
-        full gradients of the pairs that have one, in order (default: computed here, one process)."""
+        """Clip the gradients of (name, parameter) pairs in place. `sq_norms`: the squared norms of
+        the full gradients of the pairs that have one, in order (default: computed here, one
+        process)."""
         named = [(n, p) for n, p in named_params if p.grad is not None]
         if sq_norms is None:
             sq_norms = tensor_sq_norms([p for _, p in named])
@@ -130,18 +145,26 @@ class AdaGC:
         for (_, p), factor in zip(named, h):
             if factor < 1.0:
                 p.grad.scale_(float(factor))
-        return ClipStats(math.sqrt(float(np.sum(norms ** 2))), float(np.mean(h < 1.0)) if len(h) else 0.0,
-                         float(np.mean(h)) if len(h) else 1.0)
+        return ClipStats(
+            math.sqrt(float(np.sum(norms**2))),
+            float(np.mean(h < 1.0)) if len(h) else 0.0,
+            float(np.mean(h)) if len(h) else 1.0,
+        )
 
     def state_dict(self) -> dict[str, np.ndarray]:
         out = {self.STEP_KEY: np.array([self.step], dtype=np.int64)}
-        out.update({self.GAMMA_PREFIX + n: np.array([g], dtype=np.float64) for n, g in self.gamma.items()})
+        out.update(
+            {self.GAMMA_PREFIX + n: np.array([g], dtype=np.float64) for n, g in self.gamma.items()}
+        )
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         self.step = int(state[self.STEP_KEY][0]) if self.STEP_KEY in state else 0
-        self.gamma = {k[len(self.GAMMA_PREFIX):]: float(v[0]) for k, v in state.items()
-                      if k.startswith(self.GAMMA_PREFIX)}
+        self.gamma = {
+            k[len(self.GAMMA_PREFIX) :]: float(v[0])
+            for k, v in state.items()
+            if k.startswith(self.GAMMA_PREFIX)
+        }
 
     @classmethod
     def split_state(cls, state: dict[str, np.ndarray]) -> tuple[dict, dict]:
@@ -151,8 +174,9 @@ class AdaGC:
 
 
 def apply_update(model, optimizer, step: int, cfg: TrainConfig) -> tuple[float, float]:
-    """One update after backward: the scheduled learning rate, global-norm clipping (train.clip_norm),
-    the optimizer step, gradients cleared. Returns (lr, gradient norm before clipping)."""
+    """One update after backward: the scheduled learning rate, global-norm clipping
+    (train.clip_norm), the optimizer step, gradients cleared. Returns (lr, gradient norm before
+    clipping)."""
     from .schedules import learning_rate
 
     lr = learning_rate(step, cfg)
@@ -191,4 +215,4 @@ def _split_key(key: str, by_name: dict[str, str]) -> tuple[str, str]:
     best = max((p for p in by_name if key.startswith(p + "_")), key=len, default=None)
     if best is None:
         raise KeyError(f"optimizer state key {key!r} matches no model parameter")
-    return best, key[len(best) + 1:]
+    return best, key[len(best) + 1 :]

@@ -43,7 +43,7 @@ def _all_reduce(x, group):
 def _my_rows(x, group):
     rows = x.shape[0] // group_size(group)
     start = group_rank(group) * rows
-    return x[start:start + rows]
+    return x[start : start + rows]
 
 
 class _GatherRows(PyLayer):

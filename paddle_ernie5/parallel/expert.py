@@ -1,16 +1,17 @@
-"""Expert parallelism: each rank of the ep group holds E/ep experts; dispatchers move tokens to them.
+"""Expert parallelism: each rank of the ep group holds E/ep experts; dispatchers move tokens to
+them.
 
 Legend: R ranks in the ep group, T tokens of this rank, M width, K top-k, E experts in all,
 L = E/R experts held here, C capacity (rows per expert).
 
 The model is built whole (same seed on every rank), then `shard_experts` swaps every MoE layer's
-expert weights for this rank's rows and its dispatcher for a distributed one. Parameter names do not
-change, so a full checkpoint maps onto any ep degree by cutting or joining rows (`gather_expert_rows`,
-`slice_expert_rows`).
+expert weights for this rank's rows and its dispatcher for a distributed one. Parameter names do
+not change, so a full checkpoint maps onto any ep degree by cutting or joining rows
+(`gather_expert_rows`, `slice_expert_rows`).
 
 All-gather dispatcher (any backend, gloo included):
 
-    x_TM ── gather_rows ──> x_(RT)M ── group by expert (same grid as one process) ── my L experts' rows
+    x_TM ── gather_rows ──> x_(RT)M ── group by expert (grid of one process) ── my L experts' rows
     y_TM <── reduce_rows ── partial y_(RT)M (only my experts' contributions) <── combine
 
 All-to-all dispatcher (NCCL): tokens are grouped per expert locally into [E, C, M], the E = R x L
@@ -27,8 +28,8 @@ import numpy as np
 import paddle
 
 from ..model.dispatch import DispatchMeta, LocalDispatcher
-from ..ops.grouping import group_by_expert
 from ..model.router import Routing
+from ..ops.grouping import group_by_expert
 from . import comm
 
 
@@ -69,16 +70,26 @@ class AllGatherDispatcher:
         weights_all = comm.gather_rows(routing.topk_weights_TK, self.group)
         ids_all = comm.gather_rows_nograd(routing.topk_ids_TK, self.group).numpy()
         # The grid of one process over the whole group's tokens; this rank keeps its experts' rows.
-        slot_N, source_EC, counts_E, capacity = group_by_expert(ids_all, num_experts,
-                                                                self.capacity_factor)
+        slot_N, source_EC, counts_E, capacity = group_by_expert(
+            ids_all, num_experts, self.capacity_factor
+        )
         lo, hi = first * capacity, (first + local) * capacity
         mine_N = (slot_N >= lo) & (slot_N < hi)
         slot_N = np.where(mine_N, slot_N - lo, local * capacity)
         x_pad = paddle.concat([x_all, paddle.zeros([1, m], dtype=x_all.dtype)], axis=0)
-        inputs_LCM = paddle.gather(x_pad, paddle.to_tensor(source_EC[lo:hi])).reshape([local, capacity, m])
-        meta = AllGatherMeta(paddle.to_tensor(slot_N), weights_all, x_all.shape[0], capacity,
-                             ranks=self.ep, hidden=m, top_k=k)
-        return inputs_LCM, counts_E[first:first + local], meta
+        inputs_LCM = paddle.gather(x_pad, paddle.to_tensor(source_EC[lo:hi])).reshape(
+            [local, capacity, m]
+        )
+        meta = AllGatherMeta(
+            paddle.to_tensor(slot_N),
+            weights_all,
+            x_all.shape[0],
+            capacity,
+            ranks=self.ep,
+            hidden=m,
+            top_k=k,
+        )
+        return inputs_LCM, counts_E[first : first + local], meta
 
     def combine(self, expert_outputs_LCM, meta: AllGatherMeta):
         return comm.reduce_rows(_combine_rows(expert_outputs_LCM, meta), self.group)
@@ -104,8 +115,14 @@ class AllToAllDispatcher:
 
     name = "alltoall"
 
-    def __init__(self, group, ep_rank: int, ep: int, capacity_factor: float = 0.0,
-                 exchange=comm.nccl_all_to_all):
+    def __init__(
+        self,
+        group,
+        ep_rank: int,
+        ep: int,
+        capacity_factor: float = 0.0,
+        exchange=comm.nccl_all_to_all,
+    ):
         self.group, self.ep_rank, self.ep = group, ep_rank, ep
         self.capacity_factor = capacity_factor
         self.exchange = exchange  # comm.all_gather_all_to_all emulates it on gloo for tests
@@ -113,30 +130,46 @@ class AllToAllDispatcher:
     def dispatch(self, x_TM, routing: Routing, num_experts: int):
         t, m = x_TM.shape
         r, local = self.ep, num_experts // self.ep
-        slot_N, source_EC, _, capacity = group_by_expert(routing.topk_ids_TK.numpy(), num_experts,
-                                                         self.capacity_factor)
+        slot_N, source_EC, _, capacity = group_by_expert(
+            routing.topk_ids_TK.numpy(), num_experts, self.capacity_factor
+        )
         counts_RE = comm.gather_rows_nograd(
-            paddle.to_tensor(np.bincount(routing.topk_ids_TK.numpy().reshape(-1),
-                                         minlength=num_experts)).unsqueeze(0), self.group).numpy()
+            paddle.to_tensor(
+                np.bincount(routing.topk_ids_TK.numpy().reshape(-1), minlength=num_experts)
+            ).unsqueeze(0),
+            self.group,
+        ).numpy()
         if self.capacity_factor == 0:
             # Dropless: every rank pads to the largest per-rank load so the exchanged blocks agree.
-            slot_N, source_EC, capacity = _regrid(slot_N, source_EC, capacity,
-                                                  int(max(1, counts_RE.max())), num_experts, t)
+            slot_N, source_EC, capacity = _regrid(
+                slot_N, source_EC, capacity, int(max(1, counts_RE.max())), num_experts, t
+            )
         x_pad = paddle.concat([x_TM, paddle.zeros([1, m], dtype=x_TM.dtype)], axis=0)
-        grid_RLCM = paddle.gather(x_pad, paddle.to_tensor(source_EC)).reshape([r, local, capacity, m])
+        grid_RLCM = paddle.gather(x_pad, paddle.to_tensor(source_EC)).reshape(
+            [r, local, capacity, m]
+        )
         recv_RLCM = comm.all_to_all(grid_RLCM, self.group, self.exchange)
         inputs_LCM = recv_RLCM.transpose([1, 0, 2, 3]).reshape([local, r * capacity, m])
-        meta = AllToAllMeta(paddle.to_tensor(slot_N), routing.topk_weights_TK, t, capacity,
-                            ranks=r, hidden=m, num_experts=num_experts)
+        meta = AllToAllMeta(
+            paddle.to_tensor(slot_N),
+            routing.topk_weights_TK,
+            t,
+            capacity,
+            ranks=r,
+            hidden=m,
+            num_experts=num_experts,
+        )
         first = self.ep_rank * local
-        return inputs_LCM, counts_RE.sum(0)[first:first + local], meta
+        return inputs_LCM, counts_RE.sum(0)[first : first + local], meta
 
     def combine(self, expert_outputs_LCM, meta: AllToAllMeta):
         r, c, m = meta.ranks, meta.capacity, meta.hidden
         local = expert_outputs_LCM.shape[0]
         back_RLCM = comm.all_to_all(
-            expert_outputs_LCM.reshape([local, r, c, m]).transpose([1, 0, 2, 3]), self.group,
-            self.exchange)
+            expert_outputs_LCM.reshape([local, r, c, m]).transpose([1, 0, 2, 3]),
+            self.group,
+            self.exchange,
+        )
         return _combine_rows(back_RLCM.reshape([r * local, c, m]), meta)
 
     @staticmethod
@@ -162,7 +195,11 @@ def _regrid(slot_N, source_EC, capacity, new_capacity, num_experts, num_tokens):
 
 def expert_param_names(model) -> list[str]:
     """Structured names of the stacked expert weights (rows = experts) of every MoE layer."""
-    return [f"blocks.{i}.ffn.experts.{w}" for i, _ in model.moe_layers() for w in ("w_gate_up", "w_down")]
+    return [
+        f"blocks.{i}.ffn.experts.{w}"
+        for i, _ in model.moe_layers()
+        for w in ("w_gate_up", "w_down")
+    ]
 
 
 def make_dispatcher(kind: str, group, ep_rank: int, ep: int, capacity_factor: float):
@@ -180,11 +217,15 @@ def resolve_dispatcher(kind: str, ep: int, cuda: bool) -> str:
     if kind == "auto":
         return "alltoall" if cuda else "allgather"
     if kind == "alltoall" and not cuda:
-        raise RuntimeError("parallel.dispatcher=alltoall needs NCCL (a GPU build of Paddle); gloo on "
-                           "CPU has no all-to-all: use parallel.dispatcher=allgather or auto")
+        raise RuntimeError(
+            "parallel.dispatcher=alltoall needs NCCL (a GPU build of Paddle); gloo on "
+            "CPU has no all-to-all: use parallel.dispatcher=allgather or auto"
+        )
     if kind == "local":
-        raise RuntimeError(f"parallel.dispatcher=local cannot run with parallel.ep={ep}: each rank "
-                           "holds only its own experts; use auto, allgather or alltoall")
+        raise RuntimeError(
+            f"parallel.dispatcher=local cannot run with parallel.ep={ep}: each rank "
+            "holds only its own experts; use auto, allgather or alltoall"
+        )
     return kind
 
 
@@ -196,14 +237,21 @@ def shard_experts(model, ep_rank: int, ep: int, dispatcher) -> None:
         for name in ("w_gate_up", "w_down"):
             full = getattr(moe.experts, name)
             part = full.numpy()[rows]
-            setattr(moe.experts, name, paddle.create_parameter(
-                part.shape, str(full.dtype).replace("paddle.", ""),
-                default_initializer=paddle.nn.initializer.Assign(part)))
+            setattr(
+                moe.experts,
+                name,
+                paddle.create_parameter(
+                    part.shape,
+                    str(full.dtype).replace("paddle.", ""),
+                    default_initializer=paddle.nn.initializer.Assign(part),
+                ),
+            )
         moe.dispatcher = dispatcher
 
 
 def gather_expert_rows(state: dict[str, np.ndarray], names: list[str], group, local_shapes) -> dict:
-    """Full-size copies of the expert entries of `state` (model or optimizer, '::' suffixes allowed)."""
+    """Full-size copies of the expert entries of `state` (model or optimizer, '::' suffixes
+    allowed)."""
     out = dict(state)
     for key in sorted(state):  # the same order on every rank: each gather is a collective
         name = key.partition("::")[0]
@@ -212,12 +260,13 @@ def gather_expert_rows(state: dict[str, np.ndarray], names: list[str], group, lo
     return out
 
 
-def slice_expert_rows(state: dict[str, np.ndarray], names: list[str], ep_rank: int, ep: int,
-                      full_rows: int) -> dict:
+def slice_expert_rows(
+    state: dict[str, np.ndarray], names: list[str], ep_rank: int, ep: int, full_rows: int
+) -> dict:
     """This rank's rows of the expert entries of a full `state`."""
     out = dict(state)
     local = full_rows // ep
     for key, value in state.items():
         if key.partition("::")[0] in names and value.ndim >= 1 and value.shape[0] == full_rows:
-            out[key] = value[ep_rank * local:(ep_rank + 1) * local]
+            out[key] = value[ep_rank * local : (ep_rank + 1) * local]
     return out

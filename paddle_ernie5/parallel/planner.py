@@ -1,12 +1,15 @@
-"""Size a recipe on a cluster from its config alone: parameters, memory per device, tokens per step.
+"""Size a recipe on a cluster from its config alone: parameters, memory per device, tokens per
+step.
 
 Assumptions (stated in the printed table too): bf16 weights (2 B/param), fp32 gradients (4 B),
 fp32 master weights + Adam moments (12 B) divided by the sharding degree (stage 1). Tensor parallel
 (mp) splits every matmul weight; expert parallel (ep) splits the experts of each MoE layer; pipeline
 (pp) splits the layers as `stages.plan_stages` does; the device reported is the pipeline rank that
-needs the most memory. Activations are bf16 per token and layer for FlashMask attention (no S x S term):
+needs the most memory. Activations are bf16 per token and layer for FlashMask attention (no S x S
+term):
 
-    attention  M (norm in) + M (qkv in) + (H + 2K) D (q, k, v) + H D (attention out), + 2 H (fp32 lse)
+    attention  M (norm in) + M (qkv in) + (H + 2K) D (q, k, v) + H D (attention out)
+               + 2 H (fp32 lse)
     MoE FFN    M (norm in) + M (router/dispatch in) + K (3 F + M) (expert gate/up, act, out)
                + 3 F_shared (shared expert)
     recompute  only each layer's input (M) is kept, plus one layer's full set while it recomputes
@@ -23,7 +26,7 @@ from ..config import Config
 from ..model.params import count_params
 from .stages import plan_stages
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,13 @@ class Plan:
 
     @property
     def total_recompute(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations_recompute + self.logits
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.activations_recompute
+            + self.logits
+        )
 
 
 def make_plan(cfg: Config) -> Plan:
@@ -60,18 +69,31 @@ def make_plan(cfg: Config) -> Plan:
     expert_params = moe.num_experts * 3 * m.hidden_size * moe.expert_hidden
 
     def device_params(stage) -> float:
-        n_moe = sum(1 for it in stage.items if it.startswith("block.")
-                    and int(it.split(".")[1]) >= moe.first_dense_layers)
+        n_moe = sum(
+            1
+            for it in stage.items
+            if it.startswith("block.") and int(it.split(".")[1]) >= moe.first_dense_layers
+        )
         experts = n_moe * expert_params
         return (stage.params - experts) / p.mp + experts / (p.ep * p.mp)
 
     per_rank: dict[int, list] = {}
     for st in plan_stages(m, p):
         per_rank.setdefault(st.index, []).append(st)
-    attn = 2 * (2 * m.hidden_size + (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
-                + a.num_heads * a.head_dim) + 4 * a.num_heads
-    ffn = 2 * (2 * m.hidden_size + moe.top_k * (3 * moe.expert_hidden + m.hidden_size)
-               + 3 * moe.shared_expert_hidden * moe.num_shared_experts)
+    attn = (
+        2
+        * (
+            2 * m.hidden_size
+            + (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
+            + a.num_heads * a.head_dim
+        )
+        + 4 * a.num_heads
+    )
+    ffn = 2 * (
+        2 * m.hidden_size
+        + moe.top_k * (3 * moe.expert_hidden + m.hidden_size)
+        + 3 * moe.shared_expert_hidden * moe.num_shared_experts
+    )
     per_layer = micro_tokens * (attn + ffn) / p.mp
 
     def rank_plan(index: int, stages) -> Plan:
@@ -81,14 +103,20 @@ def make_plan(cfg: Config) -> Plan:
         blocks = sum(1 for it in names if it.startswith("block."))
         return Plan(
             devices=p.dp * p.ep * p.sharding * p.pp * p.mp,
-            total_params=counts["total"], activated_params=counts["activated"],
+            total_params=counts["total"],
+            activated_params=counts["activated"],
             tokens_per_step=tc.batch_size * tc.grad_accum * cfg.data.seq_len,
-            micro_batch_tokens=micro_tokens, in_flight=in_flight, stage=f"{names[0]}..{names[-1]}",
-            weights=2 * params, gradients=4 * params, optimizer=12 * params / p.sharding,
+            micro_batch_tokens=micro_tokens,
+            in_flight=in_flight,
+            stage=f"{names[0]}..{names[-1]}",
+            weights=2 * params,
+            gradients=4 * params,
+            optimizer=12 * params / p.sharding,
             activations=per_layer * blocks * in_flight,
             activations_recompute=micro_tokens * 2 * m.hidden_size / p.mp * blocks * in_flight
             + per_layer,
-            logits=micro_tokens * 4 * m.text_vocab / p.mp if "head" in names else 0.0)
+            logits=micro_tokens * 4 * m.text_vocab / p.mp if "head" in names else 0.0,
+        )
 
     # The device that needs the most memory (without recompute) sets the requirement.
     return max((rank_plan(i, group) for i, group in per_rank.items()), key=lambda plan: plan.total)
@@ -104,20 +132,33 @@ def _num(x: float) -> str:
 def format_plan(cfg: Config, plan: Plan) -> str:
     p, tc = cfg.parallel, cfg.train
     rows = [
-        ("devices", f"{plan.devices} (dp={p.dp} ep={p.ep} sharding={p.sharding} pp={p.pp} mp={p.mp})"),
+        (
+            "devices",
+            f"{plan.devices} (dp={p.dp} ep={p.ep} sharding={p.sharding} pp={p.pp} mp={p.mp})",
+        ),
         ("parameters, total", _num(plan.total_params)),
-        ("parameters, activated per token",
-         f"{_num(plan.activated_params)} ({100 * plan.activated_params / plan.total_params:.2f}%)"),
-        ("tokens per step", f"{_num(plan.tokens_per_step)} ({tc.batch_size} seq x {tc.grad_accum} "
-                            f"micro-batches x {cfg.data.seq_len})"),
+        (
+            "parameters, activated per token",
+            f"{_num(plan.activated_params)} "
+            f"({100 * plan.activated_params / plan.total_params:.2f}%)",
+        ),
+        (
+            "tokens per step",
+            f"{_num(plan.tokens_per_step)} ({tc.batch_size} seq x {tc.grad_accum} "
+            f"micro-batches x {cfg.data.seq_len})",
+        ),
         ("tokens per micro-batch per data rank", f"{plan.micro_batch_tokens}"),
         ("pipeline rank reported (most memory)", plan.stage),
         ("weights (bf16) / device", f"{plan.weights / GiB:.1f} GiB"),
         ("gradients (fp32) / device", f"{plan.gradients / GiB:.1f} GiB"),
-        (f"optimizer (fp32 master + Adam, / sharding {p.sharding}) / device",
-         f"{plan.optimizer / GiB:.1f} GiB"),
-        (f"activations, no recompute ({plan.in_flight} micro-batches in flight)",
-         f"{plan.activations / GiB:.1f} GiB"),
+        (
+            f"optimizer (fp32 master + Adam, / sharding {p.sharding}) / device",
+            f"{plan.optimizer / GiB:.1f} GiB",
+        ),
+        (
+            f"activations, no recompute ({plan.in_flight} micro-batches in flight)",
+            f"{plan.activations / GiB:.1f} GiB",
+        ),
         ("activations, full recompute", f"{plan.activations_recompute / GiB:.1f} GiB"),
         ("logits (fp32, last stage)", f"{plan.logits / GiB:.1f} GiB"),
         ("total / device, no recompute", f"{plan.total / GiB:.1f} GiB"),

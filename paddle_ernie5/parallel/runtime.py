@@ -1,13 +1,15 @@
 """What the trainer calls to run on one process or many: the same methods, two implementations.
 
 `SingleProcess` is the identity (the trainer's single-process numbers stay bit-exact).
-`Distributed` runs data parallel (dp), expert parallel (ep) and optimizer-state sharding (stage 1)
-under `paddle.distributed.launch`, with only all_reduce / all_gather / broadcast, so it runs on gloo:
+`Distributed` runs data parallel (dp), expert parallel (ep) and optimizer-state sharding (stage
+1) under `paddle.distributed.launch`, with only all_reduce / all_gather / broadcast, so it runs on
+gloo:
 
-    global batch ──shard_batch──> this rank's rows ──model──> loss normalised by GLOBAL target counts
+    global batch ──shard_batch──> this rank's rows ──model──> loss normalised by the GLOBAL
+                                                              target counts
     backward ──reduce_gradients──> dense grads summed over data ranks, expert grads over the ranks
-                                   holding the same experts (sum, because each rank's loss is already
-                                   its share of the global mean)
+                                   holding the same experts (sum, because each rank's loss is
+                                   already its share of the global mean)
     clip (global norm, expert part summed over ep) ──optimizer step (stage 1: owned params, then
     broadcast)──> router loads summed over data ranks ──> identical aux-free bias update everywhere
 
@@ -22,16 +24,26 @@ import paddle
 
 from ..config import Config
 from ..model.losses import IGNORE, mtp_labels
-from ..optim.optimizer import (build_optimizer, clip_by_global_norm, global_grad_norm,
-                           load_optimizer_state, optimizer_state, tensor_sq_norms)
+from ..optim.optimizer import (
+    build_optimizer,
+    clip_by_global_norm,
+    global_grad_norm,
+    load_optimizer_state,
+    optimizer_state,
+    tensor_sq_norms,
+)
 from . import comm, expert, topology
 
 
 def _loss_values(parts) -> dict[str, float]:
-    return {"loss": float(parts.total), "loss/text": float(parts.text),
-            "loss/mtp": float(parts.mtp) if parts.mtp is not None else 0.0,
-            "loss/aux": float(parts.aux), "loss/z": float(parts.z),
-            **{f"loss/{name}": float(loss) for name, (loss, _, _) in parts.heads.items()}}
+    return {
+        "loss": float(parts.total),
+        "loss/text": float(parts.text),
+        "loss/mtp": float(parts.mtp) if parts.mtp is not None else 0.0,
+        "loss/aux": float(parts.aux),
+        "loss/z": float(parts.z),
+        **{f"loss/{name}": float(loss) for name, (loss, _, _) in parts.heads.items()},
+    }
 
 
 class SingleProcess:
@@ -56,7 +68,8 @@ class SingleProcess:
         return clip_by_global_norm(model.parameters(), max_norm)
 
     def grad_sq_norms(self, named) -> np.ndarray:
-        """Squared gradient norm of each (name, parameter) of the full model (per-tensor clipping)."""
+        """Squared gradient norm of each (name, parameter) of the full model (per-tensor
+        clipping)."""
         return tensor_sq_norms([p for _, p in named])
 
     def sum_over_data(self, values: np.ndarray) -> np.ndarray:
@@ -70,14 +83,19 @@ class SingleProcess:
         return loads
 
     def full_states(self, model, optimizer):
-        return ({k: v.numpy() for k, v in model.state_dict().items()}, optimizer_state(model, optimizer))
+        return (
+            {k: v.numpy() for k, v in model.state_dict().items()},
+            optimizer_state(model, optimizer),
+        )
 
     def local_state(self, state: dict) -> dict:
         """This rank's share of a full (checkpoint) state: the identity on one process."""
         return state
 
     def load_states(self, model, optimizer, model_state, optim_state) -> None:
-        model.set_state_dict({k: paddle.to_tensor(v) for k, v in self.local_state(model_state).items()})
+        model.set_state_dict(
+            {k: paddle.to_tensor(v) for k, v in self.local_state(model_state).items()}
+        )
         load_optimizer_state(model, optimizer, self.local_state(optim_state))
 
     def barrier(self) -> None:
@@ -100,7 +118,8 @@ class Distributed(SingleProcess):
         self.dispatcher_kind = expert.resolve_dispatcher(pcfg.dispatcher, pcfg.ep, cuda)
         self.sharding_ranks = groups["sharding"][1]
         self.expert_names: list[str] = []
-        self.owner: dict[str, int] = {}  # stage 1: parameter -> index of its owner in the sharding group
+        # stage 1: parameter -> index of its owner in the sharding group
+        self.owner: dict[str, int] = {}
 
     def group(self, role: str):
         return self.groups[role][0]
@@ -108,14 +127,20 @@ class Distributed(SingleProcess):
     # ------------------------------------------------------------------ model and optimizer
     def wrap_model(self, model):
         if self.ep > 1:
-            dispatcher = expert.make_dispatcher(self.dispatcher_kind, self.group("ep"), self.ep_rank,
-                                                self.ep, self.cfg.model.moe.capacity_factor)
+            dispatcher = expert.make_dispatcher(
+                self.dispatcher_kind,
+                self.group("ep"),
+                self.ep_rank,
+                self.ep,
+                self.cfg.model.moe.capacity_factor,
+            )
             expert.shard_experts(model, self.ep_rank, self.ep, dispatcher)
             self.expert_names = expert.expert_param_names(model)
         return model
 
     def build_optimizer(self, model, tc):
-        """Stage 1: the sharding ranks split the parameters; each keeps Adam moments only for its own."""
+        """Stage 1: the sharding ranks split the parameters; each keeps Adam moments only for its
+        own."""
         if len(self.sharding_ranks) == 1:
             return build_optimizer(model, tc)
         named = list(model.named_parameters())
@@ -140,16 +165,20 @@ class Distributed(SingleProcess):
     def shard_batch(self, np_batch: dict) -> dict:
         n = len(self.data_ranks)
         rows = len(next(iter(np_batch.values()))) // n
-        return {k: v[self.data_index * rows:(self.data_index + 1) * rows] for k, v in np_batch.items()}
+        return {
+            k: v[self.data_index * rows : (self.data_index + 1) * rows] for k, v in np_batch.items()
+        }
 
     def objective(self, parts, labels, model_cfg):
         """This rank's share of the global-batch loss: each mean is re-weighted by its local count
         over the global count, so the shares sum to the loss of one process over the whole batch
-        (terms and weights as in train/losses.compute_loss)."""
+        (terms and weights as in model/losses.compute_loss)."""
         n = len(self.data_ranks)
         names = sorted(parts.heads)
-        counts = np.array([float(parts.num_targets), float((mtp_labels(labels) != IGNORE).sum())]
-                          + [float(parts.heads[k][1]) for k in names])
+        counts = np.array(
+            [float(parts.num_targets), float((mtp_labels(labels) != IGNORE).sum())]
+            + [float(parts.heads[k][1]) for k in names]
+        )
         totals = np.maximum(comm.all_reduce_numpy(counts, self.group("data")), 1.0)
         text = parts.text * (counts[0] / totals[0])
         total = text
@@ -169,7 +198,14 @@ class Distributed(SingleProcess):
             total = total + model_cfg.moe.z_loss_weight * z
         shares = np.array([float(v) for v in (total, text, mtp, aux, z, *heads)])
         values = comm.all_reduce_numpy(shares, self.group("data"))
-        keys = ("loss", "loss/text", "loss/mtp", "loss/aux", "loss/z", *(f"loss/{k}" for k in names))
+        keys = (
+            "loss",
+            "loss/text",
+            "loss/mtp",
+            "loss/aux",
+            "loss/z",
+            *(f"loss/{k}" for k in names),
+        )
         return total, dict(zip(keys, values.tolist()))
 
     # ------------------------------------------------------------------ gradients
@@ -203,8 +239,8 @@ class Distributed(SingleProcess):
         experts = [p for n, p in named if n in self.expert_names]
         sq = global_grad_norm(dense) ** 2
         if experts:
-            sq += float(comm.all_reduce_numpy(np.array([global_grad_norm(experts) ** 2]),
-                                              self.group("ep"))[0])
+            expert_sq = np.array([global_grad_norm(experts) ** 2])
+            sq += float(comm.all_reduce_numpy(expert_sq, self.group("ep"))[0])
         norm = float(np.sqrt(sq))
         if max_norm > 0 and norm > max_norm:
             for _, p in named:
@@ -215,8 +251,9 @@ class Distributed(SingleProcess):
         layers = sorted(loads)
         if not layers:
             return loads
-        total = comm.all_reduce_numpy(np.stack([loads[i] for i in layers]).astype(np.int64),
-                                      self.group("data"))
+        total = comm.all_reduce_numpy(
+            np.stack([loads[i] for i in layers]).astype(np.int64), self.group("data")
+        )
         return dict(zip(layers, total))
 
     # ------------------------------------------------------------------ checkpoints
@@ -229,23 +266,30 @@ class Distributed(SingleProcess):
             optim_state = {k: v for part in parts for k, v in part.items()}
         if self.ep > 1:
             shapes = {n: tuple(model_state[n].shape) for n in self.expert_names}
-            model_state = expert.gather_expert_rows(model_state, self.expert_names, self.group("ep"), shapes)
-            optim_state = expert.gather_expert_rows(optim_state, self.expert_names, self.group("ep"), shapes)
+            model_state = expert.gather_expert_rows(
+                model_state, self.expert_names, self.group("ep"), shapes
+            )
+            optim_state = expert.gather_expert_rows(
+                optim_state, self.expert_names, self.group("ep"), shapes
+            )
         return model_state, optim_state
 
     def local_state(self, state: dict) -> dict:
         """This rank's rows of the expert entries of a full state (model or optimizer)."""
         if self.ep == 1:
             return state
-        return expert.slice_expert_rows(state, self.expert_names, self.ep_rank, self.ep,
-                                        self.cfg.model.moe.num_experts)
+        return expert.slice_expert_rows(
+            state, self.expert_names, self.ep_rank, self.ep, self.cfg.model.moe.num_experts
+        )
 
     def load_states(self, model, optimizer, model_state, optim_state) -> None:
         model_state, optim_state = self.local_state(model_state), self.local_state(optim_state)
         model.set_state_dict({k: paddle.to_tensor(v) for k, v in model_state.items()})
         if self.owner:  # stage 1: only the moments of the parameters this rank owns
             mine = self.sharding_ranks.index(self.rank)
-            optim_state = {k: v for k, v in optim_state.items() if self.owner[k.partition("::")[0]] == mine}
+            optim_state = {
+                k: v for k, v in optim_state.items() if self.owner[k.partition("::")[0]] == mine
+            }
         load_optimizer_state(model, optimizer, optim_state)
 
     def barrier(self) -> None:
@@ -259,7 +303,11 @@ class _Subset:
         self.model, self.names = model, None if names is None else set(names)
 
     def named_parameters(self):
-        return [(n, p) for n, p in self.model.named_parameters() if self.names is None or n in self.names]
+        return [
+            (n, p)
+            for n, p in self.model.named_parameters()
+            if self.names is None or n in self.names
+        ]
 
     def parameters(self):
         return [p for _, p in self.named_parameters()]
@@ -274,12 +322,13 @@ def _all_reduce_grads(params, group, size: int) -> None:
     offset = 0
     for p in params:
         n = int(p.grad.numel())
-        paddle.assign(flat[offset:offset + n].reshape(p.grad.shape), output=p.grad)
+        paddle.assign(flat[offset : offset + n].reshape(p.grad.shape), output=p.grad)
         offset += n
 
 
 def init_runtime(cfg: Config, world_size: int, rank: int):
-    """SingleProcess for one process; otherwise check the degrees, fleet.init and build the groups."""
+    """SingleProcess for one process; otherwise check the degrees, fleet.init and build the
+    groups."""
     cuda = paddle.is_compiled_with_cuda()
     topology.check_degrees(cfg.parallel, world_size, cfg.model.moe.num_experts, cuda)
     if world_size == 1:

@@ -31,7 +31,9 @@ def layer_costs(cfg: ModelConfig) -> list[Item]:
     attn = m * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + a.num_heads * a.head_dim * m
     expert = 3 * m * moe.expert_hidden
     shared = 3 * m * moe.shared_expert_hidden * moe.num_shared_experts
-    dense_ffn = 3 * m * (moe.expert_hidden * moe.top_k + moe.shared_expert_hidden * moe.num_shared_experts)
+    dense_ffn = (
+        3 * m * (moe.expert_hidden * moe.top_k + moe.shared_expert_hidden * moe.num_shared_experts)
+    )
     mod_inputs, mod_heads = modality_params(cfg)  # image/video/audio embeddings and heads
     items = [Item("embed", v * m + mod_inputs, 0)]
     for i in range(cfg.num_layers):
@@ -39,8 +41,13 @@ def layer_costs(cfg: ModelConfig) -> list[Item]:
         if i < moe.first_dense_layers:
             items.append(Item(f"block.{i}", common + dense_ffn, common + dense_ffn))
         else:
-            items.append(Item(f"block.{i}", common + m * moe.num_experts + moe.num_experts * expert + shared,
-                              common + m * moe.num_experts + moe.top_k * expert + shared))
+            items.append(
+                Item(
+                    f"block.{i}",
+                    common + m * moe.num_experts + moe.num_experts * expert + shared,
+                    common + m * moe.num_experts + moe.top_k * expert + shared,
+                )
+            )
     head = m + (0 if cfg.tie_embeddings else v * m)
     mtp = (2 * m + 2 * m * m + attn + 2 * m + dense_ffn + m) if cfg.num_mtp_modules else 0
     items.append(Item("head", head + mtp + mod_heads, head + mtp))
@@ -79,8 +86,10 @@ def partition(costs: list[int], parts: int) -> list[int]:
             hi = mid
     bounds = cuts(lo)
     while len(bounds) - 1 < parts:  # split the largest multi-item segment until there are `parts`
-        j = max((k for k in range(len(bounds) - 1) if bounds[k + 1] - bounds[k] > 1),
-                key=lambda k: sum(costs[bounds[k]:bounds[k + 1]]))
+        j = max(
+            (k for k in range(len(bounds) - 1) if bounds[k + 1] - bounds[k] > 1),
+            key=lambda k: sum(costs[bounds[k] : bounds[k + 1]]),
+        )
         bounds.insert(j + 1, bounds[j] + 1)
     return bounds
 
@@ -101,7 +110,14 @@ def plan_stages(cfg: ModelConfig, pcfg: ParallelConfig) -> list[Stage]:
     bounds = partition([max(1, it.activated) for it in items], segments)
     stages = []
     for s in range(segments):
-        part = items[bounds[s]:bounds[s + 1]]
-        stages.append(Stage(s % pcfg.pp, s // pcfg.pp, tuple(it.name for it in part),
-                            sum(it.params for it in part), sum(it.activated for it in part)))
+        part = items[bounds[s] : bounds[s + 1]]
+        stages.append(
+            Stage(
+                s % pcfg.pp,
+                s // pcfg.pp,
+                tuple(it.name for it in part),
+                sum(it.params for it in part),
+                sum(it.activated for it in part),
+            )
+        )
     return stages

@@ -1,8 +1,9 @@
 """Rank layout from ParallelConfig, checked before any work, and Fleet's hybrid topology.
 
-Expert-parallel ranks are dense data-parallel ranks (each sees its own slice of the batch); they differ
-only in which experts they hold. So for Fleet the data axis has degree dp * ep, and `ep` sits directly
-after `dp` in `parallel.order`: rank = ((d * ep + e) * ... ) with the remaining axes in order.
+Expert-parallel ranks are dense data-parallel ranks (each sees its own slice of the batch); they
+differ only in which experts they hold. So for Fleet the data axis has degree dp * ep, and `ep` sits
+directly after `dp` in `parallel.order`: rank = ((d * ep + e) * ... ) with the remaining axes in
+order.
 
 Groups (ranks that differ only in the named axes):
     ep          the experts of one MoE layer are split over these ranks (dispatch traffic)
@@ -37,25 +38,35 @@ def check_degrees(pcfg: ParallelConfig, world_size: int, num_experts: int, cuda:
     product = math.prod(degrees.values())
     if product != world_size:
         shown = " * ".join(f"{a}={d}" for a, d in degrees.items())
-        raise ConfigError(f"parallel degrees {shown} = {product} is invalid: allowed a product equal to "
-                          f"the number of processes ({world_size}); launch with "
-                          f"`python -m paddle.distributed.launch --nproc_per_node {product}` or change them")
+        raise ConfigError(
+            f"parallel degrees {shown} = {product} is invalid: allowed a product equal to "
+            f"the number of processes ({world_size}); launch with "
+            f"`python -m paddle.distributed.launch --nproc_per_node {product}` or change them"
+        )
     if num_experts % pcfg.ep:
-        raise ConfigError(f"parallel.ep={pcfg.ep} is invalid: allowed a divisor of "
-                          f"model.moe.num_experts={num_experts}")
+        raise ConfigError(
+            f"parallel.ep={pcfg.ep} is invalid: allowed a divisor of "
+            f"model.moe.num_experts={num_experts}"
+        )
     for axis, what in (("mp", "tensor parallel"), ("pp", "pipeline parallel")):
         if degrees[axis] > 1 and not cuda:
-            raise ConfigError(f"parallel.{axis}={degrees[axis]} is invalid on a CPU build of Paddle: "
-                              f"allowed 1 ({what} uses Fleet layers that only run on GPUs)")
+            raise ConfigError(
+                f"parallel.{axis}={degrees[axis]} is invalid on a CPU build of Paddle: "
+                f"allowed 1 ({what} uses Fleet layers that only run on GPUs)"
+            )
     if degrees["mp"] > 1 or degrees["pp"] > 1:
-        # The trainer wraps data, sharding and expert parallel; pipeline/tensor parallel are sized by
-        # the planner and partitioned by parallel/stages.py, but not driven by this trainer yet.
-        raise ConfigError(f"parallel.pp={pcfg.pp}, parallel.mp={pcfg.mp} is invalid for `ernie5 train`: "
-                          "allowed pp=1 and mp=1 (pipeline/tensor parallel are GPU paths sized by "
-                          "`ernie5 plan`; see parallel/stages.py)")
+        # The trainer wraps data, sharding and expert parallel; pipeline/tensor parallel are sized
+        # by the planner and partitioned by parallel/stages.py, but not driven by this trainer.
+        raise ConfigError(
+            f"parallel.pp={pcfg.pp}, parallel.mp={pcfg.mp} is invalid for `ernie5 train`: "
+            "allowed pp=1 and mp=1 (pipeline/tensor parallel are GPU paths sized by "
+            "`ernie5 plan`; see parallel/stages.py)"
+        )
     if pcfg.sharding > 1 and pcfg.sharding_stage != 1:
-        raise ConfigError(f"parallel.sharding_stage={pcfg.sharding_stage} is invalid for `ernie5 train`: "
-                          "allowed 1 (optimizer-state sharding)")
+        raise ConfigError(
+            f"parallel.sharding_stage={pcfg.sharding_stage} is invalid for `ernie5 train`: "
+            "allowed 1 (optimizer-state sharding)"
+        )
 
 
 @dataclass(frozen=True)
@@ -66,7 +77,7 @@ class Layout:
     degrees: dict
 
     @classmethod
-    def from_config(cls, pcfg: ParallelConfig) -> "Layout":
+    def from_config(cls, pcfg: ParallelConfig) -> Layout:
         return cls(tuple(pcfg.order), {a: getattr(pcfg, a) for a in AXES})
 
     @property
@@ -80,7 +91,8 @@ class Layout:
         return out
 
     def groups(self, axes: tuple[str, ...]) -> list[list[int]]:
-        """Partition of all ranks into groups that differ only along `axes` (sorted, deterministic)."""
+        """Partition of all ranks into groups that differ only along `axes` (sorted,
+        deterministic)."""
         fixed = [a for a in self.order if a not in axes]
         by_key: dict[tuple, list[int]] = {}
         for r in range(self.world_size):
@@ -136,4 +148,3 @@ def init_groups(pcfg: ParallelConfig, rank: int, fleet_init: bool = True) -> dic
             if rank in ranks:
                 mine[role] = (group, ranks)
     return mine
-

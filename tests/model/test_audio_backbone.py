@@ -1,5 +1,5 @@
-"""Audio in the backbone: summed level embeddings, the depth-wise head, depth-wise sampling with the KV
-cache and decoding to audio. A randomly initialised small codec stands in for a trained one."""
+"""Audio in the backbone: summed level embeddings, the depth-wise head, depth-wise sampling with the
+KV cache and decoding to audio. A randomly initialised small codec stands in for a trained one."""
 
 import numpy as np
 import paddle
@@ -9,14 +9,15 @@ from paddle_ernie5 import config as C
 from paddle_ernie5.config import AudioCodecConfig
 from paddle_ernie5.errors import UserError
 from paddle_ernie5.model import audio as A
+from paddle_ernie5.model.losses import compute_loss
 from paddle_ernie5.model.model import Ernie5Model
 from paddle_ernie5.model.params import count_params
 from paddle_ernie5.tokenizers.audio import AudioCodec, CodecMissing, load_codec
 from paddle_ernie5.train.pretrained import init_layer_fresh
-from paddle_ernie5.model.losses import compute_loss
 
-SMALL_CODEC = AudioCodecConfig(levels=3, codebook_size=16, code_dim=8, channels=16, res_blocks=0,
-                               griffin_lim_iters=2)
+SMALL_CODEC = AudioCodecConfig(
+    levels=3, codebook_size=16, code_dim=8, channels=16, res_blocks=0, griffin_lim_iters=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +31,23 @@ def codec_dir(tmp_path_factory):
 @pytest.fixture
 def audio_config(debug_config, codec_dir):
     def make(*overrides):
-        return debug_config("model.modalities=[text,audio]", f"model.audio.codec_dir={codec_dir}",
-                            "model.audio.levels=3", "model.audio.codebook_size=16", "model.audio.embed_dim=8",
-                            "model.audio.head_hidden=32", "model.audio.max_frames=6", *overrides)
+        return debug_config(
+            "model.modalities=[text,audio]",
+            f"model.audio.codec_dir={codec_dir}",
+            "model.audio.levels=3",
+            "model.audio.codebook_size=16",
+            "model.audio.embed_dim=8",
+            "model.audio.head_hidden=32",
+            "model.audio.max_frames=6",
+            *overrides,
+        )
 
     return make
 
 
 def _batch(cfg, seed=0, b=2, s=12):
-    """Text then audio frames at positions 4..9, next-frame targets at positions 3..9 (a TTS layout)."""
+    """Text then audio frames at positions 4..9, next-frame targets at positions 3..9 (a TTS
+    layout)."""
     rng = np.random.default_rng(seed)
     a = cfg.model.audio
     types = np.zeros((b, s), np.int64)
@@ -52,11 +61,16 @@ def _batch(cfg, seed=0, b=2, s=12):
     ids = rng.integers(0, cfg.model.vocab_size, (b, s))
     ids[types == A.AUDIO_TYPE] = 0
     pos = np.broadcast_to(np.arange(s), (b, 3, s)).copy()
-    return {"input_ids": paddle.to_tensor(ids), "token_types": paddle.to_tensor(types),
-            "positions": paddle.to_tensor(pos), "startend_row_indices": None,
-            "labels": paddle.to_tensor(np.where(types == 0, np.roll(ids, -1, 1), -100)),
-            "audio_codes": paddle.to_tensor(codes), "audio_targets": paddle.to_tensor(targets),
-            "audio_target_mask": paddle.to_tensor(mask)}
+    return {
+        "input_ids": paddle.to_tensor(ids),
+        "token_types": paddle.to_tensor(types),
+        "positions": paddle.to_tensor(pos),
+        "startend_row_indices": None,
+        "labels": paddle.to_tensor(np.where(types == 0, np.roll(ids, -1, 1), -100)),
+        "audio_codes": paddle.to_tensor(codes),
+        "audio_targets": paddle.to_tensor(targets),
+        "audio_target_mask": paddle.to_tensor(mask),
+    }
 
 
 def test_audio_token_is_the_projected_sum_of_its_level_embeddings(audio_config):
@@ -89,13 +103,21 @@ def test_forward_backward_reaches_embeddings_head_and_backbone(audio_config):
     # an untrained head is near uniform: level 0 has K + 1 classes
     assert float(heads["audio/level0"][0]) == pytest.approx(np.log(17), rel=0.1)
     parts = compute_loss(out, batch["labels"], cfg.model, heads)
-    expected = float(parts.text) + sum(w * float(l) for l, _, w in heads.values()) \
+    expected = (
+        float(parts.text)
+        + sum(w * float(l) for l, _, w in heads.values())
         + cfg.model.mtp_loss_weight * float(parts.mtp)
+    )
     assert float(parts.total) == pytest.approx(expected, rel=1e-5)
     parts.total.backward()
     layer = model.embed.by_modality["audio"]
-    for p in (layer.tables, layer.proj.weight, model.heads["audio"].outs[2].mlp[0].weight,
-              model.heads["audio"].code_embed[1].weight, model.blocks[0].attn.qkv.weight):
+    for p in (
+        layer.tables,
+        layer.proj.weight,
+        model.heads["audio"].outs[2].mlp[0].weight,
+        model.heads["audio"].code_embed[1].weight,
+        model.blocks[0].attn.qkv.weight,
+    ):
         assert p.grad is not None and float(p.grad.abs().sum()) > 0
 
 
@@ -110,7 +132,9 @@ def test_depthwise_head_level_l_sees_the_codes_of_earlier_levels_only(audio_conf
     base = [t.numpy() for t in head(h, batch)["logits"]]
     changed = batch["audio_targets"].numpy().copy()
     changed[..., 1] = (changed[..., 1] + 3) % 16
-    new = [t.numpy() for t in head(h, {**batch, "audio_targets": paddle.to_tensor(changed)})["logits"]]
+    new = [
+        t.numpy() for t in head(h, {**batch, "audio_targets": paddle.to_tensor(changed)})["logits"]
+    ]
     np.testing.assert_allclose(new[0], base[0])
     np.testing.assert_allclose(new[1], base[1])
     assert np.abs(new[2] - base[2]).max() > 1e-4
@@ -130,7 +154,9 @@ def test_a_text_only_batch_has_no_audio_loss(audio_config):
 def test_parameter_count_includes_the_audio_modules(audio_config):
     for overrides in ((), ("model.audio.head_hidden=0",)):
         model = Ernie5Model(audio_config(*overrides).model)
-        assert count_params(model.cfg)["total"] == sum(int(np.prod(p.shape)) for p in model.parameters())
+        assert count_params(model.cfg)["total"] == sum(
+            int(np.prod(p.shape)) for p in model.parameters()
+        )
 
 
 def test_tables_start_at_the_codec_codebooks(audio_config, codec_dir):
@@ -144,16 +170,25 @@ def test_tables_start_at_the_codec_codebooks(audio_config, codec_dir):
     init_layer_fresh(layer)  # init_from_codebooks false: the random start stays
     np.testing.assert_array_equal(layer.tables.numpy(), before)
     with pytest.raises(UserError, match="embed_dim"):
-        init_layer_fresh(Ernie5Model(audio_config("model.audio.init_from_codebooks=true",
-                                                  "model.audio.embed_dim=12").model
-                                     ).embed.by_modality["audio"])
+        init_layer_fresh(
+            Ernie5Model(
+                audio_config(
+                    "model.audio.init_from_codebooks=true", "model.audio.embed_dim=12"
+                ).model
+            ).embed.by_modality["audio"]
+        )
 
 
 def test_missing_or_mismatched_codec_is_a_clear_error(audio_config, tmp_path):
     with pytest.raises(CodecMissing, match="recipes/audio_codec.yaml"):
-        init_layer_fresh(Ernie5Model(audio_config("model.audio.init_from_codebooks=true",
-                                                  f"model.audio.codec_dir={tmp_path / 'none'}").model
-                                     ).embed.by_modality["audio"])
+        init_layer_fresh(
+            Ernie5Model(
+                audio_config(
+                    "model.audio.init_from_codebooks=true",
+                    f"model.audio.codec_dir={tmp_path / 'none'}",
+                ).model
+            ).embed.by_modality["audio"]
+        )
     with pytest.raises(UserError, match="does not fit the codec"):
         load_codec(audio_config("model.audio.codebook_size=32").model.audio)
 
@@ -163,13 +198,15 @@ def test_audio_config_is_validated(audio_config):
         audio_config("model.audio.level_loss_weights=[1.0, 0.5]")
     with pytest.raises(C.ConfigError, match="model.audio.level_loss_weights"):
         audio_config("model.audio.level_loss_weights=[0.0, 1.0, 1.0]")
-    assert audio_config("model.audio.level_loss_weights=[1.0, 0.2, 0.1]").model.audio.level_weights() == (
-        1.0, 0.2, 0.1)
+    assert audio_config(
+        "model.audio.level_loss_weights=[1.0, 0.2, 0.1]"
+    ).model.audio.level_weights() == (1.0, 0.2, 0.1)
 
 
 def test_greedy_depthwise_sampling_with_the_cache_matches_a_full_forward(audio_config):
-    """Every greedily sampled frame is what the head picks from a cache-free forward over the prompt and
-    the frames before it (KV cache, audio step inputs and level feedback agree with training's path)."""
+    """Every greedily sampled frame is what the head picks from a cache-free forward over the prompt
+    and the frames before it (KV cache, audio step inputs and level feedback agree with training's
+    path)."""
     cfg = audio_config()
     paddle.seed(0)
     model = Ernie5Model(cfg.model)
@@ -178,14 +215,21 @@ def test_greedy_depthwise_sampling_with_the_cache_matches_a_full_forward(audio_c
     assert codes.shape == (5, 3)
     s = len(prompt) + len(codes)
     types = np.zeros((1, s), np.int64)
-    types[0, len(prompt):] = A.AUDIO_TYPE
+    types[0, len(prompt) :] = A.AUDIO_TYPE
     frames = np.zeros((1, s, 3), np.int64)
-    frames[0, len(prompt):] = codes
+    frames[0, len(prompt) :] = codes
     ids = np.zeros((1, s), np.int64)
-    ids[0, :len(prompt)] = prompt
-    out = model({"input_ids": paddle.to_tensor(ids), "token_types": paddle.to_tensor(types),
-                 "positions": paddle.arange(s).reshape([1, 1, s]).expand([1, 3, s]),
-                 "startend_row_indices": None, "audio_codes": paddle.to_tensor(frames)}, with_mtp=False)
+    ids[0, : len(prompt)] = prompt
+    out = model(
+        {
+            "input_ids": paddle.to_tensor(ids),
+            "token_types": paddle.to_tensor(types),
+            "positions": paddle.arange(s).reshape([1, 1, s]).expand([1, 3, s]),
+            "startend_row_indices": None,
+            "audio_codes": paddle.to_tensor(frames),
+        },
+        with_mtp=False,
+    )
     head = model.heads["audio"]
     rng = np.random.default_rng(0)
     for t in range(len(codes)):
@@ -198,8 +242,9 @@ def test_sampling_stops_at_eoa_and_decodes_to_audio_of_the_right_length(audio_co
     paddle.seed(0)
     model = Ernie5Model(cfg.model)
     codec = AudioCodec.load(codec_dir)
-    speech = A.sample_speech(model, [[1, 5, 6], [1, 8, 6], [1, 5, 6, 9]], max_frames=4, temperature=1.0,
-                             seed=3)
+    speech = A.sample_speech(
+        model, [[1, 5, 6], [1, 8, 6], [1, 5, 6, 9]], max_frames=4, temperature=1.0, seed=3
+    )
     for codes in speech:
         assert codes.shape[1] == 3 and 0 < len(codes) <= 4
         assert codes.min() >= 0 and codes.max() < 16

@@ -9,9 +9,13 @@ from paddle_ernie5.model.view import ElasticView
 
 def _model(backend):
     paddle.seed(0)
-    cfg = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2,
-                      attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8, backend=backend),
-                      moe=MoEConfig(num_experts=6, top_k=2, expert_hidden=16, shared_expert_hidden=8))
+    cfg = ModelConfig(
+        vocab_size=61,
+        hidden_size=32,
+        num_layers=2,
+        attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8, backend=backend),
+        moe=MoEConfig(num_experts=6, top_k=2, expert_hidden=16, shared_expert_hidden=8),
+    )
     model = Ernie5Model(cfg)
     model.eval()
     return model
@@ -25,7 +29,9 @@ def test_cached_decoding_equals_full_recompute():
         cache = KVCache()
         steps = [model(_text_batch(ids[:, :5], 0), with_mtp=False, cache=cache).logits.numpy()]
         for t in range(5, 12):
-            steps.append(model(_text_batch(ids[:, t:t + 1], t), with_mtp=False, cache=cache).logits.numpy())
+            steps.append(
+                model(_text_batch(ids[:, t : t + 1], t), with_mtp=False, cache=cache).logits.numpy()
+            )
         np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-5)
 
 
@@ -35,7 +41,9 @@ def test_greedy_generation_matches_argmax_of_recompute_and_logprobs_are_exact():
     out = generate(model, prompt, 6, temperature=0.0, view=ElasticView(top_k=1))
     seq = prompt
     for t in range(6):
-        logits = model(_text_batch(paddle.to_tensor(seq), 0), ElasticView(top_k=1), with_mtp=False).logits
+        logits = model(
+            _text_batch(paddle.to_tensor(seq), 0), ElasticView(top_k=1), with_mtp=False
+        ).logits
         logp = paddle.nn.functional.log_softmax(logits[:, -1], -1).numpy()
         nxt = logp.argmax(-1)
         np.testing.assert_array_equal(out.tokens[:, t], nxt)

@@ -3,20 +3,24 @@ import paddle
 import pytest
 
 from paddle_ernie5.config import MoEConfig
-from paddle_ernie5.ops.grouping import group_by_expert
 from paddle_ernie5.model.moe import MoE
 from paddle_ernie5.model.router import Router
 from paddle_ernie5.model.view import ElasticView
+from paddle_ernie5.ops.grouping import group_by_expert
 from paddle_ernie5.train.logging import load_balance
 
 
 def _moe(num_experts=8, top_k=2, hidden=32, seed=0, **kw):
     paddle.seed(seed)
-    cfg = MoEConfig(num_experts=num_experts, top_k=top_k, expert_hidden=24, shared_expert_hidden=16, **kw)
+    cfg = MoEConfig(
+        num_experts=num_experts, top_k=top_k, expert_hidden=24, shared_expert_hidden=16, **kw
+    )
     return MoE(hidden, cfg, init_std=0.1)
 
 
-@pytest.mark.parametrize("num_experts,top_k,tokens", [(8, 2, 37), (16, 4, 64), (4, 1, 5), (8, 8, 19)])
+@pytest.mark.parametrize(
+    "num_experts,top_k,tokens", [(8, 2, 37), (16, 4, 64), (4, 1, 5), (8, 8, 19)]
+)
 def test_grouped_experts_match_naive_loop_forward_and_backward(num_experts, top_k, tokens):
     moe = _moe(num_experts, top_k)
     x = paddle.randn([1, tokens, 32])
@@ -37,7 +41,9 @@ def test_elastic_view_grouped_matches_naive_and_respects_subset():
     x = paddle.randn([2, 9, 32])
     view = ElasticView(experts=(1, 3, 4, 6), top_k=2)
     y, stats = moe(x, view)
-    np.testing.assert_allclose(y.numpy(), moe.forward_reference(x, view).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        y.numpy(), moe.forward_reference(x, view).numpy(), rtol=1e-5, atol=1e-6
+    )
     load = stats.load_E.numpy()
     assert load.sum() == 2 * 18
     assert load[[0, 2, 5, 7]].sum() == 0
@@ -58,8 +64,9 @@ def test_selection_bias_changes_choice_but_never_combine_weights():
     assert not np.array_equal(ids, before.topk_ids_TK.numpy())
     scores = paddle.nn.functional.softmax(paddle.matmul(x, router.weight), axis=-1).numpy()
     picked = np.take_along_axis(scores, ids, axis=1)
-    np.testing.assert_allclose(after.topk_weights_TK.numpy(), picked / picked.sum(1, keepdims=True),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        after.topk_weights_TK.numpy(), picked / picked.sum(1, keepdims=True), rtol=1e-6
+    )
 
 
 def test_aux_free_bias_balances_a_skewed_router():
@@ -99,8 +106,8 @@ def test_group_by_expert_is_a_permutation_and_capacity_drops_overflow():
     np.testing.assert_array_equal(source[slot], np.arange(120) // 3)
     slot_c, _, counts_c, cap_c = group_by_expert(ids, 6, capacity_factor=1.0)
     assert cap_c == 20
-    assert (counts_c <= 20).all() and (slot_c == 6 * 20).sum() == np.maximum(
-        np.bincount(ids.ravel(), minlength=6) - 20, 0).sum()
+    overflow = np.maximum(np.bincount(ids.ravel(), minlength=6) - 20, 0).sum()
+    assert (counts_c <= 20).all() and (slot_c == 6 * 20).sum() == overflow
 
 
 def test_capacity_factor_drops_contribute_zero():

@@ -3,10 +3,14 @@
 import numpy as np
 import paddle
 
+
 def random_qkv(b, sq, sk, h, hk, d, seed=0, dtype="float32"):
     rng = np.random.default_rng(seed)
-    arrays = (rng.standard_normal((b, sq, h, d)), rng.standard_normal((b, sk, hk, d)),
-              rng.standard_normal((b, sk, hk, d)))
+    arrays = (
+        rng.standard_normal((b, sq, h, d)),
+        rng.standard_normal((b, sk, hk, d)),
+        rng.standard_normal((b, sk, hk, d)),
+    )
     return [paddle.to_tensor(a.astype(np.float32)).astype(dtype) for a in arrays]
 
 
@@ -16,7 +20,9 @@ def attention_and_grads(fn, q, k, v, idx, causal, seed=1, **kwargs):
     for t in (q, k, v):
         t.stop_gradient = False
     out, lse = fn(q, k, v, idx, causal=causal, return_softmax_lse=True, **kwargs)
-    dout = paddle.to_tensor(np.random.default_rng(seed).standard_normal(out.shape).astype(np.float32))
+    dout = paddle.to_tensor(
+        np.random.default_rng(seed).standard_normal(out.shape).astype(np.float32)
+    )
     grads = paddle.grad([out], [q, k, v], grad_outputs=[dout])
     return [out.numpy(), lse.numpy(), *[g.numpy() for g in grads]]
 
@@ -24,8 +30,15 @@ def attention_and_grads(fn, q, k, v, idx, causal, seed=1, **kwargs):
 def assert_matches_reference(q, k, v, idx, causal, atol=1e-4, **kwargs):
     from paddle_ernie5.ops.flashmask import flashmask_attention, flashmask_attention_reference
 
-    got = attention_and_grads(lambda *a, **kw: flashmask_attention(*a, backend="cpu", **kw),
-                              q, k, v, idx, causal, **kwargs)
+    got = attention_and_grads(
+        lambda *a, **kw: flashmask_attention(*a, backend="cpu", **kw),
+        q,
+        k,
+        v,
+        idx,
+        causal,
+        **kwargs,
+    )
     want = attention_and_grads(flashmask_attention_reference, q, k, v, idx, causal, **kwargs)
     names = ("out", "lse", "dq", "dk", "dv")
     for name, g, w in zip(names, got, want):

@@ -35,9 +35,11 @@ def test_missing_build_names_the_build_command(tmp_path, monkeypatch):
 
 
 def test_importing_the_package_does_not_load_the_op():
-    code = ("import paddle_ernie5, paddle_ernie5.ops, paddle_ernie5.model.attention\n"
-            "from paddle_ernie5.ops import flashmask\n"
-            "print('loaded', flashmask._cpu_op.cache_info().currsize)")
+    code = (
+        "import paddle_ernie5, paddle_ernie5.ops, paddle_ernie5.model.attention\n"
+        "from paddle_ernie5.ops import flashmask\n"
+        "print('loaded', flashmask._cpu_op.cache_info().currsize)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "loaded 0" in done.stdout

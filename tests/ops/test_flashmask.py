@@ -6,8 +6,11 @@ import pytest
 from flashmask_helpers import assert_matches_reference, attention_and_grads, random_qkv
 
 from paddle_ernie5.ops import masks
-from paddle_ernie5.ops.flashmask import (flashmask_attention, flashmask_attention_reference,
-                                         resolve_backend)
+from paddle_ernie5.ops.flashmask import (
+    flashmask_attention,
+    flashmask_attention_reference,
+    resolve_backend,
+)
 
 pytestmark = pytest.mark.usefixtures("cpu_op")
 
@@ -66,7 +69,9 @@ SHAPES = [  # b, sq, sk, h, hk, d, mask heads, c, causal
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}_q{}_k{}_h{}_hk{}_d{}_m{}_c{}_{}".format(*s))
+@pytest.mark.parametrize(
+    "shape", SHAPES, ids=lambda s: "b{}_q{}_k{}_h{}_hk{}_d{}_m{}_c{}_{}".format(*s)
+)
 def test_random_shapes_and_indices_match_reference(shape):
     b, sq, sk, h, hk, d, hm, c, causal = shape
     rng = np.random.default_rng(sq * 1000 + sk)
@@ -116,8 +121,10 @@ def test_backward_through_autograd_equals_reference():
     q, k, v = random_qkv(1, 120, 120, 4, 2, 32)
     idx = indices(masks.share_question(40, [40, 40]))
     grads = {}
-    for label, fn in (("cpu", lambda *a, **kw: flashmask_attention(*a, backend="cpu", **kw)),
-                      ("ref", flashmask_attention_reference)):
+    for label, fn in (
+        ("cpu", lambda *a, **kw: flashmask_attention(*a, backend="cpu", **kw)),
+        ("ref", flashmask_attention_reference),
+    ):
         leaves = [paddle.to_tensor(t.numpy(), stop_gradient=False) for t in (q, k, v)]
         out = fn(*leaves, idx, causal=True)
         (out.square().sum() + out.mean()).backward()
@@ -132,8 +139,10 @@ def test_gradient_through_lse_matches_reference(use_out):
     idx = indices(masks.causal_document([40, 60]))
     w = paddle.to_tensor(np.random.default_rng(5).standard_normal((1, 2, 100)).astype(np.float32))
     grads = {}
-    for label, fn in (("cpu", lambda *a, **kw: flashmask_attention(*a, backend="cpu", **kw)),
-                      ("ref", flashmask_attention_reference)):
+    for label, fn in (
+        ("cpu", lambda *a, **kw: flashmask_attention(*a, backend="cpu", **kw)),
+        ("ref", flashmask_attention_reference),
+    ):
         leaves = [paddle.to_tensor(t.numpy(), stop_gradient=False) for t in (q, k, v)]
         out, lse = fn(*leaves, idx, causal=True, return_softmax_lse=True)
         loss = (lse * w).sum() + (out.square().sum() if use_out else 0.0)
@@ -147,7 +156,10 @@ def test_gradient_through_lse_matches_reference(use_out):
 def test_backward_is_deterministic_across_runs_and_thread_counts(monkeypatch):
     q, k, v = random_qkv(1, 300, 300, 4, 1, 32)
     idx = indices(masks.causal_document([90, 110, 100]))
-    cpu = lambda *a, **kw: flashmask_attention(*a, backend="cpu", **kw)
+
+    def cpu(*a, **kw):
+        return flashmask_attention(*a, backend="cpu", **kw)
+
     runs = []
     for threads in ("1", "2", "2"):
         monkeypatch.setenv("OMP_NUM_THREADS", threads)
@@ -164,7 +176,9 @@ def test_half_inputs_are_computed_in_float32(dtype):
     idx = indices(masks.causal(80))
     out = flashmask_attention(q, k, v, idx, causal=True, backend="cpu")
     assert out.dtype == q.dtype
-    want = flashmask_attention_reference(*(t.astype("float32") for t in (q, k, v)), idx, causal=True)
+    want = flashmask_attention_reference(
+        *(t.astype("float32") for t in (q, k, v)), idx, causal=True
+    )
     assert np.abs(out.astype("float32").numpy() - want.numpy()).max() < 2e-2
 
 
@@ -175,8 +189,9 @@ def test_window_size_matches_reference(causal, window):
     want = flashmask_attention_reference(q, k, v, causal=causal, window_size=window)
     assert np.abs(got.numpy() - want.numpy()).max() <= 1e-4
     if causal:
-        built = flashmask_attention(q, k, v, indices(masks.sliding_window(100, window), 2),
-                                    causal=True, backend="cpu")
+        built = flashmask_attention(
+            q, k, v, indices(masks.sliding_window(100, window), 2), causal=True, backend="cpu"
+        )
         np.testing.assert_array_equal(got.numpy(), built.numpy())
 
 
@@ -210,18 +225,33 @@ INVALID = [
     (dict(query=paddle.zeros([1, 20, 4, 16], dtype="float64")), TypeError, "float32"),
     (dict(key=paddle.zeros([1, 20, 2, 16], dtype="int32")), TypeError, "float32"),
     (dict(startend_row_indices=paddle.full([1, 1, 20, 1], 20, dtype="int64")), TypeError, "int32"),
-    (dict(startend_row_indices=paddle.full([1, 1, 20, 4], 20, dtype="int32")), ValueError,
-     "last dim"),
-    (dict(startend_row_indices=paddle.full([1, 1, 20, 1], 20, dtype="int32"), causal=False),
-     ValueError, "last dim"),
-    (dict(startend_row_indices=paddle.full([1, 1, 20, 1], 21, dtype="int32")), ValueError,
-     r"\[0, Sq=20\]"),
-    (dict(startend_row_indices=paddle.full([1, 1, 20, 1], -1, dtype="int32")), ValueError,
-     r"\[0, Sq=20\]"),
+    (
+        dict(startend_row_indices=paddle.full([1, 1, 20, 4], 20, dtype="int32")),
+        ValueError,
+        "last dim",
+    ),
+    (
+        dict(startend_row_indices=paddle.full([1, 1, 20, 1], 20, dtype="int32"), causal=False),
+        ValueError,
+        "last dim",
+    ),
+    (
+        dict(startend_row_indices=paddle.full([1, 1, 20, 1], 21, dtype="int32")),
+        ValueError,
+        r"\[0, Sq=20\]",
+    ),
+    (
+        dict(startend_row_indices=paddle.full([1, 1, 20, 1], -1, dtype="int32")),
+        ValueError,
+        r"\[0, Sq=20\]",
+    ),
     (dict(startend_row_indices=paddle.full([1, 1, 19, 1], 20, dtype="int32")), ValueError, "Sk=20"),
     (dict(startend_row_indices=paddle.full([1, 3, 20, 1], 20, dtype="int32")), ValueError, "Sk=20"),
-    (dict(key=paddle.zeros([1, 20, 3, 16]), value=paddle.zeros([1, 20, 3, 16])), ValueError,
-     "multiple"),
+    (
+        dict(key=paddle.zeros([1, 20, 3, 16]), value=paddle.zeros([1, 20, 3, 16])),
+        ValueError,
+        "multiple",
+    ),
     (dict(value=paddle.zeros([1, 21, 2, 16])), ValueError, "differ"),
     (dict(query=paddle.zeros([1, 20, 4, 8])), ValueError, "head dim"),
     (dict(query=paddle.zeros([20, 4, 16])), ValueError, "4-D"),

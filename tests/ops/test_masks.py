@@ -26,32 +26,55 @@ CASES = {
     "full": (lambda: masks.full(9), lambda i, j: True),
     "causal": (lambda: masks.causal(9), lambda i, j: j <= i),
     "sliding_window": (lambda: masks.sliding_window(11, 3), lambda i, j: i - 3 <= j <= i),
-    "causal_document": (lambda: masks.causal_document([3, 4, 2], 11),
-                        lambda i, j: (s := segment_ids([3, 4, 2], 11))[i] == s[j] >= 0 and j <= i),
-    "document": (lambda: masks.document([3, 4, 2], 11),
-                 lambda i, j: (s := segment_ids([3, 4, 2], 11))[i] == s[j] >= 0),
-    "share_question": (lambda: masks.share_question(3, [2, 4], 11),
-                       lambda i, j: j <= i < 9 and (j < 3 or segment_ids([3, 2, 4], 11)[i]
-                                                    == segment_ids([3, 2, 4], 11)[j])),
-    "global_sliding_window": (lambda: masks.global_sliding_window(12, 2, 2),
-                              lambda i, j: i < 2 or j < 2 or abs(i - j) <= 2),
-    "causal_blockwise": (lambda: masks.causal_blockwise([3, 2, 4], 9),
-                         lambda i, j: j <= i and (segment_ids([3, 2, 4], 9)[i] == 2
-                                                  or segment_ids([3, 2, 4], 9)[i]
-                                                  == segment_ids([3, 2, 4], 9)[j])),
+    "causal_document": (
+        lambda: masks.causal_document([3, 4, 2], 11),
+        lambda i, j: (s := segment_ids([3, 4, 2], 11))[i] == s[j] >= 0 and j <= i,
+    ),
+    "document": (
+        lambda: masks.document([3, 4, 2], 11),
+        lambda i, j: (s := segment_ids([3, 4, 2], 11))[i] == s[j] >= 0,
+    ),
+    "share_question": (
+        lambda: masks.share_question(3, [2, 4], 11),
+        lambda i, j: (
+            j <= i < 9 and (j < 3 or segment_ids([3, 2, 4], 11)[i] == segment_ids([3, 2, 4], 11)[j])
+        ),
+    ),
+    "global_sliding_window": (
+        lambda: masks.global_sliding_window(12, 2, 2),
+        lambda i, j: i < 2 or j < 2 or abs(i - j) <= 2,
+    ),
+    "causal_blockwise": (
+        lambda: masks.causal_blockwise([3, 2, 4], 9),
+        lambda i, j: (
+            j <= i
+            and (
+                segment_ids([3, 2, 4], 9)[i] == 2
+                or segment_ids([3, 2, 4], 9)[i] == segment_ids([3, 2, 4], 9)[j]
+            )
+        ),
+    ),
     "prefix_lm_causal": (lambda: masks.prefix_lm_causal(10, 4), lambda i, j: j < 4 or j <= i),
-    "prefix_lm_document": (lambda: masks.prefix_lm_document([5, 4], [2, 0], 11),
-                           lambda i, j: (s := segment_ids([5, 4], 11))[i] == s[j] >= 0
-                           and (j <= i or j < starts_of([5, 4])[s[j]] + [2, 0][s[j]])),
-    "qk_sparse": (lambda: masks.qk_sparse(10, (4, 6), (1, 3)),
-                  lambda i, j: j <= i and not 4 <= i < 6 and not 1 <= j < 3),
-    "scale_block_causal": (lambda: masks.scale_block_causal([1, 2, 4], 9),
-                           lambda i, j: i < 7 and (s := segment_ids([1, 2, 4], 9))[j] <= s[i]
-                           and s[j] >= 0),
-    "frame_causal": (lambda: masks.frame_causal(4, 3, 1, 13),
-                     lambda i, j: i < 12 and j < 12 and 0 <= i // 3 - j // 3 <= 1),
-    "frame_causal_unbounded": (lambda: masks.frame_causal(3, 2),
-                               lambda i, j: j // 2 <= i // 2),
+    "prefix_lm_document": (
+        lambda: masks.prefix_lm_document([5, 4], [2, 0], 11),
+        lambda i, j: (
+            (s := segment_ids([5, 4], 11))[i] == s[j] >= 0
+            and (j <= i or j < starts_of([5, 4])[s[j]] + [2, 0][s[j]])
+        ),
+    ),
+    "qk_sparse": (
+        lambda: masks.qk_sparse(10, (4, 6), (1, 3)),
+        lambda i, j: j <= i and not 4 <= i < 6 and not 1 <= j < 3,
+    ),
+    "scale_block_causal": (
+        lambda: masks.scale_block_causal([1, 2, 4], 9),
+        lambda i, j: i < 7 and (s := segment_ids([1, 2, 4], 9))[j] <= s[i] and s[j] >= 0,
+    ),
+    "frame_causal": (
+        lambda: masks.frame_causal(4, 3, 1, 13),
+        lambda i, j: i < 12 and j < 12 and 0 <= i // 3 - j // 3 <= 1,
+    ),
+    "frame_causal_unbounded": (lambda: masks.frame_causal(3, 2), lambda i, j: j // 2 <= i // 2),
 }
 
 

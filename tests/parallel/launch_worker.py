@@ -1,6 +1,6 @@
 """One rank of the 2-process parity checks, run by tests/parallel/test_launch.py under
-`python -m paddle.distributed.launch --nproc_per_node 2`. Every check compares the parallel run with a
-single-process run of the same recipe, seed and global batch computed in the same process.
+`python -m paddle.distributed.launch --nproc_per_node 2`. Every check compares the parallel run
+with a single-process run of the same recipe, seed and global batch computed in the same process.
 Writes <out>/rank<r>.json: {check name: largest absolute difference, or a list of them}.
 
 Usage: launch_worker.py <data cache dir> <out dir>
@@ -15,10 +15,10 @@ import paddle
 import paddle.distributed as dist
 
 from paddle_ernie5.config import load_config
+from paddle_ernie5.model.inputs import to_model_batch
+from paddle_ernie5.model.losses import compute_loss
 from paddle_ernie5.parallel import comm, expert, topology
 from paddle_ernie5.parallel.runtime import Distributed
-from paddle_ernie5.model.losses import compute_loss
-from paddle_ernie5.model.inputs import to_model_batch
 from paddle_ernie5.train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,14 +28,25 @@ STEPS = 5
 
 
 def config(name, *overrides):
-    return load_config(os.path.join(ROOT, "recipes", "debug.yaml"), [
-        f"data.cache_dir={CACHE}", f"train.run_dir={OUT}/{name}", "train.visualdl=false",
-        # lr: Adam divides each gradient element by its own magnitude, so float32 rounding in
-        # near-zero gradients (~3e-8 absolute, checked below) moves a parameter by up to a few % of
-        # lr per step; at lr=1e-4 five steps stay well inside 1e-5 while parameters move ~5e-4.
-        "model.attention.backend=reference", "train.max_steps=20", "train.warmup_steps=1",
-        "train.lr=0.0001", "train.min_lr=0.00001",
-        "model.moe.bias_update_rate=0.01", *overrides])
+    return load_config(
+        os.path.join(ROOT, "recipes", "debug.yaml"),
+        [
+            f"data.cache_dir={CACHE}",
+            f"train.run_dir={OUT}/{name}",
+            "train.visualdl=false",
+            "model.attention.backend=reference",
+            "train.max_steps=20",
+            "train.warmup_steps=1",
+            # lr: Adam divides each gradient element by its own magnitude, so float32 rounding in
+            # near-zero gradients (~3e-8 absolute, checked by the tests) moves a parameter by up to
+            # a few % of lr per step; at lr=1e-4 five steps stay well inside 1e-5 while parameters
+            # move ~5e-4.
+            "train.lr=0.0001",
+            "train.min_lr=0.00001",
+            "model.moe.bias_update_rate=0.01",
+            *overrides,
+        ],
+    )
 
 
 def quiet(*_):
@@ -47,11 +58,17 @@ def diff(a, b) -> float:
 
 
 def param_diff(par: Trainer, ref: Trainer, runtime) -> float:
-    """Largest difference between the parallel model's parameters/buffers and the reference's rows."""
+    """Largest difference between the parallel model's parameters/buffers and the reference's
+    rows."""
     ref_state = {k: v.numpy() for k, v in ref.model.state_dict().items()}
     if getattr(runtime, "ep", 1) > 1:
-        ref_state = expert.slice_expert_rows(ref_state, runtime.expert_names, runtime.ep_rank,
-                                             runtime.ep, ref.cfg.model.moe.num_experts)
+        ref_state = expert.slice_expert_rows(
+            ref_state,
+            runtime.expert_names,
+            runtime.ep_rank,
+            runtime.ep,
+            ref.cfg.model.moe.num_experts,
+        )
     return max(diff(v.numpy(), ref_state[k]) for k, v in par.model.state_dict().items())
 
 
@@ -65,17 +82,25 @@ def forward_backward(par: Trainer, ref: Trainer, runtime) -> dict:
     parts_ref.total.backward()
     batch = to_model_batch(runtime.shard_batch(np_batch))
     out = par.model(batch)
-    loss, values = runtime.objective(compute_loss(out, batch["labels"], par.cfg.model), batch["labels"],
-                                     par.cfg.model)
+    loss, values = runtime.objective(
+        compute_loss(out, batch["labels"], par.cfg.model), batch["labels"], par.cfg.model
+    )
     loss.backward()
     runtime.reduce_gradients(par.model)
     ref_grads = {n: p.grad.numpy() for n, p in ref.model.named_parameters()}
     if runtime.ep > 1:
-        ref_grads = expert.slice_expert_rows(ref_grads, runtime.expert_names, runtime.ep_rank, runtime.ep,
-                                             ref.cfg.model.moe.num_experts)
-    result = {"logits": diff(out.logits.numpy(), out_ref.logits.numpy()[mine]),
-              "loss": diff(values["loss"], float(parts_ref.total)),
-              "grads": max(diff(p.grad.numpy(), ref_grads[n]) for n, p in par.model.named_parameters())}
+        ref_grads = expert.slice_expert_rows(
+            ref_grads,
+            runtime.expert_names,
+            runtime.ep_rank,
+            runtime.ep,
+            ref.cfg.model.moe.num_experts,
+        )
+    result = {
+        "logits": diff(out.logits.numpy(), out_ref.logits.numpy()[mine]),
+        "loss": diff(values["loss"], float(parts_ref.total)),
+        "grads": max(diff(p.grad.numpy(), ref_grads[n]) for n, p in par.model.named_parameters()),
+    }
     for p in [*ref.model.parameters(), *par.model.parameters()]:
         p.clear_gradient(False)
     for t in (ref, par):
@@ -88,8 +113,12 @@ def train_both(par: Trainer, ref: Trainer, runtime) -> dict:
     before = {n: p.numpy() for n, p in ref.model.named_parameters()}
     for _ in range(STEPS):
         m_par, m_ref = par.train_step(), ref.train_step()
-        losses.append(diff([m_par[k] for k in ("loss", "train/grad_norm")],
-                           [m_ref[k] for k in ("loss", "train/grad_norm")]))
+        losses.append(
+            diff(
+                [m_par[k] for k in ("loss", "train/grad_norm")],
+                [m_ref[k] for k in ("loss", "train/grad_norm")],
+            )
+        )
     moved = max(diff(p.numpy(), before[n]) for n, p in ref.model.named_parameters())
     return {"losses": losses, "params": param_diff(par, ref, runtime), "moved": moved}
 
@@ -116,24 +145,30 @@ def main():
     results["ep_start_params"] = param_diff(par, ref, runtime)
     results["ep_forward_backward"] = forward_backward(par, ref, runtime)
     allgather = par.model.moe_layers()[0][1].dispatcher
-    a2a = expert.AllToAllDispatcher(runtime.group("ep"), runtime.ep_rank, 2,
-                                    exchange=comm.all_gather_all_to_all)
+    a2a = expert.AllToAllDispatcher(
+        runtime.group("ep"), runtime.ep_rank, 2, exchange=comm.all_gather_all_to_all
+    )
     for _, moe in par.model.moe_layers():
         moe.dispatcher = a2a
     results["ep_alltoall_forward_backward"] = forward_backward(par, ref, runtime)
     for _, moe in par.model.moe_layers():
         moe.dispatcher = allgather
     results["ep_train"] = train_both(par, ref, runtime)
-    results["ep_bias"] = max(diff(a.router.selection_bias.numpy(), b.router.selection_bias.numpy())
-                             for (_, a), (_, b) in zip(par.model.moe_layers(), ref.model.moe_layers()))
+    results["ep_bias"] = max(
+        diff(a.router.selection_bias.numpy(), b.router.selection_bias.numpy())
+        for (_, a), (_, b) in zip(par.model.moe_layers(), ref.model.moe_layers())
+    )
     par.save()  # full experts, written by rank 0
     single = Trainer(cfg_ep, log=quiet)  # one process reading the EP=2 checkpoint
     assert single.try_resume()
     results["ep_ckpt_to_single_logits"] = diff(eval_logits(single), eval_logits(par))
     ref.save()
     dist.barrier()
-    back = Trainer(config(f"ep_ref{RANK}", "parallel.ep=2", "parallel.dispatcher=allgather"), log=quiet,
-                   parallel=Distributed(cfg_ep, RANK, groups, cuda=False))
+    back = Trainer(
+        config(f"ep_ref{RANK}", "parallel.ep=2", "parallel.dispatcher=allgather"),
+        log=quiet,
+        parallel=Distributed(cfg_ep, RANK, groups, cuda=False),
+    )
     assert back.try_resume()
     results["single_ckpt_to_ep_logits"] = diff(eval_logits(back), eval_logits(ref))
     results["single_ckpt_to_ep_step"] = back.step
@@ -141,8 +176,9 @@ def main():
     # Data parallel and optimizer-state sharding: parameters after 5 steps.
     for name, overrides in (("dp", ["parallel.dp=2"]), ("sharding", ["parallel.sharding=2"])):
         cfg = config(name, *overrides)
-        runtime = Distributed(cfg, RANK, topology.init_groups(cfg.parallel, RANK, fleet_init=False),
-                              cuda=False)
+        runtime = Distributed(
+            cfg, RANK, topology.init_groups(cfg.parallel, RANK, fleet_init=False), cuda=False
+        )
         par = Trainer(cfg, log=quiet, parallel=runtime)
         ref = Trainer(config(f"{name}_ref{RANK}"), log=quiet)
         results[f"{name}_forward_backward"] = forward_backward(par, ref, runtime)

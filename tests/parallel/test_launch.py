@@ -1,8 +1,8 @@
 """Two processes on CPU (gloo) under paddle.distributed.launch: parity with one process.
 
-All checks run in ONE launch (launch_worker.py; starting processes is the slow part); each test below
-reads its numbers. The worker trains the single-process reference in the same process, so both sides
-see the same seed and the same global batches."""
+All checks run in ONE launch (launch_worker.py; starting processes is the slow part); each test
+below reads its numbers. The worker trains the single-process reference in the same process, so
+both sides see the same seed and the same global batches."""
 
 import glob
 import json
@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from support import ROOT
 
 TOL = 1e-5
@@ -22,20 +21,33 @@ def results(tmp_path_factory, data_cache):
     out = tmp_path_factory.mktemp("launch")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PADDLE_TRAINERS_NUM", None)
-    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
-           "--log_dir", str(out / "log"), os.path.join(ROOT, "tests", "parallel", "launch_worker.py"),
-           data_cache, str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "paddle.distributed.launch",
+        "--nproc_per_node",
+        "2",
+        "--log_dir",
+        str(out / "log"),
+        os.path.join(ROOT, "tests", "parallel", "launch_worker.py"),
+        data_cache,
+        str(out),
+    ]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
         failed = proc.returncode != 0
     except subprocess.TimeoutExpired:
         proc, failed = None, True
     if failed or not os.path.exists(out / "rank1.json"):
-        logs = "".join(f"\n--- {p}\n" + open(p, errors="replace").read()[-4000:]
-                       for p in sorted(glob.glob(str(out / "log" / "*"))))
+        logs = "".join(
+            f"\n--- {p}\n" + open(p, errors="replace").read()[-4000:]
+            for p in sorted(glob.glob(str(out / "log" / "*")))
+        )
         launcher = "" if proc is None else proc.stdout[-2000:] + proc.stderr[-2000:]
-        pytest.fail(f"2-process launch failed (rc={None if proc is None else proc.returncode})"
-                    f"{launcher}{logs}")
+        pytest.fail(
+            f"2-process launch failed (rc={None if proc is None else proc.returncode})"
+            f"{launcher}{logs}"
+        )
     return [json.load(open(out / f"rank{r}.json")) for r in (0, 1)]
 
 
@@ -51,7 +63,8 @@ def test_ep2_starts_from_the_same_weights_and_matches_forward_backward(results):
 def test_ep2_five_training_steps_match_one_process(results):
     for r in results:
         train = r["ep_train"]
-        assert len(train["losses"]) == 5 and max(train["losses"]) < TOL  # loss and grad norm per step
+        # train["losses"]: the loss and grad-norm difference per step
+        assert len(train["losses"]) == 5 and max(train["losses"]) < TOL
         assert train["params"] < TOL < train["moved"]
         assert r["ep_bias"] == 0.0  # loads reduced over ranks: identical aux-free bias updates
 

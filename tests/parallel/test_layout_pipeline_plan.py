@@ -5,16 +5,15 @@ import itertools
 import os
 
 import pytest
+from support import RECIPES
 
 from paddle_ernie5 import cli
 from paddle_ernie5 import config as C
 from paddle_ernie5.model.params import count_params
 from paddle_ernie5.parallel import expert
-from paddle_ernie5.parallel.stages import layer_costs, partition, plan_stages
 from paddle_ernie5.parallel.planner import make_plan
+from paddle_ernie5.parallel.stages import layer_costs, partition, plan_stages
 from paddle_ernie5.parallel.topology import Layout, check_degrees
-
-from support import RECIPES
 
 LARGE = os.path.join(RECIPES, "ernie5_large.yaml")
 
@@ -28,7 +27,9 @@ def test_layout_groups_for_dp2_ep2():
 
 
 def test_degree_checks_fail_before_any_work():
-    with pytest.raises(C.ConfigError, match=r"= 4 is invalid: allowed a product equal to the number"):
+    with pytest.raises(
+        C.ConfigError, match=r"= 4 is invalid: allowed a product equal to the number"
+    ):
         check_degrees(C.ParallelConfig(dp=2, ep=2), 2, 8, cuda=False)
     with pytest.raises(C.ConfigError, match="parallel.mp=2 is invalid on a CPU build"):
         check_degrees(C.ParallelConfig(mp=2), 2, 8, cuda=False)
@@ -42,7 +43,9 @@ def test_degree_checks_fail_before_any_work():
 def test_config_rejects_bad_parallel_values(debug_config):
     with pytest.raises(C.ConfigError, match="parallel.order=.*ep directly after dp"):
         debug_config("parallel.order=[dp, pp, sharding, ep, mp]")
-    with pytest.raises(C.ConfigError, match="train.batch_size=4 is invalid: allowed a multiple of .* = 8"):
+    with pytest.raises(
+        C.ConfigError, match="train.batch_size=4 is invalid: allowed a multiple of .* = 8"
+    ):
         debug_config("parallel.dp=8")
     with pytest.raises(C.ConfigError, match="parallel.pp_chunks=2 is invalid"):
         debug_config("parallel.pp_chunks=2")
@@ -62,8 +65,10 @@ def test_partition_is_contiguous_and_minimises_the_largest_stage():
             bounds = partition(costs, parts)
             assert bounds[0] == 0 and bounds[-1] == len(costs) and len(bounds) == parts + 1
             assert all(a < b for a, b in zip(bounds, bounds[1:]))
-            best = min(max(sum(costs[a:b]) for a, b in zip((0, *cut), (*cut, len(costs))))
-                       for cut in itertools.combinations(range(1, len(costs)), parts - 1))
+            best = min(
+                max(sum(costs[a:b]) for a, b in zip((0, *cut), (*cut, len(costs))))
+                for cut in itertools.combinations(range(1, len(costs)), parts - 1)
+            )
             assert max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])) == best
 
 
@@ -104,7 +109,13 @@ def test_plan_numbers_scale_with_the_degrees():
 def test_cli_plan_prints_a_table(capsys):
     assert cli.main(["plan", LARGE, "parallel.ep=64"]) == 0
     out = capsys.readouterr().out
-    for row in ("parameters, total", "activated per token", "tokens per step", "optimizer",
-                "activations, full recompute", "total / device, no recompute"):
+    for row in (
+        "parameters, total",
+        "activated per token",
+        "tokens per step",
+        "optimizer",
+        "activations, full recompute",
+        "total / device, no recompute",
+    ):
         assert row in out
     assert cli.main(["plan", LARGE, "parallel.ep=3"]) == cli.USAGE_ERROR
