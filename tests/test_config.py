@@ -332,3 +332,16 @@ def test_cli_config_and_plan_on_a_component_recipe(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("ernie5: config error: recipe") and "speech_judge" in proc.stderr
+
+
+def test_deprecated_rl_tasks_key_becomes_rl_families(tmp_path, capsys):
+    base = os.path.join(RECIPES, "rl_tiny.yaml")
+    (tmp_path / "old.yaml").write_text(f"base: {base}\nrl:\n  tasks: [counting]\n")
+    cfg = C.load_config(str(tmp_path / "old.yaml"))
+    assert cfg.rl.families == ("counting",)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "recipe key 'rl.tasks' is deprecated; use 'rl.families'" in err[0]
+    cfg = C.load_config(base, ["rl.tasks=[arithmetic]"])
+    assert cfg.rl.families == ("arithmetic",) and "rl.tasks=[arithmetic]" in capsys.readouterr().err
+    with pytest.raises(C.ConfigError, match="sets both 'rl.tasks' and 'rl.families'"):
+        C.load_config(base, ["rl.tasks=[arithmetic]", "rl.families=[counting]"])

@@ -111,19 +111,30 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
-def _rename_task(data: dict, where: str) -> None:
-    """The deprecated top-level key `task` becomes `component`, in place, with a warning."""
-    if "task" not in data:
-        return
-    if "component" in data:
-        raise ConfigError(
-            f"{where} sets both 'task' and 'component'; keep only 'component' "
-            "('task' is its deprecated name)"
-        )
-    print(f"ernie5: recipe key 'task' is deprecated; use 'component' ({where})", file=sys.stderr)
-    renamed = {("component" if k == "task" else k): v for k, v in data.items()}
-    data.clear()
-    data.update(renamed)
+# Deprecated recipe keys (kept for one release): old dotted path -> new dotted path.
+DEPRECATED_KEYS = {"task": "component", "rl.tasks": "rl.families"}
+
+
+def _rename_deprecated(data: dict, where: str) -> None:
+    """Every deprecated key in `data` (nested by section) takes its new name, in place, with a
+    one-line warning; setting both names is an error."""
+    for old, new in DEPRECATED_KEYS.items():
+        *sections, old_key = old.split(".")
+        new_key = new.split(".")[-1]
+        node = data
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or old_key not in node:
+            continue
+        if new_key in node:
+            raise ConfigError(
+                f"{where} sets both {old!r} and {new!r}; keep only {new!r} "
+                f"({old!r} is its deprecated name)"
+            )
+        print(f"ernie5: recipe key {old!r} is deprecated; use {new!r} ({where})", file=sys.stderr)
+        renamed = {(new_key if k == old_key else k): v for k, v in node.items()}
+        node.clear()
+        node.update(renamed)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -173,7 +184,7 @@ def load_recipe_dict(path: str, _seen: tuple[str, ...] = ()) -> dict:
     if path in _seen:
         raise ConfigError(f"recipe {path!r} inherits from itself through base:")
     data = _read_yaml(path)
-    _rename_task(data, os.path.relpath(path))
+    _rename_deprecated(data, os.path.relpath(path))
     base = data.pop("base", None)
     if base is None:
         return data
@@ -228,7 +239,10 @@ def load_config(path: str, overrides: list[str] | None = None) -> Config | Compo
     """Resolve a recipe plus dotted overrides into a validated, frozen recipe: a `Config` for
     the backbone components, a `ComponentConfig` for the separately trained ones."""
     over = parse_overrides(overrides or [])
-    _rename_task(over, "override " + ", ".join(o for o in overrides or [] if o.startswith("task=")))
+    olds = tuple(f"{old}=" for old in DEPRECATED_KEYS)
+    _rename_deprecated(
+        over, "override " + ", ".join(o for o in overrides or [] if o.startswith(olds))
+    )
     data = _layer(load_recipe_dict(path), over)
     data.setdefault("name", os.path.splitext(os.path.basename(path))[0])
     component = data.get("component", DEFAULT_COMPONENT)

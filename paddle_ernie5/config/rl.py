@@ -9,17 +9,18 @@ from ._check import _check
 
 @dataclass(frozen=True, kw_only=True)
 class RLConfig:
-    """RL post-training on verifiable tasks (rl/): GSPO + token-level IcePop (MISC), WPSM, AHRL
-    hints, unbiased replay buffer (U-RB) and rollout router replay. ERNIE5.md names the techniques
-    but not their constants; where a value is not disclosed the default is our choice and says so.
+    """RL post-training on verifiable problem families (rl/): GSPO + token-level IcePop (MISC),
+    WPSM, AHRL hints, unbiased replay buffer (U-RB) and rollout router replay. ERNIE5.md names the
+    techniques but not their constants; where a value is not disclosed the default is our choice
+    and says so.
 
-    `component: sft` reads the task list and problem pools from this section too (the supervised
+    `component: sft` reads the family list and problem pools from this section too (the supervised
     stage)."""
 
-    # verifier task names (rl/verifiers.py, rl/image_qa.py)
-    tasks: tuple[str, ...] = ("arithmetic", "counting")
-    train_problems: int = 4000  # problems drawn per task before the held-out split is removed
-    eval_problems: int = 64  # held-out prompts per task for the before/after measurement
+    # verifier family names (rl/verifiers.py, rl/image_qa.py)
+    families: tuple[str, ...] = ("arithmetic", "counting")
+    train_problems: int = 4000  # problems drawn per family before the held-out split is removed
+    eval_problems: int = 64  # held-out prompts per family for the before/after measurement
     # Share of question texts (by hash) never used for training; image_qa uses the image split
     # instead.
     heldout_fraction: float = 0.2
@@ -60,10 +61,10 @@ class RLConfig:
     def validate(self, at: str) -> None:
         _check(
             at,
-            "tasks",
-            self.tasks,
-            len(self.tasks) > 0 and len(set(self.tasks)) == len(self.tasks),
-            "a non-empty list of distinct task names (rl/verifiers.py), e.g. [arithmetic, "
+            "families",
+            self.families,
+            len(self.families) > 0 and len(set(self.families)) == len(self.families),
+            "a non-empty list of distinct family names (rl/verifiers.py), e.g. [arithmetic, "
             "counting]",
         )
         for name in (

@@ -1,4 +1,4 @@
-"""Side-by-side table of RL runs: held-out reward before/after per task, entropy, and the training-side
+"""Side-by-side table of RL runs: held-out reward before/after per family, entropy, and the training-side
 mismatch metrics (IcePop mask, routing mismatch, KL to the rollout policy).
 
     python -m paddle_ernie5.rl.compare runs/rl_tiny runs/rl_tiny_noreplay
@@ -25,13 +25,13 @@ def table(run_dirs: list[str]) -> str:
     runs = [_load(d) for d in run_dirs]
     names = [f"replay {'on' if s['router_replay'] else 'off'}" for s, _ in runs]
     rows: list[tuple[str, list[str]]] = []
-    tasks = sorted(runs[0][0]["before"])
-    for task in tasks:
+    families = sorted(runs[0][0]["before"])
+    for family in families:
         for key, label in (("reward", "reward"), ("greedy_accuracy", "greedy acc"), ("entropy", "entropy")):
-            rows.append((f"{task} {label} before -> after",
-                         [f"{s['before'][task][key]:.3f} -> {s['after'][task][key]:.3f}" for s, _ in runs]))
-        rows.append((f"{task} entropy after / before",
-                     [f"{s['after'][task]['entropy'] / s['before'][task]['entropy']:.2f}" for s, _ in runs]))
+            rows.append((f"{family} {label} before -> after",
+                         [f"{s['before'][family][key]:.3f} -> {s['after'][family][key]:.3f}" for s, _ in runs]))
+        rows.append((f"{family} entropy after / before",
+                     [f"{s['after'][family]['entropy'] / s['before'][family]['entropy']:.2f}" for s, _ in runs]))
     for key in ("reward/mean", "entropy", "icepop/masked_frac", "router/mismatch", "kl/rollout",
                 "clip/low_frac", "clip/high_frac", "wpsm/damped_frac", "hint/query_frac", "perf/step_s"):
         vals = []

@@ -1,4 +1,4 @@
-"""Held-out measurement of a policy on RL tasks: sampled reward, greedy accuracy, entropy.
+"""Held-out measurement of a policy on RL problem families: sampled reward, greedy accuracy, entropy.
 
 Prompts of equal token length, layout and stop token are decoded together in one batched generate
 call (the sampler needs equal-length prompts), which makes a few hundred held-out prompts cheap on a
@@ -34,7 +34,7 @@ def _entropy(model, prompts: list[Prompt], tokens_BN: np.ndarray, lengths_B: np.
 
 def evaluate(model, tokenizer, problems: list[Problem], samples: int, max_new_tokens: int,
              temperature: float, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Per task: reward (mean over `samples` sampled responses per prompt), greedy accuracy, mean token
+    """Per family: reward (mean over `samples` sampled responses per prompt), greedy accuracy, mean token
     entropy of the sampled responses, mean response length."""
     buckets: dict[tuple, list[tuple[Problem, Prompt]]] = defaultdict(list)
     for p in problems:
@@ -53,15 +53,15 @@ def evaluate(model, tokenizer, problems: list[Problem], samples: int, max_new_to
             for i, (p, _) in enumerate(items):
                 sl = slice(i * reps, (i + 1) * reps)
                 r = score(tokenizer, p, [], out.tokens[sl], out.lengths[sl], stopped[sl])
-                acc = sums[p.task]
+                acc = sums[p.family]
                 acc[f"{mode}_reward"] += float(r.sum())
                 acc[f"{mode}_n"] += reps
                 if mode == "sampled":
                     acc["length"] += float(out.lengths[sl].sum())
                     acc["entropy"] += float(ent_B[sl].sum())
                     acc["entropy_n"] += float(count_B[sl].sum())
-    return {task: {"reward": a["sampled_reward"] / a["sampled_n"],
+    return {family: {"reward": a["sampled_reward"] / a["sampled_n"],
                    "greedy_accuracy": a["greedy_reward"] / a["greedy_n"],
                    "entropy": a["entropy"] / max(a["entropy_n"], 1),
                    "response_length": a["length"] / a["sampled_n"]}
-            for task, a in sorted(sums.items())}
+            for family, a in sorted(sums.items())}

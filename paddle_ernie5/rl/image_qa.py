@@ -1,6 +1,6 @@
-"""RL task image_qa: questions about coloured-digit images, judged by the label word.
+"""RL problem family image_qa: questions about coloured-digit images, judged by the label word.
 
-Problems are the (image, question) pairs of the cached encoded digits (data/vision_tasks.py): the
+Problems are the (image, question) pairs of the cached encoded digits (data/vision_sources.py): the
 digit, its colour and the background colour. Training problems come from the training images and
 held-out problems from the held-out images, the split the pretraining mixture uses. The prompt is
 the head of the QA document exactly as training packs it, and an answer ends with <eos>:
@@ -16,10 +16,10 @@ import numpy as np
 
 from ..config import Config, ConfigError
 from ..data.multimodal import pack_segments
-from ..data.vision_tasks import encoded_digits, qa_prompt, questions_of, special_ids
+from ..data.vision_sources import encoded_digits, qa_prompt, questions_of, special_ids
 from .prompts import Prompt
 from .problems import Problem
-from .verifiers import TaskSpec, register_task
+from .verifiers import FamilySpec, register_family
 
 KIND = "image"
 
@@ -59,9 +59,9 @@ def problems_of(cfg: Config, split: str, n: int, seed: int) -> list[Problem]:
 def image_qa_split(cfg: Config, n: int, seed: int) -> tuple[list[Problem], list[Problem]]:
     """(questions about training images, questions about held-out images)."""
     if KIND not in cfg.model.modalities:
-        raise ConfigError(f"rl.tasks has image_qa but model.modalities={list(cfg.model.modalities)} "
+        raise ConfigError(f"rl.families has image_qa but model.modalities={list(cfg.model.modalities)} "
                           f"lacks {KIND!r}; use a multimodal model (recipes/rl_multimodal_tiny.yaml)")
     return problems_of(cfg, "train", n, seed), problems_of(cfg, "heldout", n, seed)
 
 
-register_task(TaskSpec("image_qa", None, label_match, prompt=ImageQAPrompt(), split=image_qa_split))
+register_family(FamilySpec("image_qa", None, label_match, prompt=ImageQAPrompt(), split=image_qa_split))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Problem:
-    task: str
+    family: str
     prompt: str  # text given to the model
     answer: str  # the exact answer the verifier checks
     solution: str  # reference response (SFT target, AHRL hints)
@@ -16,4 +16,4 @@ class Problem:
 
     @property
     def key(self) -> str:
-        return f"{self.task}:{self.context}:{self.prompt}" if self.context else f"{self.task}:{self.prompt}"
+        return f"{self.family}:{self.context}:{self.prompt}" if self.context else f"{self.family}:{self.prompt}"

@@ -1,6 +1,6 @@
-"""How a task's problem becomes the model's prompt, and how a response continues it.
+"""How a family's problem becomes the model's prompt, and how a response continues it.
 
-A task's `PromptFormat` (verifiers.TaskSpec.prompt) names the token that ends an answer, the reference
+A family's `PromptFormat` (verifiers.FamilySpec.prompt) names the token that ends an answer, the reference
 solution's tokens and builds a `Prompt`: token ids and, when the prompt is not plain causal text, the
 document segments training packs it as (data/multimodal.py), e.g. for image QA
 

@@ -26,7 +26,7 @@ from ..model.inputs import to_model_batch
 from .objectives import response_logp_entropy
 from .prompts import Prompt
 from .problems import Problem
-from .verifiers import get_task, reward
+from .verifiers import get_family, reward
 
 
 @dataclass
@@ -71,15 +71,15 @@ class Rollout:
 
 
 def stop_id(tokenizer, problem: Problem) -> int:
-    """The token that ends an answer of the problem's task."""
-    return get_task(problem.task).prompt.stop_id(tokenizer)
+    """The token that ends an answer of the problem's family."""
+    return get_family(problem.family).prompt.stop_id(tokenizer)
 
 
 def build_prompt(model_cfg, tokenizer, problem: Problem, hint_fraction: float = 0.0) -> Prompt:
     """The problem's prompt followed by the first hint tokens of its reference solution."""
     from .hints import hint_length
 
-    fmt = get_task(problem.task).prompt
+    fmt = get_family(problem.family).prompt
     sol = fmt.solution_ids(tokenizer, problem)
     n_hint = hint_length(hint_fraction, len(sol)) if hint_fraction > 0 else 0
     return fmt.build(model_cfg, tokenizer, problem, sol[:n_hint])
@@ -121,7 +121,7 @@ def decode_response(tokenizer, hint_ids, tokens, length: int) -> str | None:
 def score(tokenizer, problem: Problem, hint_ids, tokens_GN, lengths_G, stopped_G) -> np.ndarray:
     """Rewards of a group; a response cut off by the length limit (no stop token) or holding a
     non-text token where text is judged scores 0."""
-    spec = get_task(problem.task)
+    spec = get_family(problem.family)
     out = np.zeros(len(lengths_G), np.float32)
     for i, (toks, n) in enumerate(zip(tokens_GN, lengths_G)):
         if not stopped_G[i]:

@@ -1,4 +1,4 @@
-"""RL post-training loop (`ernie5 train` with `task: rl`).
+"""RL post-training loop (`ernie5 train` with `component: rl`).
 
 One iteration = one U-RB group of `prompts_per_step` queries x `group_size` responses:
 
@@ -8,7 +8,7 @@ One iteration = one U-RB group of `prompts_per_step` queries x `group_size` resp
       -> IcePop token mask, GRPO advantages, WPSM weights
       -> num_minibatches x [forward (router replay) -> GSPO loss (+ KL) -> backward -> AdamW step]
 
-Held-out reward per task is measured before the first and after the last step (and every
+Held-out reward per family is measured before the first and after the last step (and every
 `rl.eval_every` steps); the summary goes to <run_dir>/rl_summary.json and the scalars to VisualDL.
 The aux-loss-free router bias is not updated during RL: balancing is a pretraining concern, and a bias
 that moves between rollout and training would be one more source of routing mismatch.
@@ -47,17 +47,17 @@ def load_policy(cfg: C.Config, log=print) -> Ernie5Model:
     return model
 
 
-def task_problems(cfg: C.Config) -> tuple[list, dict[str, list]]:
-    """(training pool of all tasks, held-out prompts per task)."""
+def family_problems(cfg: C.Config) -> tuple[list, dict[str, list]]:
+    """(training pool of all families, held-out prompts per family)."""
     rc = cfg.rl
     train, held = [], {}
-    for i, task in enumerate(rc.tasks):
-        tr, he = split_problems(task, rc.train_problems, cfg.train.seed + i, rc.heldout_fraction, cfg)
+    for i, family in enumerate(rc.families):
+        tr, he = split_problems(family, rc.train_problems, cfg.train.seed + i, rc.heldout_fraction, cfg)
         if not tr or not he:
-            raise C.ConfigError(f"rl.train_problems={rc.train_problems} leaves task {task!r} with "
+            raise C.ConfigError(f"rl.train_problems={rc.train_problems} leaves family {family!r} with "
                                 f"{len(tr)} training and {len(he)} held-out problems; raise it")
         train += tr
-        held[task] = he[:rc.eval_problems]
+        held[family] = he[:rc.eval_problems]
     return train, held
 
 
@@ -77,7 +77,7 @@ class RLTrainer:
             self.ref.set_state_dict(self.model.state_dict())
             self.ref.eval()
         self.optimizer = build_optimizer(self.model, tc)
-        self.pool, self.heldout_problems = task_problems(cfg)
+        self.pool, self.heldout_problems = family_problems(cfg)
         self.stats = QueryStats()
         self.rollout_models = RolloutModels(cfg.model)
         self.step = 0
@@ -183,16 +183,16 @@ class RLTrainer:
         }
         if kl_vals:
             metrics["kl/ref"] = float(np.mean(kl_vals))
-        for task in rc.tasks:
-            rs = [r.rewards.mean() for r in rollouts if r.problem.task == task]
+        for family in rc.families:
+            rs = [r.rewards.mean() for r in rollouts if r.problem.family == family]
             if rs:
-                metrics[f"reward/{task}"] = float(np.mean(rs))
+                metrics[f"reward/{family}"] = float(np.mean(rs))
         return metrics
 
     # ------------------------------------------------------------------ loop
     def heldout(self) -> dict[str, dict[str, float]]:
         rc = self.cfg.rl
-        problems = [p for task in rc.tasks for p in self.heldout_problems[task]]
+        problems = [p for family in rc.families for p in self.heldout_problems[family]]
         return evaluate(self.model, self.tokenizer, problems, rc.group_size, rc.max_new_tokens,
                         rc.temperature, seed=self.cfg.train.seed + 99)
 
@@ -261,10 +261,10 @@ class RLTrainer:
         return summary
 
     def _log_heldout(self, logger, result: dict) -> None:
-        logger.scalars(self.step, {f"heldout/{k}/{task}": v for task, r in result.items() for k, v in r.items()})
+        logger.scalars(self.step, {f"heldout/{k}/{family}": v for family, r in result.items() for k, v in r.items()})
         self.log(f"held-out at step {self.step}: " + "; ".join(
-            f"{task} reward {r['reward']:.3f} greedy {r['greedy_accuracy']:.3f} entropy {r['entropy']:.3f}"
-            for task, r in result.items()))
+            f"{family} reward {r['reward']:.3f} greedy {r['greedy_accuracy']:.3f} entropy {r['entropy']:.3f}"
+            for family, r in result.items()))
 
 
 def _routing_mismatch(router_stats: dict, batch) -> float:
@@ -299,12 +299,12 @@ def _progress(start: int, end: int, enabled: bool):
 
 
 def train_from_config(cfg: C.Config, log=print) -> dict:
-    """`ernie5 train` entry for task rl: returns held-out reward before/after per task."""
+    """`ernie5 train` entry for component rl: returns held-out reward before/after per family."""
     summary = RLTrainer(cfg, log).fit()
     out = {}
-    for task in cfg.rl.tasks:
-        out[f"{task}/reward_before"] = summary["before"][task]["reward"]
-        out[f"{task}/reward_after"] = summary["after"][task]["reward"]
-        out[f"{task}/entropy_before"] = summary["before"][task]["entropy"]
-        out[f"{task}/entropy_after"] = summary["after"][task]["entropy"]
+    for family in cfg.rl.families:
+        out[f"{family}/reward_before"] = summary["before"][family]["reward"]
+        out[f"{family}/reward_after"] = summary["after"][family]["reward"]
+        out[f"{family}/entropy_before"] = summary["before"][family]["entropy"]
+        out[f"{family}/entropy_after"] = summary["after"][family]["entropy"]
     return out

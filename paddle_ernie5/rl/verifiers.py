@@ -1,16 +1,16 @@
-"""Verifiable tasks for RL: problems with reference solutions and rule-based rewards.
+"""Verifiable problem families for RL: problems with reference solutions and rule-based rewards.
 
-The unified interface is `reward(problem, response) -> float in [0, 1]`: a task registers how its
+The unified interface is `reward(problem, response) -> float in [0, 1]`: a family registers how its
 problems are made (`make_problems`, or `split` for problems drawn from data with its own held-out
 split), how they are shown to the model (`prompt`, rl/prompts.py: the prompt and the token that ends
-an answer) and how a response is judged (`verifier`). Text tasks judge the decoded response text;
-tasks whose responses are images or speech (text->image with the vision judge, text->speech with the
+an answer) and how a response is judged (`verifier`). Text families judge the decoded response text;
+families whose responses are images or speech (text->image with the vision judge, text->speech with the
 speech judge) register a verifier with `response_modality` "image" / "audio" that receives the
-response token ids instead, and decodes and judges them itself. Tasks of other modules (image_qa:
+response token ids instead, and decodes and judges them itself. Families of other modules (image_qa:
 rl/image_qa.py, an image and a question, answers ending in <eos>) register on first use, so
 text-only use needs no vision data.
 
-Built-in text tasks follow the corpus' own format (data/text.py), so a pretrained model already knows
+Built-in text families follow the corpus' own format (data/text.py), so a pretrained model already knows
 how to answer:  prompt "Q: What is 37 + 45? A:"  ->  response " 82.\\n" (reward 1 for the exact
 integer followed by the terminating period, nothing else).
 """
@@ -35,19 +35,19 @@ class Verifier(Protocol):
 
 
 @dataclass(frozen=True)
-class TaskSpec:
+class FamilySpec:
     name: str
     make_problems: Callable[[int, int], list[Problem]] | None  # (n, seed) -> problems, deterministic
     verifier: Verifier
     response_modality: str = "text"  # text: verifier gets decoded text; else the response token ids
     prompt: PromptFormat = TEXT_PROMPT
-    # Tasks drawn from data with its own train/held-out split (image_qa: the image split) give
+    # Families drawn from data with its own train/held-out split (image_qa: the image split) give
     # (cfg, n, seed) -> (training, held-out) problems; None = make_problems split by prompt hash.
     split: Callable[[Config, int, int], tuple[list[Problem], list[Problem]]] | None = None
 
     def __post_init__(self):
         if (self.make_problems is None) == (self.split is None):
-            raise ValueError(f"RL task {self.name!r}: give exactly one of make_problems and split")
+            raise ValueError(f"RL problem family {self.name!r}: give exactly one of make_problems and split")
 
 
 _INTEGER_ANSWER = re.compile(r"\s*(-?\d+)\.\s*")
@@ -59,8 +59,8 @@ def exact_integer(problem: Problem, response: str) -> float:
     return 1.0 if m is not None and int(m.group(1)) == int(problem.answer) else 0.0
 
 
-def _qa_problem(task: str, question: str, answer: str) -> Problem:
-    return Problem(task, f"Q: {question} A:", answer, f" {answer}{ANSWER_STOP}")
+def _qa_problem(family: str, question: str, answer: str) -> Problem:
+    return Problem(family, f"Q: {question} A:", answer, f" {answer}{ANSWER_STOP}")
 
 
 def arithmetic_problems(n: int, seed: int) -> list[Problem]:
@@ -80,42 +80,42 @@ def counting_problems(n: int, seed: int) -> list[Problem]:
     return out
 
 
-TASKS: dict[str, TaskSpec] = {}
-# Modules that register tasks on import (their data is loaded only when problems are made).
-TASK_MODULES = ("paddle_ernie5.rl.image_qa",)
+FAMILIES: dict[str, FamilySpec] = {}
+# Modules that register families on import (their data is loaded only when problems are made).
+FAMILY_MODULES = ("paddle_ernie5.rl.image_qa",)
 
 
-def register_task(spec: TaskSpec) -> None:
-    """Add a task (image/speech judges call this where they are defined)."""
-    TASKS[spec.name] = spec
+def register_family(spec: FamilySpec) -> None:
+    """Add a family (image/speech judges call this where they are defined)."""
+    FAMILIES[spec.name] = spec
 
 
-register_task(TaskSpec("arithmetic", arithmetic_problems, exact_integer))
-register_task(TaskSpec("counting", counting_problems, exact_integer))
+register_family(FamilySpec("arithmetic", arithmetic_problems, exact_integer))
+register_family(FamilySpec("counting", counting_problems, exact_integer))
 
 
-def get_task(name: str) -> TaskSpec:
-    if name not in TASKS:
-        import_optional(TASK_MODULES)
-    if name not in TASKS:
-        raise KeyError(f"unknown RL task {name!r}; registered: {', '.join(sorted(TASKS))}")
-    return TASKS[name]
+def get_family(name: str) -> FamilySpec:
+    if name not in FAMILIES:
+        import_optional(FAMILY_MODULES)
+    if name not in FAMILIES:
+        raise KeyError(f"unknown RL problem family {name!r}; registered: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
 
 
 def reward(problem: Problem, response) -> float:
-    """The unified verifier entry point: (task, prompt, response) -> reward."""
-    return float(get_task(problem.task).verifier(problem, response))
+    """The unified verifier entry point: (family, prompt, response) -> reward."""
+    return float(get_family(problem.family).verifier(problem, response))
 
 
 def split_problems(name: str, n: int, seed: int, heldout_fraction: float,
                    cfg: Config | None = None) -> tuple[list[Problem], list[Problem]]:
-    """(training, held-out) unique problems of a task; a question is held out by a hash of its prompt,
-    so the split does not depend on n or seed and no held-out prompt is ever trained on. A task with
+    """(training, held-out) unique problems of a family; a question is held out by a hash of its prompt,
+    so the split does not depend on n or seed and no held-out prompt is ever trained on. A family with
     its own `split` (data-backed, needs the run's `cfg`) decides instead."""
-    spec = get_task(name)
+    spec = get_family(name)
     if spec.split is not None:
         if cfg is None:
-            raise ValueError(f"RL task {name!r} draws its problems from data: pass the run's config")
+            raise ValueError(f"RL problem family {name!r} draws its problems from data: pass the run's config")
         return spec.split(cfg, n, seed)
     seen, train, held = set(), [], []
     for p in spec.make_problems(n, seed):

@@ -1,4 +1,4 @@
-"""RL task image_qa: label-word verifier, prompts packed as training packs them, KV-cached generation
+"""RL problem family image_qa: label-word verifier, prompts packed as training packs them, KV-cached generation
 from an image prompt equal to a full forward, router replay through an image rollout (debug model with
 vision, randomly initialised tiny visual tokenizer), and a one-step RL run on image_qa + counting."""
 
@@ -9,7 +9,7 @@ import paddle
 import pytest
 from vision_support import tiny_tokenizer, vision_config
 
-from paddle_ernie5.data import vision_tasks as VT
+from paddle_ernie5.data import vision_sources as VT
 from paddle_ernie5.data.multimodal import pack_segments
 from paddle_ernie5.model.generation import generate
 from paddle_ernie5.model.model import Ernie5Model
@@ -27,7 +27,7 @@ ROUNDING = 2e-6  # as tests/rl/test_router_replay.py: same routing, float32 summ
 def setup(data_cache, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("image_qa"))
     cfg = vision_config(data_cache, folder + "/run", tiny_tokenizer(folder), "component=rl",
-                        "rl.tasks=[image_qa,counting]")
+                        "rl.families=[image_qa,counting]")
     tok = get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed, cfg.data.val_fraction)
     train, held = V.split_problems("image_qa", 60, 0, 0.2, cfg)
     paddle.seed(0)
@@ -117,7 +117,7 @@ def test_cached_generation_from_an_image_prompt_equals_a_full_forward(setup):
 
 def test_router_replay_reproduces_rollout_logprobs_of_a_mixed_image_and_text_batch(setup):
     _, tok, model, train, _ = setup
-    counting = V.get_task("counting").make_problems(1, 0)[0]
+    counting = V.get_family("counting").make_problems(1, 0)[0]
     rollouts = [R.rollout_group(model, tok, p, 3, 5, 1.0, seed=i, hint_fraction=0.5)
                 for i, p in enumerate([train[2], counting])]
     assert rollouts[0].prompt.doc is not None and rollouts[1].prompt.doc is None
@@ -141,7 +141,7 @@ def test_router_replay_reproduces_rollout_logprobs_of_a_mixed_image_and_text_bat
 def test_rl_run_on_image_qa_and_counting(setup, data_cache, tmp_path):
     run = tmp_path / "rl"
     cfg = vision_config(data_cache, str(run), setup[0].model.vision.tokenizer_dir, "component=rl",
-                        "rl.tasks=[image_qa,counting]", "rl.train_problems=40", "rl.eval_problems=2",
+                        "rl.families=[image_qa,counting]", "rl.train_problems=40", "rl.eval_problems=2",
                         "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=3",
                         "train.max_steps=1", "train.warmup_steps=0")
     out = run_component(cfg)

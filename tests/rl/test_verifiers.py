@@ -13,8 +13,8 @@ def test_arithmetic_good_and_bad_answers():
 
 
 def test_built_in_problems_are_answered_correctly_by_their_own_solutions():
-    for task in ("arithmetic", "counting"):
-        problems = V.get_task(task).make_problems(200, seed=3)
+    for family in ("arithmetic", "counting"):
+        problems = V.get_family(family).make_problems(200, seed=3)
         assert all(V.reward(p, p.solution) == 1.0 for p in problems)
         # a wrong number is always rejected
         assert all(V.reward(p, f" {int(p.answer) + 1}.\n") == 0.0 for p in problems)
@@ -46,12 +46,12 @@ def test_unified_interface_takes_new_verifiers():
     def judge(problem, response_ids):  # e.g. an image judge receives token ids, not text
         return float(np.sum(response_ids) == int(problem.answer))
 
-    V.register_task(V.TaskSpec("toy_tokens", lambda n, seed: [V.Problem("toy_tokens", "x", "7", "")] * n,
+    V.register_family(V.FamilySpec("toy_tokens", lambda n, seed: [V.Problem("toy_tokens", "x", "7", "")] * n,
                                judge, response_modality="image"))
     try:
-        p = V.get_task("toy_tokens").make_problems(1, 0)[0]
+        p = V.get_family("toy_tokens").make_problems(1, 0)[0]
         assert V.reward(p, np.array([3, 4])) == 1.0 and V.reward(p, np.array([3])) == 0.0
     finally:
-        del V.TASKS["toy_tokens"]
+        del V.FAMILIES["toy_tokens"]
     with pytest.raises(KeyError, match="registered"):
-        V.get_task("nope")
+        V.get_family("nope")
