@@ -232,18 +232,19 @@ class Trainer:
         logger.image(self.step, "routing/usage_layers_x_experts/text", heatmap_image(usage))
         for i, logits in self._eval_logits.items():
             logger.histogram(self.step, f"moe/router_logits/layer{i}", logits)
-        if self.par.is_main:
-            prompts = self.val_packed["input_ids"][:2, :16]
-            sample = generate(self.model, prompts, 32, temperature=0.0)
-            for j in range(len(prompts)):
-                logger.text(self.step, "samples/text", self.tokenizer.decode(prompts[j].tolist()) + " ⟶ "
-                            + self.tokenizer.decode(sample.tokens[j].tolist()))
-            if self.cfg.data.mixture.enabled:
-                self.log_modality_views(logger)
-            if "audio" in self.cfg.model.modalities:  # generated speech, VisualDL samples/speech/*
-                from ..eval.audio import log_speech_samples
+        # Every rank generates (an expert-parallel forward is a collective); only rank 0's logger
+        # writes.
+        prompts = self.val_packed["input_ids"][:2, :16]
+        sample = generate(self.model, prompts, 32, temperature=0.0)
+        for j in range(len(prompts)):
+            logger.text(self.step, "samples/text", self.tokenizer.decode(prompts[j].tolist()) + " ⟶ "
+                        + self.tokenizer.decode(sample.tokens[j].tolist()))
+        if self.cfg.data.mixture.enabled:
+            self.log_modality_views(logger)
+        if "audio" in self.cfg.model.modalities:  # generated speech, VisualDL samples/speech/*
+            from ..eval.audio import log_speech_samples
 
-                log_speech_samples(self.model, self.cfg, self.tokenizer, logger, self.step)
+            log_speech_samples(self.model, self.cfg, self.tokenizer, logger, self.step)
 
     @paddle.no_grad()
     def log_modality_views(self, logger, captions=((3, 0, 1), (7, 2, 3))) -> None:

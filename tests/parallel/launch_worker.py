@@ -130,6 +130,46 @@ def eval_logits(trainer: Trainer) -> np.ndarray:
     return trainer.model(to_model_batch(np_batch), with_mtp=False).logits.numpy()
 
 
+COLLECTIVES = ("all_gather", "all_reduce", "broadcast", "all_gather_object", "alltoall", "barrier")
+
+
+def whole_run_collectives(groups) -> list:
+    """Every collective this rank issues over a whole expert-parallel `fit` (training steps,
+    evaluations with their generated samples, checkpoints, the final step), in order, as
+    (name, shape, dtype). Ranks that disagree here deadlock or crash gloo at the first mismatch."""
+    calls = []
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def recording(name):
+        def call(*args, **kwargs):
+            t = args[1] if name in ("all_gather", "alltoall") else (args[0] if args else None)
+            if isinstance(t, list):
+                t = t[0] if t else None
+            shape = list(t.shape) if hasattr(t, "shape") else None
+            calls.append([name, shape, str(getattr(t, "dtype", ""))])
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    cfg = config(
+        "ep_whole_run",
+        "parallel.ep=2",
+        "parallel.dispatcher=allgather",
+        "train.max_steps=4",
+        "train.eval_every=2",
+        "train.save_every=3",
+    )
+    for name in COLLECTIVES:
+        setattr(dist, name, recording(name))
+    try:
+        runtime = Distributed(cfg, RANK, groups, cuda=False)
+        result = Trainer(cfg, log=quiet, parallel=runtime).fit()
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return {"calls": calls, "step": result.step}
+
+
 def main():
     cfg_ep = config("ep2", "parallel.ep=2", "parallel.dispatcher=allgather")
     groups = topology.init_groups(cfg_ep.parallel, RANK)
@@ -183,6 +223,8 @@ def main():
         ref = Trainer(config(f"{name}_ref{RANK}"), log=quiet)
         results[f"{name}_forward_backward"] = forward_backward(par, ref, runtime)
         results[f"{name}_train"] = train_both(par, ref, runtime)
+
+    results["ep_whole_run_collectives"] = whole_run_collectives(groups)
 
     with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -83,3 +83,13 @@ def test_checkpoints_move_between_ep2_and_one_process(results):
         assert r["ep_ckpt_to_single_logits"] < TOL
         assert r["single_ckpt_to_ep_logits"] < TOL
         assert r["single_ckpt_to_ep_step"] == 5
+
+
+def test_every_rank_issues_the_same_collectives_over_a_whole_run(results):
+    """Training, evaluation (with generated samples), checkpoints and the last step: the two ranks'
+    collective sequences are identical, call by call (a mismatch kills gloo at the end of a run)."""
+    runs = [r["ep_whole_run_collectives"] for r in results]
+    assert [r["step"] for r in runs] == [4, 4]
+    assert len(runs[0]["calls"]) > 100
+    assert {c[0] for c in runs[0]["calls"]} >= {"all_gather", "all_reduce"}
+    assert runs[0]["calls"] == runs[1]["calls"]
