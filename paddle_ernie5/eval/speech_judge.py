@@ -13,26 +13,22 @@ Input: 16 kHz audio, cut or zero-padded to `max_seconds`, as a log-mel (data/mel
 loudest bin is 0 (loudness carries no content). Model: 1-D convolutions over time with mel bins as
 channels, then max and mean pooling over time, then a linear layer: it does not care where in the
 window the word is, which matters for generated speech with unpredictable leading silence.
-Training augments with random placement in the window, white noise and time/mel masking.
+Training (train/speech_judge.py) augments with random placement in the window, white noise and
+time/mel masking.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
-import warnings
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ..config import SpeechJudgeConfig, TrainConfig
 from ..io import read_layer, save_layer
 from ..tokenizers import mel as M
 from ..data.speech import SAMPLE_RATE, WORDS
-from ..optim.optimizer import apply_update
 
 WEIGHTS, META = "judge.safetensors", "judge.json"
 
@@ -110,90 +106,3 @@ class SpeechJudge(nn.Layer):
         judge.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
         judge.eval()
         return judge
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
-
-def _train_features(judge: SpeechJudge, waves: list[np.ndarray], rng: np.random.Generator):
-    """Features of every utterance twice, clean and with white noise at 15-40 dB SNR, computed once.
-
-    Speech starts each window and is followed by silence (or noise), so rolling the frames later in
-    `_augment` places the word anywhere in the window exactly, to the nearest 10 ms hop."""
-    clean = judge.window(waves)
-    noisy = clean.copy()
-    for i, w in enumerate(waves):
-        power = np.mean(np.asarray(w, np.float64) ** 2) / 10 ** (rng.uniform(15, 40) / 10)
-        noisy[i] += rng.normal(0, np.sqrt(power), judge.num_samples).astype(np.float32)
-    feats = judge.features(np.concatenate([clean, noisy]))
-    frames = np.array([min(len(w), judge.num_samples) // M.HOP + 1 for w in waves] * 2)
-    return feats, frames
-
-
-def _augment(feats: np.ndarray, frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random placement in the window, then one time mask (< 8 frames) and one mel mask (< 10 bins)."""
-    out = np.empty_like(feats)
-    lo = feats.min()
-    for i, (f, n) in enumerate(zip(feats, frames)):
-        out[i] = np.roll(f, int(rng.integers(0, max(1, f.shape[0] - n + 1))), axis=0)
-        t0, m0 = rng.integers(0, f.shape[0]), rng.integers(0, f.shape[1])
-        out[i, t0:t0 + rng.integers(0, 8)] = lo
-        out[i, :, m0:m0 + rng.integers(0, 10)] = lo
-    return out
-
-
-def fit_judge(cfg: SpeechJudgeConfig, tc: TrainConfig, train_set, eval_set) -> tuple[SpeechJudge, dict]:
-    """Train on the single-word utterances of `train_set`; metrics on those of `eval_set`."""
-    from tqdm import tqdm
-
-    paddle.seed(tc.seed)
-    rng = np.random.default_rng(tc.seed)
-    train_set, eval_set = train_set.words_only(), eval_set.words_only()
-    judge = SpeechJudge(cfg.channels, cfg.max_seconds, cfg.dropout)
-    opt = paddle.optimizer.AdamW(learning_rate=tc.lr, parameters=judge.parameters(),
-                                 weight_decay=tc.weight_decay, beta1=tc.beta1, beta2=tc.beta2,
-                                 epsilon=tc.eps,
-                                 grad_clip=nn.ClipGradByGlobalNorm(tc.clip_norm) if tc.clip_norm else None)
-    start, loss_ema = time.time(), None
-    feats, frames = _train_features(judge, train_set.waves, rng)
-    labels = np.concatenate([train_set.word_ids, train_set.word_ids])
-    bar = tqdm(range(tc.max_steps), desc="speech judge", disable=not tc.progress, dynamic_ncols=True)
-    judge.train()
-    with warnings.catch_warnings():  # BatchNorm warns on every training forward; nothing to act on
-        warnings.filterwarnings("ignore", message="When training, we now always track")
-        for step in bar:
-            idx = rng.integers(0, len(labels), tc.batch_size)
-            x = paddle.to_tensor(_augment(feats[idx], frames[idx], rng))
-            loss = F.cross_entropy(judge(x), paddle.to_tensor(labels[idx]))
-            loss.backward()
-            apply_update(judge, opt, step, tc)
-            loss_ema = float(loss) if loss_ema is None else 0.95 * loss_ema + 0.05 * float(loss)
-            bar.set_postfix(loss=f"{loss_ema:.3f}")
-    judge.eval()
-    metrics = dict(train_seconds=time.time() - start, train_loss=loss_ema,
-                   heldout_acc=judge.score(eval_set.waves, eval_set.word_ids),
-                   chance=1.0 / len(WORDS), heldout_utterances=len(eval_set),
-                   heldout_voices=len(set(eval_set.voices)))
-    return judge, metrics
-
-
-def train_from_config(cfg) -> dict:
-    """`ernie5 train recipes/speech_judge.yaml`: train, save to train.run_dir, report held-out accuracy.
-
-    Also reports the accuracy on the same held-out speech after a mel round trip through Griffin-Lim
-    (data/mel.py): the ceiling for anything the mel codec can produce."""
-    from ..config import save_config
-    from ..data.speech import load_speech
-
-    train_set, eval_set = load_speech(cfg.data.cache_dir)
-    judge, metrics = fit_judge(cfg.speech_judge, cfg.train, train_set, eval_set)
-    judge.save(cfg.train.run_dir)
-    save_config(cfg, os.path.join(cfg.train.run_dir, "config.yaml"))
-    words = eval_set.words_only()
-    padded, _ = words.padded(judge.num_samples)
-    metrics["heldout_acc_griffin_lim"] = judge.score(M.mel_to_wave(M.log_mel(padded)), words.word_ids)
-    with open(os.path.join(cfg.train.run_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
-    return metrics

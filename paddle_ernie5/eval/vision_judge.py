@@ -27,7 +27,8 @@ API:
     judge = VisionJudge.load(path)           # a vision_judge run dir or its judge/ folder
     judge.predict(x) -> {head: int64 [N]}    # x: [N, 3, H, W] images or [N, T, 3, H, W] videos, [0, 1]
     judge.score(x, targets) -> {head: accuracy}   for the heads present in `targets`
-    train_from_config(cfg: Config) -> metrics     (`ernie5 train recipes/vision_judge.yaml`)
+    evaluate(judge, cache_dir) -> held-out accuracy per head, beside chance
+Trained by train/vision_judge.py (`ernie5 train recipes/vision_judge.yaml`).
 Inputs of another size are resized (bilinear) to the judge's image_size.
 """
 
@@ -166,58 +167,6 @@ def _targets(labels: dict) -> dict:
         out["speed"] = np.searchsorted(SPEEDS, out["speed"])
     return out
 
-
-def train_steps(judge: VisionJudge, opt, batches, cfg_train, max_steps: int, on_step=None) -> list[float]:
-    """Cross-entropy summed over heads; `batches(step) -> list of (pixels, targets)`."""
-    from ..optim.optimizer import apply_update
-
-    judge.train()
-    losses = []
-    for step in range(max_steps):
-        total = 0.0
-        for pixels, targets in batches(step):
-            logits = judge(pixels)
-            for k, lg in logits.items():
-                total = total + F.cross_entropy(lg, paddle.to_tensor(targets[k]))
-        total.backward()
-        apply_update(judge, opt, step, cfg_train)
-        losses.append(float(total))
-        if on_step is not None:
-            on_step(step, float(total))
-    judge.eval()
-    return losses
-
-
-def train_from_config(cfg) -> dict:
-    """Train on real train-split digits, save to <run_dir>/judge, report held-out accuracy per head."""
-    from ..data.digits import digit_images, digit_videos
-    from ..train.component import ComponentRun
-    from ..optim.optimizer import build_optimizer
-
-    jc, tr = cfg.vision_judge, cfg.train
-    run = ComponentRun(cfg, "vision judge")
-    data = dict(size=jc.image_size, cache_dir=cfg.data.cache_dir)
-    images = digit_images("train", copies=jc.image_copies, **data)
-    videos = digit_videos("train", frames=jc.frames, **data)
-    img_t, vid_t = _targets(images.labels), _targets(videos.labels)
-    judge = VisionJudge(jc)
-    opt = build_optimizer(judge, tr)
-
-    def batches(step):
-        i = run.rng.integers(len(images), size=tr.batch_size)
-        out = [(images.pixels[i], {k: v[i] for k, v in img_t.items()})]
-        if jc.video_every and step % jc.video_every == 0:
-            j = run.rng.integers(len(videos), size=jc.video_batch_size)
-            out.append((videos.pixels[j], {k: v[j] for k, v in vid_t.items()}))
-        return out
-
-    train_steps(judge, opt, batches, tr, tr.max_steps,
-                on_step=lambda step, loss: run.step(step, {"train/loss": loss}, loss=f"{loss:.3f}"))
-    seconds = run.training_done()
-    judge.save(run.path("judge"))
-    metrics = evaluate(judge, cfg.data.cache_dir)
-    metrics["train_seconds"] = seconds
-    return run.finish(metrics)
 
 def evaluate(judge: VisionJudge, cache_dir: str) -> dict:
     """Held-out accuracy per head on real images and videos, with chance level beside each."""

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on the RL tasks' training prompts (`ernie5 train` with `task: sft`).
+"""Supervised fine-tuning on the RL problem families' training prompts (`ernie5 train` with `component: sft`).
 
 The stage between pretraining and RL: (BOS + prompt, reference solution) pairs from the same training
 pools RL uses (held-out prompts never appear), cross-entropy on the solution tokens only. It teaches
@@ -9,28 +9,26 @@ the answer format and gives RL a policy whose groups are not all-wrong. Writes a
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import paddle
 
 from .. import config as C
 from ..data.text import get_text_tokenizer
-from ..io import checkpoint
 from ..model.losses import IGNORE, token_cross_entropy
-from ..train.logging import RunLogger
-from ..optim.optimizer import apply_update, build_optimizer, optimizer_state
+from ..optim.optimizer import apply_update, build_optimizer
+from ..train.loop import Component, Loop
 from .evaluate import evaluate
 from .prompts import Prompt
 from .rollout import build_prompt, continuation_arrays, model_inputs
-from .trainer import load_policy, task_problems
-from .verifiers import get_task
+from .trainer import load_policy, family_problems
+from .verifiers import get_family
 
 
 def sft_examples(model_cfg, tokenizer, problems) -> list[tuple[Prompt, np.ndarray]]:
     """(prompt, reference solution ids) per problem."""
     return [(build_prompt(model_cfg, tokenizer, p),
-             np.asarray(get_task(p.task).prompt.solution_ids(tokenizer, p), np.int64)) for p in problems]
+             np.asarray(get_family(p.family).prompt.solution_ids(tokenizer, p), np.int64)) for p in problems]
 
 
 def sft_batch(examples, pad_id: int) -> tuple[dict, paddle.Tensor]:
@@ -42,39 +40,54 @@ def sft_batch(examples, pad_id: int) -> tuple[dict, paddle.Tensor]:
     return model_inputs(ids, extras), paddle.to_tensor(labels)
 
 
-def train_from_config(cfg: C.Config, log=print) -> dict:
-    tc, rc = cfg.train, cfg.rl
-    paddle.seed(tc.seed)
-    tok = get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, tc.seed, cfg.data.val_fraction)
-    model = load_policy(cfg, log)
-    optimizer = build_optimizer(model, tc)
-    pool, heldout = task_problems(cfg)
-    examples = sft_examples(cfg.model, tok, pool)
-    os.makedirs(tc.run_dir, exist_ok=True)
-    C.save_config(cfg, os.path.join(tc.run_dir, "config.yaml"))
-    logger = RunLogger(tc.run_dir, tc.visualdl)
-    rng = np.random.default_rng(tc.seed)
-    order, cursor = rng.permutation(len(examples)), 0
-    model.train()
-    for step in range(tc.max_steps):
-        if cursor + tc.batch_size > len(order):
-            order, cursor = rng.permutation(len(examples)), 0
-        inputs, labels = sft_batch([examples[i] for i in order[cursor:cursor + tc.batch_size]], tok.pad_id)
-        cursor += tc.batch_size
-        loss, _ = token_cross_entropy(model(inputs, with_mtp=False).logits, labels)
+class SFTRun(Component):
+    """The policy trained on the training prompts' reference solutions, in shuffled passes;
+    evaluated on the held-out prompts of every problem family (sampled reward, greedy accuracy,
+    entropy)."""
+
+    name = "sft"
+
+    def __init__(self, cfg: C.Config, rng: np.random.Generator, log=print):
+        tc = self.tc = cfg.train
+        self.rc, self.rng = cfg.rl, rng
+        self.config = C.to_plain(cfg.model)
+        self.eval_every = tc.eval_every
+        self.tok = get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, tc.seed,
+                                      cfg.data.val_fraction)
+        self.model = load_policy(cfg, log)
+        self.optimizer = build_optimizer(self.model, tc)
+        pool, self.heldout = family_problems(cfg)
+        self.examples = sft_examples(cfg.model, self.tok, pool)
+        self.order, self.cursor = rng.permutation(len(self.examples)), 0
+
+    def step(self, step: int) -> dict[str, float]:
+        tc = self.tc
+        if self.cursor + tc.batch_size > len(self.order):
+            self.order, self.cursor = self.rng.permutation(len(self.examples)), 0
+        rows = self.order[self.cursor:self.cursor + tc.batch_size]
+        inputs, labels = sft_batch([self.examples[i] for i in rows], self.tok.pad_id)
+        self.cursor += tc.batch_size
+        loss, _ = token_cross_entropy(self.model(inputs, with_mtp=False).logits, labels)
         loss.backward()
-        lr, norm = apply_update(model, optimizer, step, tc)
+        lr, norm = apply_update(self.model, self.optimizer, step, tc)
         if not math.isfinite(float(loss)):
             raise FloatingPointError(f"SFT loss is {float(loss)} at step {step}")
-        if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps:
-            logger.scalars(step + 1, {"loss": float(loss), "train/lr": lr, "train/grad_norm": norm})
-    model.eval()
-    meta = {"model_config": C.to_plain(cfg.model), "config_hash": C.config_hash(cfg)}
-    checkpoint.save(os.path.join(tc.run_dir, "checkpoints"), tc.max_steps,
-                    {k: v.numpy() for k, v in model.state_dict().items()},
-                    optimizer_state(model, optimizer), meta, tc.keep_last)
-    result = evaluate(model, tok, [p for t in rc.tasks for p in heldout[t]], rc.group_size,
-                      rc.max_new_tokens, rc.temperature, seed=tc.seed + 99)
-    logger.scalars(tc.max_steps, {f"heldout/{k}/{task}": v for task, r in result.items() for k, v in r.items()})
-    logger.close()
-    return {f"{task}/{k}": v for task, r in result.items() for k, v in r.items()}
+        return {"loss": float(loss), "train/lr": lr, "train/grad_norm": norm}
+
+    def evaluate(self) -> dict:
+        rc = self.rc
+        result = evaluate(self.model, self.tok, [p for t in rc.families for p in self.heldout[t]],
+                          rc.group_size, rc.max_new_tokens, rc.temperature, seed=self.tc.seed + 99)
+        return {f"{family}/{k}": v for family, r in result.items() for k, v in r.items()}
+
+    def state_dict(self) -> dict:
+        return {"order": self.order.tolist(), "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order, self.cursor = np.asarray(state["order"], np.int64), state["cursor"]
+
+
+def train_from_config(cfg: C.Config, log=print) -> dict:
+    """Fine-tune; the run directory's last checkpoint is what `train.init_from` of RL reads."""
+    loop = Loop(cfg.train, cfg)
+    return loop.fit(SFTRun(cfg, loop.rng, log))

@@ -28,6 +28,7 @@ API for the backbone (all arrays numpy unless stated):
     cb = codec.codebooks()                               # paddle [L, K, D] copy, to initialise embeddings
     codec.save(run_dir)                                  # codec.safetensors + codec.json
     codec.sample_rate, .samples_per_frame, .frame_rate, .num_levels, .codebook_size, .code_dim
+Trained by train/audio_codec.py (`ernie5 train recipes/audio_codec.yaml`).
 
 Shape legend: B batch, T samples, M mel frames (100 Hz), N mel bins, F codec frames, L levels,
 K codebook size, D code dimension, C channels, V characters (CTC blank = 0).
@@ -39,21 +40,17 @@ import dataclasses
 import hashlib
 import math
 import os
-import sys
-import time
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ..config import AudioCodecConfig, AudioModelConfig, TrainConfig
+from ..config import AudioCodecConfig, AudioModelConfig
 from ..errors import UserError
-from ..io import read_layer, save_layer, write_json
+from ..io import read_layer, save_layer
 from . import mel as M
-from ..data.speech import WORDS
 from .mel import SAMPLE_RATE
-from ..optim.optimizer import apply_update
 
 WEIGHTS, META = "codec.safetensors", "codec.json"
 CHARS = " abcdefghijklmnopqrstuvwxyz'"  # CTC classes 1..; 0 is the blank
@@ -262,180 +259,6 @@ class AudioCodec(nn.Layer):
         codec.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
         codec.eval()
         return codec
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
-
-class _Batches:
-    """A speech set as log-mels padded to max_seconds (computed once), masks and CTC labels."""
-
-    def __init__(self, codec: AudioCodec, speech, max_seconds: float):
-        n = int(round(max_seconds * SAMPLE_RATE))
-        waves, lengths = speech.padded(n)
-        self.mel = M.log_mel(waves)  # [S, M, N]
-        self.mel_valid = -(-lengths // M.HOP)
-        self.frames_valid = -(-lengths // codec.samples_per_frame)
-        self.num_frames = n // codec.samples_per_frame
-        self.speech = speech
-        self.labels = [text_to_labels(t) for t in speech.texts]
-
-    def __len__(self):
-        return len(self.labels)
-
-    def get(self, idx):
-        mel_mask = np.arange(self.mel.shape[1])[None] < self.mel_valid[idx, None]
-        frame_mask = np.arange(self.num_frames)[None] < self.frames_valid[idx, None]
-        labels = [self.labels[i] for i in idx]
-        lab = np.zeros((len(idx), max(1, max(len(l) for l in labels))), np.int32)
-        for j, l in enumerate(labels):
-            lab[j, :len(l)] = l
-        return dict(mel=paddle.to_tensor(self.mel[idx]), mel_mask=paddle.to_tensor(mel_mask, "float32"),
-                    frame_mask=paddle.to_tensor(frame_mask, "float32"), labels=lab,
-                    label_lens=np.array([len(l) for l in labels], np.int64),
-                    frames=self.frames_valid[idx])
-
-
-def _ctc_loss(logits_BFV, batch):
-    """Mean CTC loss per character over the utterances whose frames can hold their transcript."""
-    labels, lens, frames = batch["labels"], batch["label_lens"], batch["frames"]
-    repeats = np.array([sum(a == b for a, b in zip(l[:n], l[1:n])) for l, n in zip(labels, lens)])
-    ok = (lens > 0) & (frames >= lens + repeats)  # CTC needs a blank between repeated characters
-    if not ok.any():
-        return paddle.zeros([])
-    per_utt = F.ctc_loss(F.log_softmax(logits_BFV, -1).transpose([1, 0, 2]), paddle.to_tensor(labels),
-                         paddle.to_tensor(frames.astype(np.int64)), paddle.to_tensor(lens), blank=0,
-                         reduction="none").reshape([-1])
-    w = paddle.to_tensor((ok / np.maximum(lens, 1)).astype(np.float32))
-    return (per_utt * w).sum() / float(ok.sum())
-
-
-def codec_losses(codec: AudioCodec, batch: dict, levels_B: np.ndarray) -> dict:
-    """Training losses for one batch; `levels_B` is how many RVQ levels each utterance decodes from.
-
-    Reconstruction and quantisation cover the whole window, the silence after each utterance
-    included: encoded audio is padded to whole frames, and that padding must decode to silence."""
-    z = codec.encode_latent(batch["mel"])
-    _, quants_LBFD, vq = codec.quantise(z, paddle.ones(z.shape[:2]))
-    keep = paddle.to_tensor(np.arange(codec.num_levels)[:, None] < levels_B[None], "float32")
-    zq = (quants_LBFD * keep.reshape([codec.num_levels, -1, 1, 1])).sum(0)
-    recon = codec.decode_latent(z + (zq - z).detach())  # straight-through to the encoder
-    mel_l1 = (recon - batch["mel"]).abs().mean()
-    q0 = z + (quants_LBFD[0] - z).detach()
-    ctc = _ctc_loss(codec.ctc_head(q0.transpose([0, 2, 1])).transpose([0, 2, 1]), batch)
-    total = mel_l1 + vq + codec.cfg.content_weight * ctc
-    return dict(loss=total, mel_l1=mel_l1, vq=vq, ctc=ctc)
-
-
-def _edit_distance(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
-@paddle.no_grad()
-def evaluate(codec: AudioCodec, data: _Batches, judge=None, batch_size: int = 64) -> dict:
-    """Held-out numbers: mel L1 (nats) per number of levels over each utterance's own frames (speech
-    and its 40 ms margins, not the padding), level-0 CTC character error rate, code perplexity per
-    level; with a judge, its accuracy on real and on reconstructed (Griffin-Lim) single words."""
-    codec.eval()
-    L = codec.num_levels
-    l1_sum, frames, errors, chars = np.zeros(L), 0.0, 0, 0
-    codes_all = []
-    for s in range(0, len(data), batch_size):
-        b = data.get(np.arange(s, min(s + batch_size, len(data))))
-        z = codec.encode_latent(b["mel"])
-        codes, quants, _ = codec.quantise(z, b["frame_mask"])
-        mask = b["mel_mask"]
-        for n in range(1, L + 1):
-            recon = codec.decode_latent(quants[:n].sum(0)).clip(min=math.log(M.LOG_FLOOR))
-            l1_sum[n - 1] += float(((recon - b["mel"]).abs().mean(-1) * mask).sum())
-        frames += float(mask.sum())
-        best = codec.ctc_head(quants[0].transpose([0, 2, 1])).argmax(1).numpy()
-        for j, i in enumerate(range(s, s + len(best))):
-            truth = "".join(CHARS[c - 1] for c in data.labels[i])
-            errors += _edit_distance(ctc_greedy(best[j, :b["frames"][j]]), truth)
-            chars += len(truth)
-        codes_all.append(codes.numpy().reshape(-1, L)[b["frame_mask"].numpy().reshape(-1) > 0])
-    codes_all = np.concatenate(codes_all)
-    out = {f"mel_l1_levels_{n}": l1_sum[n - 1] / frames for n in range(1, L + 1)}
-    out["mel_l1"] = out[f"mel_l1_levels_{L}"]
-    out["level0_cer"] = errors / max(1, chars)
-    usage = [np.bincount(codes_all[:, l], minlength=codec.codebook_size) / len(codes_all) for l in range(L)]
-    out["code_perplexity_mean"] = float(np.mean([np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())
-                                                 for p in usage]))
-    if judge is not None:
-        words = data.speech.words_only()
-        padded, _ = words.padded(codec.frames_for(int(words.lengths.max())) * codec.samples_per_frame)
-        out["judge_acc_real"] = judge.score(words.waves, words.word_ids)
-        out["judge_acc_codec"] = judge.score(codec.decode(codec.encode(padded)), words.word_ids)
-        out["judge_chance"] = 1.0 / len(WORDS)
-    return out
-
-
-def fit_codec(cfg: AudioCodecConfig, tc: TrainConfig, train_set, eval_set,
-              judge=None) -> tuple[AudioCodec, dict]:
-    """Train a codec on `train_set` (every utterance: words and phrases); metrics on `eval_set`."""
-    from tqdm import tqdm
-
-    paddle.seed(tc.seed)
-    rng = np.random.default_rng(tc.seed)
-    codec = AudioCodec(cfg)
-    train, held = _Batches(codec, train_set, cfg.max_seconds), _Batches(codec, eval_set, cfg.max_seconds)
-    start = time.time()
-    first = train.get(rng.choice(len(train), min(len(train), 64), replace=False))
-    z = codec.encode_latent(first["mel"]).detach().reshape([-1, cfg.code_dim])
-    codec.rvq.init_kmeans(paddle.gather(z, paddle.nonzero(first["frame_mask"].reshape([-1])).flatten()),
-                          seed=tc.seed)
-    params = [p for p in codec.parameters() if not p.stop_gradient]  # ema codebooks are not trained
-    opt = paddle.optimizer.AdamW(learning_rate=tc.lr, parameters=params, weight_decay=tc.weight_decay,
-                                 beta1=tc.beta1, beta2=tc.beta2, epsilon=tc.eps,
-                                 grad_clip=nn.ClipGradByGlobalNorm(tc.clip_norm) if tc.clip_norm else None)
-    ema = {}
-    codec.train()
-    bar = tqdm(range(tc.max_steps), desc="audio codec", disable=not tc.progress, dynamic_ncols=True)
-    for step in bar:
-        batch = train.get(rng.integers(0, len(train), tc.batch_size))
-        drop = rng.random(tc.batch_size) < cfg.quantizer_dropout
-        levels = np.where(drop, rng.integers(1, cfg.levels + 1, tc.batch_size), cfg.levels)
-        losses = codec_losses(codec, batch, levels)
-        losses["loss"].backward()
-        apply_update(codec, opt, step, tc)
-        for k, v in losses.items():
-            ema[k] = float(v) if k not in ema else 0.95 * ema[k] + 0.05 * float(v)
-        bar.set_postfix(mel=f"{ema['mel_l1']:.3f}", ctc=f"{ema['ctc']:.2f}", vq=f"{ema['vq']:.3f}")
-    train_seconds = time.time() - start
-    metrics = dict(train_seconds=train_seconds, train_mel_l1=ema.get("mel_l1"), train_ctc=ema.get("ctc"))
-    metrics.update(evaluate(codec, held, judge))
-    return codec, metrics
-
-
-def train_from_config(cfg) -> dict:
-    """`ernie5 train recipes/audio_codec.yaml`: train on the training voices, save the codec to
-    train.run_dir (codec.safetensors, codec.json, metrics.json), report held-out-voice metrics."""
-    from ..config import save_config
-    from ..data.speech import load_speech
-
-    ac = cfg.audio_codec
-    judge = None
-    if ac.judge:
-        from ..eval.speech_judge import SpeechJudge
-
-        try:
-            judge = SpeechJudge.load(ac.judge)
-        except FileNotFoundError as e:  # the judge is an extra report; the codec trains without it
-            print(f"warning: {e}; the judge's accuracy on reconstructions is not reported", file=sys.stderr)
-    train_set, eval_set = load_speech(cfg.data.cache_dir)
-    codec, metrics = fit_codec(ac, cfg.train, train_set, eval_set, judge)
-    codec.save(cfg.train.run_dir)
-    save_config(cfg, os.path.join(cfg.train.run_dir, "config.yaml"))
-    write_json(os.path.join(cfg.train.run_dir, "metrics.json"), metrics)
-    return metrics
 
 
 class CodecMissing(UserError, FileNotFoundError):

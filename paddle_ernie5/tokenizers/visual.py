@@ -28,7 +28,7 @@ API (the backbone builds on these):
     frames_BTCHW = tok.decode(codes)
     ids = codes_to_ids(codes_s);  codes_s = ids_to_codes(ids, bits)   (bit-exact, numpy or paddle)
     tok.save(path)   -> path/model.safetensors + path/config.json
-    train_from_config(cfg: Config) -> metrics     (`ernie5 train recipes/visual_tokenizer.yaml`)
+Trained by train/visual_tokenizer.py (`ernie5 train recipes/visual_tokenizer.yaml`).
 """
 
 from __future__ import annotations
@@ -313,104 +313,3 @@ def reconstruct(tok: VisualTokenizer, frames: np.ndarray, batch: int = 64, bits:
         x = tok.decode(codes[:num_scales] if num_scales else codes).numpy()
         out.append(x.reshape(frames[i:i + batch].shape))
     return np.concatenate(out)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training (`ernie5 train recipes/visual_tokenizer.yaml`)
-
-
-def active_bits(cfg: VisualTokenizerConfig, step: int, max_steps: int) -> int:
-    """Bits in use at `step` under the progressive schedule (equal phases)."""
-    if not cfg.bit_schedule:
-        return cfg.bits
-    phase = min(len(cfg.bit_schedule) - 1, step * len(cfg.bit_schedule) // max(1, max_steps))
-    return cfg.bit_schedule[phase]
-
-
-def train_steps(tok: VisualTokenizer, opt, batches, cfg_train, max_steps: int, start: int = 0,
-                on_step=None) -> list[float]:
-    """Optimise on `batches(step) -> list of frame arrays`; returns the loss of every step."""
-    from ..optim.optimizer import apply_update
-
-    losses = []
-    tok.train()
-    for step in range(start, max_steps):
-        bits = active_bits(tok.cfg, step, cfg_train.max_steps)
-        total, rec_sum = 0.0, 0.0
-        for frames in batches(step):
-            x = paddle.to_tensor(frames)
-            x_hat, vq = tok(x, bits)
-            rec = F.mse_loss(x_hat, _as_video(x))
-            total = total + rec + vq
-            rec_sum += float(rec)
-        total.backward()
-        apply_update(tok, opt, step, cfg_train)
-        losses.append(float(total))
-        if on_step is not None:
-            on_step(step, float(total), rec_sum, bits)
-    return losses
-
-
-def train_from_config(cfg) -> dict:
-    """Train on the built-in digits, save to <run_dir>/tokenizer, report held-out PSNR."""
-    from ..data.digits import digit_images, digit_videos
-    from ..train.component import ComponentRun
-    from ..optim.optimizer import build_optimizer
-
-    vt, tr = cfg.visual_tokenizer, cfg.train
-    run = ComponentRun(cfg, "visual tokenizer")
-    data = dict(size=vt.image_size, cache_dir=cfg.data.cache_dir)
-    images = digit_images("train", copies=vt.image_copies, **data)
-    videos = digit_videos("train", frames=vt.frames, **data)
-    tok = VisualTokenizer(vt)
-    opt = build_optimizer(tok, tr)
-
-    def batches(step):
-        out = [images.pixels[run.rng.integers(len(images), size=tr.batch_size)]]
-        if vt.video_every and step % vt.video_every == 0:
-            out.append(videos.pixels[run.rng.integers(len(videos), size=vt.video_batch_size)])
-        return out
-
-    def on_step(step, loss, rec, bits):
-        run.step(step, {"train/loss": loss, "train/recon_mse": rec, "train/bits": bits},
-                 loss=f"{loss:.4f}", bits=bits)
-
-    train_steps(tok, opt, batches, tr, tr.max_steps, on_step=on_step)
-    seconds = run.training_done()
-    tok.eval()
-    tok.save(run.path("tokenizer"))
-    metrics = evaluate(tok, cfg)
-    metrics.update(train_seconds=seconds, vocab_size=tok.vocab_size, tokens_per_frame=tok.tokens_per_frame)
-    return run.finish(metrics)
-
-def evaluate(tok: VisualTokenizer, cfg) -> dict:
-    """Held-out PSNR for images, videos and each prefix of scales; judge accuracy if configured."""
-    from ..data.digits import digit_images, digit_videos
-
-    vt = tok.cfg
-    data = dict(size=vt.image_size, cache_dir=cfg.data.cache_dir)
-    images = digit_images("heldout", copies=1, **data)
-    videos = digit_videos("heldout", frames=vt.frames, **data)
-    rec_images = reconstruct(tok, images.pixels)
-    rec_videos = reconstruct(tok, videos.pixels, batch=16)
-    metrics = {"psnr_image_heldout": psnr(rec_images, images.pixels),
-               "psnr_video_heldout": psnr(rec_videos, videos.pixels)}
-    for n in range(1, len(vt.scales)):
-        metrics[f"psnr_image_heldout_scales{n}"] = psnr(reconstruct(tok, images.pixels, num_scales=n),
-                                                        images.pixels)
-    if vt.judge:
-        from ..eval.vision_judge import VisionJudge
-
-        judge = VisionJudge.load(vt.judge)
-        real = judge.score(images.pixels, images.labels)
-        fake = judge.score(rec_images, images.labels)
-        for head in ("digit", "fg", "bg"):
-            metrics[f"judge_{head}_real"] = real[head]
-            metrics[f"judge_{head}_recon"] = fake[head]
-        if judge.cfg.video_every:
-            real = judge.score(videos.pixels, videos.labels)
-            fake = judge.score(rec_videos, videos.labels)
-            for head in ("digit", "direction"):
-                metrics[f"judge_video_{head}_real"] = real[head]
-                metrics[f"judge_video_{head}_recon"] = fake[head]
-    return {k: round(v, 4) for k, v in metrics.items()}

@@ -11,11 +11,11 @@ from __future__ import annotations
 import importlib
 
 RUNNERS = {
-    "visual_tokenizer": "paddle_ernie5.tokenizers.visual:train_from_config",
-    "vision_judge": "paddle_ernie5.eval.vision_judge:train_from_config",
+    "visual_tokenizer": "paddle_ernie5.train.visual_tokenizer:train_from_config",
+    "vision_judge": "paddle_ernie5.train.vision_judge:train_from_config",
     "vision_merger": "paddle_ernie5.train.vision_merger:train_from_config",
-    "audio_codec": "paddle_ernie5.tokenizers.audio:train_from_config",
-    "speech_judge": "paddle_ernie5.eval.speech_judge:train_from_config",
+    "audio_codec": "paddle_ernie5.train.audio_codec:train_from_config",
+    "speech_judge": "paddle_ernie5.train.speech_judge:train_from_config",
     "sft": "paddle_ernie5.rl.sft:train_from_config",
     "rl": "paddle_ernie5.rl.trainer:train_from_config",
 }

@@ -26,8 +26,9 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from ..errors import UserError
-
+from ..config import to_plain
+from ..optim.optimizer import apply_update, build_optimizer
+from .loop import Component, Loop
 from .pretrained import MERGER_WEIGHTS as WEIGHTS
 
 
@@ -62,7 +63,7 @@ class MergerProbe(nn.Layer):
 
 
 def _arrays(cfg, data, index: np.ndarray, kind: str):
-    from ..data.vision_tasks import merged_segment
+    from ..data.vision_sources import merged_segment
     from ..model.vision import FEATURE_KEY, PATCH_INDEX_KEY
 
     segs = [merged_segment(data.feats[i], cfg.model.vision, kind, 0) for i in index]
@@ -97,33 +98,45 @@ def evaluate(probe: MergerProbe, cfg, sets: dict, batch: int = 256) -> dict:
     return out
 
 
+class MergerRun(Component):
+    """The probe trained on random train-split pictures of each configured kind."""
+
+    name = "patch merger"
+
+    def __init__(self, cfg, rng: np.random.Generator):
+        from ..data.vision_sources import encoded_digits, load_visual_tokenizer
+
+        self.cfg, self.tr, self.rng = cfg, cfg.train, rng
+        self.config = {"model": to_plain(cfg.model), "vision_merger": to_plain(cfg.vision_merger)}
+        tok = load_visual_tokenizer(cfg.model.vision)
+        self.model = probe = MergerProbe(cfg.model, cfg.vision_merger)
+        kinds = list(probe.attributes)
+        self.train_sets = {kind: encoded_digits(cfg, kind, "train", tok) for kind in kinds}
+        self.held = {kind: encoded_digits(cfg, kind, "heldout", tok) for kind in kinds}
+        self.optimizer = build_optimizer(probe, self.tr)
+
+    def step(self, step: int) -> dict[str, float]:
+        total = 0.0
+        for kind, data in self.train_sets.items():
+            index = self.rng.integers(len(data.feats), size=self.tr.batch_size)
+            targets = _targets(data.labels, index)
+            for k, lg in self.model(kind, *_arrays(self.cfg, data, index, kind)).items():
+                total = total + F.cross_entropy(lg, paddle.to_tensor(targets[k]))
+        total.backward()
+        apply_update(self.model, self.optimizer, step, self.tr)
+        return {"train/loss": float(total)}
+
+    def evaluate(self) -> dict:
+        return evaluate(self.model, self.cfg, self.held)
+
+    def finish(self, run_dir: str) -> dict:
+        weights = {kind: self.model.embed[kind].state_dict() for kind in self.held}
+        paddle.save(weights, os.path.join(run_dir, WEIGHTS))
+        return {}
+
+
 def train_from_config(cfg) -> dict:
     """Pre-train the configured kinds' visual embeddings on the train split; save them; report
     held-out accuracy."""
-    from ..data.vision_tasks import encoded_digits, load_visual_tokenizer
-    from .component import ComponentRun
-    from ..optim.optimizer import apply_update, build_optimizer
-
-    tr = cfg.train
-    run = ComponentRun(cfg, "patch merger")
-    tok = load_visual_tokenizer(cfg.model.vision)
-    probe = MergerProbe(cfg.model, cfg.vision_merger)
-    kinds = list(probe.attributes)
-    train = {kind: encoded_digits(cfg, kind, "train", tok) for kind in kinds}
-    held = {kind: encoded_digits(cfg, kind, "heldout", tok) for kind in kinds}
-    opt = build_optimizer(probe, tr)
-    for step in range(tr.max_steps):
-        total = 0.0
-        for kind, data in train.items():
-            index = run.rng.integers(len(data.feats), size=tr.batch_size)
-            targets = _targets(data.labels, index)
-            for k, lg in probe(kind, *_arrays(cfg, data, index, kind)).items():
-                total = total + F.cross_entropy(lg, paddle.to_tensor(targets[k]))
-        total.backward()
-        apply_update(probe, opt, step, tr)
-        run.step(step, {"train/loss": float(total)}, loss=f"{float(total):.3f}")
-    seconds = run.training_done()
-    paddle.save({kind: probe.embed[kind].state_dict() for kind in kinds}, run.path(WEIGHTS))
-    metrics = evaluate(probe, cfg, held)
-    metrics["train_seconds"] = seconds
-    return run.finish(metrics)
+    loop = Loop(cfg.train, cfg)
+    return loop.fit(MergerRun(cfg, loop.rng))

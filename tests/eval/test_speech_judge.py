@@ -5,7 +5,8 @@ import pytest
 
 from paddle_ernie5.config import SpeechJudgeConfig, TrainConfig
 from paddle_ernie5.data import speech as S
-from paddle_ernie5.eval.speech_judge import SpeechJudge, fit_judge
+from paddle_ernie5.eval.speech_judge import SpeechJudge
+from paddle_ernie5.train.speech_judge import fit_judge
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None,
                                 reason="espeak-ng is not installed: run `make espeak`")
@@ -57,7 +58,7 @@ def test_train_from_config_writes_a_loadable_judge(debug_config, data_cache, mon
     import json
     import os
 
-    from paddle_ernie5.eval import speech_judge as J
+    from paddle_ernie5.train import speech_judge as J
 
     full = S.load_speech
     monkeypatch.setattr(S, "load_speech", lambda cache_dir: full(cache_dir, S.DEBUG_SPEC))

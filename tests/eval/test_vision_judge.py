@@ -6,7 +6,8 @@ import pytest
 
 from paddle_ernie5.config import TrainConfig, VisionJudgeConfig
 from paddle_ernie5.data.digits import digit_images, digit_videos
-from paddle_ernie5.eval.vision_judge import VisionJudge, _targets, train_steps
+from paddle_ernie5.eval.vision_judge import VisionJudge, _targets
+from paddle_ernie5.train.vision_judge import train_steps
 from paddle_ernie5.optim.optimizer import build_optimizer
 
 
@@ -71,7 +72,7 @@ def test_predict_shapes_resizing_and_save_load(judge, data, tmp_path):
 
 def test_train_from_config_reports_every_head(tmp_path, data_cache):
     from paddle_ernie5.config import load_config
-    from paddle_ernie5.eval.vision_judge import train_from_config
+    from paddle_ernie5.train.vision_judge import train_from_config
 
     from support import RECIPES
 

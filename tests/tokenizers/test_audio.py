@@ -8,6 +8,7 @@ from paddle_ernie5.config import AudioCodecConfig, TrainConfig
 from paddle_ernie5.tokenizers import mel as M
 from paddle_ernie5.data import speech as S
 from paddle_ernie5.tokenizers import audio as A
+from paddle_ernie5.train import audio_codec as T
 
 TINY = AudioCodecConfig(levels=4, codebook_size=32, code_dim=16, channels=32, res_blocks=1, max_seconds=1.6)
 TRAIN = TrainConfig(max_steps=80, batch_size=8, lr=1e-2, min_lr=1e-3, schedule="cosine", warmup_steps=5,
@@ -24,7 +25,7 @@ def sets(data_cache):
 
 @pytest.fixture(scope="module")
 def trained(sets):
-    codec, metrics = A.fit_codec(TINY, TRAIN, *sets)
+    codec, metrics = T.fit_codec(TINY, TRAIN, *sets)
     return codec, metrics
 
 
@@ -111,7 +112,7 @@ def test_sampled_codes_decode_to_audio_of_the_right_length():
 def test_training_learns_and_each_level_lowers_the_decoded_error(trained, sets):
     codec, held_out = trained
     # On the speech it was trained on (the debug set has one held-out voice, too few to be smooth):
-    m = A.evaluate(codec, A._Batches(codec, sets[0], TINY.max_seconds))
+    m = T.evaluate(codec, T._Batches(codec, sets[0], TINY.max_seconds))
     by_levels = [m[f"mel_l1_levels_{n}"] for n in range(1, TINY.levels + 1)]
     assert all(b <= a + 0.005 for a, b in zip(by_levels, by_levels[1:])), by_levels
     assert by_levels[-1] < by_levels[0] - 0.02, by_levels
@@ -141,7 +142,7 @@ def test_ctc_helpers():
 
 @needs_espeak
 def test_train_from_config_reports_judge_accuracy_on_reconstructions(debug_config, monkeypatch, tmp_path):
-    from paddle_ernie5.eval import speech_judge as J
+    from paddle_ernie5.train import speech_judge as J
 
     full = S.load_speech
     monkeypatch.setattr(S, "load_speech", lambda cache_dir: full(cache_dir, S.DEBUG_SPEC))
@@ -151,7 +152,7 @@ def test_train_from_config_reports_judge_accuracy_on_reconstructions(debug_confi
     cfg = debug_config("task=audio_codec", "train.max_steps=4", f"audio_codec.judge={tmp_path / 'judge'}",
                        "audio_codec.codebook_size=16", "audio_codec.code_dim=8", "audio_codec.channels=16",
                        "audio_codec.griffin_lim_iters=4")
-    metrics = A.train_from_config(cfg)
+    metrics = T.train_from_config(cfg)
     assert {"mel_l1", "level0_cer", "judge_acc_real", "judge_acc_codec", "judge_chance"} <= set(metrics)
     codec = A.AudioCodec.load(cfg.train.run_dir)
     assert codec.codebook_size == 16 and codec.num_levels == 4

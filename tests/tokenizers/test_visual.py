@@ -5,8 +5,9 @@ import paddle
 import pytest
 
 from paddle_ernie5.config import TrainConfig, VisualTokenizerConfig
-from paddle_ernie5.tokenizers.visual import (VisualTokenizer, active_bits, codes_to_ids, ids_to_codes,
-                                             psnr, reconstruct, train_steps)
+from paddle_ernie5.tokenizers.visual import (VisualTokenizer, codes_to_ids, ids_to_codes, psnr,
+                                             reconstruct)
+from paddle_ernie5.train.visual_tokenizer import active_bits, train_steps
 from paddle_ernie5.optim.optimizer import build_optimizer
 
 TINY = VisualTokenizerConfig(image_size=8, width=8, downsample=2, bits=6, scales=(1, 2, 4),
@@ -149,7 +150,7 @@ def test_train_from_config_writes_tokenizer_and_reports_psnr(tmp_path, data_cach
         f"data.cache_dir={data_cache}", f"train.run_dir={tmp_path / 'run'}", "train.visualdl=false",
         "train.progress=false", "train.max_steps=3", "train.warmup_steps=1", "train.batch_size=4",
         "visual_tokenizer.width=8", "visual_tokenizer.video_batch_size=1"])
-    from paddle_ernie5.tokenizers.visual import train_from_config
+    from paddle_ernie5.train.visual_tokenizer import train_from_config
 
     m = train_from_config(cfg)
     assert {"psnr_image_heldout", "psnr_video_heldout", "psnr_image_heldout_scales1"} <= set(m)
