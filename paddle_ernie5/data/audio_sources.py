@@ -1,15 +1,17 @@
-"""Speech sources of the pretraining mixture: `asr` (speech -> transcript) and `tts` (transcript -> speech).
+"""Speech sources of the pretraining mixture: `asr` (speech -> transcript) and `tts`
+(transcript -> speech).
 
-The built-in speech (data/speech.py) is encoded once with the frozen codec (model.audio.codec_dir) and
-cached in data.cache_dir under the codec's weight hash and the speech set's key, so training reads
-codes and never runs the codec. The `train` split holds only the training voices; `val` (and every
-held-out number) only the held-out voices.
+The built-in speech (data/speech.py) is encoded once with the frozen codec (model.audio.codec_dir)
+and cached in data.cache_dir under the codec's weight hash and the speech set's key, so training
+reads codes and never runs the codec. The `train` split holds only the training voices; `val` (and
+every held-out number) only the held-out voices.
 
 Documents (one position per codec frame; t = h = w = index from the document start):
 
-    asr:  <bos> <boa> f_1 ... f_F <eoa> w_1 ... w_n <eos>     text loss on w_1 .. <eos> (from <eoa> on)
-    tts:  <bos> w_1 ... w_n <boa> f_1 ... f_F <eoa>           audio loss: at <boa> the codes of f_1, at
-                                                              f_j those of f_{j+1}, at f_F level 0 = <eoa>
+    asr:  <bos> <boa> f_1 ... f_F <eoa> w_1 ... w_n <eos>
+          text loss on w_1 .. <eos> (from <eoa> on)
+    tts:  <bos> w_1 ... w_n <boa> f_1 ... f_F <eoa>
+          audio loss: at <boa> the codes of f_1, at f_j those of f_{j+1}, at f_F level 0 = <eoa>
 
 Batch extras (model/audio.py): audio_codes, audio_targets, audio_target_mask.
 """
@@ -44,63 +46,85 @@ class CodedSpeech:
 
 
 def encode_speech(codec, waves: list[np.ndarray], batch_size: int = 32) -> list[np.ndarray]:
-    """Codes [ceil(T_i / samples_per_frame), L] of each wave; batches of similar length are padded
-    with silence (the codec trained on zero-padded windows) and each utterance keeps its own frames."""
+    """Codes [ceil(T_i / samples_per_frame), L] of each wave. Batches of similar length are padded
+    with silence (the codec trained on zero-padded windows); each utterance keeps its own frames."""
     order = np.argsort([len(w) for w in waves], kind="stable")
     out: list[np.ndarray | None] = [None] * len(waves)
     for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+        idx = order[s : s + batch_size]
         n = max(len(waves[i]) for i in idx)
         pad = np.zeros((len(idx), n), np.float32)
         for j, i in enumerate(idx):
-            pad[j, :len(waves[i])] = waves[i]
+            pad[j, : len(waves[i])] = waves[i]
         codes = codec.encode(pad)
         for j, i in enumerate(idx):
-            out[i] = codes[j, :codec.frames_for(len(waves[i]))]
+            out[i] = codes[j, : codec.frames_for(len(waves[i]))]
     return out
 
 
-def load_coded_speech(cache_dir: str, codec_dir: str, spec: SpeechSpec | None = None,
-                      log=print) -> tuple[CodedSpeech, CodedSpeech]:
+def load_coded_speech(
+    cache_dir: str, codec_dir: str, spec: SpeechSpec | None = None, log=print
+) -> tuple[CodedSpeech, CodedSpeech]:
     """(training voices, held-out voices) as codec codes, encoded on first use and cached.
     `spec`: the speech set (default SPEECH_SPEC)."""
     spec = spec or SPEECH_SPEC
     from ..tokenizers.audio import codec_fingerprint, open_codec
 
-    path = os.path.join(cache_dir, f"speech_codes_{codec_fingerprint(codec_dir)}_{spec.key()}_v{_FORMAT}.npz")
+    path = os.path.join(
+        cache_dir, f"speech_codes_{codec_fingerprint(codec_dir)}_{spec.key()}_v{_FORMAT}.npz"
+    )
     if not os.path.exists(path):
         codec = open_codec(codec_dir)
         train, held = load_speech(cache_dir, spec)
-        log(f"encoding {len(train) + len(held)} utterances with the codec in {codec_dir} (once; cached)")
+        log(
+            f"encoding {len(train) + len(held)} utterances with the codec in {codec_dir} "
+            "(once; cached)"
+        )
         arrays = {}
         for name, sset in (("train", train), ("eval", held)):
             codes = encode_speech(codec, sset.waves)
-            arrays.update({f"{name}_codes": np.concatenate(codes),
-                           f"{name}_offsets": np.concatenate([[0], np.cumsum([len(c) for c in codes])]),
-                           f"{name}_text": np.array(sset.texts), f"{name}_word": sset.word_ids,
-                           f"{name}_voice": np.array(sset.voices)})
+            arrays.update(
+                {
+                    f"{name}_codes": np.concatenate(codes),
+                    f"{name}_offsets": np.concatenate([[0], np.cumsum([len(c) for c in codes])]),
+                    f"{name}_text": np.array(sset.texts),
+                    f"{name}_word": sset.word_ids,
+                    f"{name}_voice": np.array(sset.voices),
+                }
+            )
         save_npz(path, arrays)
     with np.load(path, allow_pickle=False) as z:
         sets = []
         for name in ("train", "eval"):
             off, codes = z[f"{name}_offsets"], z[f"{name}_codes"]
-            sets.append(CodedSpeech([codes[off[i]:off[i + 1]] for i in range(len(off) - 1)],
-                                    [str(t) for t in z[f"{name}_text"]], z[f"{name}_word"],
-                                    [str(v) for v in z[f"{name}_voice"]]))
+            sets.append(
+                CodedSpeech(
+                    [codes[off[i] : off[i + 1]] for i in range(len(off) - 1)],
+                    [str(t) for t in z[f"{name}_text"]],
+                    z[f"{name}_word"],
+                    [str(v) for v in z[f"{name}_voice"]],
+                )
+            )
     return sets[0], sets[1]
 
 
 def coded_speech(ctx: MixtureContext) -> CodedSpeech:
-    """The split of the context (train: training voices; otherwise held-out voices), shared by sources."""
+    """The split of the context (train: training voices; otherwise held-out voices), shared by
+    the sources."""
     if "coded_speech" not in ctx.cache:
-        ctx.cache["coded_speech"] = load_coded_speech(ctx.cfg.data.cache_dir, ctx.cfg.model.audio.codec_dir)
+        ctx.cache["coded_speech"] = load_coded_speech(
+            ctx.cfg.data.cache_dir, ctx.cfg.model.audio.codec_dir
+        )
     train, held = ctx.cache["coded_speech"]
     return train if ctx.split == "train" else held
 
 
 def _audio_extras(n: int, levels: int) -> dict[str, np.ndarray]:
-    return {"audio_codes": np.zeros((n, levels), np.int64), "audio_targets": np.zeros((n, levels), np.int64),
-            "audio_target_mask": np.zeros((n, levels), np.float32)}
+    return {
+        "audio_codes": np.zeros((n, levels), np.int64),
+        "audio_targets": np.zeros((n, levels), np.int64),
+        "audio_target_mask": np.zeros((n, levels), np.float32),
+    }
 
 
 def _quiet(ids, start: int) -> Segment:
@@ -116,8 +140,14 @@ def audio_segment(codes_FL: np.ndarray, start: int) -> Segment:
     pos = np.arange(start, start + f, dtype=np.int64)
     extras = _audio_extras(f, levels)
     extras["audio_codes"] = codes_FL.astype(np.int64)
-    return Segment(np.full(f, AUDIO_TYPE, np.int64), np.stack([pos, pos, pos]), np.zeros(f, np.int64),
-                   np.full(f, IGNORE, np.int64), None, extras)
+    return Segment(
+        np.full(f, AUDIO_TYPE, np.int64),
+        np.stack([pos, pos, pos]),
+        np.zeros(f, np.int64),
+        np.full(f, IGNORE, np.int64),
+        None,
+        extras,
+    )
 
 
 class _SpeechSource:
@@ -133,7 +163,7 @@ class _SpeechSource:
         return len(self.data)
 
     def codes(self, index: int) -> np.ndarray:
-        return self.data.codes[index][:, :self.levels]
+        return self.data.codes[index][:, : self.levels]
 
 
 def asr_question(tokenizer, prompt: str) -> list[int]:
@@ -142,12 +172,14 @@ def asr_question(tokenizer, prompt: str) -> list[int]:
 
 
 def asr_answer_text(text: str, prompt: str) -> str:
-    """The transcript as it follows the prompt: after a question it starts with a space, like a QA answer."""
+    """The transcript as it follows the prompt: after a question it starts with a space, like a
+    QA answer."""
     return " " + text if prompt else text
 
 
 class ASRSource(_SpeechSource):
-    """<bos> <boa> frames <eoa> [asr_prompt] transcript <eos>; the transcript and <eos> are the targets."""
+    """<bos> <boa> frames <eoa> [asr_prompt] transcript <eos>; the transcript and <eos> are the
+    targets."""
 
     def __init__(self, ctx: MixtureContext):
         super().__init__(ctx)
@@ -162,7 +194,7 @@ class ASRSource(_SpeechSource):
         audio = audio_segment(codes, 2)
         answer = self.answers[index] + [self.eos]
         tail = text_segment([self.eoa] + self.question + answer, 2 + len(codes))
-        tail.labels[:len(self.question)] = IGNORE  # <eoa> and the question predict the question
+        tail.labels[: len(self.question)] = IGNORE  # <eoa> and the question predict the question
         tail.extras = _audio_extras(len(tail), self.levels)
         return [head, audio, tail]
 

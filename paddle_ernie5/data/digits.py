@@ -9,25 +9,26 @@ palette colour over a background of another: pixel = ink * fg + (1 - ink) * bg.
     labels  digit 0-9, fg / bg colour index into COLOURS, and for videos direction index into
             DIRECTIONS and speed in SPEEDS (pixels per frame)
 
-Colours are the text corpus' colour words (data/text.py), so captions and answers use words the text
-tokenizer already knows. Only pairs far apart in RGB are used (`COLOUR_PAIRS`, 48 of the 56 ordered
-pairs): red on orange or yellow on white, for example, are left out because the digit is hard to see.
+Colours are the text corpus' colour words (data/text.py), so captions and answers use words the
+text tokenizer already knows. Only pairs far apart in RGB are used (`COLOUR_PAIRS`, 48 of the 56
+ordered pairs): red on orange or yellow on white, for example, are left out because the digit is
+hard to see.
 
 Videos: a smaller copy of the digit (`video_digit_size`, 5/8 of the frame by default) moves in a
-straight line at 1 or 2 pixels per frame. Motion wraps around the frame edges (a torus), so the digit
-is always in view, the direction never changes inside a clip and any start position is possible; a
-bouncing digit would make "direction" ambiguous.
+straight line at 1 or 2 pixels per frame. Motion wraps around the frame edges (a torus), so the
+digit is always in view, the direction never changes inside a clip and any start position is
+possible; a bouncing digit would make "direction" ambiguous.
 
-Split: a source sample (sklearn index) is held out when blake2b(index) falls below `heldout_fraction`,
-so every image and video made from one handwritten sample sits on the same side, whatever the seed.
-Colours, directions and speeds are drawn from a numpy Generator seeded per (seed, source index, copy),
-so the data set does not depend on build order.
+Split: a source sample (sklearn index) is held out when blake2b(index) falls below
+`heldout_fraction`, so every image and video made from one handwritten sample sits on the same
+side, whatever the seed. Colours, directions and speeds are drawn from a numpy Generator seeded per
+(seed, source index, copy), so the data set does not depend on build order.
 
-Built once per parameter set and cached in `cache_dir` as uint8 npz (written to a temporary file and
-renamed, so readers never see half a file); an unreadable cache file is rebuilt with a warning.
+Built once per parameter set and cached in `cache_dir` as uint8 npz (written to a temporary file
+and renamed, so readers never see half a file); an unreadable cache file is rebuilt with a warning.
 
 Entry points:
-    digit_images(split, size=16, cache_dir=..., copies=2) -> DigitSet     (split: "train" | "heldout")
+    digit_images(split, size=16, cache_dir=..., copies=2) -> DigitSet  (split: "train" | "heldout")
     digit_videos(split, size=16, frames=8, cache_dir=...)  -> DigitSet
     image_caption(digit, fg, bg), video_caption(...), image_questions(...), video_questions(...)
 """
@@ -47,22 +48,30 @@ from ..io import save_npz
 from .text import COLOURS, DIRECTIONS
 
 # RGB in [0, 1], in the order of COLOURS.
-PALETTE = np.array([
-    (0.90, 0.10, 0.10),  # red
-    (0.10, 0.70, 0.15),  # green
-    (0.15, 0.25, 0.95),  # blue
-    (0.95, 0.90, 0.10),  # yellow
-    (0.10, 0.90, 0.90),  # cyan
-    (0.85, 0.15, 0.85),  # magenta
-    (0.97, 0.97, 0.97),  # white
-    (0.98, 0.55, 0.05),  # orange
-], dtype=np.float32)
+PALETTE = np.array(
+    [
+        (0.90, 0.10, 0.10),  # red
+        (0.10, 0.70, 0.15),  # green
+        (0.15, 0.25, 0.95),  # blue
+        (0.95, 0.90, 0.10),  # yellow
+        (0.10, 0.90, 0.90),  # cyan
+        (0.85, 0.15, 0.85),  # magenta
+        (0.97, 0.97, 0.97),  # white
+        (0.98, 0.55, 0.05),  # orange
+    ],
+    dtype=np.float32,
+)
 MIN_PAIR_DISTANCE = 0.7  # Euclidean RGB distance below which fg on bg is too hard to read
 # Far apart in RGB but both very light: hard to read for a person.
 _LOW_CONTRAST = {frozenset(("yellow", "white"))}
-COLOUR_PAIRS = tuple((f, b) for f in range(len(COLOURS)) for b in range(len(COLOURS))
-                     if f != b and float(np.linalg.norm(PALETTE[f] - PALETTE[b])) >= MIN_PAIR_DISTANCE
-                     and frozenset((COLOURS[f], COLOURS[b])) not in _LOW_CONTRAST)
+COLOUR_PAIRS = tuple(
+    (f, b)
+    for f in range(len(COLOURS))
+    for b in range(len(COLOURS))
+    if f != b
+    and float(np.linalg.norm(PALETTE[f] - PALETTE[b])) >= MIN_PAIR_DISTANCE
+    and frozenset((COLOURS[f], COLOURS[b])) not in _LOW_CONTRAST
+)
 SPEEDS = (1, 2)  # pixels per frame
 # (dy, dx) per pixel of speed, in the order of DIRECTIONS (left, right, up, down).
 _STEPS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
@@ -100,11 +109,13 @@ class DigitSet:
             return video_questions(l["digit"], l["fg"], l["bg"], l["direction"], l["speed"])
         return image_questions(l["digit"], l["fg"], l["bg"])
 
-    def subset(self, idx) -> "DigitSet":
-        return DigitSet(self.pixels[idx], {k: v[idx] for k, v in self.labels.items()}, self.source[idx])
+    def subset(self, idx) -> DigitSet:
+        return DigitSet(
+            self.pixels[idx], {k: v[idx] for k, v in self.labels.items()}, self.source[idx]
+        )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Text
 
 
@@ -126,45 +137,78 @@ def video_caption(digit: int, fg: int, bg: int, direction: int, speed: int) -> s
 
 
 def image_questions(digit: int, fg: int, bg: int) -> list[tuple[str, str]]:
-    return [("What digit is this?", str(digit)),
-            ("What colour is the digit?", COLOURS[fg]),
-            ("What colour is the background?", COLOURS[bg])]
+    return [
+        ("What digit is this?", str(digit)),
+        ("What colour is the digit?", COLOURS[fg]),
+        ("What colour is the background?", COLOURS[bg]),
+    ]
 
 
-def video_questions(digit: int, fg: int, bg: int, direction: int, speed: int) -> list[tuple[str, str]]:
+def video_questions(
+    digit: int, fg: int, bg: int, direction: int, speed: int
+) -> list[tuple[str, str]]:
     pace = "slowly" if speed == SPEEDS[0] else "quickly"
-    return image_questions(digit, fg, bg) + [("Which way does the digit move?", DIRECTIONS[direction]),
-                                             ("How fast does the digit move?", pace)]
+    return image_questions(digit, fg, bg) + [
+        ("Which way does the digit move?", DIRECTIONS[direction]),
+        ("How fast does the digit move?", pace),
+    ]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Public loaders
 
 
 def is_heldout(source: np.ndarray | int, heldout_fraction: float = 0.15) -> np.ndarray:
     """Stable split by handwritten sample: blake2b(str(index)) read as a fraction of 2**64."""
     src = np.atleast_1d(np.asarray(source))
-    out = np.array([int.from_bytes(hashlib.blake2b(str(int(s)).encode(), digest_size=8).digest(),
-                                   "little") / 2.0 ** 64 < heldout_fraction for s in src])
+    out = np.array(
+        [
+            int.from_bytes(hashlib.blake2b(str(int(s)).encode(), digest_size=8).digest(), "little")
+            / 2.0**64
+            < heldout_fraction
+            for s in src
+        ]
+    )
     return out if np.ndim(source) else bool(out[0])
 
 
-def digit_images(split: str = "train", size: int = 16, cache_dir: str = ".cache/paddle_ernie5",
-                 copies: int = 2, seed: int = 0, heldout_fraction: float = 0.15) -> DigitSet:
+def digit_images(
+    split: str = "train",
+    size: int = 16,
+    cache_dir: str = ".cache/paddle_ernie5",
+    copies: int = 2,
+    seed: int = 0,
+    heldout_fraction: float = 0.15,
+) -> DigitSet:
     """Coloured digits; `copies` colourings of each handwritten sample."""
     params = dict(kind="images", size=size, copies=copies, seed=seed)
-    return _split(_cached(cache_dir, params, lambda: _build_images(size, copies, seed)), split,
-                  heldout_fraction)
+    return _split(
+        _cached(cache_dir, params, lambda: _build_images(size, copies, seed)),
+        split,
+        heldout_fraction,
+    )
 
 
-def digit_videos(split: str = "train", size: int = 16, frames: int = 8,
-                 cache_dir: str = ".cache/paddle_ernie5", copies: int = 1, seed: int = 0,
-                 heldout_fraction: float = 0.15, video_digit_size: int = 0) -> DigitSet:
+def digit_videos(
+    split: str = "train",
+    size: int = 16,
+    frames: int = 8,
+    cache_dir: str = ".cache/paddle_ernie5",
+    copies: int = 1,
+    seed: int = 0,
+    heldout_fraction: float = 0.15,
+    video_digit_size: int = 0,
+) -> DigitSet:
     """Moving digits; `video_digit_size` 0 = round(5/8 * size)."""
     digit_size = video_digit_size or round(size * 5 / 8)
-    params = dict(kind="videos", size=size, frames=frames, copies=copies, seed=seed, digit=digit_size)
-    return _split(_cached(cache_dir, params, lambda: _build_videos(size, frames, digit_size, copies, seed)),
-                  split, heldout_fraction)
+    params = dict(
+        kind="videos", size=size, frames=frames, copies=copies, seed=seed, digit=digit_size
+    )
+    return _split(
+        _cached(cache_dir, params, lambda: _build_videos(size, frames, digit_size, copies, seed)),
+        split,
+        heldout_fraction,
+    )
 
 
 def _split(arrays: dict, split: str, heldout_fraction: float) -> DigitSet:
@@ -174,13 +218,19 @@ def _split(arrays: dict, split: str, heldout_fraction: float) -> DigitSet:
     if split != "all":
         held = is_heldout(arrays["source"], heldout_fraction)
         keep = held if split == "heldout" else ~held
-    labels = {k: arrays[k][keep].astype(np.int64) for k in ("digit", "fg", "bg", "direction", "speed")
-              if k in arrays}
-    return DigitSet(arrays["pixels"][keep].astype(np.float32) / 255.0, labels,
-                    arrays["source"][keep].astype(np.int64))
+    labels = {
+        k: arrays[k][keep].astype(np.int64)
+        for k in ("digit", "fg", "bg", "direction", "speed")
+        if k in arrays
+    }
+    return DigitSet(
+        arrays["pixels"][keep].astype(np.float32) / 255.0,
+        labels,
+        arrays["source"][keep].astype(np.int64),
+    )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Building and caching
 
 
@@ -254,8 +304,12 @@ def _build_videos(size: int, frames: int, digit_size: int, copies: int, seed: in
             canvas = np.zeros((size, size), np.float32)
             canvas[:digit_size, :digit_size] = ink[i]
             dy, dx = _STEPS[DIRECTIONS[direction]]
-            clip = np.stack([np.roll(canvas, (y0 + dy * speed * t, x0 + dx * speed * t), axis=(0, 1))
-                             for t in range(frames)])
+            clip = np.stack(
+                [
+                    np.roll(canvas, (y0 + dy * speed * t, x0 + dx * speed * t), axis=(0, 1))
+                    for t in range(frames)
+                ]
+            )
             for k, v in zip(out, (_paint(clip, fg, bg), target[i], fg, bg, direction, speed, i)):
                 out[k].append(v)
     return {k: np.stack(v) if k == "pixels" else np.asarray(v, np.int16) for k, v in out.items()}

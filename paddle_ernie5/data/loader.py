@@ -1,14 +1,14 @@
 """Epoch-based loader of packed text batches with exact resume, plus the built-in text pipeline.
 
-Epoch e: docs = docs_ids_fn(e) (BPE-dropout re-encodes here), document order and then row order are
-shuffled with Generator(seed + e), the rows are cut into batches and the last incomplete batch is
-dropped. The state is just (epoch, index of the next row), because everything else is recomputed from
-the seed: resuming repacks the epoch and continues with the same batches.
+Epoch e: docs = docs_ids_fn(e) (BPE-dropout re-encodes here), document order and then row order
+are shuffled with Generator(seed + e), the rows are cut into batches and the last incomplete batch
+is dropped. The state is just (epoch, index of the next row), because everything else is
+recomputed from the seed: resuming repacks the epoch and continues with the same batches.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -20,8 +20,17 @@ from paddle_ernie5.tokenizers.text import BOS_ID, EOS_ID
 class PackedTextLoader:
     """Infinite stream of training batches: dicts of numpy arrays with the batch dim first."""
 
-    def __init__(self, docs_ids_fn: Callable[[int], list[list[int]]], seq_len: int, batch_size: int,
-                 pad_id: int, seed: int, shuffle: bool = True, bos_id: int = BOS_ID, eos_id: int = EOS_ID):
+    def __init__(
+        self,
+        docs_ids_fn: Callable[[int], list[list[int]]],
+        seq_len: int,
+        batch_size: int,
+        pad_id: int,
+        seed: int,
+        shuffle: bool = True,
+        bos_id: int = BOS_ID,
+        eos_id: int = EOS_ID,
+    ):
         self.docs_ids_fn = docs_ids_fn
         self.seq_len = seq_len
         self.batch_size = batch_size
@@ -38,15 +47,18 @@ class PackedTextLoader:
             docs = self.docs_ids_fn(self.epoch)
             rng = np.random.default_rng(self.seed + self.epoch)
             if self.shuffle:
-                # Shuffling documents first moves the row cuts, so each epoch splits documents differently.
+                # Shuffling documents first moves the row cuts, so each epoch splits documents
+                # differently.
                 docs = [docs[i] for i in rng.permutation(len(docs))]
             packed = pack_documents(docs, self.seq_len, self.pad_id, self.bos_id, self.eos_id)
             if self.shuffle:
                 order = rng.permutation(len(packed["input_ids"]))
                 packed = {k: v[order] for k, v in packed.items()}
             if len(packed["input_ids"]) < self.batch_size:
-                raise ValueError(f"epoch {self.epoch} packs {len(packed['input_ids'])} rows, fewer than "
-                                 f"batch_size={self.batch_size}")
+                raise ValueError(
+                    f"epoch {self.epoch} packs {len(packed['input_ids'])} rows, fewer than "
+                    f"batch_size={self.batch_size}"
+                )
             self._packed = (self.epoch, packed)
         return self._packed[1]
 
@@ -55,7 +67,7 @@ class PackedTextLoader:
         if self.index + self.batch_size > len(rows["input_ids"]):
             self.epoch, self.index = self.epoch + 1, 0
             rows = self._epoch_rows()
-        batch = {k: v[self.index:self.index + self.batch_size] for k, v in rows.items()}
+        batch = {k: v[self.index : self.index + self.batch_size] for k, v in rows.items()}
         self.index += self.batch_size
         return batch
 
@@ -73,21 +85,28 @@ def eval_batches(packed: dict[str, np.ndarray], batch_size: int) -> Iterator[dic
     """Rows of a packing in order, batch_size at a time; the last batch may be smaller."""
     n = len(packed["input_ids"])
     for start in range(0, n, batch_size):
-        yield {k: v[start:start + batch_size] for k, v in packed.items()}
+        yield {k: v[start : start + batch_size] for k, v in packed.items()}
 
 
-def build_text_data(cache_dir: str, vocab_size: int, seq_len: int, batch_size: int, seed: int,
-                    bpe_dropout: float = 0.0, val_fraction: float = 0.05):
+def build_text_data(
+    cache_dir: str,
+    vocab_size: int,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    bpe_dropout: float = 0.0,
+    val_fraction: float = 0.05,
+):
     """(tokenizer, training loader, packed validation) for the built-in text corpus.
 
-    Training documents are re-encoded each epoch with BPE-dropout seeded by seed + epoch; validation is
-    always encoded without dropout."""
-    from paddle_ernie5.data.text import build_text_corpus
-    from paddle_ernie5.data.text import get_text_tokenizer
+    Training documents are re-encoded each epoch with BPE-dropout seeded by seed + epoch; validation
+    is always encoded without dropout."""
+    from paddle_ernie5.data.text import build_text_corpus, get_text_tokenizer
 
     train_docs, val_docs = build_text_corpus(seed, val_fraction)
     tok = get_text_tokenizer(cache_dir, vocab_size, seed, val_fraction)
     if bpe_dropout > 0.0:
+
         def docs_ids_fn(epoch: int) -> list[list[int]]:
             return tok.encode_batch(train_docs, dropout=bpe_dropout, seed=seed + epoch)
     else:
@@ -95,14 +114,19 @@ def build_text_data(cache_dir: str, vocab_size: int, seq_len: int, batch_size: i
 
         def docs_ids_fn(epoch: int) -> list[list[int]]:
             return fixed
-    loader = PackedTextLoader(docs_ids_fn, seq_len, batch_size, tok.pad_id, seed,
-                              bos_id=tok.bos_id, eos_id=tok.eos_id)
-    val_packed = pack_documents(tok.encode_batch(val_docs), seq_len, tok.pad_id, tok.bos_id, tok.eos_id)
+
+    loader = PackedTextLoader(
+        docs_ids_fn, seq_len, batch_size, tok.pad_id, seed, bos_id=tok.bos_id, eos_id=tok.eos_id
+    )
+    val_packed = pack_documents(
+        tok.encode_batch(val_docs), seq_len, tok.pad_id, tok.bos_id, tok.eos_id
+    )
     return tok, loader, val_packed
 
 
 def unigram_baseline(train_docs: list[list[int]], val_labels: np.ndarray, vocab_size: int) -> float:
-    """Cross-entropy (nats/token) of an add-one unigram model fit on training tokens, on val targets."""
+    """Cross-entropy (nats/token) on the val targets of an add-one unigram model fit on the
+    training tokens."""
     counts = np.ones(vocab_size, dtype=np.float64)
     for doc in train_docs:
         np.add.at(counts, np.asarray(doc, dtype=np.int64), 1)

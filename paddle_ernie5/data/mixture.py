@@ -1,23 +1,27 @@
-"""The multimodal pretraining mixture: sources that turn built-in data into documents of `Segment`s, and a
-loader that samples them by weight (data.mixture) and packs them into rows (data/multimodal.py).
+"""The multimodal pretraining mixture: sources that turn built-in data into documents of
+`Segment`s, and a loader that samples them by weight (data.mixture) and packs them into rows
+(data/multimodal.py).
 
 A source is registered by name (the fields of config.MixtureConfig) with a factory taking the
 `MixtureContext` (config, text tokenizer, split) and returning a `Source`:
 
     len(source)                   number of distinct items of the split
-    source.document(i, rng)       one document: a list of Segments (text, image scales, audio frames...)
+    source.document(i, rng)       one document: a list of Segments (text, image scales, audio
+                                  frames...)
 
-Text is built in here; vision (model/vision.py's data side) and audio register their sources from their
-own modules, imported by `load_source_modules`. Row r of step t is drawn from Generator([seed, t]) alone,
-so the loader's whole state is the step: resuming gives the same batches.
+The text source is defined here; the image/video sources (data/vision_sources.py) and the audio
+sources (data/audio_sources.py) register from their own modules, imported by `load_source_modules`.
+The rows of step t are drawn from Generator([seed, t]) alone, so the loader's whole state is the
+step: resuming gives the same batches.
 
 Legend: S row length, N rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -38,7 +42,8 @@ class MixtureContext:
     tokenizer: object  # tokenizers/text.TextTokenizer
     split: str  # "train" | "val"
     text_docs: list[list[int]] = field(default_factory=list)  # encoded text corpus of the split
-    cache: dict = field(default_factory=dict)  # shared by the sources of one modality (tokenised data)
+    # Shared by the sources of one modality (tokenised data).
+    cache: dict = field(default_factory=dict)
 
     def special_id(self, name: str) -> int:
         """Id of a modality delimiter, e.g. special_id("<boi>") (config.SPECIAL_TOKENS)."""
@@ -49,7 +54,7 @@ class MixtureContext:
 
 
 SOURCES: dict[str, Callable[[MixtureContext], Source]] = {}
-# Modules that register sources on import (data for the image/video and audio sources).
+# Modules that register the image/video and audio sources on import.
 SOURCE_MODULES = ("paddle_ernie5.data.vision_sources", "paddle_ernie5.data.audio_sources")
 
 
@@ -80,14 +85,19 @@ class TextSource:
         doc = self.docs[index]
         n = int(rng.integers(max(8, self.max_len // 4), self.max_len))  # row share, <bos> included
         start = int(rng.integers(0, max(1, len(doc) - (n - 1) + 1)))
-        return [text_segment([self.bos] + doc[start:start + n - 1])]
+        return [text_segment([self.bos] + doc[start : start + n - 1])]
 
 
 register_source("text")(TextSource)
 
 
-def draw_documents(sources: dict[str, Source], weights: dict[str, float], rng: np.random.Generator,
-                   seq_len: int, rows: int) -> tuple[list[list[Segment]], list[str]]:
+def draw_documents(
+    sources: dict[str, Source],
+    weights: dict[str, float],
+    rng: np.random.Generator,
+    seq_len: int,
+    rows: int,
+) -> tuple[list[list[Segment]], list[str]]:
     """Documents (and their source names) filling `rows` rows of `seq_len` in packing order."""
     names = [k for k, w in weights.items() if w > 0]
     p = np.array([weights[k] for k in names], dtype=np.float64)
@@ -101,8 +111,10 @@ def draw_documents(sources: dict[str, Source], weights: dict[str, float], rng: n
         doc = src.document(int(rng.integers(0, len(src))), rng)
         n = sum(len(s) for s in doc)
         if n > seq_len:
-            raise ValueError(f"a {name!r} document has {n} positions, more than data.seq_len={seq_len}; "
-                             "raise data.seq_len (and model.max_seq_len) or shrink the modality")
+            raise ValueError(
+                f"a {name!r} document has {n} positions, more than data.seq_len={seq_len}; "
+                "raise data.seq_len (and model.max_seq_len) or shrink the modality"
+            )
         if used + n > seq_len:
             if used == 0 or misses >= 4 or row + 1 >= rows:
                 row, used, misses = row + 1, 0, 0  # close the row (padding) and start the next
@@ -125,8 +137,10 @@ class MixtureLoader:
         weights = ctx.cfg.data.mixture.weights()
         missing = [k for k, w in weights.items() if w > 0 and k not in SOURCES]
         if missing:
-            raise ValueError(f"data.mixture gives weight to {missing}, which no module registers; "
-                             f"registered: {sorted(SOURCES)}")
+            raise ValueError(
+                f"data.mixture gives weight to {missing}, which no module registers; "
+                f"registered: {sorted(SOURCES)}"
+            )
         self.weights = weights
         self.sources = {k: SOURCES[k](ctx) for k, w in weights.items() if w > 0}
         self.seq_len = ctx.cfg.data.seq_len
@@ -138,7 +152,9 @@ class MixtureLoader:
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])
-        docs, sources = draw_documents(self.sources, self.weights, rng, self.seq_len, self.batch_size)
+        docs, sources = draw_documents(
+            self.sources, self.weights, rng, self.seq_len, self.batch_size
+        )
         self.last_sources = sources
         batch = pack_segments(docs, self.seq_len, self.pad_id)
         n = batch["input_ids"].shape[0]

@@ -50,11 +50,14 @@ def text_segment(ids, start_position: int = 0) -> Segment:
     return Segment(np.zeros(ids.size, np.int64), np.stack([pos, pos, pos]), ids, labels)
 
 
-def row_mask(doc_lens: list[int], blocks: np.ndarray, seq_len: int,
-             horizon: np.ndarray | None = None) -> np.ndarray:
-    """[S, 2] int32 [LTS, UTE] for one row holding documents of `doc_lens` (then padding), where
-    `blocks` [sum(doc_lens)] gives each position's row-global block id (-1 = causal token) and
-    `horizon` [sum(doc_lens)] optionally the row-global row from which on it is hidden (-1 = none)."""
+def row_mask(
+    doc_lens: list[int], blocks: np.ndarray, seq_len: int, horizon: np.ndarray | None = None
+) -> np.ndarray:
+    """[S, 2] int32 [LTS, UTE] for one row holding documents of `doc_lens` (then padding).
+
+    blocks   [sum(doc_lens)] row-global block id of each position (-1 = causal token)
+    horizon  [sum(doc_lens)] optional: row-global row from which on the position is hidden
+             (-1 = none)"""
     total = int(sum(doc_lens))
     if total > seq_len:
         raise ValueError(f"documents hold {total} positions but the row has {seq_len}")
@@ -75,8 +78,15 @@ def row_mask(doc_lens: list[int], blocks: np.ndarray, seq_len: int,
     return np.stack([lts, ute], axis=-1).astype(np.int32)
 
 
-def pack_segments(docs: list[list[Segment]], seq_len: int, pad_id: int = 0,
-                  one_per_row: bool = False) -> dict[str, np.ndarray]:
+def _cat(parts, pad: int, fill, dtype, tail_shape=()) -> np.ndarray:
+    """Concatenation of `parts` along the first axis followed by `pad` rows of `fill`."""
+    a = np.concatenate(parts) if parts else np.zeros((0, *tail_shape), dtype)
+    return np.concatenate([a.astype(dtype), np.full((pad, *tail_shape), fill, dtype)])
+
+
+def pack_segments(
+    docs: list[list[Segment]], seq_len: int, pad_id: int = 0, one_per_row: bool = False
+) -> dict[str, np.ndarray]:
     """Rows of whole documents (in order) -> model batch arrays, mask_causal=False layout.
     `one_per_row`: row i holds document i alone (scoring, RL batches)."""
     rows: list[list[list[Segment]]] = [[]]
@@ -93,24 +103,39 @@ def pack_segments(docs: list[list[Segment]], seq_len: int, pad_id: int = 0,
     if not rows[-1]:
         rows.pop()
     extra_keys = sorted({k for doc in docs for s in doc for k in s.extras})
-    samples = {k: next(s.extras[k] for doc in docs for s in doc if k in s.extras) for k in extra_keys}
-    out = {"input_ids": [], "labels": [], "token_types": [], "positions": [], "startend_row_indices": []}
+    samples = {
+        k: next(s.extras[k] for doc in docs for s in doc if k in s.extras) for k in extra_keys
+    }
+    out = {
+        "input_ids": [],
+        "labels": [],
+        "token_types": [],
+        "positions": [],
+        "startend_row_indices": [],
+    }
     out.update({k: [] for k in extra_keys})
     for row in rows:
         segs = [s for doc in row for s in doc]
         n = sum(len(s) for s in segs)
         pad = seq_len - n
-
-        def cat(parts, fill, dtype, tail_shape=()):
-            a = np.concatenate(parts) if parts else np.zeros((0, *tail_shape), dtype)
-            return np.concatenate([a.astype(dtype), np.full((pad, *tail_shape), fill, dtype)])
-
-        out["input_ids"].append(cat([s.input_ids if s.input_ids is not None
-                                     else np.full(len(s), pad_id) for s in segs], pad_id, np.int64))
-        out["labels"].append(cat([s.labels if s.labels is not None else np.full(len(s), IGNORE)
-                                  for s in segs], IGNORE, np.int64))
-        out["token_types"].append(cat([s.token_types for s in segs], 0, np.int64))
-        out["positions"].append(cat([s.positions.T for s in segs], 0, np.int64, (3,)).T)
+        out["input_ids"].append(
+            _cat(
+                [s.input_ids if s.input_ids is not None else np.full(len(s), pad_id) for s in segs],
+                pad,
+                pad_id,
+                np.int64,
+            )
+        )
+        out["labels"].append(
+            _cat(
+                [s.labels if s.labels is not None else np.full(len(s), IGNORE) for s in segs],
+                pad,
+                IGNORE,
+                np.int64,
+            )
+        )
+        out["token_types"].append(_cat([s.token_types for s in segs], pad, 0, np.int64))
+        out["positions"].append(_cat([s.positions.T for s in segs], pad, 0, np.int64, (3,)).T)
         blocks, horizon, offset, start = [], [], 0, 0
         for s in segs:
             b = np.full(len(s), -1, np.int64) if s.blocks is None else s.blocks.astype(np.int64)
@@ -121,13 +146,22 @@ def pack_segments(docs: list[list[Segment]], seq_len: int, pad_id: int = 0,
             start += len(s)
         doc_lens = [sum(len(s) for s in doc) for doc in row]
         out["startend_row_indices"].append(
-            row_mask(doc_lens, np.concatenate(blocks) if blocks else np.zeros(0, np.int64), seq_len,
-                     np.concatenate(horizon) if horizon else None)[None])
+            row_mask(
+                doc_lens,
+                np.concatenate(blocks) if blocks else np.zeros(0, np.int64),
+                seq_len,
+                np.concatenate(horizon) if horizon else None,
+            )[None]
+        )
         for k in extra_keys:
             sample = samples[k]
-            parts = [s.extras[k] if k in s.extras else np.zeros((len(s), *sample.shape[1:]), sample.dtype)
-                     for s in segs]
-            out[k].append(cat(parts, 0, sample.dtype, sample.shape[1:]))
+            parts = [
+                s.extras[k]
+                if k in s.extras
+                else np.zeros((len(s), *sample.shape[1:]), sample.dtype)
+                for s in segs
+            ]
+            out[k].append(_cat(parts, pad, 0, sample.dtype, sample.shape[1:]))
     batch = {k: np.stack(v) for k, v in out.items()}
     batch["mask_causal"] = False
     return batch

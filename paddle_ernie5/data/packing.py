@@ -1,9 +1,10 @@
 """Pack tokenized documents into fixed-length causal sequences with FlashMask document masks.
 
-Policy: the documents, each as [bos] + ids + [eos], are laid end to end in order and the stream is cut
-every seq_len tokens. A document crossing a cut continues at the start of the next sequence as a new
-segment (positions restart at 0, no bos); a document longer than seq_len simply spans several
-sequences. Only the tail of the last sequence is padding, so waste is below seq_len tokens per packing.
+Policy: the documents, each as [bos] + ids + [eos], are laid end to end in order and the stream is
+cut every seq_len tokens. A document crossing a cut continues at the start of the next sequence as a
+new segment (positions restart at 0, no bos); a document longer than seq_len simply spans several
+sequences. Only the tail of the last sequence is padding, so waste is below seq_len tokens per
+packing.
 
     stream:  [b a a a e][b c c c c c c e][b d e]
     rows:    |b a a a e b c c|c c c c e b d e|pad...|
@@ -20,8 +21,9 @@ from paddle_ernie5.tokenizers.text import BOS_ID, EOS_ID
 IGNORE = -100  # label of positions without a next token in the same segment, and of padding
 
 
-def pack_documents(docs: list[list[int]], seq_len: int, pad_id: int, bos_id: int = BOS_ID,
-                   eos_id: int = EOS_ID) -> dict[str, np.ndarray]:
+def pack_documents(
+    docs: list[list[int]], seq_len: int, pad_id: int, bos_id: int = BOS_ID, eos_id: int = EOS_ID
+) -> dict[str, np.ndarray]:
     """Pack documents (ids without bos/eos) into N rows of seq_len tokens.
 
     Returns input_ids, labels, positions, token_types [N, S] int64 and startend_row_indices
@@ -54,7 +56,7 @@ def pack_documents(docs: list[list[int]], seq_len: int, pad_id: int, bos_id: int
     # label[i] = stream[i + 1] when token i + 1 continues the segment of token i.
     labels = np.full(size, IGNORE, dtype=np.int64)
     cont = np.zeros(size, dtype=bool)
-    cont[:max(total - 1, 0)] = ~seg_start[1:total]
+    cont[: max(total - 1, 0)] = ~seg_start[1:total]
     labels[:-1][cont[:-1]] = stream[1:][cont[:-1]]
 
     # Segments never cross rows, so each row's segment lengths feed the shared FlashMask builder
@@ -62,7 +64,7 @@ def pack_documents(docs: list[list[int]], seq_len: int, pad_id: int, bos_id: int
     bounds = np.searchsorted(first // seq_len, np.arange(n_rows + 1))
     sri = np.empty((n_rows, 1, seq_len, 1), dtype=np.int32)
     for r in range(n_rows):
-        sri[r, 0] = causal_document(seg_lens[bounds[r]:bounds[r + 1]], seq_len)
+        sri[r, 0] = causal_document(seg_lens[bounds[r] : bounds[r + 1]], seq_len)
 
     shape = (n_rows, seq_len)
     return {

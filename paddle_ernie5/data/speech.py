@@ -6,14 +6,16 @@ and the judge train on `train_voices`, and everything reported as "held-out" is 
 side and peak-normalised to `PEAK` (espeak's level differs between voices; loudness carries no
 content here).
 
-    load_speech(cache_dir, spec) -> (train: SpeechSet, eval: SpeechSet)   (DEBUG_SPEC: a tiny set)
+    load_speech(cache_dir, spec) -> (train: SpeechSet, eval: SpeechSet)  (DEBUG_SPEC: a tiny set)
     SpeechSet: .waves (list of float32 arrays), .texts, .word_ids (index into WORDS, -1 for
-               phrases), .voices, .pitches, .speeds;  .padded(n) -> ([N, n] float32, lengths [N])
+               phrases), .voices, .pitches, .speeds;
+               .padded(n) -> ([N, n] float32, lengths [N])
 
 The set is built once per `SpeechSpec` (pitch and speed are drawn from a generator seeded by the
-spec, so equal specs give identical audio on one espeak-ng build) and cached as one npz in cache_dir,
-written to a temporary file and renamed; a cache that cannot be read is rebuilt with a warning.
-Building the default set (~1.6K utterances) takes ~10 s; espeak-ng is only needed when nothing is cached.
+spec, so equal specs give identical audio on one espeak-ng build) and cached as one npz in
+cache_dir, written to a temporary file and renamed; a cache that cannot be read is rebuilt with a
+warning. Building the default set (~1.6K utterances) takes ~10 s; espeak-ng is only needed when
+nothing is cached.
 """
 
 from __future__ import annotations
@@ -43,11 +45,21 @@ _FORMAT = 1  # bump when the building procedure changes, so old caches are not r
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta", "white", "orange")
 WORDS = DIGITS + COLOURS  # single-word utterances; a word id is an index into this tuple
-PHRASES = ("red seven", "blue two", "green five", "count to three", "the sky is blue",
-           "hello there", "good morning", "thank you")
+PHRASES = (
+    "red seven",
+    "blue two",
+    "green five",
+    "count to three",
+    "the sky is blue",
+    "hello there",
+    "good morning",
+    "thank you",
+)
 
-INSTALL_HINT = ("install it with `apt-get install -y espeak-ng` (as root; prefix sudo otherwise) or run "
-                "`make espeak`")
+INSTALL_HINT = (
+    "install it with `apt-get install -y espeak-ng` (as root; prefix sudo otherwise) or run "
+    "`make espeak`"
+)
 
 
 class EspeakMissing(UserError, RuntimeError):
@@ -56,11 +68,21 @@ class EspeakMissing(UserError, RuntimeError):
 
 @dataclass(frozen=True, kw_only=True)
 class SpeechSpec:
-    """What to synthesise. Voices are espeak-ng voice names, optionally `+variant` (m1..m7, f1..f5)."""
+    """What to synthesise. Voices are espeak-ng voice names, optionally `+variant` (m1..m7,
+    f1..f5)."""
 
     texts: tuple[str, ...] = WORDS + PHRASES
-    train_voices: tuple[str, ...] = ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-us+f2",
-                                     "en-gb+f3", "en-gb-x-rp+m3", "en-us-nyc+m1", "en-gb+f5")
+    train_voices: tuple[str, ...] = (
+        "en-us",
+        "en-gb",
+        "en-gb-scotland",
+        "en-029",
+        "en-us+f2",
+        "en-gb+f3",
+        "en-gb-x-rp+m3",
+        "en-us-nyc+m1",
+        "en-gb+f5",
+    )
     eval_voices: tuple[str, ...] = ("en-gb-x-gbcwmd", "en-us+f4", "en-gb-x-gbclan+m5")
     train_renditions: int = 6  # (pitch, speed) draws per train voice and text
     eval_renditions: int = 2
@@ -69,14 +91,20 @@ class SpeechSpec:
     seed: int = 0
 
     def key(self) -> str:
-        blob = json.dumps(dict(dataclasses.asdict(self), format=_FORMAT, sr=SAMPLE_RATE), sort_keys=True)
+        blob = json.dumps(
+            dict(dataclasses.asdict(self), format=_FORMAT, sr=SAMPLE_RATE), sort_keys=True
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 # A few words and voices (~70 utterances, about a second to build): what the tests use.
-DEBUG_SPEC = SpeechSpec(texts=("one", "two", "three", "red", "blue", "green", "red seven"),
-                        train_voices=("en-us", "en-gb+f3", "en-gb-scotland"), eval_voices=("en-us+f4",),
-                        train_renditions=3, eval_renditions=3)
+DEBUG_SPEC = SpeechSpec(
+    texts=("one", "two", "three", "red", "blue", "green", "red seven"),
+    train_voices=("en-us", "en-gb+f3", "en-gb-scotland"),
+    eval_voices=("en-us+f4",),
+    train_renditions=3,
+    eval_renditions=3,
+)
 
 
 @dataclass
@@ -95,20 +123,31 @@ class SpeechSet:
     def lengths(self) -> np.ndarray:
         return np.array([len(w) for w in self.waves], dtype=np.int64)
 
-    def select(self, idx) -> "SpeechSet":
-        idx = np.flatnonzero(idx) if np.asarray(idx).dtype == bool else np.asarray(idx, dtype=np.int64)
-        return SpeechSet([self.waves[i] for i in idx], [self.texts[i] for i in idx], self.word_ids[idx],
-                         [self.voices[i] for i in idx], self.pitches[idx], self.speeds[idx])
+    def select(self, idx) -> SpeechSet:
+        idx = (
+            np.flatnonzero(idx)
+            if np.asarray(idx).dtype == bool
+            else np.asarray(idx, dtype=np.int64)
+        )
+        return SpeechSet(
+            [self.waves[i] for i in idx],
+            [self.texts[i] for i in idx],
+            self.word_ids[idx],
+            [self.voices[i] for i in idx],
+            self.pitches[idx],
+            self.speeds[idx],
+        )
 
-    def words_only(self) -> "SpeechSet":
+    def words_only(self) -> SpeechSet:
         return self.select(self.word_ids >= 0)
 
     def padded(self, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Waves zero-padded (or cut) to `length` samples (default: the longest): [N, T], lengths [N]."""
+        """Waves zero-padded (or cut) to `length` samples (default: the longest):
+        [N, T], lengths [N]."""
         length = length or int(self.lengths.max())
         out = np.zeros((len(self), length), np.float32)
         for i, w in enumerate(self.waves):
-            out[i, :min(len(w), length)] = w[:length]
+            out[i, : min(len(w), length)] = w[:length]
         return out, np.minimum(self.lengths, length)
 
 
@@ -116,23 +155,32 @@ def require_espeak() -> str:
     """Path of espeak-ng, or EspeakMissing with the exact install command."""
     path = shutil.which("espeak-ng")
     if path is None:
-        raise EspeakMissing(f"espeak-ng is not installed (needed once to synthesise the built-in speech "
-                            f"set); {INSTALL_HINT}")
+        raise EspeakMissing(
+            f"espeak-ng is not installed (needed once to synthesise the built-in speech "
+            f"set); {INSTALL_HINT}"
+        )
     return path
 
 
-def synthesise(text: str, voice: str, pitch: int, speed: int, espeak: str | None = None) -> np.ndarray:
+def synthesise(
+    text: str, voice: str, pitch: int, speed: int, espeak: str | None = None
+) -> np.ndarray:
     """One utterance as 16 kHz float32: espeak-ng -> resample -> trim silence -> peak-normalise."""
     from scipy.signal import resample_poly
 
     espeak = espeak or require_espeak()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.wav")
-        proc = subprocess.run([espeak, "-v", voice, "-p", str(pitch), "-s", str(speed), "-w", out, text],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [espeak, "-v", voice, "-p", str(pitch), "-s", str(speed), "-w", out, text],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0 or not os.path.exists(out):
-            raise RuntimeError(f"espeak-ng failed for voice {voice!r} and text {text!r}: "
-                               f"{(proc.stderr or proc.stdout).strip()} (list voices: espeak-ng --voices=en)")
+            raise RuntimeError(
+                f"espeak-ng failed for voice {voice!r} and text {text!r}: "
+                f"{(proc.stderr or proc.stdout).strip()} (list voices: espeak-ng --voices=en)"
+            )
         with wave.open(out) as f:
             if f.getnchannels() != 1 or f.getsampwidth() != 2:
                 raise RuntimeError(f"espeak-ng wrote an unexpected WAV format for voice {voice!r}")
@@ -142,7 +190,7 @@ def synthesise(text: str, voice: str, pitch: int, speed: int, espeak: str | None
     x = resample_poly(x, SAMPLE_RATE // g, rate // g)
     loud = np.flatnonzero(np.abs(x) > 0.01 * np.abs(x).max())
     margin = int(MARGIN_S * SAMPLE_RATE)
-    x = x[max(0, loud[0] - margin):loud[-1] + margin + 1]
+    x = x[max(0, loud[0] - margin) : loud[-1] + margin + 1]
     return (PEAK * x / np.abs(x).max()).astype(np.float32)
 
 
@@ -150,8 +198,10 @@ def _plan(spec: SpeechSpec) -> list[tuple[str, str, int, int, str]]:
     """(text, voice, pitch, speed, split) for every utterance, in a fixed order."""
     rng = np.random.default_rng(spec.seed)
     plan = []
-    for split, voices, reps in (("train", spec.train_voices, spec.train_renditions),
-                                ("eval", spec.eval_voices, spec.eval_renditions)):
+    for split, voices, reps in (
+        ("train", spec.train_voices, spec.train_renditions),
+        ("eval", spec.eval_voices, spec.eval_renditions),
+    ):
         for voice in voices:
             for text in spec.texts:
                 for _ in range(reps):
@@ -174,9 +224,12 @@ def _build(spec: SpeechSpec) -> dict[str, np.ndarray]:
     return dict(
         audio=np.round(np.concatenate(waves) * 32767).astype(np.int16),
         offsets=np.concatenate([[0], np.cumsum(lengths)]),
-        text=np.array([p[0] for p in plan]), voice=np.array([p[1] for p in plan]),
-        pitch=np.array([p[2] for p in plan], np.int64), speed=np.array([p[3] for p in plan], np.int64),
-        split=np.array([p[4] for p in plan]))
+        text=np.array([p[0] for p in plan]),
+        voice=np.array([p[1] for p in plan]),
+        pitch=np.array([p[2] for p in plan], np.int64),
+        speed=np.array([p[3] for p in plan], np.int64),
+        split=np.array([p[4] for p in plan]),
+    )
 
 
 def _to_sets(arrays: dict[str, np.ndarray]) -> tuple[SpeechSet, SpeechSet]:
@@ -184,9 +237,14 @@ def _to_sets(arrays: dict[str, np.ndarray]) -> tuple[SpeechSet, SpeechSet]:
     off = arrays["offsets"]
     texts = [str(t) for t in arrays["text"]]
     word = {w: i for i, w in enumerate(WORDS)}
-    full = SpeechSet([audio[off[i]:off[i + 1]] for i in range(len(texts))], texts,
-                     np.array([word.get(t, -1) for t in texts], np.int64),
-                     [str(v) for v in arrays["voice"]], arrays["pitch"], arrays["speed"])
+    full = SpeechSet(
+        [audio[off[i] : off[i + 1]] for i in range(len(texts))],
+        texts,
+        np.array([word.get(t, -1) for t in texts], np.int64),
+        [str(v) for v in arrays["voice"]],
+        arrays["pitch"],
+        arrays["speed"],
+    )
     split = arrays["split"]
     return full.select(split == "train"), full.select(split == "eval")
 
@@ -200,8 +258,11 @@ def load_speech(cache_dir: str, spec: SpeechSpec = SpeechSpec()) -> tuple[Speech
                 arrays = {k: z[k] for k in z.files}
             return _to_sets(arrays)
         except Exception as e:  # noqa: BLE001 - zipfile/numpy raise many kinds for a damaged file
-            print(f"warning: cached speech set {path} is unreadable ({type(e).__name__}: {e}); "
-                  "rebuilding it", file=sys.stderr)
+            print(
+                f"warning: cached speech set {path} is unreadable ({type(e).__name__}: {e}); "
+                "rebuilding it",
+                file=sys.stderr,
+            )
     arrays = _build(spec)
     save_npz(path, arrays)
     return _to_sets(arrays)

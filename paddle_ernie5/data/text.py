@@ -1,8 +1,9 @@
 """Built-in text corpus: Python's pydoc topics plus generated arithmetic, counting and caption text.
 
-Nothing is downloaded: the prose ships with the interpreter (`pydoc_data.topics`), the rest is generated
-from a seeded numpy Generator. Documents go to validation by a hash of their text, so the split does not
-depend on order or seed, and a document generated twice always lands on the same side.
+Nothing is downloaded: the prose ships with the interpreter (`pydoc_data.topics`), the rest is
+generated from a seeded numpy Generator. Documents go to validation by a hash of their text, so the
+split does not depend on order or seed, and a document generated twice always lands on the same
+side.
 """
 
 from __future__ import annotations
@@ -21,11 +22,46 @@ from ..tokenizers.text import TRAINER_OPTIONS, TextTokenizer
 COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta", "white", "orange")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIRECTIONS = ("left", "right", "up", "down")
-NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goro", "Hana", "Ivan", "Jia", "Kofi", "Lena")
+NAMES = (
+    "Ana",
+    "Ben",
+    "Chen",
+    "Dara",
+    "Eli",
+    "Fatima",
+    "Goro",
+    "Hana",
+    "Ivan",
+    "Jia",
+    "Kofi",
+    "Lena",
+)
 ITEMS = ("apples", "pens", "books", "stars", "cups", "coins", "shells", "cards", "stones", "boxes")
-WORDS = COLOURS + DIGIT_WORDS + DIRECTIONS + (
-    "python", "letter", "number", "picture", "sound", "video", "digit", "square", "circle", "banana",
-    "keyboard", "language", "function", "statement", "module", "question", "answer", "mississippi")
+WORDS = (
+    COLOURS
+    + DIGIT_WORDS
+    + DIRECTIONS
+    + (
+        "python",
+        "letter",
+        "number",
+        "picture",
+        "sound",
+        "video",
+        "digit",
+        "square",
+        "circle",
+        "banana",
+        "keyboard",
+        "language",
+        "function",
+        "statement",
+        "module",
+        "question",
+        "answer",
+        "mississippi",
+    )
+)
 # Additive light mixing: these are the captions' colours, and the facts are true.
 LIGHT_MIXES = (("red", "green", "yellow"), ("green", "blue", "cyan"), ("red", "blue", "magenta"))
 
@@ -47,7 +83,7 @@ def build_text_corpus(seed: int = 0, val_fraction: float = 0.05) -> tuple[list[s
 def in_validation(doc: str, val_fraction: float) -> bool:
     """Stable split: the first 8 bytes of blake2b(doc) read as a fraction of 2**64."""
     h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest(), "little")
-    return h / 2.0 ** 64 < val_fraction
+    return h / 2.0**64 < val_fraction
 
 
 def pydoc_documents(max_chars: int = MAX_DOC_CHARS) -> list[str]:
@@ -70,8 +106,11 @@ def _paragraphs(text: str, max_chars: int) -> list[str]:
             out.append(para)
             continue
         # An over-long paragraph (a big grammar block) is cut at line ends, then hard-cut if needed.
-        lines = [line[i:i + max_chars]
-                 for line in para.split("\n") for i in range(0, max(len(line), 1), max_chars)]
+        lines = [
+            line[i : i + max_chars]
+            for line in para.split("\n")
+            for i in range(0, max(len(line), 1), max_chars)
+        ]
         out.extend(_merge(lines, max_chars, "\n"))
     return out
 
@@ -90,7 +129,7 @@ def _merge(parts: list[str], max_chars: int, sep: str) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Generated text
 
 
@@ -129,8 +168,10 @@ def _word_problem(rng: np.random.Generator) -> str:
     kind = rng.integers(3)
     if kind == 0:
         a, b = (int(x) for x in rng.integers(1, 50, size=2))
-        q = (f"{name} has {a} {colour} {item} and gets {b} more. "
-             f"How many {colour} {item} does {name} have now?")
+        q = (
+            f"{name} has {a} {colour} {item} and gets {b} more. "
+            f"How many {colour} {item} does {name} have now?"
+        )
         return _qa(q, str(a + b))
     if kind == 1:
         a = int(rng.integers(1, 50))
@@ -149,7 +190,10 @@ def _counting(rng: np.random.Generator) -> str:
         return _qa(f'How many letters are in the word "{word}"?', str(len(word)))
     if kind == 1:
         letter = word[rng.integers(len(word))]
-        return _qa(f'How many times does the letter "{letter}" appear in "{word}"?', str(word.count(letter)))
+        return _qa(
+            f'How many times does the letter "{letter}" appear in "{word}"?',
+            str(word.count(letter)),
+        )
     if kind == 2:
         k = int(rng.integers(1, 13))
         return _qa(f"How many stars are here: {' '.join('*' * k)}?", str(k))
@@ -180,7 +224,9 @@ def _sentence(rng: np.random.Generator) -> str:
         return f"Mixing {a} light and {b} light gives {c} light."
     if kind == 5:
         way = DIRECTIONS[rng.integers(len(DIRECTIONS))]
-        return f"{_an(fg).capitalize()} {fg} digit {d} moves {way} across {_an(bg)} {bg} background."
+        return (
+            f"{_an(fg).capitalize()} {fg} digit {d} moves {way} across {_an(bg)} {bg} background."
+        )
     return f"Q: What colour is the digit in this picture of {_an(fg)} {fg} {d} on {bg}? A: {fg}."
 
 
@@ -208,25 +254,32 @@ def generated_documents(char_budget: int, seed: int, with_kinds: bool = False):
 
 
 def validation_documents_by_kind(seed: int = 0, val_fraction: float = 0.05) -> dict[str, list[str]]:
-    """The validation split grouped by kind (prose, arithmetic_qa, ...): sources for routing analysis."""
+    """The validation split grouped by kind (prose, arithmetic_qa, ...): sources for routing
+    analysis."""
     prose = pydoc_documents()
     budget = int(sum(len(d) for d in prose) * GENERATED_FRACTION / (1.0 - GENERATED_FRACTION))
     out: dict[str, list[str]] = {k: [] for k in TEXT_KINDS}
-    for doc, kind in [(d, "prose") for d in prose] + generated_documents(budget, seed, with_kinds=True):
+    for doc, kind in [(d, "prose") for d in prose] + generated_documents(
+        budget, seed, with_kinds=True
+    ):
         if in_validation(doc, val_fraction):
             out[kind].append(doc)
     return out
 
 
-def get_text_tokenizer(cache_dir: str, vocab_size: int, seed: int = 0,
-                       val_fraction: float = 0.05) -> TextTokenizer:
+def get_text_tokenizer(
+    cache_dir: str, vocab_size: int, seed: int = 0, val_fraction: float = 0.05
+) -> TextTokenizer:
     """Tokenizer trained on the built-in corpus' training split, cached in cache_dir by config hash.
 
     A cached model that cannot be loaded (truncated, corrupt) is reported and retrained in place."""
     train_docs, _ = build_text_corpus(seed, val_fraction)
     h = hashlib.sha256()
-    h.update(json.dumps(dict(TRAINER_OPTIONS, vocab_size=vocab_size, sp=spm.__version__),
-                        sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            dict(TRAINER_OPTIONS, vocab_size=vocab_size, sp=spm.__version__), sort_keys=True
+        ).encode()
+    )
     for doc in train_docs:
         h.update(doc.encode("utf-8"))
         h.update(b"\0")
@@ -235,7 +288,9 @@ def get_text_tokenizer(cache_dir: str, vocab_size: int, seed: int = 0,
         try:
             return TextTokenizer.load(prefix + ".model")
         except Exception as e:  # noqa: BLE001 - sentencepiece raises bare RuntimeError/OSError
-            print(f"warning: cached tokenizer {prefix}.model is unreadable ({e}); retraining it",
-                  file=sys.stderr)
+            print(
+                f"warning: cached tokenizer {prefix}.model is unreadable ({e}); retraining it",
+                file=sys.stderr,
+            )
     os.makedirs(cache_dir, exist_ok=True)
     return TextTokenizer.train(train_docs, vocab_size, prefix)

@@ -1,16 +1,17 @@
 """Vision sources of the pretraining mixture: image_gen, image_qa, video_gen, video_qa.
 
 The built-in digits (data/digits.py) are coded once by the frozen visual tokenizer
-(model.vision.tokenizer_dir) and cached in data.cache_dir under the hash of the tokenizer's files, so
-training never runs the tokenizer. Per sample the cache holds the bit tokens of every frame (signs,
-int8) and the pre-quantisation features (float16).
+(model.vision.tokenizer_dir) and cached in data.cache_dir under the hash of the tokenizer's files,
+so training never runs the tokenizer. Per sample the cache holds the bit tokens of every frame
+(signs, int8) and the pre-quantisation features (float16).
 
 Documents (positions in brackets are one attention block; t/h/w from model/vision.py):
 
     image_gen   <bos> caption <boi> [scale 0] [scale 1] ... [scale n-1] <eoi>
     video_gen   <bos> caption <bov> [f0 s0] [f0 s1] [f0 s2] [f1 s0] ... <eov>
-    image_qa    <bos> <boi> [merged patches] <eoi> (question answer)+ <eos>  (loss on answers, <eos>)
+    image_qa    <bos> <boi> [merged patches] <eoi> (question answer)+ <eos>
     video_qa    <bos> <bov> [merged patches] <eov> (question answer)+ <eos>
+                (QA: loss on the answers and <eos>)
 
 The caption is the only text with a loss in the generation documents besides the <boi>/<bov> that
 follows it; with probability cond_drop_prob it is dropped (unconditional rows for guidance). Images
@@ -30,10 +31,23 @@ import numpy as np
 
 from ..config import SPECIAL_TOKENS, Config, VisionModelConfig
 from ..io import save_npz
-from ..model.vision import (IMAGE_ID, VIDEO_ID, FEATURE_KEY, PATCH_INDEX_KEY, generation_positions,
-                            history_bits, span_extent)
-from .digits import (digit_images, digit_videos, image_caption, image_questions, video_caption,
-                     video_questions)
+from ..model.vision import (
+    FEATURE_KEY,
+    IMAGE_ID,
+    PATCH_INDEX_KEY,
+    VIDEO_ID,
+    generation_positions,
+    history_bits,
+    span_extent,
+)
+from .digits import (
+    digit_images,
+    digit_videos,
+    image_caption,
+    image_questions,
+    video_caption,
+    video_questions,
+)
 from .mixture import MixtureContext, register_source
 from .multimodal import Segment, text_segment
 from .packing import IGNORE
@@ -75,9 +89,11 @@ def load_visual_tokenizer(vcfg: VisionModelConfig):
     except (OSError, ValueError) as e:
         raise UserError(f"model.vision.tokenizer_dir={vcfg.tokenizer_dir!r}: {e}") from None
     if tok.cfg.bits != vcfg.bits or tuple(tok.cfg.scales) != tuple(vcfg.scales):
-        raise UserError(f"model.vision (bits={vcfg.bits}, scales={list(vcfg.scales)}) does not match the "
-                        f"tokenizer at {vcfg.tokenizer_dir} (bits={tok.cfg.bits}, "
-                        f"scales={list(tok.cfg.scales)}); set model.vision.bits/scales to its values")
+        raise UserError(
+            f"model.vision (bits={vcfg.bits}, scales={list(vcfg.scales)}) does not match the "
+            f"tokenizer at {vcfg.tokenizer_dir} (bits={tok.cfg.bits}, "
+            f"scales={list(tok.cfg.scales)}); set model.vision.bits/scales to its values"
+        )
     return tok
 
 
@@ -88,7 +104,7 @@ def encode_frames(tok, pixels: np.ndarray, num_scales: int, batch: int = 128):
     tokens, feats = [], []
     with paddle.no_grad():
         for i in range(0, len(pixels), batch):
-            f, codes = tok.encode(pixels[i:i + batch])
+            f, codes = tok.encode(pixels[i : i + batch])
             codes = codes[:num_scales]
             n, t = codes[0].shape[:2]
             flat = [c.reshape([n, t, -1, c.shape[-1]]) for c in codes]
@@ -101,9 +117,15 @@ def encoded_digits(cfg: Config, kind: str, split: str, tok=None) -> EncodedSet:
     """The digits of `kind` (image | video) and `split` (train | heldout), coded by the tokenizer at
     model.vision.tokenizer_dir; built once and cached under the tokenizer's fingerprint."""
     v = cfg.model.vision
-    tag = f"{kind}_{split}_f{v.video_frames}_s{v.video_scales}" if kind == "video" else f"{kind}_{split}"
-    path = os.path.join(cfg.data.cache_dir,
-                        f"vision_v{CACHE_VERSION}_{tokenizer_fingerprint(v.tokenizer_dir)}_{tag}.npz")
+    tag = (
+        f"{kind}_{split}_f{v.video_frames}_s{v.video_scales}"
+        if kind == "video"
+        else f"{kind}_{split}"
+    )
+    path = os.path.join(
+        cfg.data.cache_dir,
+        f"vision_v{CACHE_VERSION}_{tokenizer_fingerprint(v.tokenizer_dir)}_{tag}.npz",
+    )
     if os.path.exists(path):
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files}
@@ -111,14 +133,19 @@ def encoded_digits(cfg: Config, kind: str, split: str, tok=None) -> EncodedSet:
         tok = tok or load_visual_tokenizer(v)
         size = tok.cfg.image_size
         if kind == "image":
-            data = digit_images(split, size=size, cache_dir=cfg.data.cache_dir,
-                                copies=2 if split == "train" else 1)
+            data = digit_images(
+                split, size=size, cache_dir=cfg.data.cache_dir, copies=2 if split == "train" else 1
+            )
             pixels, scales = data.pixels[:, None], len(v.scales)
         else:
             data = digit_videos(split, size=size, cache_dir=cfg.data.cache_dir)
-            pixels, scales = data.pixels[:, :v.video_frames], v.video_scales
+            pixels, scales = data.pixels[:, : v.video_frames], v.video_scales
         tokens, feats = encode_frames(tok, pixels, scales)
-        arrays = {"tokens": tokens, "feats": feats, **{f"label_{k}": x for k, x in data.labels.items()}}
+        arrays = {
+            "tokens": tokens,
+            "feats": feats,
+            **{f"label_{k}": x for k, x in data.labels.items()},
+        }
         save_npz(path, arrays)
     labels = {k[6:]: arrays[k].astype(np.int64) for k in arrays if k.startswith("label_")}
     return EncodedSet(arrays["tokens"], arrays["feats"], labels)
@@ -127,7 +154,7 @@ def encoded_digits(cfg: Config, kind: str, split: str, tok=None) -> EncodedSet:
 def is_heldout_combo(digit: int, fg: int, bg: int, fraction: float) -> bool:
     """Stable split of (digit, colour, background) combinations by hash."""
     h = hashlib.blake2b(f"{digit}-{fg}-{bg}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2.0 ** 64 < fraction
+    return int.from_bytes(h, "little") / 2.0**64 < fraction
 
 
 def caption_of(kind: str, labels: dict, i: int) -> str:
@@ -147,19 +174,26 @@ def questions_of(kind: str, labels: dict, i: int) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------ segments
 
 
-def generation_segment(tokens_TNb: np.ndarray, v: VisionModelConfig, kind: str, start: int,
-                       rng: np.random.Generator | None = None) -> Segment:
+def generation_segment(
+    tokens_TNb: np.ndarray,
+    v: VisionModelConfig,
+    kind: str,
+    start: int,
+    rng: np.random.Generator | None = None,
+) -> Segment:
     """The bit tokens of one image or clip as generation positions; `rng` (training) draws the
     random masking of historical frames."""
     frames, per_frame, _ = tokens_TNb.shape
-    scales = v.scales if kind == "image" else v.scales[:v.video_scales]
+    scales = v.scales if kind == "image" else v.scales[: v.video_scales]
     n_scales = len(scales)
     tokens = tokens_TNb.astype(np.float32)
     k = np.concatenate([np.full(s * s, i) for i, s in enumerate(scales)])
     blocks = (np.arange(frames)[:, None] * n_scales + k[None]).reshape(-1)
-    extras = {"vis_in": history_bits(tokens, scales).reshape(frames * per_frame, -1),
-              "vis_target": tokens.reshape(frames * per_frame, -1),
-              "vis_scale": np.tile(k + 1, frames).astype(np.int64)}
+    extras = {
+        "vis_in": history_bits(tokens, scales).reshape(frames * per_frame, -1),
+        "vis_target": tokens.reshape(frames * per_frame, -1),
+        "vis_scale": np.tile(k + 1, frames).astype(np.int64),
+    }
     horizon = None
     if frames > 1:
         frame_start = np.arange(frames) * per_frame
@@ -173,9 +207,13 @@ def generation_segment(tokens_TNb: np.ndarray, v: VisionModelConfig, kind: str, 
             h = np.where(masked, frame_start + per_frame, h)
         horizon = np.repeat(h, per_frame)
     type_id = IMAGE_ID if kind == "image" else VIDEO_ID
-    return Segment(np.full(frames * per_frame, type_id, np.int64),
-                   generation_positions(scales, v.scales[-1], frames, start), blocks=blocks,
-                   extras=extras, horizon=horizon)
+    return Segment(
+        np.full(frames * per_frame, type_id, np.int64),
+        generation_positions(scales, v.scales[-1], frames, start),
+        blocks=blocks,
+        extras=extras,
+        horizon=horizon,
+    )
 
 
 def merged_segment(feats_TKhw: np.ndarray, v: VisionModelConfig, kind: str, start: int) -> Segment:
@@ -189,9 +227,11 @@ def merged_segment(feats_TKhw: np.ndarray, v: VisionModelConfig, kind: str, star
     g = f.reshape(T // mt, mt, K, h // m, m, w // m, m).transpose(0, 3, 5, 1, 4, 6, 2)
     groups = g.reshape(-1, mt * m * m, K)  # [(T/mt) * (h/m) * (w/m), G, K]
     if (v.merger_position or v.merger_place_projection) and len(groups) > v.merged_places(kind):
-        raise ValueError(f"a {kind} of {T} frames x {h}x{w} cells holds {len(groups)} merged groups, more "
-                         f"than the {v.merged_places(kind)} that model.vision (scales, video_frames, merge) "
-                         "describes; code pictures with the tokenizer the model was built for")
+        raise ValueError(
+            f"a {kind} of {T} frames x {h}x{w} cells holds {len(groups)} merged groups, more "
+            f"than the {v.merged_places(kind)} that model.vision (scales, video_frames, merge) "
+            "describes; code pictures with the tokenizer the model was built for"
+        )
     nt, ny, nx = T // mt, h // m, w // m
     centre = 2 * m * np.arange(ny) + m - 1  # group centre in doubled latent units
     t = np.repeat(np.arange(nt), ny * nx)
@@ -199,9 +239,12 @@ def merged_segment(feats_TKhw: np.ndarray, v: VisionModelConfig, kind: str, star
     x = np.tile(np.tile(2 * m * np.arange(nx) + m - 1, ny), nt)
     n = len(groups)
     type_id = IMAGE_ID if kind == "image" else VIDEO_ID
-    return Segment(np.full(n, type_id, np.int64), np.stack([start + t, start + y, start + x]).astype(np.int64),
-                   blocks=np.zeros(n, np.int64),
-                   extras={FEATURE_KEY[kind]: groups, PATCH_INDEX_KEY: np.arange(n, dtype=np.int64)})
+    return Segment(
+        np.full(n, type_id, np.int64),
+        np.stack([start + t, start + y, start + x]).astype(np.int64),
+        blocks=np.zeros(n, np.int64),
+        extras={FEATURE_KEY[kind]: groups, PATCH_INDEX_KEY: np.arange(n, dtype=np.int64)},
+    )
 
 
 def generation_prompt(ctx_ids: list[int], bos: int, open_id: int) -> list[int]:
@@ -209,8 +252,14 @@ def generation_prompt(ctx_ids: list[int], bos: int, open_id: int) -> list[int]:
     return [bos, *ctx_ids, open_id]
 
 
-def generation_document(caption_ids: list[int], tokens_TNb: np.ndarray, v: VisionModelConfig, kind: str,
-                        ids: dict, rng: np.random.Generator | None = None) -> list[Segment]:
+def generation_document(
+    caption_ids: list[int],
+    tokens_TNb: np.ndarray,
+    v: VisionModelConfig,
+    kind: str,
+    ids: dict,
+    rng: np.random.Generator | None = None,
+) -> list[Segment]:
     prompt = generation_prompt(caption_ids, ids["bos"], ids[DELIMITERS[kind][0]])
     start = len(prompt)
     seg = generation_segment(tokens_TNb, v, kind, start, rng)
@@ -218,9 +267,15 @@ def generation_document(caption_ids: list[int], tokens_TNb: np.ndarray, v: Visio
     return [text_segment(prompt), seg, text_segment([ids[DELIMITERS[kind][1]]], end)]
 
 
-def qa_document(feats_TKhw: np.ndarray, question_ids: list[int], answer_ids: list[int],
-                v: VisionModelConfig, kind: str, ids: dict,
-                earlier: list[tuple[list[int], list[int]]] = ()) -> list[Segment]:
+def qa_document(
+    feats_TKhw: np.ndarray,
+    question_ids: list[int],
+    answer_ids: list[int],
+    v: VisionModelConfig,
+    kind: str,
+    ids: dict,
+    earlier: list[tuple[list[int], list[int]]] = (),
+) -> list[Segment]:
     """<bos> <boi> [patches] <eoi> (q a)* question answer <eos>; only answers and <eos> are targets.
     `earlier`: question/answer pairs about the same picture asked first."""
     open_id, close_id = (ids[d] for d in DELIMITERS[kind])
@@ -239,8 +294,9 @@ def qa_document(feats_TKhw: np.ndarray, question_ids: list[int], answer_ids: lis
     return [head, seg, tail]
 
 
-def qa_prompt(feats_TKhw: np.ndarray, question_ids: list[int], v: VisionModelConfig, kind: str,
-              ids: dict) -> list[Segment]:
+def qa_prompt(
+    feats_TKhw: np.ndarray, question_ids: list[int], v: VisionModelConfig, kind: str, ids: dict
+) -> list[Segment]:
     """<bos> <boi> [patches] <eoi> question: the head of a QA document, what an answer continues
     (positions and mask exactly as in qa_document)."""
     head, seg, tail = qa_document(feats_TKhw, question_ids, [], v, kind, ids)
@@ -248,8 +304,13 @@ def qa_prompt(feats_TKhw: np.ndarray, question_ids: list[int], v: VisionModelCon
 
 
 def special_ids(vocab_size: int, tokenizer) -> dict:
-    """Ids of the visual delimiters (after the text vocabulary, config.SPECIAL_TOKENS), <bos>, <eos>."""
-    out = {name: vocab_size + SPECIAL_TOKENS.index(name) for pair in DELIMITERS.values() for name in pair}
+    """Ids of the visual delimiters (after the text vocabulary, config.SPECIAL_TOKENS), <bos> and
+    <eos>."""
+    out = {
+        name: vocab_size + SPECIAL_TOKENS.index(name)
+        for pair in DELIMITERS.values()
+        for name in pair
+    }
     out.update(bos=tokenizer.bos_id, eos=tokenizer.eos_id)
     return out
 
@@ -289,8 +350,18 @@ class GenerationSource(_VisionSource):
         lab = self.data.labels
         keep = np.arange(len(self.data))
         if self.kind == "image":  # held-out combinations are for measuring generation only
-            keep = np.array([i for i in keep if not is_heldout_combo(
-                int(lab["digit"][i]), int(lab["fg"][i]), int(lab["bg"][i]), self.v.heldout_combo_fraction)])
+            keep = np.array(
+                [
+                    i
+                    for i in keep
+                    if not is_heldout_combo(
+                        int(lab["digit"][i]),
+                        int(lab["fg"][i]),
+                        int(lab["bg"][i]),
+                        self.v.heldout_combo_fraction,
+                    )
+                ]
+            )
         self.index = keep
         self._captions: dict[int, list[int]] = {}
 
@@ -305,12 +376,14 @@ class GenerationSource(_VisionSource):
     def document(self, index: int, rng: np.random.Generator) -> list[Segment]:
         i = int(self.index[index])
         caption = [] if self.train and rng.random() < self.v.cond_drop_prob else self.caption_ids(i)
-        return generation_document(caption, self.data.tokens[i], self.v, self.kind, self.ids,
-                                   rng if self.train else None)
+        return generation_document(
+            caption, self.data.tokens[i], self.v, self.kind, self.ids, rng if self.train else None
+        )
 
 
 class QASource(_VisionSource):
-    """image / clip + question -> answer, from pre-quantisation features through the patch merger."""
+    """image / clip + question -> answer, from pre-quantisation features through the patch
+    merger."""
 
     def __init__(self, ctx: MixtureContext):
         super().__init__(ctx)
@@ -325,12 +398,14 @@ class QASource(_VisionSource):
         return self._text[s]
 
     def document(self, index: int, rng: np.random.Generator) -> list[Segment]:
-        # A random number of the picture's questions in random order: every answer is a target, and a
-        # document of one question (what evaluation asks) is as common as any other length.
+        # A random number of the picture's questions in random order: every answer is a target,
+        # and a document of one question (what evaluation asks) is as common as any other length.
         qa = questions_of(self.kind, self.data.labels, index)
-        order = rng.permutation(len(qa))[:int(rng.integers(1, len(qa) + 1))]
+        order = rng.permutation(len(qa))[: int(rng.integers(1, len(qa) + 1))]
         pairs = [(self._ids(qa[j][0]), self._ids(" " + qa[j][1])) for j in order]
-        return qa_document(self.data.feats[index], *pairs[-1], self.v, self.kind, self.ids, pairs[:-1])
+        return qa_document(
+            self.data.feats[index], *pairs[-1], self.v, self.kind, self.ids, pairs[:-1]
+        )
 
 
 @register_source("image_gen")

@@ -1,7 +1,7 @@
-"""Speech sources of the mixture: coded speech cached per codec, held-out voices kept out of training,
-the ASR and TTS document layouts, and a packed speech batch through the model (forward/backward)."""
+"""Speech sources of the mixture: coded speech cached per codec, held-out voices kept out of
+training, the ASR and TTS document layouts, and a packed speech batch through the model
+(forward/backward)."""
 
-import os
 import shutil
 
 import numpy as np
@@ -15,8 +15,9 @@ from paddle_ernie5.data import speech as S
 from paddle_ernie5.data.packing import IGNORE
 from paddle_ernie5.tokenizers.audio import AudioCodec
 
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
-                                  reason="espeak-ng is not installed: run `make espeak`")
+needs_espeak = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None, reason="espeak-ng is not installed: run `make espeak`"
+)
 SMALL_CODEC = AudioCodecConfig(levels=3, codebook_size=16, code_dim=8, channels=16, res_blocks=0)
 
 
@@ -35,26 +36,39 @@ def coded(data_cache, codec_dir):
 
 @pytest.fixture
 def ctx(debug_config, codec_dir, coded):
-    cfg = debug_config("model.modalities=[text,audio]", f"model.audio.codec_dir={codec_dir}",
-                       "model.audio.levels=2", "model.audio.codebook_size=16", "model.audio.embed_dim=8",
-                       "data.mixture.asr=1.0", "data.mixture.tts=1.0")
+    cfg = debug_config(
+        "model.modalities=[text,audio]",
+        f"model.audio.codec_dir={codec_dir}",
+        "model.audio.levels=2",
+        "model.audio.codebook_size=16",
+        "model.audio.embed_dim=8",
+        "data.mixture.asr=1.0",
+        "data.mixture.tts=1.0",
+    )
     from paddle_ernie5.data.loader import build_text_data
 
-    tok, loader, _ = build_text_data(cfg.data.cache_dir, cfg.model.vocab_size, cfg.data.seq_len, 2, 0)
+    tok, loader, _ = build_text_data(
+        cfg.data.cache_dir, cfg.model.vocab_size, cfg.data.seq_len, 2, 0
+    )
     c = mixture.MixtureContext(cfg, tok, "train", loader.docs_ids_fn(0))
     c.cache["coded_speech"] = coded
     return c
 
 
 @needs_espeak
-def test_codes_are_the_codec_encoding_of_each_utterance_and_cached(data_cache, codec_dir, coded, monkeypatch):
+def test_codes_are_the_codec_encoding_of_each_utterance_and_cached(
+    data_cache, codec_dir, coded, monkeypatch
+):
     train, held = coded
     waves_train, waves_held = S.load_speech(data_cache, S.DEBUG_SPEC)
     codec = AudioCodec.load(codec_dir)
     assert len(train) == len(waves_train) and len(held) == len(waves_held)
     for i in (0, len(train) - 1):
         w = waves_train.waves[i]
-        assert train.codes[i].shape == (codec.frames_for(len(w)), 3) and train.codes[i].dtype == np.int64
+        assert (
+            train.codes[i].shape == (codec.frames_for(len(w)), 3)
+            and train.codes[i].dtype == np.int64
+        )
         alone = codec.encode(w[None])[0]
         # batch padding may only touch the last frame's receptive field
         assert (alone[:-2] == train.codes[i][:-2]).mean() > 0.9
@@ -111,7 +125,8 @@ def test_asr_document_layout(ctx):
     assert (audio.token_types == 3).all() and (audio.blocks is None)
     np.testing.assert_array_equal(audio.extras["audio_codes"], codes)
     assert tail.input_ids.tolist() == [ctx.special_id("<eoa>")] + words + [ctx.tokenizer.eos_id]
-    assert tail.labels.tolist() == words + [ctx.tokenizer.eos_id, IGNORE]  # loss on the transcript only
+    # loss on the transcript only
+    assert tail.labels.tolist() == words + [ctx.tokenizer.eos_id, IGNORE]
     assert (head.labels == IGNORE).all() and (audio.labels == IGNORE).all()
     positions = np.concatenate([s.positions for s in (head, audio, tail)], axis=1)
     np.testing.assert_array_equal(positions, np.tile(np.arange(3 + f + len(words) + 1), (3, 1)))
@@ -120,9 +135,15 @@ def test_asr_document_layout(ctx):
 
 @needs_espeak
 def test_asr_prompt_puts_a_question_before_the_transcript(debug_config, codec_dir, coded, ctx):
-    cfg = debug_config("model.modalities=[text,audio]", f"model.audio.codec_dir={codec_dir}",
-                       "model.audio.levels=2", "model.audio.codebook_size=16", "model.audio.embed_dim=8",
-                       "model.audio.asr_prompt='What is said?'", "data.mixture.asr=1.0")
+    cfg = debug_config(
+        "model.modalities=[text,audio]",
+        f"model.audio.codec_dir={codec_dir}",
+        "model.audio.levels=2",
+        "model.audio.codebook_size=16",
+        "model.audio.embed_dim=8",
+        "model.audio.asr_prompt='What is said?'",
+        "data.mixture.asr=1.0",
+    )
     c = mixture.MixtureContext(cfg, ctx.tokenizer, "train", ctx.text_docs, {"coded_speech": coded})
     source = mixture.SOURCES["asr"](c)
     i = 4
@@ -148,17 +169,22 @@ def test_tts_document_layout(ctx):
     targets = np.concatenate([s.extras["audio_targets"] for s in (head, audio, tail)])
     mask = np.concatenate([s.extras["audio_target_mask"] for s in (head, audio, tail)])
     start = len(words) + 1  # <boa>
-    np.testing.assert_array_equal(targets[start:start + f], codes)  # <boa> and frames: the next frame
-    assert targets[start + f, 0] == k and mask[start + f].tolist() == [1.0, 0.0]  # last frame: <eoa>
-    assert mask[start:start + f].all() and mask[:start].sum() == 0 and mask[start + f + 1:].sum() == 0
+    np.testing.assert_array_equal(targets[start : start + f], codes)  # <boa> and frames: next frame
+    # the last frame predicts <eoa> on level 0 only
+    assert targets[start + f, 0] == k and mask[start + f].tolist() == [1.0, 0.0]
+    assert (
+        mask[start : start + f].all()
+        and mask[:start].sum() == 0
+        and mask[start + f + 1 :].sum() == 0
+    )
     assert all((s.labels == IGNORE).all() for s in (head, audio, tail))
 
 
 @needs_espeak
 def test_a_packed_speech_batch_trains_the_model(ctx):
-    from paddle_ernie5.model.model import Ernie5Model
-    from paddle_ernie5.model.losses import compute_loss
     from paddle_ernie5.model.inputs import to_model_batch
+    from paddle_ernie5.model.losses import compute_loss
+    from paddle_ernie5.model.model import Ernie5Model
 
     loader = mixture.MixtureLoader(ctx, 3, seed=1)
     np_batch = loader.batch_at(0)
@@ -166,7 +192,8 @@ def test_a_packed_speech_batch_trains_the_model(ctx):
     assert np_batch["audio_codes"].shape == (3, ctx.cfg.data.seq_len, 2)
     assert np_batch["mask_causal"] is False
     audio = np_batch["token_types"] == 3
-    assert (np_batch["startend_row_indices"][:, 0, :, 1][audio] == np.nonzero(audio)[1]).all()  # causal
+    # audio frames are causal: UTE_j = j
+    assert (np_batch["startend_row_indices"][:, 0, :, 1][audio] == np.nonzero(audio)[1]).all()
     paddle.seed(0)
     model = Ernie5Model(ctx.cfg.model)
     batch = to_model_batch(np_batch)

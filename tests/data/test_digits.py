@@ -36,10 +36,11 @@ def test_pixels_are_the_labelled_colours(cache):
         ink = np.linalg.norm(px - D.PALETTE[fg], axis=1)
         paper = np.linalg.norm(px - D.PALETTE[bg], axis=1)
         assert (paper < 0.01).mean() > 0.15  # a good part of the image is background
-        assert ink.min() < 0.5 * np.linalg.norm(D.PALETTE[fg] - D.PALETTE[bg])  # some pixels are mostly ink
+        # some pixels are mostly ink
+        assert ink.min() < 0.5 * np.linalg.norm(D.PALETTE[fg] - D.PALETTE[bg])
         # every pixel lies on the segment between the two colours
         span = D.PALETTE[fg] - D.PALETTE[bg]
-        t = ((px - D.PALETTE[bg]) @ span) / np.sum(span ** 2)
+        t = ((px - D.PALETTE[bg]) @ span) / np.sum(span**2)
         mix = D.PALETTE[bg] + np.clip(t, 0, 1)[:, None] * span
         assert np.abs(mix - px).max() < 0.01
 
@@ -61,13 +62,18 @@ def test_videos_move_as_labelled(cache):
 def test_captions_and_questions():
     red, blue = D.COLOURS.index("red"), D.COLOURS.index("blue")
     assert D.image_caption(3, red, blue) == "a red 3 on a blue background"
-    assert D.image_caption(8, D.COLOURS.index("orange"), D.COLOURS.index("white")) == \
-        "an orange 8 on a white background"
+    assert (
+        D.image_caption(8, D.COLOURS.index("orange"), D.COLOURS.index("white"))
+        == "an orange 8 on a white background"
+    )
     cap = D.video_caption(5, 0, 2, D.DIRECTIONS.index("left"), 2)
     assert cap == "a red 5 moving left quickly on a blue background"
     qa = dict(D.video_questions(5, 0, 2, D.DIRECTIONS.index("up"), 1))
     assert qa["What digit is this?"] == "5" and qa["Which way does the digit move?"] == "up"
-    assert qa["What colour is the background?"] == "blue" and qa["How fast does the digit move?"] == "slowly"
+    assert (
+        qa["What colour is the background?"] == "blue"
+        and qa["How fast does the digit move?"] == "slowly"
+    )
 
 
 def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path):

@@ -1,4 +1,5 @@
-"""Loader: exact resume, epoch coverage, per-epoch re-encoding, evaluation order, built-in pipeline."""
+"""Loader: exact resume, epoch coverage, per-epoch re-encoding, evaluation order, built-in
+pipeline."""
 
 import numpy as np
 
@@ -10,6 +11,7 @@ def make_docs_fn(n_docs=40):
     def docs_ids_fn(epoch):
         rng = np.random.default_rng(1000 + epoch)  # the documents themselves change per epoch
         return [list(rng.integers(4, 500, size=int(rng.integers(1, 30)))) for _ in range(n_docs)]
+
     return docs_ids_fn
 
 
@@ -18,7 +20,9 @@ def same(a, b):
 
 
 def test_resume_gives_exactly_the_same_batches_across_epochs():
-    make = lambda: PackedTextLoader(make_docs_fn(), seq_len=16, batch_size=4, pad_id=0, seed=7)
+    def make():
+        return PackedTextLoader(make_docs_fn(), seq_len=16, batch_size=4, pad_id=0, seed=7)
+
     a = make()
     per_epoch = a.batches_per_epoch()
     assert per_epoch >= 3
@@ -62,13 +66,16 @@ def test_eval_batches_in_order_keep_last_partial():
 
 
 def test_build_text_data_pipeline(tmp_path):
-    tok, loader, val = build_text_data(str(tmp_path), vocab_size=512, seq_len=128, batch_size=4, seed=0,
-                                       bpe_dropout=0.1)
+    tok, loader, val = build_text_data(
+        str(tmp_path), vocab_size=512, seq_len=128, batch_size=4, seed=0, bpe_dropout=0.1
+    )
     batch = loader.next_batch()
-    assert batch["input_ids"].shape == (4, 128) and batch["startend_row_indices"].shape == (4, 1, 128, 1)
+    assert batch["input_ids"].shape == (4, 128)
+    assert batch["startend_row_indices"].shape == (4, 1, 128, 1)
     assert 0 <= batch["input_ids"].min() and batch["input_ids"].max() < tok.vocab_size
     assert (val["labels"] != IGNORE).mean() > 0.9
-    # BPE-dropout: epoch e re-encodes with seed + e, reproducibly; different epochs segment differently.
+    # BPE-dropout: epoch e re-encodes with seed + e, reproducibly; different epochs segment
+    # differently.
     e0, e0_again, e1 = loader.docs_ids_fn(0), loader.docs_ids_fn(0), loader.docs_ids_fn(1)
     assert e0 == e0_again and e0 != e1
     assert [tok.decode(d) for d in e0[:50]] == [tok.decode(d) for d in e1[:50]]

@@ -1,4 +1,5 @@
-"""The multimodal mixture loader: whole documents per row, exact resume, source frequencies, heads."""
+"""The multimodal mixture loader: whole documents per row, exact resume, source frequencies,
+heads."""
 
 import numpy as np
 import paddle
@@ -6,7 +7,7 @@ import pytest
 
 from paddle_ernie5 import config as C
 from paddle_ernie5.data import mixture
-from paddle_ernie5.data.multimodal import Segment, text_segment
+from paddle_ernie5.data.multimodal import text_segment
 from paddle_ernie5.data.packing import IGNORE
 
 
@@ -73,8 +74,9 @@ def test_mixture_loader_resumes_exactly(debug_config, monkeypatch):
     cfg = debug_config("model.modalities=[text,audio]", "data.mixture.tts=1.0")
     from paddle_ernie5.data.loader import build_text_data
 
-    tok, text_loader, _ = build_text_data(cfg.data.cache_dir, cfg.model.vocab_size, cfg.data.seq_len, 2,
-                                          0)
+    tok, text_loader, _ = build_text_data(
+        cfg.data.cache_dir, cfg.model.vocab_size, cfg.data.seq_len, 2, 0
+    )
     ctx = mixture.MixtureContext(cfg, tok, "train", text_loader.docs_ids_fn(0))
     assert ctx.special_id("<boi>") == cfg.model.vocab_size
     a = mixture.MixtureLoader(ctx, 3, seed=7)
@@ -89,7 +91,7 @@ def test_mixture_loader_resumes_exactly(debug_config, monkeypatch):
     assert not np.array_equal(first[0]["input_ids"], first[1]["input_ids"])
     # Text windows: labels are the next token inside the window, one <bos> per text document.
     labels, ids = first[0]["labels"], first[0]["input_ids"]
-    inside = (labels[:, :-1] != IGNORE)
+    inside = labels[:, :-1] != IGNORE
     assert np.all(labels[:, :-1][inside] == ids[:, 1:][inside])
 
 
@@ -109,8 +111,8 @@ def test_head_registry_builds_heads_and_adds_their_weighted_losses(debug_config,
     from paddle import nn
 
     from paddle_ernie5.model import heads as H
-    from paddle_ernie5.model.model import Ernie5Model
     from paddle_ernie5.model.losses import compute_loss
+    from paddle_ernie5.model.model import Ernie5Model
 
     class Probe(nn.Layer):
         loss_weight = 0.5
@@ -125,11 +127,14 @@ def test_head_registry_builds_heads_and_adds_their_weighted_losses(debug_config,
         def loss(self, pred, batch):
             if "probe_target" not in batch:
                 return {}
-            return {"probe": (((pred["y"] - batch["probe_target"]) ** 2).mean(), paddle.to_tensor(6.0))}
+            return {
+                "probe": (((pred["y"] - batch["probe_target"]) ** 2).mean(), paddle.to_tensor(6.0))
+            }
 
     from paddle_ernie5.model import embeddings as EMB
 
     monkeypatch.setitem(H._HEADS, "probe", (("audio",), Probe))
+
     class Absent(nn.Layer):  # an audio embedding for batches that carry no audio
         def __init__(self, cfg):
             super().__init__()
@@ -143,16 +148,21 @@ def test_head_registry_builds_heads_and_adds_their_weighted_losses(debug_config,
     paddle.seed(0)
     model = Ernie5Model(cfg.model)
     s = 6
-    batch = {"input_ids": paddle.randint(0, cfg.model.vocab_size, [1, s]),
-             "token_types": paddle.zeros([1, s], "int64"),
-             "positions": paddle.arange(s).reshape([1, 1, s]).expand([1, 3, s]),
-             "startend_row_indices": paddle.to_tensor(np.full((1, 1, s, 1), s, np.int32)),
-             "probe_target": paddle.ones([1, s])}
+    batch = {
+        "input_ids": paddle.randint(0, cfg.model.vocab_size, [1, s]),
+        "token_types": paddle.zeros([1, s], "int64"),
+        "positions": paddle.arange(s).reshape([1, 1, s]).expand([1, 3, s]),
+        "startend_row_indices": paddle.to_tensor(np.full((1, 1, s, 1), s, np.int32)),
+        "probe_target": paddle.ones([1, s]),
+    }
     out = model(batch, with_mtp=False)
     heads = model.head_losses(out, batch)
     parts = compute_loss(out, paddle.full([1, s], IGNORE, "int64"), cfg.model, heads)
     expected = float(((out.extra["probe"]["y"] - 1.0) ** 2).mean()) * 0.5
-    assert float(parts.total - parts.aux * cfg.model.moe.aux_loss_weight
-                 - parts.z * cfg.model.moe.z_loss_weight) == pytest.approx(expected, rel=1e-5)
+    assert float(
+        parts.total
+        - parts.aux * cfg.model.moe.aux_loss_weight
+        - parts.z * cfg.model.moe.z_loss_weight
+    ) == pytest.approx(expected, rel=1e-5)
     parts.total.backward()
     assert model.heads["probe"].proj.weight.grad is not None

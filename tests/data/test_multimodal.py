@@ -4,9 +4,9 @@ import paddle
 from paddle_ernie5.config import AttentionConfig, ModelConfig, MoEConfig
 from paddle_ernie5.data.multimodal import Segment, pack_segments, text_segment
 from paddle_ernie5.data.packing import pack_documents
+from paddle_ernie5.model.inputs import to_model_batch
 from paddle_ernie5.model.model import Ernie5Model
 from paddle_ernie5.ops.masks import to_dense
-from paddle_ernie5.model.inputs import to_model_batch
 
 
 def _image(scale_lens, t=0):
@@ -14,8 +14,12 @@ def _image(scale_lens, t=0):
     n = sum(scale_lens)
     blocks = np.repeat(np.arange(len(scale_lens)), scale_lens)
     pos = np.stack([np.full(n, t), np.arange(n), np.arange(n)])
-    return Segment(np.ones(n, np.int64), pos, blocks=blocks,
-                   extras={"visual_bits": np.ones((n, 4), np.float32)})
+    return Segment(
+        np.ones(n, np.int64),
+        pos,
+        blocks=blocks,
+        extras={"visual_bits": np.ones((n, 4), np.float32)},
+    )
 
 
 def _expected(structure, seq_len):
@@ -35,11 +39,15 @@ def test_block_causal_mask_of_a_packed_row_equals_the_definition():
     batch = pack_segments([doc1, doc2], seq_len=24)
     assert batch["mask_causal"] is False
     got = to_dense(batch["startend_row_indices"][0, 0], causal=False)
-    # doc1: text 0-2, scales [3,4) [4,8), text 8-9; doc2 starts at 10: scales [10,11) [11,15) [15,17), text 17
+    # doc1: text 0-2, scales [3,4) [4,8), text 8-9;
+    # doc2 from 10: scales [10,11) [11,15) [15,17), text 17
     want = _expected([(0, 10, [(3, 4), (4, 8)]), (10, 18, [(10, 11), (11, 15), (15, 17)])], 24)
     np.testing.assert_array_equal(got, want)
     assert batch["visual_bits"].shape == (1, 24, 4)
-    np.testing.assert_array_equal(batch["visual_bits"][0, :, 0], np.isin(np.arange(24), [3, 4, 5, 6, 7, 10, 11, 12, 13, 14, 15, 16]))
+    np.testing.assert_array_equal(
+        batch["visual_bits"][0, :, 0],
+        np.isin(np.arange(24), [3, 4, 5, 6, 7, 10, 11, 12, 13, 14, 15, 16]),
+    )
     np.testing.assert_array_equal(batch["labels"][0, :3], [6, 7, -100])
 
 
@@ -50,12 +58,18 @@ def test_text_only_rows_equal_the_causal_document_packing_and_give_the_same_logi
     ref = pack_documents(docs, seq, pad_id=0)
     np.testing.assert_array_equal(mm["input_ids"], ref["input_ids"])
     np.testing.assert_array_equal(mm["labels"], ref["labels"])
-    np.testing.assert_array_equal(to_dense(mm["startend_row_indices"][0, 0], causal=False)[:12, :12],
-                                  to_dense(ref["startend_row_indices"][0, 0], causal=True)[:12, :12])
+    np.testing.assert_array_equal(
+        to_dense(mm["startend_row_indices"][0, 0], causal=False)[:12, :12],
+        to_dense(ref["startend_row_indices"][0, 0], causal=True)[:12, :12],
+    )
     paddle.seed(0)
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2,
-                      attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8),
-                      moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=16, shared_expert_hidden=8))
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8),
+        moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=16, shared_expert_hidden=8),
+    )
     model = Ernie5Model(cfg)
     model.eval()
     a = model(to_model_batch(mm)).logits.numpy()[0, :12]
@@ -64,7 +78,11 @@ def test_text_only_rows_equal_the_causal_document_packing_and_give_the_same_logi
 
 
 def test_documents_are_never_split_and_too_long_documents_are_refused():
-    docs = [[text_segment(np.arange(6))], [text_segment(np.arange(6))], [text_segment(np.arange(3))]]
+    docs = [
+        [text_segment(np.arange(6))],
+        [text_segment(np.arange(6))],
+        [text_segment(np.arange(3))],
+    ]
     batch = pack_segments(docs, seq_len=10)
     assert batch["input_ids"].shape == (2, 10)
     np.testing.assert_array_equal(batch["startend_row_indices"][0, 0, :, 0], [6] * 6 + [0] * 4)

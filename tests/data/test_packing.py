@@ -72,11 +72,15 @@ def test_matches_reference_and_mask_isolates_segments(seq_len):
 
 def test_small_example_by_hand():
     p = pack_documents([[10, 11, 12], [20, 21, 22, 23, 24, 25], [30]], 8, PAD)
-    np.testing.assert_array_equal(p["input_ids"], [[2, 10, 11, 12, 3, 2, 20, 21],
-                                                   [22, 23, 24, 25, 3, 2, 30, 3]])
-    np.testing.assert_array_equal(p["labels"], [[10, 11, 12, 3, -100, 20, 21, -100],
-                                                [23, 24, 25, 3, -100, 30, 3, -100]])
-    np.testing.assert_array_equal(p["positions"], [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 4, 0, 1, 2]])
+    np.testing.assert_array_equal(
+        p["input_ids"], [[2, 10, 11, 12, 3, 2, 20, 21], [22, 23, 24, 25, 3, 2, 30, 3]]
+    )
+    np.testing.assert_array_equal(
+        p["labels"], [[10, 11, 12, 3, -100, 20, 21, -100], [23, 24, 25, 3, -100, 30, 3, -100]]
+    )
+    np.testing.assert_array_equal(
+        p["positions"], [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 4, 0, 1, 2]]
+    )
     np.testing.assert_array_equal(p["startend_row_indices"][:, 0, :, 0], [[5] * 5 + [8] * 3] * 2)
 
 

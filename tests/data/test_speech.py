@@ -5,13 +5,13 @@ import sys
 
 import numpy as np
 import pytest
+from support import ROOT
 
 from paddle_ernie5.data import speech as S
 
-from support import ROOT
-
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
-                                  reason="espeak-ng is not installed: run `make espeak`")
+needs_espeak = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None, reason="espeak-ng is not installed: run `make espeak`"
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,13 @@ def test_held_out_voices_are_disjoint_from_training_voices(sets):
 
 @needs_espeak
 def test_build_is_deterministic_and_cached(tmp_path, sets, monkeypatch):
-    spec = S.SpeechSpec(texts=("four", "cyan"), train_voices=("en-gb",), eval_voices=("en-us",),
-                        train_renditions=2, eval_renditions=1)
+    spec = S.SpeechSpec(
+        texts=("four", "cyan"),
+        train_voices=("en-gb",),
+        eval_voices=("en-us",),
+        train_renditions=2,
+        eval_renditions=1,
+    )
     a_train, a_held = S.load_speech(str(tmp_path / "a"), spec)
     b_train, b_held = S.load_speech(str(tmp_path / "b"), spec)
     for x, y in zip(a_train.waves + a_held.waves, b_train.waves + b_held.waves):
@@ -66,8 +71,13 @@ def test_build_is_deterministic_and_cached(tmp_path, sets, monkeypatch):
 
 @needs_espeak
 def test_a_corrupt_cache_is_rebuilt_with_a_warning(tmp_path, capsys):
-    spec = S.SpeechSpec(texts=("five",), train_voices=("en-gb",), eval_voices=("en-us",),
-                        train_renditions=1, eval_renditions=1)
+    spec = S.SpeechSpec(
+        texts=("five",),
+        train_voices=("en-gb",),
+        eval_voices=("en-us",),
+        train_renditions=1,
+        eval_renditions=1,
+    )
     train, _ = S.load_speech(str(tmp_path), spec)
     path = os.path.join(tmp_path, f"speech_{spec.key()}.npz")
     with open(path, "r+b") as f:
@@ -89,10 +99,19 @@ def test_missing_espeak_names_the_install_command(tmp_path, monkeypatch):
 
 
 def test_missing_espeak_on_path_in_a_fresh_process(tmp_path):
-    code = ("from paddle_ernie5.data.speech import load_speech, DEBUG_SPEC, EspeakMissing\n"
-            "try:\n    load_speech(%r, DEBUG_SPEC)\nexcept EspeakMissing as e:\n    print('MSG', e)\n"
-            % str(tmp_path))
+    code = (
+        "from paddle_ernie5.data.speech import load_speech, DEBUG_SPEC, EspeakMissing\n"
+        "try:\n"
+        f"    load_speech({str(tmp_path)!r}, DEBUG_SPEC)\n"
+        "except EspeakMissing as e:\n"
+        "    print('MSG', e)\n"
+    )
     env = dict(os.environ, PATH=str(tmp_path))  # no espeak-ng on this PATH
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
-    assert "MSG espeak-ng is not installed" in out.stdout and "apt-get install -y espeak-ng" in out.stdout
+    assert (
+        "MSG espeak-ng is not installed" in out.stdout
+        and "apt-get install -y espeak-ng" in out.stdout
+    )

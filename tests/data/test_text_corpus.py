@@ -1,11 +1,15 @@
 """Built-in text corpus: determinism, split, composition and correctness of generated answers."""
 
 import re
-
 from pydoc_data.topics import topics
 
-from paddle_ernie5.data.text import (MAX_DOC_CHARS, build_arithmetic_problems, build_text_corpus,
-                                     in_validation, pydoc_documents)
+from paddle_ernie5.data.text import (
+    MAX_DOC_CHARS,
+    build_arithmetic_problems,
+    build_text_corpus,
+    in_validation,
+    pydoc_documents,
+)
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
@@ -15,8 +19,11 @@ def test_deterministic_and_disjoint_split():
     assert (train, val) == build_text_corpus(seed=0)
     assert not set(train) & set(val)
     assert 0.02 < len(val) / (len(train) + len(val)) < 0.09
-    # The split is a property of each text, so it does not depend on order or on the other documents.
-    assert all(in_validation(d, 0.05) for d in val) and not any(in_validation(d, 0.05) for d in train)
+    # The split is a property of each text, so it does not depend on order or on the other
+    # documents.
+    assert all(in_validation(d, 0.05) for d in val) and not any(
+        in_validation(d, 0.05) for d in train
+    )
     assert build_text_corpus(seed=1) != (train, val)
 
 
@@ -24,7 +31,10 @@ def test_pydoc_documents_keep_all_text_within_size():
     docs = pydoc_documents()
     assert max(len(d) for d in docs) <= MAX_DOC_CHARS
     assert sum(len(d) < 100 for d in docs) <= 3  # paragraph-sized, not line-sized
-    squash = lambda s: "".join(s.split())
+
+    def squash(s):
+        return "".join(s.split())
+
     assert squash("".join(docs)) == squash("".join(topics[k] for k in sorted(topics)))
 
 
