@@ -11,9 +11,9 @@ What it writes (under --out, each name prefixed with --name, default the run dir
   `eval.json` with `text/unigram_ppl` (written by `ernie5 eval` or `ernie5 train --eval`);
 - `<name>_scalars.png`: one panel per --scalar; a name may be a shell pattern (`moe/entropy/*`),
   and every key of metrics.jsonl it matches is drawn in that panel;
-- `<name>_routing_entropy.png`: normalised routing entropy per task and MoE layer, read from a
+- `<name>_routing_entropy.png`: normalised routing entropy per source and MoE layer, read from a
   routing report (`ernie5 routing-report`): `report.json` when the report directory has one
-  (`{"entropy": {task: [per layer]}, "layer_ids": [...]}`), else the entropy table of its
+  (`{"entropy": {source: [per layer]}, "layer_ids": [...]}`), else the entropy table of its
   `report.md`. The directory is --routing, or `<run>/routing_report` when that exists.
 
 It only reads what the run wrote; nothing is trained or evaluated here. Prints each path it wrote.
@@ -75,16 +75,17 @@ def unigram_loss(run_dir: str) -> float | None:
 
 
 def routing_entropy(report_dir: str) -> tuple[list[str], list[str], list[list[float]]] | None:
-    """(tasks, layer labels, entropy[task][layer]) from a routing report directory, or None."""
+    """(sources, layer labels, entropy[source][layer]) from a routing report directory, or
+    None."""
     js = os.path.join(report_dir, "report.json")
     if os.path.isfile(js):
         with open(js, encoding="utf-8") as f:
             data = json.load(f)
         ent = data["entropy"]
-        tasks = list(ent)
-        n = len(ent[tasks[0]])
+        sources = list(ent)
+        n = len(ent[sources[0]])
         layers = [f"L{i}" for i in data.get("layer_ids", range(1, n + 1))]
-        return tasks, layers, [list(map(float, ent[t])) for t in tasks]
+        return sources, layers, [list(map(float, ent[t])) for t in sources]
     md = os.path.join(report_dir, "report.md")
     if not os.path.isfile(md):
         return None
@@ -97,14 +98,14 @@ def routing_entropy(report_dir: str) -> tuple[list[str], list[str], list[list[fl
         return None
     header = next(l for l in lines[start + 1 :] if l.startswith("|"))
     layers = [c.strip() for c in header.strip("|").split("|")[1:]]
-    tasks, values = [], []
+    sources, values = [], []
     for l in lines[lines.index(header, start) + 2 :]:
         if not l.startswith("|"):
             break
         cells = [c.strip() for c in l.strip("|").split("|")]
-        tasks.append(cells[0])
+        sources.append(cells[0])
         values.append([float(c) for c in cells[1:]])
-    return tasks, layers, values
+    return sources, layers, values
 
 
 def _plt():
@@ -167,12 +168,12 @@ def plot_scalars(records, patterns, out_path, title=""):
     plt.close(fig)
 
 
-def plot_routing_entropy(tasks, layers, values, out_path, title=""):
+def plot_routing_entropy(sources, layers, values, out_path, title=""):
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(layers), 0.9 + 0.35 * len(tasks)))
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(layers), 0.9 + 0.35 * len(sources)))
     im = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(layers)), layers, fontsize=8)
-    ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+    ax.set_yticks(range(len(sources)), sources, fontsize=8)
     for i, row in enumerate(values):
         for j, v in enumerate(row):
             ax.text(

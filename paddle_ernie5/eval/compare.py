@@ -7,9 +7,9 @@ Runs pair up in order: the same seed in both groups (checked against each run's 
 Markdown row per metric: each pair as candidate / baseline, then the means over the pairs, the
 relative change of the means with the standard error of the mean paired difference beside it, and
 whether the candidate's mean is worse than the baseline's by more than --bound (lower is better for
-perplexity, higher for the rest). Metrics only the candidate has (e.g. speech with audio added) show
-its mean. A single pair of a noisy metric (one greedy image per held-out caption) can move by tens of
-percent between seeds; the mean over seeds is what the bound is checked on.
+perplexity, higher for the rest). Metrics only the candidate has (e.g. speech with audio added)
+show its mean. A single pair of a noisy metric (one greedy image per held-out caption) can move by
+tens of percent between seeds, so the bound is checked on the mean over seeds.
 """
 
 from __future__ import annotations
@@ -43,15 +43,19 @@ METRICS = (
 def load_eval(run_dir: str) -> dict:
     path = os.path.join(run_dir, "eval.json")
     if not os.path.isfile(path):
-        raise UserError(f"{path} not found: evaluate the run first (ernie5 eval --checkpoint {run_dir})")
+        raise UserError(
+            f"{path} not found: evaluate the run first (ernie5 eval --checkpoint {run_dir})"
+        )
     try:
         with open(path, encoding="utf-8") as f:
             metrics = json.load(f)[0]
         if not isinstance(metrics, dict):
             raise TypeError
     except (ValueError, IndexError, KeyError, TypeError):
-        raise UserError(f"{path} is not an evaluation table (a JSON list of metric dicts): "
-                           f"re-run ernie5 eval --checkpoint {run_dir}") from None
+        raise UserError(
+            f"{path} is not an evaluation table (a JSON list of metric dicts): "
+            f"re-run ernie5 eval --checkpoint {run_dir}"
+        ) from None
     return metrics
 
 
@@ -68,20 +72,30 @@ def run_seed(run_dir: str) -> int | None:
 
 def compare(baseline: list[dict], candidate: list[dict], bound: float = 0.10) -> list[dict]:
     """One dict per metric present in the candidate runs: key, label, pairs [(cand, base)], means,
-    relative change of the means (None without a baseline) with the standard error of the mean paired
-    difference on the same scale (relative_se, None for one pair) and `worse` (beyond the bound)."""
+    relative change of the means (None without a baseline) with the standard error of the mean
+    paired difference on the same scale (relative_se, None for one pair) and `worse` (beyond the
+    bound)."""
     rows = []
     for key, label, higher in METRICS:
         if not all(key in c for c in candidate):
             continue
         cand = [float(c[key]) for c in candidate]
         base = [float(b[key]) for b in baseline] if all(key in b for b in baseline) else None
-        row = {"key": key, "label": label, "candidate": cand, "baseline": base,
-               "mean_candidate": float(np.mean(cand)), "mean_baseline": None, "relative": None, "relative_se": None,
-               "worse": False}
+        row = {
+            "key": key,
+            "label": label,
+            "candidate": cand,
+            "baseline": base,
+            "mean_candidate": float(np.mean(cand)),
+            "mean_baseline": None,
+            "relative": None,
+            "relative_se": None,
+            "worse": False,
+        }
         if base is not None:
             mb, mc = float(np.mean(base)), row["mean_candidate"]
-            if mb:  # relative to the baseline's size, so the sign is right for a negative baseline too
+            # Relative to the baseline's size, so the sign is right for a negative baseline too.
+            if mb:
                 rel = (mc - mb) / abs(mb)
                 worse = (rel < -bound) if higher else (rel > bound)
             else:  # no relative change from zero: any step the wrong way counts
@@ -96,11 +110,17 @@ def compare(baseline: list[dict], candidate: list[dict], bound: float = 0.10) ->
 
 def markdown(rows: list[dict], names: list[str], bound: float) -> str:
     """names: one "candidate / baseline" label per pair."""
-    head = "| metric | " + " | ".join(names) + " | mean candidate / baseline | relative | within the bound |\n"
+    head = (
+        "| metric | "
+        + " | ".join(names)
+        + " | mean candidate / baseline | relative | within the bound |\n"
+    )
     out = [head, "|---|" + "---:|" * (len(names) + 3) + "\n"]
     for r in rows:
-        pairs = [f"{c:.3f} / " + ("-" if r["baseline"] is None else f"{r['baseline'][i]:.3f}")
-                 for i, c in enumerate(r["candidate"])]
+        pairs = [
+            f"{c:.3f} / " + ("-" if r["baseline"] is None else f"{r['baseline'][i]:.3f}")
+            for i, c in enumerate(r["candidate"])
+        ]
         if r["baseline"] is None:
             tail = f"{r['mean_candidate']:.3f} / - | | |"
         else:
@@ -110,21 +130,30 @@ def markdown(rows: list[dict], names: list[str], bound: float) -> str:
                 rel += f" ± {100 * r['relative_se']:.1f}%"
             tail = f"{r['mean_candidate']:.3f} / {r['mean_baseline']:.3f} | {rel} | {ok} |"
         out.append(f"| {r['label']} | " + " | ".join(pairs) + f" | {tail}\n")
-    out.append(f"\nBound: the candidate's mean no worse than the baseline's by more than {100 * bound:.0f}% "
-               f"relative, over {len(names)} pair(s); ± is the standard error of the mean paired "
-               "difference (relative to the baseline's mean).\n")
+    out.append(
+        "\nBound: the candidate's mean no worse than the baseline's by more than "
+        f"{100 * bound:.0f}% relative, over {len(names)} pair(s); ± is the standard error of the "
+        "mean paired difference (relative to the baseline's mean).\n"
+    )
     return "".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--baseline", nargs="+", required=True, help="evaluated runs without the change")
-    p.add_argument("--candidate", nargs="+", required=True, help="evaluated runs with it, same order")
-    p.add_argument("--bound", type=float, default=0.10, help="allowed relative loss of a mean (0.10 = 10%%)")
+    p.add_argument(
+        "--candidate", nargs="+", required=True, help="evaluated runs with it, same order"
+    )
+    p.add_argument(
+        "--bound", type=float, default=0.10, help="allowed relative loss of a mean (0.10 = 10%%)"
+    )
     args = p.parse_args(argv)
     if len(args.baseline) != len(args.candidate):
-        print(f"compare: {len(args.baseline)} baseline runs but {len(args.candidate)} candidate runs; "
-              "give one of each per seed, in the same order", file=sys.stderr)
+        print(
+            f"compare: {len(args.baseline)} baseline runs but {len(args.candidate)} candidate "
+            "runs; give one of each per seed, in the same order",
+            file=sys.stderr,
+        )
         return 2
     try:
         base = [load_eval(d) for d in args.baseline]
@@ -135,11 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     for b, c in zip(args.baseline, args.candidate):
         sb, sc = run_seed(b), run_seed(c)
         if sb is not None and sc is not None and sb != sc:
-            print(f"compare: {c} (train.seed {sc}) is paired with {b} (train.seed {sb}); list both groups "
-                  "in the same seed order", file=sys.stderr)
+            print(
+                f"compare: {c} (train.seed {sc}) is paired with {b} (train.seed {sb}); "
+                "list both groups in the same seed order",
+                file=sys.stderr,
+            )
             return 2
     rows = compare(base, cand, args.bound)
-    name = lambda d: os.path.basename(os.path.normpath(d))
+
+    def name(d):
+        return os.path.basename(os.path.normpath(d))
+
     names = [f"{name(c)} / {name(b)}" for c, b in zip(args.candidate, args.baseline)]
     print(markdown(rows, names, args.bound), end="")
     return 1 if any(r["worse"] for r in rows) else 0

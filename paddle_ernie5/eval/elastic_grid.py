@@ -1,7 +1,8 @@
 """Elastic grid: the full model and a family of sliced sub-models, measured side by side.
 
-Each row is what `ernie5 export` would produce for that shape (same layer and expert rules), evaluated
-through the equivalent elastic view of the full model (exactly equal logits, see train/export.py).
+Each row is what `ernie5 export` would produce for that shape (same layer and expert rules),
+evaluated through the equivalent elastic view of the full model (exactly equal logits, see
+train/export.py).
 `--compare` runs (e.g. models of a sub-model's shape trained from scratch for the same steps) are
 evaluated on the same batches and added as extra rows.
 """
@@ -34,7 +35,8 @@ def grid_shapes(cfg, target_activated: float = 0.5, target_total: float = 0.35):
             continue
         p = _sliced_counts(cfg, ll, ee, kk)
         err = abs(p["activated"] / full["activated"] - target_activated) + abs(
-            p["total"] / full["total"] - target_total)
+            p["total"] / full["total"] - target_total
+        )
         if err < best_err:
             best, best_err = (ll, ee, kk), err
     shapes.append((f"~{target_activated:.0%} act / ~{target_total:.0%} total", *best))
@@ -52,33 +54,59 @@ def _sliced_counts(cfg, layers, experts, top_k):
     from ..model.view import evenly_spaced_layers
 
     kept = evenly_spaced_layers(cfg.num_layers, layers)
-    moe = dataclasses.replace(cfg.moe, num_experts=experts, top_k=top_k, dense_hidden=cfg.moe.dense_width(),
-                              first_dense_layers=sum(1 for i in kept if i < cfg.moe.first_dense_layers))
+    moe = dataclasses.replace(
+        cfg.moe,
+        num_experts=experts,
+        top_k=top_k,
+        dense_hidden=cfg.moe.dense_width(),
+        first_dense_layers=sum(1 for i in kept if i < cfg.moe.first_dense_layers),
+    )
     return count_params(dataclasses.replace(cfg, num_layers=layers, moe=moe))
 
 
-def run_grid(model, cfg, ev: TextEval, compare: list[tuple[str, object]] = (), log=print) -> list[dict]:
+def run_grid(
+    model, cfg, ev: TextEval, compare: list[tuple[str, object]] = (), log=print
+) -> list[dict]:
     full = count_params(cfg.model)
     rows = []
     for label, layers, experts, top_k in grid_shapes(cfg.model):
-        kept, layer_experts, view = plan_export(model, cfg.model, ev.batches, layers, experts, top_k)
+        kept, layer_experts, view = plan_export(
+            model, cfg.model, ev.batches, layers, experts, top_k
+        )
         p = _sliced_counts(cfg.model, layers, experts, top_k)
         m = text_metrics(ev, model, view)
-        rows.append({"model": label, "layers": layers, "experts": experts, "top_k": top_k,
-                     "total_params": p["total"], "activated_params": p["activated"],
-                     "total_frac": p["total"] / full["total"],
-                     "activated_frac": p["activated"] / full["activated"], **m,
-                     "score": score(m, ev.unigram)})
+        rows.append(
+            {
+                "model": label,
+                "layers": layers,
+                "experts": experts,
+                "top_k": top_k,
+                "total_params": p["total"],
+                "activated_params": p["activated"],
+                "total_frac": p["total"] / full["total"],
+                "activated_frac": p["activated"] / full["activated"],
+                **m,
+                "score": score(m, ev.unigram),
+            }
+        )
         log(f"  {label}: loss {m['text/loss']:.4f}, {m['decode/tokens_per_s']:.0f} tok/s")
     for name, other in compare:
         p = count_params(other.cfg)
         m = text_metrics(ev, other)
-        rows.append({"model": f"scratch: {name}", "layers": other.cfg.num_layers,
-                     "experts": other.cfg.moe.num_experts, "top_k": other.cfg.moe.top_k,
-                     "total_params": p["total"], "activated_params": p["activated"],
-                     "total_frac": p["total"] / full["total"],
-                     "activated_frac": p["activated"] / full["activated"], **m,
-                     "score": score(m, ev.unigram)})
+        rows.append(
+            {
+                "model": f"scratch: {name}",
+                "layers": other.cfg.num_layers,
+                "experts": other.cfg.moe.num_experts,
+                "top_k": other.cfg.moe.top_k,
+                "total_params": p["total"],
+                "activated_params": p["activated"],
+                "total_frac": p["total"] / full["total"],
+                "activated_frac": p["activated"] / full["activated"],
+                **m,
+                "score": score(m, ev.unigram),
+            }
+        )
     base = rows[0]
     for r in rows:
         r["score_vs_full"] = r["score"] / base["score"] if base["score"] else float("nan")
@@ -87,13 +115,23 @@ def run_grid(model, cfg, ev: TextEval, compare: list[tuple[str, object]] = (), l
 
 
 def markdown(rows: list[dict], unigram_ppl: float) -> str:
-    head = ("| model | L | E | k | total params | activated | text ppl | score | score / full "
-            "| decode tok/s | speed / full |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = (
+        "| model | L | E | k | total params | activated | text ppl | score | score / full "
+        "| decode tok/s | speed / full |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
     body = "".join(
         f"| {r['model']} | {r['layers']} | {r['experts']} | {r['top_k']} | "
         f"{r['total_params'] / 1e6:.2f}M ({r['total_frac']:.0%}) | "
         f"{r['activated_params'] / 1e6:.2f}M ({r['activated_frac']:.0%}) | {r['text/ppl']:.2f} | "
         f"{r['score']:.1f} | {r['score_vs_full']:.1%} | {r['decode/tokens_per_s']:.0f} | "
-        f"{r['decode_speedup']:.2f}x |\n" for r in rows)
-    return head + body + (f"\nUnigram baseline perplexity {unigram_ppl:.1f}. Score = 100 x (1 - loss / "
-                          "unigram loss): the share of the baseline's nats the model removes.\n")
+        f"{r['decode_speedup']:.2f}x |\n"
+        for r in rows
+    )
+    return (
+        head
+        + body
+        + (
+            f"\nUnigram baseline perplexity {unigram_ppl:.1f}. Score = 100 x (1 - loss / "
+            "unigram loss): the share of the baseline's nats the model removes.\n"
+        )
+    )

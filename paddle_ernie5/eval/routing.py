@@ -1,7 +1,7 @@
 """Routing analysis (ERNIE 5.0's figures, reproduced on our model).
 
-For every source (a modality or a kind of text) we run held-out batches and count, per MoE layer, how
-often each expert is chosen. From the usage matrix U[source][layer, expert]:
+For every source (a modality or a kind of text) we run held-out batches and count, per MoE layer,
+how often each expert is chosen. From the usage matrix U[source][layer, expert]:
 - heatmaps (layers x experts) per source;
 - IoU of the top-25% most used experts between source pairs, per layer (first / middle / last);
 - normalised routing entropy per layer: NE = -sum p log p / log E (1 = uniform use of all experts).
@@ -25,8 +25,8 @@ PAPER_IOU = {  # first / middle / last layer, ERNIE5.md; names are sources or GR
 @paddle.no_grad()
 def usage(model, batches) -> np.ndarray:
     """[MoE layers, experts] assignment counts over `batches`. A batch may carry `routing_select`
-    (numpy bool [B, S]): then only the chosen experts of those positions count (for example the image
-    tokens of an image-understanding document, not its question text)."""
+    (numpy bool [B, S]): then only the chosen experts of those positions count (for example the
+    image tokens of an image-understanding document, not its question text)."""
     model.eval()
     layers = [i for i, _ in model.moe_layers()]
     num_experts = model.cfg.moe.num_experts
@@ -51,7 +51,8 @@ def count_selected(ids_TK: np.ndarray, select_T: np.ndarray, num_experts: int) -
     return np.bincount(ids, minlength=num_experts)[:num_experts]
 
 
-# Multimodal sources of the routing report: mixture source -> (report name, modality whose tokens count).
+# Multimodal sources of the routing report:
+# mixture source -> (report name, modality whose tokens count).
 MULTIMODAL_SOURCES = {
     "image_qa": ("image understanding", "image"),
     "video_qa": ("video understanding", "video"),
@@ -81,7 +82,8 @@ def group_usages(usages: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def multimodal_source_batches(cfg, tokenizer, max_batches: int = 4) -> dict[str, list]:
     """Held-out documents of every multimodal source the recipe trains (data.mixture weight > 0),
-    packed into model batches whose `routing_select` marks the positions of the source's modality."""
+    packed into model batches whose `routing_select` marks the positions of the source's
+    modality."""
     from ..data.mixture import SOURCES, MixtureContext, draw_documents, load_source_modules
     from ..data.multimodal import pack_segments
     from ..model.embeddings import MODALITY_IDS
@@ -98,8 +100,9 @@ def multimodal_source_batches(cfg, tokenizer, max_batches: int = 4) -> dict[str,
         rng = np.random.default_rng([cfg.train.seed, 0x5EED])
         batches = []
         for _ in range(max_batches):
-            docs, _ = draw_documents({source: source}, {source: 1.0}, rng, cfg.data.seq_len,
-                                     cfg.train.batch_size)
+            docs, _ = draw_documents(
+                {source: source}, {source: 1.0}, rng, cfg.data.seq_len, cfg.train.batch_size
+            )
             np_batch = pack_segments(docs, cfg.data.seq_len, tokenizer.pad_id)
             batch = to_model_batch(np_batch)
             batch["routing_select"] = np_batch["token_types"] == MODALITY_IDS[modality]
@@ -148,7 +151,9 @@ def write_report(usages: dict[str, np.ndarray], layer_ids: list[int], out_dir: s
     os.makedirs(out_dir, exist_ok=True)
     res = analyse(usages)
     sources = res["sources"]
-    fig, axes = plt.subplots(len(sources), 1, figsize=(10, 1.2 + 0.9 * len(sources) * 1.2), squeeze=False)
+    fig, axes = plt.subplots(
+        len(sources), 1, figsize=(10, 1.2 + 0.9 * len(sources) * 1.2), squeeze=False
+    )
     for ax, t in zip(axes[:, 0], sources):
         share = usages[t] / np.maximum(1, usages[t].sum(axis=1, keepdims=True))
         ax.imshow(share, aspect="auto", cmap="viridis")
@@ -162,7 +167,9 @@ def write_report(usages: dict[str, np.ndarray], layer_ids: list[int], out_dir: s
     fig, axes = plt.subplots(1, 3, figsize=(4 * 3, 4))
     for ax, (name, mat) in zip(axes, res["iou"].items()):
         ax.imshow(mat, vmin=0, vmax=1, cmap="magma")
-        ax.set_title(f"top-25% IoU, {name} MoE layer (L{layer_ids[res['layers'][name]]})", fontsize=8)
+        ax.set_title(
+            f"top-25% IoU, {name} MoE layer (L{layer_ids[res['layers'][name]]})", fontsize=8
+        )
         ax.set_xticks(range(len(sources)), sources, rotation=60, fontsize=7)
         ax.set_yticks(range(len(sources)), sources, fontsize=7)
         for i, j in itertools.product(range(len(sources)), repeat=2):
@@ -182,18 +189,38 @@ def write_report(usages: dict[str, np.ndarray], layer_ids: list[int], out_dir: s
     fig.savefig(os.path.join(out_dir, "entropy.png"), dpi=110)
     plt.close(fig)
 
-    lines = ["# Routing report", "", "![usage](usage_heatmaps.png) ![iou](iou_top25.png) "
-             "![entropy](entropy.png)", "", "## Normalised routing entropy per layer", "",
-             "| source | " + " | ".join(f"L{i}" for i in layer_ids) + " |",
-             "|---|" + "---:|" * len(layer_ids)]
-    lines += [f"| {t} | " + " | ".join(f"{v:.3f}" for v in res["entropy"][t]) + " |" for t in sources]
-    lines += ["", "## Top-25% expert IoU between sources (first / middle / last MoE layer)", "",
-              "| source pair | first | middle | last |", "|---|---:|---:|---:|"]
+    lines = [
+        "# Routing report",
+        "",
+        "![usage](usage_heatmaps.png) ![iou](iou_top25.png) ![entropy](entropy.png)",
+        "",
+        "## Normalised routing entropy per layer",
+        "",
+        "| source | " + " | ".join(f"L{i}" for i in layer_ids) + " |",
+        "|---|" + "---:|" * len(layer_ids),
+    ]
+    lines += [
+        f"| {t} | " + " | ".join(f"{v:.3f}" for v in res["entropy"][t]) + " |" for t in sources
+    ]
+    lines += [
+        "",
+        "## Top-25% expert IoU between sources (first / middle / last MoE layer)",
+        "",
+        "| source pair | first | middle | last |",
+        "|---|---:|---:|---:|",
+    ]
     for a, b in itertools.combinations(range(len(sources)), 2):
         vals = [res["iou"][n][a, b] for n in ("first", "middle", "last")]
-        lines.append(f"| {sources[a]} vs {sources[b]} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
-    lines += ["", "## Against the paper", "", "| source pair | paper (first / middle / last) | ours |",
-              "|---|---|---|"]
+        lines.append(
+            f"| {sources[a]} vs {sources[b]} | " + " | ".join(f"{v:.2f}" for v in vals) + " |"
+        )
+    lines += [
+        "",
+        "## Against the paper",
+        "",
+        "| source pair | paper (first / middle / last) | ours |",
+        "|---|---|---|",
+    ]
     pool = {**group_usages(usages), **usages}
     for (a, b), vals in PAPER_IOU.items():
         if a in pool and b in pool:
@@ -202,9 +229,16 @@ def write_report(usages: dict[str, np.ndarray], layer_ids: list[int], out_dir: s
         else:
             ours = "not measurable: the model has no such sources"
         lines.append(f"| {a} vs {b} | {' / '.join(f'{v:.2f}' for v in vals)} | {ours} |")
-    lines += ["", "Groups: " + "; ".join(f"{g} = sum of {', '.join(p.strip() + '*' for p in prefixes)}"
-                                          for g, prefixes in GROUPS.items()) + ". Multimodal sources count "
-              "only the positions of their own modality (`routing_select`)."]
+    lines += [
+        "",
+        "Groups: "
+        + "; ".join(
+            f"{g} = sum of {', '.join(p.strip() + '*' for p in prefixes)}"
+            for g, prefixes in GROUPS.items()
+        )
+        + ". Multimodal sources count "
+        "only the positions of their own modality (`routing_select`).",
+    ]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(text)
@@ -212,7 +246,8 @@ def write_report(usages: dict[str, np.ndarray], layer_ids: list[int], out_dir: s
 
 
 def text_source_batches(cfg, tokenizer, max_batches: int = 4) -> dict[str, list]:
-    """Held-out text grouped by kind (prose, arithmetic, counting, ...), packed into model batches."""
+    """Held-out text grouped by kind (prose, arithmetic, counting, ...), packed into model
+    batches."""
     from ..data.loader import eval_batches
     from ..data.packing import pack_documents
     from ..data.text import validation_documents_by_kind
@@ -222,8 +257,15 @@ def text_source_batches(cfg, tokenizer, max_batches: int = 4) -> dict[str, list]
     for kind, docs in validation_documents_by_kind(cfg.train.seed, cfg.data.val_fraction).items():
         if not docs:
             continue
-        packed = pack_documents(tokenizer.encode_batch(docs), cfg.data.seq_len, tokenizer.pad_id,
-                                tokenizer.bos_id, tokenizer.eos_id)
-        out[f"text/{kind}"] = [to_model_batch(b) for b in
-                               itertools.islice(eval_batches(packed, cfg.train.batch_size), max_batches)]
+        packed = pack_documents(
+            tokenizer.encode_batch(docs),
+            cfg.data.seq_len,
+            tokenizer.pad_id,
+            tokenizer.bos_id,
+            tokenizer.eos_id,
+        )
+        out[f"text/{kind}"] = [
+            to_model_batch(b)
+            for b in itertools.islice(eval_batches(packed, cfg.train.batch_size), max_batches)
+        ]
     return out

@@ -1,9 +1,9 @@
 """The evaluation suite: metrics of one model (optionally in an elastic view) on held-out data.
 
 Text: next-token cross-entropy and perplexity on the validation split, beside the unigram baseline.
-Decode speed: greedy tokens/s with the KV cache. Other modalities add their metrics here; speech
-(ASR word accuracy, TTS intelligibility, each beside chance) is in eval/audio.py; vision (image QA,
-judged text -> image, video direction QA, each beside chance) in eval/vision_eval.py.
+Decode speed: greedy tokens/s with the KV cache. Speech (ASR word accuracy, TTS intelligibility)
+and vision (image QA, judged text -> image, video direction QA), each beside chance, are in
+eval/audio.py and eval/vision_eval.py; eval/runner.py puts all of them in one table.
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ import time
 import numpy as np
 import paddle
 
-from ..data.loader import build_text_data, eval_batches
+from ..data.loader import build_text_data, eval_batches, unigram_baseline
 from ..model.generation import generate
-from ..model.view import FULL_VIEW, ElasticView
-from ..model.losses import compute_loss
 from ..model.inputs import to_model_batch
-from ..data.loader import unigram_baseline
+from ..model.losses import compute_loss
+from ..model.view import FULL_VIEW, ElasticView
 
 
 class TextEval:
@@ -28,12 +27,21 @@ class TextEval:
 
     def __init__(self, cfg, max_batches: int = 0):
         dc, tc = cfg.data, cfg.train
-        tok, loader, val = build_text_data(dc.cache_dir, cfg.model.vocab_size, dc.seq_len, tc.batch_size,
-                                           tc.seed, 0.0, dc.val_fraction)
+        tok, loader, val = build_text_data(
+            dc.cache_dir,
+            cfg.model.vocab_size,
+            dc.seq_len,
+            tc.batch_size,
+            tc.seed,
+            0.0,
+            dc.val_fraction,
+        )
         self.tokenizer = tok
         batches = eval_batches(val, tc.batch_size)
-        self.batches = [to_model_batch(b) for b in
-                        (itertools.islice(batches, max_batches) if max_batches else batches)]
+        self.batches = [
+            to_model_batch(b)
+            for b in (itertools.islice(batches, max_batches) if max_batches else batches)
+        ]
         self.unigram = unigram_baseline(loader.docs_ids_fn(0), val["labels"], cfg.model.vocab_size)
         self.prompts = val["input_ids"][:, :16]
 
@@ -47,8 +55,14 @@ class TextEval:
             total, count = total + float(parts.text) * c, count + c
         return total / max(count, 1.0)
 
-    def decode_tokens_per_s(self, model, view: ElasticView = FULL_VIEW, new_tokens: int = 48,
-                            batch: int = 1, repeats: int = 3) -> float:
+    def decode_tokens_per_s(
+        self,
+        model,
+        view: ElasticView = FULL_VIEW,
+        new_tokens: int = 48,
+        batch: int = 1,
+        repeats: int = 3,
+    ) -> float:
         prompt = self.prompts[:batch]
         generate(model, prompt, 4, temperature=0.0, view=view)  # warm-up
         best = math.inf
@@ -61,8 +75,11 @@ class TextEval:
 
 def text_metrics(ev: TextEval, model, view: ElasticView = FULL_VIEW, speed: bool = True) -> dict:
     loss = ev.loss(model, view)
-    out = {"text/loss": loss, "text/ppl": math.exp(min(loss, 50)),
-           "text/unigram_ppl": math.exp(min(ev.unigram, 50))}
+    out = {
+        "text/loss": loss,
+        "text/ppl": math.exp(min(loss, 50)),
+        "text/unigram_ppl": math.exp(min(ev.unigram, 50)),
+    }
     if speed:
         out["decode/tokens_per_s"] = ev.decode_tokens_per_s(model, view)
     return out
@@ -70,5 +87,5 @@ def text_metrics(ev: TextEval, model, view: ElasticView = FULL_VIEW, speed: bool
 
 def score(metrics: dict, unigram: float) -> float:
     """A single 0-100 score for a row: how much of the gap from the unigram baseline to a perfect
-    model (loss 0) is closed, in nats. Averages over modalities as they are added."""
+    model (loss 0) is closed, in nats."""
     return float(np.clip(100.0 * (1.0 - metrics["text/loss"] / unigram), 0.0, 100.0))

@@ -35,9 +35,12 @@ def test_selected_positions_and_groups_by_hand(tmp_path):
     ids_TK = np.array([[0, 1], [1, 2], [3, -1], [0, 3]])  # -1: a dropped choice
     select = np.array([True, False, True, True])
     np.testing.assert_array_equal(count_selected(ids_TK, select, 4), [2, 1, 0, 2])
-    u = {"text/prose": np.array([[4, 0, 0, 0]]), "text/arithmetic": np.array([[0, 2, 0, 0]]),
-         "audio understanding (ASR)": np.array([[0, 0, 1, 0]]),
-         "audio generation (TTS)": np.array([[0, 0, 0, 3]])}
+    u = {
+        "text/prose": np.array([[4, 0, 0, 0]]),
+        "text/arithmetic": np.array([[0, 2, 0, 0]]),
+        "audio understanding (ASR)": np.array([[0, 0, 1, 0]]),
+        "audio generation (TTS)": np.array([[0, 0, 0, 3]]),
+    }
     groups = group_usages(u)
     np.testing.assert_array_equal(groups["text"], [[4, 2, 0, 0]])
     np.testing.assert_array_equal(groups["audio"], [[0, 0, 1, 3]])
@@ -48,7 +51,8 @@ def test_selected_positions_and_groups_by_hand(tmp_path):
 
 
 def test_multimodal_routing_counts_only_the_source_modality(debug_config, monkeypatch):
-    """A toy source whose documents are text + 'audio' positions: usage counts only the audio ones."""
+    """A toy source whose documents are text + 'audio' positions: usage counts only the audio
+    ones."""
     import paddle
 
     from paddle_ernie5.data import mixture
@@ -80,14 +84,20 @@ def test_multimodal_routing_counts_only_the_source_modality(debug_config, monkey
 
     monkeypatch.setitem(mixture.SOURCES, "asr", Toy)
     monkeypatch.setitem(EMB._REGISTRY, "audio", AudioAsText)
-    cfg = debug_config("model.modalities=[text,audio]", "data.mixture.asr=1.0", "train.batch_size=2")
+    cfg = debug_config(
+        "model.modalities=[text,audio]", "data.mixture.asr=1.0", "train.batch_size=2"
+    )
     from paddle_ernie5.data.text import get_text_tokenizer
 
-    tok = get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed, cfg.data.val_fraction)
+    tok = get_text_tokenizer(
+        cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed, cfg.data.val_fraction
+    )
     batches = multimodal_source_batches(cfg, tok, max_batches=1)["audio understanding (ASR)"]
     select = batches[0]["routing_select"]
     paddle.seed(0)
     model = Ernie5Model(cfg.model)
     counts = usage(model, batches)
-    assert counts.sum(axis=1).tolist() == [int(select.sum()) * cfg.model.moe.top_k] * counts.shape[0]
+    assert (
+        counts.sum(axis=1).tolist() == [int(select.sum()) * cfg.model.moe.top_k] * counts.shape[0]
+    )
     assert 0 < select.sum() < select.size

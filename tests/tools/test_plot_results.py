@@ -41,7 +41,7 @@ def _run_dir(tmp_path):
     rep.mkdir()
     (rep / "report.md").write_text(
         "# Routing report\n\n## Normalised routing entropy per layer\n\n"
-        "| task | L1 | L2 |\n|---|---:|---:|\n| text/prose | 0.791 | 0.731 |\n"
+        "| source | L1 | L2 |\n|---|---:|---:|\n| text/prose | 0.791 | 0.731 |\n"
         "| image generation | 0.807 | 0.858 |\n\n## Top-25% expert IoU\n"
     )
     return run
@@ -77,22 +77,8 @@ def test_main_writes_the_figures(tmp_path, capsys):
     tool = _tool()
     run = _run_dir(tmp_path)
     out = tmp_path / "img"
-    assert (
-        tool.main(
-            [
-                str(run),
-                "--out",
-                str(out),
-                "--name",
-                "t",
-                "--scalar",
-                "moe/entropy/*",
-                "--scalar",
-                "missing/key",
-            ]
-        )
-        == 0
-    )
+    scalars = ["--scalar", "moe/entropy/*", "--scalar", "missing/key"]
+    assert tool.main([str(run), "--out", str(out), "--name", "t", *scalars]) == 0
     names = sorted(os.listdir(out))
     assert names == ["t_loss.png", "t_routing_entropy.png", "t_scalars.png"]
     for n in names:
