@@ -1,10 +1,12 @@
 """Per-query statistics and AHRL hints.
 
-AHRL (adaptive hint-based RL): a query the policy rarely solves gets the first p_hint fraction of its
-reference solution appended to the prompt, so some rollouts reach the reward and the group has a
-learning signal; the hint shrinks as training proceeds, faster for queries that were easier at first:
+AHRL (adaptive hint-based RL): a query the policy rarely solves gets the first p_hint fraction of
+its reference solution appended to the prompt, so some rollouts reach the reward and the group has a
+learning signal; the hint shrinks as training proceeds, faster for queries that were easier at
+first:
 
-    p_hint(x, t) = p_init * exp(-gamma * t * pass_init(x))      t = iteration, pass_init = first pass rate
+    p_hint(x, t) = p_init * exp(-gamma * t * pass_init(x))
+    t = iteration, pass_init = first pass rate
 
 The same running accuracy feeds WPSM (objectives.wpsm_weights).
 """
@@ -59,7 +61,8 @@ class QueryStats:
         return 0.0 if rec is None else rec.accuracy
 
     def hint(self, key: str, t: int, p_init: float, gamma: float, below: float) -> float:
-        """Hint fraction for a query at iteration t: 0 until it has been tried, or once it passes."""
+        """Hint fraction for a query at iteration t: 0 until it has been tried, or once it
+        passes."""
         rec = self.get(key)
         if rec is None or rec.accuracy >= below:
             return 0.0
@@ -71,4 +74,6 @@ class QueryStats:
 
     def load_state_dict(self, state: dict) -> None:
         with self._lock:
-            self._records = {k: QueryRecord(float(p), float(c), int(n)) for k, (p, c, n) in state.items()}
+            self._records = {
+                k: QueryRecord(float(p), float(c), int(n)) for k, (p, c, n) in state.items()
+            }

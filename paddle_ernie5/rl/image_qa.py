@@ -17,8 +17,8 @@ import numpy as np
 from ..config import Config, ConfigError
 from ..data.multimodal import pack_segments
 from ..data.vision_sources import encoded_digits, qa_prompt, questions_of, special_ids
-from .prompts import Prompt
 from .problems import Problem
+from .prompts import Prompt
 from .verifiers import FamilySpec, register_family
 
 KIND = "image"
@@ -41,7 +41,9 @@ class ImageQAPrompt:
     def build(self, model_cfg, tokenizer, problem: Problem, hint_ids: list[int]) -> Prompt:
         ids = special_ids(model_cfg.vocab_size, tokenizer)
         question = tokenizer.encode(problem.prompt) + list(hint_ids)
-        doc = qa_prompt(problem.meta["feats"], question, model_cfg.vision, problem.meta["kind"], ids)
+        doc = qa_prompt(
+            problem.meta["feats"], question, model_cfg.vision, problem.meta["kind"], ids
+        )
         packed = pack_segments([doc], sum(len(s) for s in doc), tokenizer.pad_id)
         return Prompt(packed["input_ids"][0], len(hint_ids), doc)
 
@@ -51,17 +53,29 @@ def problems_of(cfg: Config, split: str, n: int, seed: int) -> list[Problem]:
     data = encoded_digits(cfg, KIND, split)
     pairs = [(i, q, a) for i in range(len(data)) for q, a in questions_of(KIND, data.labels, i)]
     order = np.random.default_rng([seed, split == "train"]).permutation(len(pairs))[:n]
-    return [Problem("image_qa", q, a, f" {a}", meta={"kind": KIND, "feats": data.feats[i]},
-                    context=f"{split}/{i}")
-            for i, q, a in (pairs[j] for j in order)]
+    return [
+        Problem(
+            "image_qa",
+            q,
+            a,
+            f" {a}",
+            meta={"kind": KIND, "feats": data.feats[i]},
+            context=f"{split}/{i}",
+        )
+        for i, q, a in (pairs[j] for j in order)
+    ]
 
 
 def image_qa_split(cfg: Config, n: int, seed: int) -> tuple[list[Problem], list[Problem]]:
     """(questions about training images, questions about held-out images)."""
     if KIND not in cfg.model.modalities:
-        raise ConfigError(f"rl.families has image_qa but model.modalities={list(cfg.model.modalities)} "
-                          f"lacks {KIND!r}; use a multimodal model (recipes/rl_multimodal_tiny.yaml)")
+        raise ConfigError(
+            f"rl.families has image_qa but model.modalities={list(cfg.model.modalities)} "
+            f"lacks {KIND!r}; use a multimodal model (recipes/rl_multimodal_tiny.yaml)"
+        )
     return problems_of(cfg, "train", n, seed), problems_of(cfg, "heldout", n, seed)
 
 
-register_family(FamilySpec("image_qa", None, label_match, prompt=ImageQAPrompt(), split=image_qa_split))
+register_family(
+    FamilySpec("image_qa", None, label_match, prompt=ImageQAPrompt(), split=image_qa_split)
+)

@@ -1,10 +1,11 @@
 """How a family's problem becomes the model's prompt, and how a response continues it.
 
-A family's `PromptFormat` (verifiers.FamilySpec.prompt) names the token that ends an answer, the reference
-solution's tokens and builds a `Prompt`: token ids and, when the prompt is not plain causal text, the
-document segments training packs it as (data/multimodal.py), e.g. for image QA
+A family's `PromptFormat` (verifiers.FamilySpec.prompt) names the token that ends an answer, the
+reference solution's tokens and builds a `Prompt`: token ids and, when the prompt is not plain
+causal text, the document segments training packs it as (data/multimodal.py), e.g. for image QA
 
-    <bos> <boi> [merged patches] <eoi> question      (patches: one bidirectional block, 3-D positions)
+    <bos> <boi> [merged patches] <eoi> question
+    (patches: one bidirectional block, 3-D positions)
 
 A response is text continuing the prompt: its positions follow the prompt's last position.
 """

@@ -3,12 +3,13 @@ what training needs (rollout log-probs and, for router replay, the experts every
 
 Legend: G responses per query, P prompt length (with any hint), N new tokens, K top-k, B rows.
 
-The training forward sees every row exactly as the sampler did: text prompts as plain causal text, a
-packed prompt (image + question, rl/prompts.py) with its positions, mask and image features, the
+The training forward sees every row exactly as the sampler did: text prompts as plain causal text,
+a packed prompt (image + question, rl/prompts.py) with its positions, mask and image features, the
 response continuing at the prompt's last position + 1.
 
-Background rollouts use their own model copies (one per worker thread) loaded from a `PolicySnapshot`
-taken when their group was submitted, so training can update the live weights meanwhile.
+Background rollouts use their own model copies (one per worker thread) loaded from a
+`PolicySnapshot` taken when their group was submitted, so training can update the live weights
+meanwhile.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import paddle
 
 from ..data.multimodal import pack_segments
 from ..model.generation import generate
-from ..model.model import Ernie5Model
 from ..model.inputs import to_model_batch
+from ..model.model import Ernie5Model
 from .objectives import response_logp_entropy
-from .prompts import Prompt
 from .problems import Problem
+from .prompts import Prompt
 from .verifiers import get_family, reward
 
 
@@ -86,8 +87,9 @@ def build_prompt(model_cfg, tokenizer, problem: Problem, hint_fraction: float = 
 
 
 def prompt_arrays(prompts: list[Prompt], pad_id: int) -> tuple[np.ndarray, dict | None]:
-    """(ids [B, P], generate's prompt_extras) of equal-length prompts of one layout; extras None for
-    text prompts, else the packed arrays (positions, token types, FlashMask layout, image features)."""
+    """(ids [B, P], generate's prompt_extras) of equal-length prompts of one layout; extras None
+    for text prompts, else the packed arrays (positions, token types, FlashMask layout, image
+    features)."""
     ids = np.stack([p.ids for p in prompts])
     if prompts[0].doc is None:
         return ids, None
@@ -95,8 +97,9 @@ def prompt_arrays(prompts: list[Prompt], pad_id: int) -> tuple[np.ndarray, dict 
     return ids, {k: v for k, v in packed.items() if k not in ("input_ids", "labels")}
 
 
-def continuation_arrays(prompts: list[Prompt], tails: list[np.ndarray],
-                        pad_id: int) -> tuple[np.ndarray, dict | None]:
+def continuation_arrays(
+    prompts: list[Prompt], tails: list[np.ndarray], pad_id: int
+) -> tuple[np.ndarray, dict | None]:
     """Rows prompt + tail, right-padded to the longest: (ids [B, S], extras). Extras None when every
     prompt is text (plain causal rows, as sampled); else each row packed as one document, a text
     prompt getting the equivalent document mask; model_inputs(ids, extras) is the model batch."""
@@ -104,8 +107,12 @@ def continuation_arrays(prompts: list[Prompt], tails: list[np.ndarray],
     s = max(len(r) for r in rows)
     if all(p.doc is None for p in prompts):
         return np.stack([np.pad(r, (0, s - len(r)), constant_values=pad_id) for r in rows]), None
-    packed = pack_segments([p.continued(np.asarray(t, np.int64)) for p, t in zip(prompts, tails)], s,
-                           pad_id, one_per_row=True)
+    packed = pack_segments(
+        [p.continued(np.asarray(t, np.int64)) for p, t in zip(prompts, tails)],
+        s,
+        pad_id,
+        one_per_row=True,
+    )
     return packed.pop("input_ids"), packed
 
 
@@ -126,29 +133,60 @@ def score(tokenizer, problem: Problem, hint_ids, tokens_GN, lengths_G, stopped_G
     for i, (toks, n) in enumerate(zip(tokens_GN, lengths_G)):
         if not stopped_G[i]:
             continue
-        resp = (decode_response(tokenizer, hint_ids, toks, int(n)) if spec.response_modality == "text"
-                else np.concatenate([hint_ids, toks[:n]]))
+        resp = (
+            decode_response(tokenizer, hint_ids, toks, int(n))
+            if spec.response_modality == "text"
+            else np.concatenate([hint_ids, toks[:n]])
+        )
         out[i] = 0.0 if resp is None else reward(problem, resp)
     return out
 
 
-def rollout_group(model, tokenizer, problem: Problem, group_size: int, max_new_tokens: int,
-                  temperature: float, seed: int, hint_fraction: float = 0.0, version: int = 0,
-                  record_routing: bool = True) -> Rollout:
-    """Sample `group_size` responses to one query (one batched KV-cache generate call) and score them."""
+def rollout_group(
+    model,
+    tokenizer,
+    problem: Problem,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    hint_fraction: float = 0.0,
+    version: int = 0,
+    record_routing: bool = True,
+) -> Rollout:
+    """Sample `group_size` responses to one query (one batched KV-cache generate call) and score
+    them."""
     prompt = build_prompt(model.cfg, tokenizer, problem, hint_fraction)
     stop = stop_id(tokenizer, problem)
     ids, extras = prompt_arrays([prompt] * group_size, tokenizer.pad_id)
-    sample = generate(model, ids, max_new_tokens, temperature=temperature, stop_id=stop,
-                      pad_id=tokenizer.pad_id, seed=seed, record_routing=record_routing, prompt_extras=extras)
+    sample = generate(
+        model,
+        ids,
+        max_new_tokens,
+        temperature=temperature,
+        stop_id=stop,
+        pad_id=tokenizer.pad_id,
+        seed=seed,
+        record_routing=record_routing,
+        prompt_extras=extras,
+    )
     stopped = sample.tokens[np.arange(group_size), sample.lengths - 1] == stop
-    hint = prompt.ids[len(prompt.ids) - prompt.hint_len:]
+    hint = prompt.ids[len(prompt.ids) - prompt.hint_len :]
     rewards = score(tokenizer, problem, hint, sample.tokens, sample.lengths, stopped)
-    return Rollout(problem, prompt, sample.tokens, sample.logprobs, sample.lengths, rewards,
-                   sample.routing, version, hint_fraction)
+    return Rollout(
+        problem,
+        prompt,
+        sample.tokens,
+        sample.logprobs,
+        sample.lengths,
+        rewards,
+        sample.routing,
+        version,
+        hint_fraction,
+    )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Training batches from rollouts
 
 
@@ -157,7 +195,8 @@ class RolloutBatch:
     """Rows = every response of the given rollouts, right-padded to one length S."""
 
     input_ids_BS: np.ndarray  # prompt + response[:-1] (exactly the positions the sampler ran)
-    extras_BS: dict | None  # the rows' other model arrays when a prompt is packed (continuation_arrays)
+    # the rows' other model arrays when a prompt is packed (continuation_arrays)
+    extras_BS: dict | None
     start_B: np.ndarray  # prompt length per row: response token j is predicted at start - 1 + j
     targets_BN: np.ndarray  # response tokens
     valid_BN: np.ndarray  # bool, j < length
@@ -173,7 +212,7 @@ def build_batch(rollouts: list[Rollout], pad_id: int, top_k: int) -> RolloutBatc
         g, n = r.tokens.shape
         for i in range(g):
             prompts.append(r.prompt)
-            tails.append(r.tokens[i, :n - 1])
+            tails.append(r.tokens[i, : n - 1])
             starts.append(len(r.prompt.ids))
             targets.append(np.pad(r.tokens[i], (0, n_max - n), constant_values=pad_id))
             logps.append(np.pad(r.logprobs[i], (0, n_max - n)))
@@ -189,10 +228,19 @@ def build_batch(rollouts: list[Rollout], pad_id: int, top_k: int) -> RolloutBatc
             for r in rollouts:
                 ids = r.routing[layer]
                 fill = np.broadcast_to(np.arange(top_k), (ids.shape[0], s - ids.shape[1], top_k))
-                parts.append(np.concatenate([ids, fill], axis=1))  # padding positions: any valid ids
+                # padding positions: any valid ids
+                parts.append(np.concatenate([ids, fill], axis=1))
             replay[layer] = np.concatenate(parts, axis=0).astype(np.int64)
-    return RolloutBatch(input_ids, extras, np.asarray(starts), np.stack(targets), np.stack(valid),
-                        np.stack(logps).astype(np.float32), replay, np.asarray(query))
+    return RolloutBatch(
+        input_ids,
+        extras,
+        np.asarray(starts),
+        np.stack(targets),
+        np.stack(valid),
+        np.stack(logps).astype(np.float32),
+        replay,
+        np.asarray(query),
+    )
 
 
 def model_inputs(input_ids_BS: np.ndarray, extras: dict | None = None) -> dict:
@@ -202,19 +250,23 @@ def model_inputs(input_ids_BS: np.ndarray, extras: dict | None = None) -> dict:
         return to_model_batch({**extras, "input_ids": input_ids_BS})
     b, s = input_ids_BS.shape
     pos = np.broadcast_to(np.arange(s)[None, None, :], (b, 3, s))
-    return {"input_ids": paddle.to_tensor(input_ids_BS, dtype="int64"),
-            "token_types": paddle.zeros([b, s], dtype="int64"),
-            "positions": paddle.to_tensor(np.ascontiguousarray(pos), dtype="int64"),
-            "startend_row_indices": None}
+    return {
+        "input_ids": paddle.to_tensor(input_ids_BS, dtype="int64"),
+        "token_types": paddle.zeros([b, s], dtype="int64"),
+        "positions": paddle.to_tensor(np.ascontiguousarray(pos), dtype="int64"),
+        "startend_row_indices": None,
+    }
 
 
 def forward_logp(model, batch: RolloutBatch, temperature: float, replay: bool):
-    """(response log-probs [B, N], entropies [B, N], model output) of the training forward, with the
-    rollout's experts forced when `replay` (router replay) and the batch recorded them."""
+    """(response log-probs [B, N], entropies [B, N], model output) of the training forward, with
+    the rollout's experts forced when `replay` (router replay) and the batch recorded them."""
     forced = None
     if replay and batch.replay_BSK is not None:
         forced = {i: paddle.to_tensor(ids) for i, ids in batch.replay_BSK.items()}
-    out = model(model_inputs(batch.input_ids_BS, batch.extras_BS), with_mtp=False, router_replay=forced)
+    out = model(
+        model_inputs(batch.input_ids_BS, batch.extras_BS), with_mtp=False, router_replay=forced
+    )
     logp, ent = response_logp_entropy(out.logits, batch.targets_BN, batch.start_B, temperature)
     return logp, ent, out
 
@@ -222,7 +274,18 @@ def forward_logp(model, batch: RolloutBatch, temperature: float, replay: bool):
 def select(batch: RolloutBatch, rows: np.ndarray) -> RolloutBatch:
     """The rows of a batch (a minibatch of whole query groups)."""
     replay = None if batch.replay_BSK is None else {i: v[rows] for i, v in batch.replay_BSK.items()}
-    extras = None if batch.extras_BS is None else {
-        k: v[rows] if isinstance(v, np.ndarray) else v for k, v in batch.extras_BS.items()}
-    return RolloutBatch(batch.input_ids_BS[rows], extras, batch.start_B[rows], batch.targets_BN[rows],
-                        batch.valid_BN[rows], batch.rollout_logp_BN[rows], replay, batch.query_B[rows])
+    extras = (
+        None
+        if batch.extras_BS is None
+        else {k: v[rows] if isinstance(v, np.ndarray) else v for k, v in batch.extras_BS.items()}
+    )
+    return RolloutBatch(
+        batch.input_ids_BS[rows],
+        extras,
+        batch.start_B[rows],
+        batch.targets_BN[rows],
+        batch.valid_BN[rows],
+        batch.rollout_logp_BN[rows],
+        replay,
+        batch.query_B[rows],
+    )

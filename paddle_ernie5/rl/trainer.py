@@ -10,8 +10,8 @@ One iteration = one U-RB group of `prompts_per_step` queries x `group_size` resp
 
 Held-out reward per family is measured before the first and after the last step (and every
 `rl.eval_every` steps); the summary goes to <run_dir>/rl_summary.json and the scalars to VisualDL.
-The aux-loss-free router bias is not updated during RL: balancing is a pretraining concern, and a bias
-that moves between rollout and training would be one more source of routing mismatch.
+The aux-loss-free router bias is not updated during RL: balancing is a pretraining concern, and a
+bias that moves between rollout and training would be one more source of routing mismatch.
 """
 
 from __future__ import annotations
@@ -25,12 +25,17 @@ import numpy as np
 import paddle
 
 from .. import config as C
-from ..model.model import Ernie5Model
 from ..data.text import get_text_tokenizer
 from ..io import checkpoint
-from ..train.logging import RunLogger, flatten
-from ..optim.optimizer import build_optimizer, clip_by_global_norm, load_optimizer_state, optimizer_state
+from ..model.model import Ernie5Model
+from ..optim.optimizer import (
+    build_optimizer,
+    clip_by_global_norm,
+    load_optimizer_state,
+    optimizer_state,
+)
 from ..optim.schedules import learning_rate
+from ..train.logging import RunLogger, flatten
 from .evaluate import evaluate
 from .hints import QueryStats
 from .objectives import grpo_advantages, gspo_loss, gspo_ratio, icepop_mask, k3_kl, wpsm_weights
@@ -52,12 +57,16 @@ def family_problems(cfg: C.Config) -> tuple[list, dict[str, list]]:
     rc = cfg.rl
     train, held = [], {}
     for i, family in enumerate(rc.families):
-        tr, he = split_problems(family, rc.train_problems, cfg.train.seed + i, rc.heldout_fraction, cfg)
+        tr, he = split_problems(
+            family, rc.train_problems, cfg.train.seed + i, rc.heldout_fraction, cfg
+        )
         if not tr or not he:
-            raise C.ConfigError(f"rl.train_problems={rc.train_problems} leaves family {family!r} with "
-                                f"{len(tr)} training and {len(he)} held-out problems; raise it")
+            raise C.ConfigError(
+                f"rl.train_problems={rc.train_problems} leaves family {family!r} with "
+                f"{len(tr)} training and {len(he)} held-out problems; raise it"
+            )
         train += tr
-        held[family] = he[:rc.eval_problems]
+        held[family] = he[: rc.eval_problems]
     return train, held
 
 
@@ -68,8 +77,9 @@ class RLTrainer:
         paddle.seed(tc.seed)
         self.run_dir = tc.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
-        self.tokenizer = get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, tc.seed,
-                                            cfg.data.val_fraction)
+        self.tokenizer = get_text_tokenizer(
+            cfg.data.cache_dir, cfg.model.vocab_size, tc.seed, cfg.data.val_fraction
+        )
         self.model = load_policy(cfg, log)
         self.ref = None
         if rc.kl_coef > 0:
@@ -82,12 +92,14 @@ class RLTrainer:
         self.rollout_models = RolloutModels(cfg.model)
         self.step = 0
         self._snap = None
-        self.buffer = UnbiasedReplayBuffer(self.assign, self._rollout, self._context, rc.lookahead,
-                                           rc.rollout_workers)
+        self.buffer = UnbiasedReplayBuffer(
+            self.assign, self._rollout, self._context, rc.lookahead, rc.rollout_workers
+        )
 
     # ------------------------------------------------------------------ U-RB plumbing
     def assign(self, g: int) -> list:
-        """Queries of iteration group g: consecutive slices of per-epoch permutations of the pool."""
+        """Queries of iteration group g: consecutive slices of per-epoch permutations of the
+        pool."""
         p, n = self.cfg.rl.prompts_per_step, len(self.pool)
         out = []
         for i in range(g * p, (g + 1) * p):
@@ -104,16 +116,27 @@ class RLTrainer:
         hints = {}
         if rc.hints:
             for q in self.assign(g):
-                hints[q.key] = self.stats.hint(q.key, self.step, rc.hint_p_init, rc.hint_gamma, rc.hint_below)
+                hints[q.key] = self.stats.hint(
+                    q.key, self.step, rc.hint_p_init, rc.hint_gamma, rc.hint_below
+                )
         return {"snapshot": self._snap, "hints": hints}
 
     def _rollout(self, g: int, j: int, problem, ctx):
         rc = self.cfg.rl
         model = self.rollout_models.get(ctx["snapshot"])
-        seed = (self.cfg.train.seed * 1_000_003 + g * 1009 + j) % (2 ** 31)
-        return rollout_group(model, self.tokenizer, problem, rc.group_size, rc.max_new_tokens,
-                             rc.temperature, seed, ctx["hints"].get(problem.key, 0.0),
-                             ctx["snapshot"].version, record_routing=True)
+        seed = (self.cfg.train.seed * 1_000_003 + g * 1009 + j) % (2**31)
+        return rollout_group(
+            model,
+            self.tokenizer,
+            problem,
+            rc.group_size,
+            rc.max_new_tokens,
+            rc.temperature,
+            seed,
+            ctx["hints"].get(problem.key, 0.0),
+            ctx["snapshot"].version,
+            record_routing=True,
+        )
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self) -> dict[str, float]:
@@ -128,10 +151,15 @@ class RLTrainer:
 
         self.model.eval()
         with paddle.no_grad():
-            old_logp_t, ent_t, out = forward_logp(self.model, batch, rc.temperature, rc.router_replay)
+            old_logp_t, ent_t, out = forward_logp(
+                self.model, batch, rc.temperature, rc.router_replay
+            )
             old_logp, ent = old_logp_t.numpy(), ent_t.numpy()
-            ref_logp = (forward_logp(self.ref, batch, rc.temperature, rc.router_replay)[0]
-                        if self.ref is not None else None)
+            ref_logp = (
+                forward_logp(self.ref, batch, rc.temperature, rc.router_replay)[0]
+                if self.ref is not None
+                else None
+            )
         mismatch = _routing_mismatch(out.router_stats, batch)
         mask = icepop_mask(old_logp, batch.rollout_logp_BN, valid, rc.icepop_low, rc.icepop_high)
         adv = grpo_advantages(np.stack([r.rewards for r in rollouts])).reshape(-1)
@@ -168,10 +196,13 @@ class RLTrainer:
 
         d = old_logp - batch.rollout_logp_BN  # log(pi_train / pi_rollout) per token
         metrics = {
-            "loss": float(np.mean(losses)), "train/lr": lr, "train/grad_norm": float(np.mean(norms)),
+            "loss": float(np.mean(losses)),
+            "train/lr": lr,
+            "train/grad_norm": float(np.mean(norms)),
             "reward/mean": float(np.mean([r.rewards.mean() for r in rollouts])),
             "entropy": float((ent * valid).sum() / valid.sum()),
-            "clip/low_frac": float(np.mean(clip_lo)), "clip/high_frac": float(np.mean(clip_hi)),
+            "clip/low_frac": float(np.mean(clip_lo)),
+            "clip/high_frac": float(np.mean(clip_hi)),
             "icepop/masked_frac": float(1 - mask.sum() / valid.sum()),
             "kl/rollout": float(((np.exp(d) - d - 1) * valid).sum() / valid.sum()),
             "response_length": float(np.mean([r.lengths.mean() for r in rollouts])),
@@ -193,19 +224,36 @@ class RLTrainer:
     def heldout(self) -> dict[str, dict[str, float]]:
         rc = self.cfg.rl
         problems = [p for family in rc.families for p in self.heldout_problems[family]]
-        return evaluate(self.model, self.tokenizer, problems, rc.group_size, rc.max_new_tokens,
-                        rc.temperature, seed=self.cfg.train.seed + 99)
+        return evaluate(
+            self.model,
+            self.tokenizer,
+            problems,
+            rc.group_size,
+            rc.max_new_tokens,
+            rc.temperature,
+            seed=self.cfg.train.seed + 99,
+        )
 
     def save(self) -> str:
         model_state = {k: v.numpy() for k, v in self.model.state_dict().items()}
-        meta = {"model_config": C.to_plain(self.cfg.model), "config_hash": C.config_hash(self.cfg),
-                "query_stats": self.stats.state_dict()}
-        return checkpoint.save(self.ckpt_root, self.step, model_state,
-                               optimizer_state(self.model, self.optimizer), meta, self.cfg.train.keep_last)
+        meta = {
+            "model_config": C.to_plain(self.cfg.model),
+            "config_hash": C.config_hash(self.cfg),
+            "query_stats": self.stats.state_dict(),
+        }
+        return checkpoint.save(
+            self.ckpt_root,
+            self.step,
+            model_state,
+            optimizer_state(self.model, self.optimizer),
+            meta,
+            self.cfg.train.keep_last,
+        )
 
     def try_resume(self) -> bool:
-        found = checkpoint.resumable(self.ckpt_root, self.cfg.train.resume, C.to_plain(self.cfg.model),
-                                     warn=self.log)
+        found = checkpoint.resumable(
+            self.ckpt_root, self.cfg.train.resume, C.to_plain(self.cfg.model), warn=self.log
+        )
         if found is None:
             return False
         path, model_state, optim_state, meta = found
@@ -246,36 +294,54 @@ class RLTrainer:
                 if self.step % tc.save_every == 0 or self.step == tc.max_steps:
                     self.save()
                 bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", ent=f"{metrics['entropy']:.2f}")
+                bar.set_postfix(
+                    reward=f"{metrics['reward/mean']:.2f}", ent=f"{metrics['entropy']:.2f}"
+                )
         finally:
             bar.close()
             self.buffer.close()
         summary["after"] = self.heldout()
         self._log_heldout(logger, summary["after"])
         logger.close()
-        summary.update({"steps": self.step, "router_replay": rc.router_replay, "run_dir": self.run_dir,
-                        "train_entropy_first": history[0]["entropy"] if history else None,
-                        "train_entropy_last": history[-1]["entropy"] if history else None})
+        summary.update(
+            {
+                "steps": self.step,
+                "router_replay": rc.router_replay,
+                "run_dir": self.run_dir,
+                "train_entropy_first": history[0]["entropy"] if history else None,
+                "train_entropy_last": history[-1]["entropy"] if history else None,
+            }
+        )
         with open(summary_path, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
         return summary
 
     def _log_heldout(self, logger, result: dict) -> None:
-        logger.scalars(self.step, {f"heldout/{k}/{family}": v for family, r in result.items() for k, v in r.items()})
-        self.log(f"held-out at step {self.step}: " + "; ".join(
-            f"{family} reward {r['reward']:.3f} greedy {r['greedy_accuracy']:.3f} entropy {r['entropy']:.3f}"
-            for family, r in result.items()))
+        logger.scalars(
+            self.step,
+            {f"heldout/{k}/{family}": v for family, r in result.items() for k, v in r.items()},
+        )
+        self.log(
+            f"held-out at step {self.step}: "
+            + "; ".join(
+                f"{family} reward {r['reward']:.3f} greedy {r['greedy_accuracy']:.3f} "
+                f"entropy {r['entropy']:.3f}"
+                for family, r in result.items()
+            )
+        )
 
 
 def _routing_mismatch(router_stats: dict, batch) -> float:
-    """Share of (response-producing position, MoE layer) pairs whose expert set in this forward differs
-    from the rollout's (0 with router replay on, by construction)."""
+    """Share of (response-producing position, MoE layer) pairs whose expert set in this forward
+    differs from the rollout's (0 with router replay on, by construction)."""
     if batch.replay_BSK is None or not router_stats:
         return float("nan")
     b, s = batch.input_ids_BS.shape
     pos = np.arange(s)[None, :]
     lengths = batch.valid_BN.sum(1)
-    used = (pos >= batch.start_B[:, None] - 1) & (pos < batch.start_B[:, None] - 1 + lengths[:, None])
+    used = (pos >= batch.start_B[:, None] - 1) & (
+        pos < batch.start_B[:, None] - 1 + lengths[:, None]
+    )
     diff, total = 0, 0
     for i, stats in router_stats.items():
         now = np.sort(stats.topk_ids_TK.numpy().reshape(b, s, -1), axis=-1)
@@ -295,7 +361,9 @@ def _read_json(path: str) -> dict:
 def _progress(start: int, end: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=end, initial=start, desc="rl", unit="step", disable=not enabled, dynamic_ncols=True)
+    return tqdm(
+        total=end, initial=start, desc="rl", unit="step", disable=not enabled, dynamic_ncols=True
+    )
 
 
 def train_from_config(cfg: C.Config, log=print) -> dict:

@@ -1,25 +1,25 @@
 """Verifiable problem families for RL: problems with reference solutions and rule-based rewards.
 
-The unified interface is `reward(problem, response) -> float in [0, 1]`: a family registers how its
-problems are made (`make_problems`, or `split` for problems drawn from data with its own held-out
-split), how they are shown to the model (`prompt`, rl/prompts.py: the prompt and the token that ends
-an answer) and how a response is judged (`verifier`). Text families judge the decoded response text;
-families whose responses are images or speech (text->image with the vision judge, text->speech with the
-speech judge) register a verifier with `response_modality` "image" / "audio" that receives the
-response token ids instead, and decodes and judges them itself. Families of other modules (image_qa:
-rl/image_qa.py, an image and a question, answers ending in <eos>) register on first use, so
-text-only use needs no vision data.
+The unified interface is `reward(problem, response) -> float in [0, 1]`: a family registers how
+its problems are made (`make_problems`, or `split` for problems drawn from data with its own
+held-out split), how they are shown to the model (`prompt`, rl/prompts.py: the prompt and the token
+that ends an answer) and how a response is judged (`verifier`). Text families judge the decoded
+response text; a family whose responses are images or speech registers a verifier with
+`response_modality` "image" / "audio", which receives the response token ids instead and decodes
+and judges them itself. Families of other modules (image_qa: rl/image_qa.py, an image and a
+question, answers ending in <eos>) register on first use, so text-only use needs no vision data.
 
-Built-in text families follow the corpus' own format (data/text.py), so a pretrained model already knows
-how to answer:  prompt "Q: What is 37 + 45? A:"  ->  response " 82.\\n" (reward 1 for the exact
-integer followed by the terminating period, nothing else).
+Built-in text families follow the corpus' own format (data/text.py), so a pretrained model already
+knows how to answer:  prompt "Q: What is 37 + 45? A:"  ->  response " 82.\\n" (reward 1 for the
+exact integer followed by the terminating period, nothing else).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -37,9 +37,11 @@ class Verifier(Protocol):
 @dataclass(frozen=True)
 class FamilySpec:
     name: str
-    make_problems: Callable[[int, int], list[Problem]] | None  # (n, seed) -> problems, deterministic
+    # (n, seed) -> problems, deterministic
+    make_problems: Callable[[int, int], list[Problem]] | None
     verifier: Verifier
-    response_modality: str = "text"  # text: verifier gets decoded text; else the response token ids
+    # "text": the verifier gets the decoded text; otherwise the response token ids
+    response_modality: str = "text"
     prompt: PromptFormat = TEXT_PROMPT
     # Families drawn from data with its own train/held-out split (image_qa: the image split) give
     # (cfg, n, seed) -> (training, held-out) problems; None = make_problems split by prompt hash.
@@ -47,14 +49,17 @@ class FamilySpec:
 
     def __post_init__(self):
         if (self.make_problems is None) == (self.split is None):
-            raise ValueError(f"RL problem family {self.name!r}: give exactly one of make_problems and split")
+            raise ValueError(
+                f"RL problem family {self.name!r}: give exactly one of make_problems and split"
+            )
 
 
 _INTEGER_ANSWER = re.compile(r"\s*(-?\d+)\.\s*")
 
 
 def exact_integer(problem: Problem, response: str) -> float:
-    """1.0 when the response is exactly the answer followed by a period (surrounding space allowed)."""
+    """1.0 when the response is exactly the answer followed by a period (surrounding space
+    allowed)."""
     m = _INTEGER_ANSWER.fullmatch(response)
     return 1.0 if m is not None and int(m.group(1)) == int(problem.answer) else 0.0
 
@@ -86,7 +91,7 @@ FAMILY_MODULES = ("paddle_ernie5.rl.image_qa",)
 
 
 def register_family(spec: FamilySpec) -> None:
-    """Add a family (image/speech judges call this where they are defined)."""
+    """Add a family; modules that define one (rl/image_qa.py) call this on import."""
     FAMILIES[spec.name] = spec
 
 
@@ -98,7 +103,9 @@ def get_family(name: str) -> FamilySpec:
     if name not in FAMILIES:
         import_optional(FAMILY_MODULES)
     if name not in FAMILIES:
-        raise KeyError(f"unknown RL problem family {name!r}; registered: {', '.join(sorted(FAMILIES))}")
+        raise KeyError(
+            f"unknown RL problem family {name!r}; registered: {', '.join(sorted(FAMILIES))}"
+        )
     return FAMILIES[name]
 
 
@@ -107,15 +114,18 @@ def reward(problem: Problem, response) -> float:
     return float(get_family(problem.family).verifier(problem, response))
 
 
-def split_problems(name: str, n: int, seed: int, heldout_fraction: float,
-                   cfg: Config | None = None) -> tuple[list[Problem], list[Problem]]:
-    """(training, held-out) unique problems of a family; a question is held out by a hash of its prompt,
-    so the split does not depend on n or seed and no held-out prompt is ever trained on. A family with
-    its own `split` (data-backed, needs the run's `cfg`) decides instead."""
+def split_problems(
+    name: str, n: int, seed: int, heldout_fraction: float, cfg: Config | None = None
+) -> tuple[list[Problem], list[Problem]]:
+    """(training, held-out) unique problems of a family; a question is held out by a hash of its
+    prompt, so the split does not depend on n or seed and no held-out prompt is ever trained on. A
+    family with its own `split` (data-backed, needs the run's `cfg`) decides instead."""
     spec = get_family(name)
     if spec.split is not None:
         if cfg is None:
-            raise ValueError(f"RL problem family {name!r} draws its problems from data: pass the run's config")
+            raise ValueError(
+                f"RL problem family {name!r} draws its problems from data: pass the run's config"
+            )
         return spec.split(cfg, n, seed)
     seen, train, held = set(), [], []
     for p in spec.make_problems(n, seed):

@@ -69,7 +69,9 @@ def test_ahrl_hint_schedule():
     stats = QueryStats()
     assert stats.hint("q", 5, 0.5, 0.1, below=0.2) == 0.0  # never tried: no hint yet
     stats.update("q", [0, 0, 0, 1])  # pass_init 0.25, but below 0.3 -> hinted
-    np.testing.assert_allclose(stats.hint("q", 4, 0.5, 0.1, below=0.3), 0.5 * math.exp(-0.1 * 4 * 0.25))
+    np.testing.assert_allclose(
+        stats.hint("q", 4, 0.5, 0.1, below=0.3), 0.5 * math.exp(-0.1 * 4 * 0.25)
+    )
     stats.update("q", [1, 1, 1, 1])  # running accuracy 5/8 -> passes -> no hint
     assert stats.hint("q", 4, 0.5, 0.1, below=0.3) == 0.0 and stats.accuracy("q") == 5 / 8
     restored = QueryStats()

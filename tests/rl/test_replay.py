@@ -5,8 +5,8 @@ from paddle_ernie5.rl.replay import UnbiasedReplayBuffer
 
 
 def test_groups_are_released_in_assignment_order_whatever_the_completion_order():
-    # Group g's rollouts take longer the EARLIER the group and the earlier the slot; with a worker per
-    # in-flight rollout, later groups and later slots finish first.
+    # Group g's rollouts take longer the EARLIER the group and the earlier the slot; with a worker
+    # per in-flight rollout, later groups and later slots finish first.
     durations = {}
 
     def assign(g):
@@ -17,7 +17,9 @@ def test_groups_are_released_in_assignment_order_whatever_the_completion_order()
         durations[(g, j)] = threading.current_thread().name
         return (query, ctx)
 
-    buf = UnbiasedReplayBuffer(assign, rollout, context=lambda g: f"weights@{g}", lookahead=2, workers=6)
+    buf = UnbiasedReplayBuffer(
+        assign, rollout, context=lambda g: f"weights@{g}", lookahead=2, workers=6
+    )
     buf.start()
     released = []
     for _ in range(4):
@@ -47,7 +49,9 @@ def test_a_group_waits_for_its_longest_rollout():
 
 def test_synchronous_mode_and_resume_start():
     calls = []
-    buf = UnbiasedReplayBuffer(lambda g: [g], lambda g, j, q, ctx: calls.append(g) or q, lookahead=1, workers=0)
+    buf = UnbiasedReplayBuffer(
+        lambda g: [g], lambda g, j, q, ctx: calls.append(g) or q, lookahead=1, workers=0
+    )
     buf.start(5)
     assert buf.next_group() == (5, [5]) and buf.next_group() == (6, [6])
     assert calls == [5, 6, 7]  # one group of look-ahead, computed in order

@@ -1,5 +1,5 @@
-"""Router replay: the training forward, forced to the experts recorded during rollout, reproduces the
-rollout's log-probs even when the router itself would now choose differently."""
+"""Router replay: the training forward, forced to the experts recorded during rollout, reproduces
+the rollout's log-probs even when the router itself would now choose differently."""
 
 import numpy as np
 import paddle
@@ -12,17 +12,23 @@ from paddle_ernie5.rl.objectives import response_logp_entropy
 from paddle_ernie5.rl.rollout import model_inputs
 
 # Cached decoding and a full forward add the same numbers in a different order (attention over one
-# query vs all); with identical routing they agree to float32 rounding, far below any routing change.
+# query vs all); with identical routing they agree to float32 rounding, far below any routing
+# change.
 ROUNDING = 2e-6
 
 
 @pytest.fixture(scope="module")
 def rollout():
     paddle.seed(0)
-    cfg = ModelConfig(vocab_size=61, hidden_size=32, num_layers=3,
-                      attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8, backend="reference"),
-                      moe=MoEConfig(num_experts=8, top_k=2, expert_hidden=16, shared_expert_hidden=8,
-                                    first_dense_layers=1))
+    cfg = ModelConfig(
+        vocab_size=61,
+        hidden_size=32,
+        num_layers=3,
+        attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8, backend="reference"),
+        moe=MoEConfig(
+            num_experts=8, top_k=2, expert_hidden=16, shared_expert_hidden=8, first_dense_layers=1
+        ),
+    )
     model = Ernie5Model(cfg)
     prompt = np.random.default_rng(0).integers(3, 61, size=(4, 5))
     sample = generate(model, prompt, 7, temperature=1.0, seed=3, record_routing=True)
@@ -33,7 +39,9 @@ def _train_forward(model, prompt, sample, replay: bool):
     ids = np.concatenate([prompt, sample.tokens[:, :-1]], axis=1)
     forced = {i: paddle.to_tensor(v) for i, v in sample.routing.items()} if replay else None
     out = model(model_inputs(ids), with_mtp=False, router_replay=forced)
-    logp, _ = response_logp_entropy(out.logits, sample.tokens, np.full(len(ids), prompt.shape[1]), 1.0)
+    logp, _ = response_logp_entropy(
+        out.logits, sample.tokens, np.full(len(ids), prompt.shape[1]), 1.0
+    )
     return logp.numpy(), out
 
 
@@ -63,10 +71,17 @@ def test_replay_holds_when_the_router_would_choose_differently(rollout):
         # step) changes which experts the router picks but not the combine weights of given experts.
         rng = np.random.default_rng(1)
         for _, moe in model.moe_layers():
-            moe.router.selection_bias.set_value(paddle.to_tensor(rng.normal(0, 0.05, 8).astype("float32")))
+            moe.router.selection_bias.set_value(
+                paddle.to_tensor(rng.normal(0, 0.05, 8).astype("float32"))
+            )
         free, out = _train_forward(model, prompt, sample, replay=False)
-        changed = any((np.sort(out.router_stats[i].topk_ids_TK.numpy().reshape(v.shape), -1)
-                       != np.sort(v, -1)).any() for i, v in sample.routing.items())
+        changed = any(
+            (
+                np.sort(out.router_stats[i].topk_ids_TK.numpy().reshape(v.shape), -1)
+                != np.sort(v, -1)
+            ).any()
+            for i, v in sample.routing.items()
+        )
         assert changed and np.abs(free - sample.logprobs).max() > 100 * ROUNDING
         replayed, _ = _train_forward(model, prompt, sample, replay=True)
         np.testing.assert_allclose(replayed, sample.logprobs, atol=ROUNDING, rtol=0)

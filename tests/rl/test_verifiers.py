@@ -8,7 +8,17 @@ def test_arithmetic_good_and_bad_answers():
     p = V.Problem("arithmetic", "Q: What is 37 + 45? A:", "82", " 82.\n")
     for good in (" 82.\n", " 82.", "82.", " 82. "):
         assert V.reward(p, good) == 1.0, good
-    for bad in (" 83.\n", " 82", " 8.\n", " 820.\n", " 82.\nQ: What", " 82 apples.\n", "", " -82.\n", " 8 2.\n"):
+    for bad in (
+        " 83.\n",
+        " 82",
+        " 8.\n",
+        " 820.\n",
+        " 82.\nQ: What",
+        " 82 apples.\n",
+        "",
+        " -82.\n",
+        " 8 2.\n",
+    ):
         assert V.reward(p, bad) == 0.0, bad
 
 
@@ -19,7 +29,8 @@ def test_built_in_problems_are_answered_correctly_by_their_own_solutions():
         # a wrong number is always rejected
         assert all(V.reward(p, f" {int(p.answer) + 1}.\n") == 0.0 for p in problems)
     sums = [p for p in V.arithmetic_problems(50, 0) if "+" in p.prompt]
-    a, b = (int(x) for x in sums[0].prompt.removeprefix("Q: What is ").removesuffix("? A:").split(" + "))
+    question = sums[0].prompt.removeprefix("Q: What is ").removesuffix("? A:")
+    a, b = (int(x) for x in question.split(" + "))
     assert sums[0].answer == str(a + b)
 
 
@@ -46,8 +57,14 @@ def test_unified_interface_takes_new_verifiers():
     def judge(problem, response_ids):  # e.g. an image judge receives token ids, not text
         return float(np.sum(response_ids) == int(problem.answer))
 
-    V.register_family(V.FamilySpec("toy_tokens", lambda n, seed: [V.Problem("toy_tokens", "x", "7", "")] * n,
-                               judge, response_modality="image"))
+    V.register_family(
+        V.FamilySpec(
+            "toy_tokens",
+            lambda n, seed: [V.Problem("toy_tokens", "x", "7", "")] * n,
+            judge,
+            response_modality="image",
+        )
+    )
     try:
         p = V.get_family("toy_tokens").make_problems(1, 0)[0]
         assert V.reward(p, np.array([3, 4])) == 1.0 and V.reward(p, np.array([3])) == 0.0
