@@ -1,4 +1,5 @@
-"""`ernie5` command line: parse -> build -> run. Heavy imports happen after the thread count is set."""
+"""`ernie5` command line: parse -> build -> run. Heavy imports happen after the thread count is
+set."""
 
 from __future__ import annotations
 
@@ -27,8 +28,7 @@ def _set_threads(threads: int) -> None:
     captured = io.StringIO()
     with contextlib.redirect_stderr(captured):
         import paddle  # noqa: F401
-    kept = [l for l in captured.getvalue().splitlines()
-            if "OMP_NUM_THREADS" not in l]
+    kept = [l for l in captured.getvalue().splitlines() if "OMP_NUM_THREADS" not in l]
     if kept:
         print("\n".join(kept), file=sys.stderr)
 
@@ -36,14 +36,20 @@ def _set_threads(threads: int) -> None:
 def cmd_train(args) -> int:
     cfg = C.load_config(args.recipe, args.overrides)
     if cfg.build_only:
-        raise C.ConfigError(f"recipe {args.recipe!r} is build-only (it sizes a model and is never "
-                            "allocated); use `ernie5 config` to see its parameter count")
+        raise C.ConfigError(
+            f"recipe {args.recipe!r} is build-only (it sizes a model and is never "
+            "allocated); use `ernie5 config` to see its parameter count"
+        )
     if cfg.component != "pretrain":
         _set_threads(cfg.train.threads)
         from .train.components import run_component
 
         metrics = run_component(cfg)
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        print(
+            " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+            )
+        )
         return 0
     # Under paddle.distributed.launch the processes of one machine share its cores.
     local_procs = int(os.environ.get("PADDLE_LOCAL_SIZE", "1"))
@@ -57,8 +63,10 @@ def cmd_train(args) -> int:
     if not trainer.par.is_main:
         return 0
     unigram = trainer.unigram_loss()
-    print(f"validation loss {result.val_loss:.4f} nats/token (ppl {_exp(result.val_loss):.1f}); "
-          f"unigram baseline {unigram:.4f} (ppl {_exp(unigram):.1f}); run dir {result.run_dir}")
+    print(
+        f"validation loss {result.val_loss:.4f} nats/token (ppl {_exp(result.val_loss):.1f}); "
+        f"unigram baseline {unigram:.4f} (ppl {_exp(unigram):.1f}); run dir {result.run_dir}"
+    )
     if args.eval:
         from .eval.runner import evaluate_run
 
@@ -76,8 +84,10 @@ def cmd_config(args) -> int:
     if not isinstance(cfg, C.Config):
         return 0  # a separately trained component: no backbone to size
     p = count_params(cfg.model)
-    print(f"# parameters: {p['total']:,} total, {p['activated']:,} activated per token "
-          f"({100 * p['activated'] / p['total']:.2f}%)")
+    print(
+        f"# parameters: {p['total']:,} total, {p['activated']:,} activated per token "
+        f"({100 * p['activated'] / p['total']:.2f}%)"
+    )
     return 0
 
 
@@ -91,13 +101,19 @@ def cmd_export(args) -> int:
 
 def cmd_eval(args) -> int:
     if args.compare and not args.elastic_grid:
-        raise UserError("--compare adds runs to the --elastic-grid table; to compare evaluated runs seed by "
-                        "seed use `python -m paddle_ernie5.eval.compare --baseline ... --candidate ...`")
+        raise UserError(
+            "--compare adds runs to the --elastic-grid table; to compare evaluated runs seed by "
+            "seed use `python -m paddle_ernie5.eval.compare --baseline ... --candidate ...`"
+        )
     _set_threads(args.threads)
     from .eval.runner import evaluate_run
 
-    rows, report = evaluate_run(args.checkpoint, elastic_grid=args.elastic_grid, compare=args.compare,
-                                max_batches=args.max_batches)
+    rows, report = evaluate_run(
+        args.checkpoint,
+        elastic_grid=args.elastic_grid,
+        compare=args.compare,
+        max_batches=args.max_batches,
+    )
     print(report)
     return 0 if rows else 1
 
@@ -123,8 +139,10 @@ def cmd_plan(args) -> int:
 
     cfg = C.load_config(args.recipe, args.overrides)
     if not isinstance(cfg, C.Config):
-        raise C.ConfigError(f"recipe {args.recipe!r} trains component {cfg.component!r}; "
-                            "`ernie5 plan` sizes backbone recipes")
+        raise C.ConfigError(
+            f"recipe {args.recipe!r} trains component {cfg.component!r}; "
+            "`ernie5 plan` sizes backbone recipes"
+        )
     print(f"ernie5 plan: {args.recipe} {' '.join(args.overrides)}".rstrip())
     print(format_plan(cfg, make_plan(cfg)))
     return 0
@@ -138,57 +156,94 @@ def _exp(x: float) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ernie5", description="Train, evaluate, export and size paddle_ernie5 models. "
-        "Recipes are YAML files under recipes/; append section.key=value to override any field.")
+        prog="ernie5",
+        description="Train, evaluate, export and size paddle_ernie5 models. "
+        "Recipes are YAML files under recipes/; append section.key=value to override any field.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn, help_ in (("train", cmd_train, "train a recipe"),
-                            ("config", cmd_config, "print a recipe's resolved config and size"),
-                            ("plan", cmd_plan, "size a recipe on a cluster: parameters, memory per "
-                                               "device, tokens per step (parallel.* overrides)")):
+    for name, fn, help_ in (
+        ("train", cmd_train, "train a recipe"),
+        ("config", cmd_config, "print a recipe's resolved config and size"),
+        (
+            "plan",
+            cmd_plan,
+            "size a recipe on a cluster: parameters, memory per "
+            "device, tokens per step (parallel.* overrides)",
+        ),
+    ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/pretrain_tiny.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
         if name == "train":
-            p.add_argument("--eval", action="store_true",
-                           help="after training, print the evaluation table (as `ernie5 eval`)")
+            p.add_argument(
+                "--eval",
+                action="store_true",
+                help="after training, print the evaluation table (as `ernie5 eval`)",
+            )
         p.set_defaults(fn=fn)
     p = sub.add_parser("export", help="slice an elastic sub-model into a standalone checkpoint")
-    p.add_argument("--checkpoint", required=True,
-                   help="run directory, checkpoint directory (…/checkpoints/step_N) or exported model")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run directory, checkpoint directory (…/checkpoints/step_N) or exported model",
+    )
     p.add_argument("--layers", type=int, required=True, help="layers to keep (evenly spaced)")
     p.add_argument("--experts", type=int, required=True, help="experts per MoE layer (most loaded)")
     p.add_argument("--top-k", type=int, required=True, help="experts per token")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("eval", help="evaluate a run: one table of metrics (and the elastic grid)")
-    p.add_argument("--checkpoint", required=True, help="run, checkpoint or exported-model directory")
-    p.add_argument("--elastic-grid", action="store_true",
-                   help="also measure a grid of sliced sub-models (params, metrics, decode speed)")
-    p.add_argument("--compare", action="append", default=[],
-                   help="with --elastic-grid: another run to add to the grid (e.g. a sub-model shape trained "
-                        "from scratch)")
+    p.add_argument(
+        "--checkpoint", required=True, help="run, checkpoint or exported-model directory"
+    )
+    p.add_argument(
+        "--elastic-grid",
+        action="store_true",
+        help="also measure a grid of sliced sub-models (params, metrics, decode speed)",
+    )
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        help="with --elastic-grid: another run to add to the grid (e.g. a sub-model shape trained "
+        "from scratch)",
+    )
     p.add_argument("--max-batches", type=int, default=0, help="validation batches (0 = all)")
     p.set_defaults(fn=cmd_eval)
-    p = sub.add_parser("routing-report", help="expert usage, top-25%% IoU and routing entropy per task")
-    p.add_argument("--checkpoint", required=True, help="run, checkpoint or exported-model directory")
+    p = sub.add_parser(
+        "routing-report", help="expert usage, top-25%% IoU and routing entropy per source"
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="run, checkpoint or exported-model directory"
+    )
     p.add_argument("--out", default="", help="output directory (default: <run>/routing_report)")
-    p.add_argument("--max-batches", type=int, default=4, help="held-out batches per task")
+    p.add_argument("--max-batches", type=int, default=4, help="held-out batches per source")
     p.set_defaults(fn=cmd_routing_report)
-    p = sub.add_parser("generate", help="images (PNG), clips (GIF) from captions; answers about an "
-                       "image; speech (WAV) from text; transcripts of a WAV")
+    p = sub.add_parser(
+        "generate",
+        help="images (PNG), clips (GIF) from captions; answers about an "
+        "image; speech (WAV) from text; transcripts of a WAV",
+    )
     from . import generate
 
     generate.add_arguments(p)
     p.set_defaults(fn=cmd_generate)
+
     def threads(text: str) -> int:
         n = int(text)
         if n < 0:
-            raise argparse.ArgumentTypeError(f"{n} is not a thread count: give 0 (all cores) or more")
+            raise argparse.ArgumentTypeError(
+                f"{n} is not a thread count: give 0 (all cores) or more"
+            )
         return n
 
     for name in ("export", "eval", "routing-report", "generate"):
-        sub.choices[name].add_argument("--threads", type=threads, default=0,
-                                       help="CPU threads (0 = all cores), as train.threads")
+        sub.choices[name].add_argument(
+            "--threads",
+            type=threads,
+            default=0,
+            help="CPU threads (0 = all cores), as train.threads",
+        )
     return parser
 
 
@@ -199,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     except C.ConfigError as e:
         print(f"ernie5: config error: {e}", file=sys.stderr)
         return USAGE_ERROR
-    except UserError as e:  # bad checkpoint, impossible export, missing tool: one line, no traceback
+    except UserError as e:
+        # bad checkpoint, impossible export, missing tool: one line, no traceback
         print(f"ernie5: {e}", file=sys.stderr)
         return USAGE_ERROR
 

@@ -1,20 +1,20 @@
 """`ernie5 generate`: one command, one mode per kind of output, chosen from the arguments.
 
-    ernie5 generate --checkpoint RUN --prompt "a red 3 on a blue background"          -> PNG(s)
-    ernie5 generate --checkpoint RUN --video --prompt "a red 3 moving left slowly ..."  -> GIF(s)
-    ernie5 generate --checkpoint RUN --image digit.png --question "What digit is this?" -> text answer
-    ernie5 generate --checkpoint RUN --speech "seven" --out seven.wav                   -> WAV
-    ernie5 generate --checkpoint RUN --transcribe seven.wav                             -> transcript
+    PNG(s):      ernie5 generate --checkpoint RUN --prompt "a red 3 on a blue background"
+    GIF(s):      ernie5 generate --checkpoint RUN --video --prompt "a red 3 moving left slowly ..."
+    answer:      ernie5 generate --checkpoint RUN --image 3.png --question "What digit is this?"
+    WAV:         ernie5 generate --checkpoint RUN --speech "seven" --out seven.wav
+    transcript:  ernie5 generate --checkpoint RUN --transcribe seven.wav
 
-A mode is (name, adds its arguments, wants(args), run(args, cfg, model) -> lines to print); the first
-mode that wants the arguments runs. Adding a modality means appending a mode to MODES.
+A mode is (name, adds its arguments, wants(args), run(args, cfg, model) -> lines to print); the
+first mode that wants the arguments runs. Adding a modality means appending a mode to MODES.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -29,18 +29,26 @@ class Mode:
 
 def _vision_arguments(p) -> None:
     g = p.add_argument_group("images and video")
-    g.add_argument("--video", action="store_true", help="text -> video (GIF) instead of text -> image (PNG)")
+    g.add_argument(
+        "--video", action="store_true", help="text -> video (GIF) instead of text -> image (PNG)"
+    )
     g.add_argument("--image", default=None, help="an image file to ask --question about")
     g.add_argument("--question", default="What digit is this?", help="question about --image")
-    g.add_argument("--cfg-scale", type=float, default=None,
-                   help="classifier-free guidance scale (default: model.vision.cfg_scale)")
+    g.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default: model.vision.cfg_scale)",
+    )
     g.add_argument("--upscale", type=int, default=8, help="pixels per generated pixel in the files")
 
 
 def _text_tokenizer(cfg):
     from .data.text import get_text_tokenizer
 
-    return get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed, cfg.data.val_fraction)
+    return get_text_tokenizer(
+        cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed, cfg.data.val_fraction
+    )
 
 
 def _frames_to_uint8(x: np.ndarray, upscale: int) -> np.ndarray:
@@ -57,11 +65,22 @@ def _run_visual(args, cfg, model) -> list[str]:
 
     kind = "video" if args.video else "image"
     if kind not in cfg.model.modalities:
-        raise _user_error(f"this model has no {kind} modality (model.modalities={list(cfg.model.modalities)})")
+        raise _user_error(
+            f"this model has no {kind} modality (model.modalities={list(cfg.model.modalities)})"
+        )
     tok = load_visual_tokenizer(cfg.model.vision)
     prompts = [p for p in args.prompt for _ in range(args.num_samples)]
-    frames = generate_images(model, cfg, _text_tokenizer(cfg), tok, prompts, temperature=args.temperature,
-                             cfg_scale=args.cfg_scale, seed=args.seed, kind=kind)
+    frames = generate_images(
+        model,
+        cfg,
+        _text_tokenizer(cfg),
+        tok,
+        prompts,
+        temperature=args.temperature,
+        cfg_scale=args.cfg_scale,
+        seed=args.seed,
+        kind=kind,
+    )
     os.makedirs(args.out, exist_ok=True)
     lines = []
     for i, (prompt, clip) in enumerate(zip(prompts, frames)):
@@ -95,16 +114,27 @@ def _run_answer(args, cfg, model) -> list[str]:
 
 def _audio_arguments(p) -> None:
     g = p.add_argument_group("speech")
-    g.add_argument("--speech", default=None, help="text -> speech: write it as a WAV (--out file.wav or folder)")
+    g.add_argument(
+        "--speech",
+        default=None,
+        help="text -> speech: write it as a WAV (--out file.wav or folder)",
+    )
     g.add_argument("--transcribe", default=None, help="a 16-bit PCM WAV file to transcribe")
-    g.add_argument("--top-k", type=int, default=0, help="speech sampling: keep the k most likely codes (0 = all)")
+    g.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="speech sampling: keep the k most likely codes (0 = all)",
+    )
 
 
 def _audio_model(cfg):
     from .tokenizers.audio import load_codec
 
     if "audio" not in cfg.model.modalities:
-        raise _user_error(f"this model has no audio modality (model.modalities={list(cfg.model.modalities)})")
+        raise _user_error(
+            f"this model has no audio modality (model.modalities={list(cfg.model.modalities)})"
+        )
     return load_codec(cfg.model.audio)
 
 
@@ -113,8 +143,17 @@ def _run_speech(args, cfg, model) -> list[str]:
 
     codec = _audio_model(cfg)
     n = args.num_samples
-    waves = synthesise(model, _text_tokenizer(cfg), cfg, [args.speech], codec, samples=n, seed=args.seed,
-                       temperature=args.temperature, top_k=args.top_k)
+    waves = synthesise(
+        model,
+        _text_tokenizer(cfg),
+        cfg,
+        [args.speech],
+        codec,
+        samples=n,
+        seed=args.seed,
+        temperature=args.temperature,
+        top_k=args.top_k,
+    )
     single = args.out.endswith(".wav") and n == 1
     lines = []
     for i, wave in enumerate(waves):
@@ -133,7 +172,7 @@ def _run_transcribe(args, cfg, model) -> list[str]:
     if not os.path.isfile(args.transcribe):
         raise _user_error(f"--transcribe {args.transcribe!r}: no such file")
     wave = read_wav(args.transcribe, codec.sample_rate)
-    wave = PEAK * wave / max(float(np.abs(wave).max()), 1e-8)  # the training speech is peak-normalised
+    wave = PEAK * wave / max(float(np.abs(wave).max()), 1e-8)  # training speech is peak-normalised
     codes = encode_speech(codec, [wave])[0]
     return [transcribe(model, _text_tokenizer(cfg), cfg, [codes])[0]]
 
@@ -146,14 +185,21 @@ def _user_error(msg: str):
 
 MODES: list[Mode] = [
     Mode("speech", _audio_arguments, lambda a: getattr(a, "speech", None) is not None, _run_speech),
-    Mode("transcribe", lambda p: None, lambda a: getattr(a, "transcribe", None) is not None, _run_transcribe),
+    Mode(
+        "transcribe",
+        lambda p: None,
+        lambda a: getattr(a, "transcribe", None) is not None,
+        _run_transcribe,
+    ),
     Mode("answer", _vision_arguments, lambda a: getattr(a, "image", None) is not None, _run_answer),
     Mode("visual", lambda p: None, lambda a: bool(a.prompt), _run_visual),
 ]
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, help="run, checkpoint or exported-model directory")
+    p.add_argument(
+        "--checkpoint", required=True, help="run, checkpoint or exported-model directory"
+    )
     p.add_argument("--prompt", action="append", default=[], help="a caption; repeat for several")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -168,8 +214,10 @@ def run(args, log=print) -> int:
 
     mode = next((m for m in MODES if m.wants(args)), None)
     if mode is None:
-        raise _user_error("nothing to generate: give --prompt (with --video for a clip), --image and "
-                          "--question, --speech TEXT or --transcribe FILE.wav")
+        raise _user_error(
+            "nothing to generate: give --prompt (with --video for a clip), --image and "
+            "--question, --speech TEXT or --transcribe FILE.wav"
+        )
     cfg, model = load_model(args.checkpoint, log=lambda *_: None)
     for line in mode.run(args, cfg, model):
         log(line)

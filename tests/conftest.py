@@ -18,8 +18,14 @@ def debug_config(data_cache, tmp_path):
     from paddle_ernie5.config import load_config
 
     def make(*overrides):
-        return load_config(os.path.join(RECIPES, "debug.yaml"),
-                           [f"data.cache_dir={data_cache}", f"train.run_dir={tmp_path / 'run'}",
-                            "train.visualdl=false", *overrides])
+        return load_config(
+            os.path.join(RECIPES, "debug.yaml"),
+            [
+                f"data.cache_dir={data_cache}",
+                f"train.run_dir={tmp_path / 'run'}",
+                "train.visualdl=false",
+                *overrides,
+            ],
+        )
 
     return make

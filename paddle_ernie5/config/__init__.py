@@ -1,10 +1,10 @@
 """Frozen configuration: dataclasses, YAML recipes with `base:` inheritance, dotted overrides.
 
 One module per concern: model.py (backbone model and modality constants; its audio and vision
-sub-sections in modalities.py), data.py, train.py
-(`TrainConfig` and the component loops' `LoopConfig`), parallel.py, elastic.py, rl.py,
-components.py (tokenizers, codecs, judges, merger), recipe.py (the top-level recipe classes and
-COMPONENTS) and loader.py (YAML, `base:`, overrides, typed construction, save and hash).
+sub-sections in modalities.py), data.py, train.py (`TrainConfig` and the component loops'
+`LoopConfig`), parallel.py, elastic.py, rl.py, components.py (tokenizers, codecs, judges, merger),
+recipe.py (the top-level recipe classes and COMPONENTS) and loader.py (YAML, `base:`, overrides,
+typed construction, save and hash).
 
 Every problem is reported as one `ConfigError` naming the key, the bad value and what is allowed;
 the CLI turns it into a one-line message and exit code 2 before any work starts. This package does

@@ -106,11 +106,10 @@ class VisionJudgeConfig:
 class VisionMergerConfig:
     """Pre-training of the patch mergers (train/vision_merger.py), component vision_merger: which
     caption attributes the mean of a picture's tokens learns to predict, per kind (a kind with
-    none is not pre-trained). Colours are left out: they are learned first and at once, and while
-    their heads are trained the digit and motion heads stay at chance (measured); the backbone
-    reads colours from the merged tokens without help. Images are left out by default: a merger
-    pre-trained on the digit (0.73 held out through the mean readout) gave no better image QA
-    after joint training, and frozen it lost the colours (docs/benchmarks.md, "Merger
+    none is not pre-trained). Colours are left out by default: they are learned at once, while
+    their heads are trained the digit and motion heads stay at chance, and the backbone reads
+    colours from the merged tokens without help. Images are left out by default: pre-training on
+    the digit gave no better image QA after joint training (docs/benchmarks.md, "Merger
     pre-training")."""
 
     image_attributes: tuple[str, ...] = ()
@@ -142,7 +141,7 @@ class VisionMergerConfig:
 class AudioCodecConfig:
     """Mel RVQ codec (tokenizers/audio.py), component audio_codec, trained on the built-in speech.
 
-    16 kHz audio -> 100 Hz log-mel (data/mel.py) -> conv encoder -> frames at `frame_rate` ->
+    16 kHz audio -> 100 Hz log-mel (tokenizers/mel.py) -> conv encoder -> frames at `frame_rate` ->
     `levels` residual codebooks of `codebook_size` codes; level 0 also feeds a character CTC head
     so that it carries the words. Mel is turned back into a waveform by Griffin-Lim."""
 

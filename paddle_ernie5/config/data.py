@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ._check import _check
 
-# The modality each mixture task needs in model.modalities (its weight must be 0 otherwise).
+# The modality each mixture source needs in model.modalities (its weight must be 0 otherwise).
 MIXTURE_MODALITY = {
     "text": "text",
     "image_gen": "image",
@@ -21,9 +21,10 @@ MIXTURE_MODALITY = {
 
 @dataclass(frozen=True, kw_only=True)
 class MixtureConfig:
-    """Sampling weights of the pretraining tasks (data/mixture.py). All non-text weights 0 (the
+    """Sampling weights of the pretraining sources (data/mixture.py). All non-text weights 0 (the
     default) means the plain packed text loader; otherwise each document of a row is drawn from
-    the tasks in proportion to these weights. The task names are the keys of data/mixture.TASKS."""
+    the sources in proportion to these weights. The field names are the keys of
+    data/mixture.SOURCES."""
 
     text: float = 1.0  # pretraining text (data/text.py)
     image_gen: float = 0.0  # caption -> image (next-scale bits)

@@ -19,13 +19,13 @@ class ElasticConfig:
     enabled: bool = False
     depth_full_prob: float = 0.75
     min_layers: int = 1
-    # even: keep n layers evenly spaced over the depth, first and last included; prefix: the first
-    # n.
+    # even: keep n layers evenly spaced over the depth, first and last included;
+    # prefix: the first n.
     depth_rule: str = "even"
     width_full_prob: float = 0.8
     min_experts: int = 0  # smallest expert subset; 0 = model.moe.top_k
-    # random: a uniformly random subset each draw (so any subset can be exported later); prefix:
-    # 0..n-1.
+    # random: a uniformly random subset each draw (so any subset can be exported later);
+    # prefix: experts 0..n-1.
     width_rule: str = "random"
     topk_full_prob: float = 0.8
     # true: when the draw is a proper sub-model, the micro-batch also trains the full model and the
@@ -33,8 +33,8 @@ class ElasticConfig:
     # pass); costs up to 2x compute per step. false: the micro-batch trains the drawn view only.
     full_every_step: bool = True
     # With full_every_step, the weight of the sub-model's loss beside the full model's 1; the two
-    # are normalised to sum to 1 (0.5: the full model gets 2/3 of the micro-batch's gradient, 1: the
-    # mean).
+    # are normalised to sum to 1 (0.5: the full model gets 2/3 of the micro-batch's gradient,
+    # 1: the mean).
     sub_loss_weight: float = 0.5
     # With full_every_step, in-place distillation: the sub-model's loss also gets this weight x the
     # mean KL(full || sub) of the next-token distributions over the text targets, the full model's

@@ -74,8 +74,8 @@ class VisionModelConfig:
     # image token-map sides; must equal the tokenizer's scales
     scales: tuple[int, ...] = (1, 2, 4, 8)
     # Video: 8 frames x 85 tokens does not fit a cheap CPU row, so a clip is its first
-    # `video_frames` frames, each coded with the first `video_scales` scales (4 x 21 = 84 tokens at
-    # 1, 2, 4).
+    # `video_frames` frames, each coded with the first `video_scales` scales
+    # (4 x 21 = 84 tokens at scales 1, 2, 4).
     video_frames: int = 4
     video_scales: int = 3
     # Training robustness: each history (input) bit is flipped with this probability.

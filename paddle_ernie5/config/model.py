@@ -9,7 +9,7 @@ from ._check import _check
 from .modalities import AudioModelConfig, VisionModelConfig
 
 MODALITIES = ("text", "image", "video", "audio")
-# Delimiters of modality spans, ids vocab_size + index (multimodal models only;
+# Delimiters of modality spans, ids vocab_size + index (multimodal models only; see
 # ModelConfig.text_vocab).
 SPECIAL_TOKENS = ("<boi>", "<eoi>", "<bov>", "<eov>", "<boa>", "<eoa>")
 
@@ -21,11 +21,11 @@ class AttentionConfig:
     head_dim: int = 32
     rope_base: float = 1e6  # ERNIE5.md
     # Uni-RoPE: share of rotary frequency pairs given to the (t, h, w) axes. Not disclosed; we
-    # follow the usual multimodal-RoPE split that gives time a quarter and the two spatial axes the
-    # rest.
+    # follow the usual multimodal-RoPE split that gives time a quarter and the two spatial axes
+    # the rest.
     rope_sections: tuple[float, float, float] = (0.25, 0.375, 0.375)
-    # auto: Paddle's flashmask_attention on a GPU build with fp16/bf16, the CPU FlashMask op
-    # otherwise.
+    # auto: Paddle's flashmask_attention on a GPU build with fp16/bf16, otherwise the CPU
+    # FlashMask op.
     backend: str = "auto"
 
     def validate(self, at: str) -> None:
@@ -189,6 +189,5 @@ class ModelConfig:
     @property
     def text_vocab(self) -> int:
         """Rows of the text embedding and text head: the BPE vocabulary plus, in a multimodal
-        model, the modality delimiters (tokenizers/text.SPECIAL_TOKENS: <boi> <eoi> <bov> <eov>
-        <boa> <eoa>)."""
+        model, the modality delimiters (SPECIAL_TOKENS: <boi> <eoi> <bov> <eov> <boa> <eoa>)."""
         return self.vocab_size + (len(SPECIAL_TOKENS) if self.multimodal else 0)

@@ -21,8 +21,8 @@ class ParallelConfig:
     order: tuple[str, ...] = ("dp", "ep", "pp", "sharding", "mp")
     # auto: all-to-all on a GPU build (NCCL), all-gather otherwise (works on gloo).
     dispatcher: str = "auto"  # auto | local | allgather | alltoall
-    # Fleet pipeline schedule on GPUs (parallel/pipeline.py); micro-batches per step =
-    # train.grad_accum.
+    # Fleet pipeline schedule on GPUs (stages planned by parallel/stages.py); micro-batches per
+    # step = train.grad_accum.
     pp_schedule: str = "1F1B"  # 1F1B | FThenB | VPP
     pp_chunks: int = 1  # virtual stages per rank (VPP); 1 otherwise
 

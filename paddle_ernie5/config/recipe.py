@@ -6,7 +6,7 @@ component (visual_tokenizer, vision_judge, audio_codec, speech_judge): data (its
 settings of `train` (`LoopConfig`) and the component sections. `MergerComponentConfig`
 (vision_merger) also has `model`: the merger is pre-trained for the backbone's vision settings.
 Every recipe class keeps all five component sections, so a judge's section can be set beside the
-tokenizer or codec it scores (and a backbone recipe may carry them, as before).
+tokenizer or codec it scores (a backbone recipe may carry them too).
 """
 
 from __future__ import annotations
@@ -100,11 +100,11 @@ class Config(_Recipe):
             f"global for component {self.component!r} (only the pretraining trainer implements "
             "adagc)",
         )
-        for task, w in self.data.mixture.weights().items():
-            need = MIXTURE_MODALITY[task]
+        for source, w in self.data.mixture.weights().items():
+            need = MIXTURE_MODALITY[source]
             _check(
                 "data.mixture",
-                task,
+                source,
                 w,
                 w == 0 or need in self.model.modalities,
                 f"0 unless model.modalities includes {need!r}",
