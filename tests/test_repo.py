@@ -5,7 +5,8 @@ from support import ROOT
 
 
 def test_tests_never_import_conftest_by_name():
-    """Several folders have a conftest.py; `from conftest import` picks whichever pytest loaded first."""
+    """Several folders have a conftest.py; `from conftest import` picks whichever pytest loaded
+    first."""
     offenders = []
     for folder, _, files in os.walk(os.path.join(ROOT, "tests")):
         for name in files:

@@ -1,9 +1,10 @@
-"""Supervised fine-tuning on the RL problem families' training prompts (`ernie5 train` with `component: sft`).
+"""Supervised fine-tuning on the RL problem families' training prompts (`ernie5 train` with
+`component: sft`).
 
-The stage between pretraining and RL: (BOS + prompt, reference solution) pairs from the same training
-pools RL uses (held-out prompts never appear), cross-entropy on the solution tokens only. It teaches
-the answer format and gives RL a policy whose groups are not all-wrong. Writes a run directory that
-`train.init_from` of the RL recipe reads.
+The stage between pretraining and RL: (BOS + prompt, reference solution) pairs from the same
+training pools RL uses (held-out prompts never appear), cross-entropy on the solution tokens only.
+It teaches the answer format and gives RL a policy whose groups are not all-wrong. Writes a run
+directory that `train.init_from` of the RL recipe reads.
 """
 
 from __future__ import annotations
@@ -21,22 +22,29 @@ from ..train.loop import Component, Loop
 from .evaluate import evaluate
 from .prompts import Prompt
 from .rollout import build_prompt, continuation_arrays, model_inputs
-from .trainer import load_policy, family_problems
+from .trainer import family_problems, load_policy
 from .verifiers import get_family
 
 
 def sft_examples(model_cfg, tokenizer, problems) -> list[tuple[Prompt, np.ndarray]]:
     """(prompt, reference solution ids) per problem."""
-    return [(build_prompt(model_cfg, tokenizer, p),
-             np.asarray(get_family(p.family).prompt.solution_ids(tokenizer, p), np.int64)) for p in problems]
+    return [
+        (
+            build_prompt(model_cfg, tokenizer, p),
+            np.asarray(get_family(p.family).prompt.solution_ids(tokenizer, p), np.int64),
+        )
+        for p in problems
+    ]
 
 
 def sft_batch(examples, pad_id: int) -> tuple[dict, paddle.Tensor]:
-    ids, extras = continuation_arrays([p for p, _ in examples], [sol for _, sol in examples], pad_id)
+    ids, extras = continuation_arrays(
+        [p for p, _ in examples], [sol for _, sol in examples], pad_id
+    )
     labels = np.full(ids.shape, IGNORE, np.int64)
     for i, (prompt, sol) in enumerate(examples):
         start = len(prompt.ids)
-        labels[i, start - 1:start - 1 + len(sol)] = sol  # position t predicts token t + 1
+        labels[i, start - 1 : start - 1 + len(sol)] = sol  # position t predicts token t + 1
     return model_inputs(ids, extras), paddle.to_tensor(labels)
 
 
@@ -52,8 +60,9 @@ class SFTRun(Component):
         self.rc, self.rng = cfg.rl, rng
         self.config = C.to_plain(cfg.model)
         self.eval_every = tc.eval_every
-        self.tok = get_text_tokenizer(cfg.data.cache_dir, cfg.model.vocab_size, tc.seed,
-                                      cfg.data.val_fraction)
+        self.tok = get_text_tokenizer(
+            cfg.data.cache_dir, cfg.model.vocab_size, tc.seed, cfg.data.val_fraction
+        )
         self.model = load_policy(cfg, log)
         self.optimizer = build_optimizer(self.model, tc)
         pool, self.heldout = family_problems(cfg)
@@ -64,7 +73,7 @@ class SFTRun(Component):
         tc = self.tc
         if self.cursor + tc.batch_size > len(self.order):
             self.order, self.cursor = self.rng.permutation(len(self.examples)), 0
-        rows = self.order[self.cursor:self.cursor + tc.batch_size]
+        rows = self.order[self.cursor : self.cursor + tc.batch_size]
         inputs, labels = sft_batch([self.examples[i] for i in rows], self.tok.pad_id)
         self.cursor += tc.batch_size
         loss, _ = token_cross_entropy(self.model(inputs, with_mtp=False).logits, labels)
@@ -76,8 +85,15 @@ class SFTRun(Component):
 
     def evaluate(self) -> dict:
         rc = self.rc
-        result = evaluate(self.model, self.tok, [p for t in rc.families for p in self.heldout[t]],
-                          rc.group_size, rc.max_new_tokens, rc.temperature, seed=self.tc.seed + 99)
+        result = evaluate(
+            self.model,
+            self.tok,
+            [p for t in rc.families for p in self.heldout[t]],
+            rc.group_size,
+            rc.max_new_tokens,
+            rc.temperature,
+            seed=self.tc.seed + 99,
+        )
         return {f"{family}/{k}": v for family, r in result.items() for k, v in r.items()}
 
     def state_dict(self) -> dict:

@@ -1,16 +1,16 @@
 """Log-mel features of 16 kHz speech and their inversion to a waveform (numpy only).
 
-    log_mel(waves_BT)                -> [B, T // HOP, N_MELS] float32   natural log of a magnitude mel
-    mel_to_wave(log_mel_BMN, iters)  -> [B, M * HOP] float32            fast Griffin-Lim
+    log_mel(waves_BT)               -> [B, T // HOP, N_MELS] float32  natural log of a magnitude mel
+    mel_to_wave(log_mel_BMN, iters) -> [B, M * HOP] float32           fast Griffin-Lim
 
-Frame m covers samples centred on m * HOP (the signal is reflect-padded by N_FFT // 2), so a wave of
-T samples gives exactly T // HOP frames and M frames invert to M * HOP samples: lengths line up with
-the codec's frames (HOP divides its samples per frame).
+Frame m covers samples centred on m * HOP (the signal is reflect-padded by N_FFT // 2), so a wave
+of T samples gives exactly T // HOP frames and M frames invert to M * HOP samples: lengths line up
+with the codec's frames (HOP divides its samples per frame).
 
-Inversion: the mel magnitude is mapped back to a linear spectrogram by a non-negative least-squares fit
-(pseudo-inverse start, multiplicative updates), then the phase is recovered by Griffin-Lim with
-momentum (Perraudin et al., 2013, "fast Griffin-Lim"). It is slow in quality terms (a little phasey)
-but needs no trained vocoder, which is why the codec predicts mel and not waveform samples.
+Inversion: the mel magnitude is mapped back to a linear spectrogram by a non-negative least-squares
+fit (pseudo-inverse start, multiplicative updates), then the phase is recovered by Griffin-Lim with
+momentum (Perraudin et al., 2013, "fast Griffin-Lim"). The result is a little phasey but needs no
+trained vocoder, which is why the codec predicts mel and not waveform samples.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def mel_filterbank(n_mels: int = N_MELS) -> np.ndarray:
     return np.maximum(0.0, np.minimum(up, down)).astype(np.float32)
 
 
-_WINDOW = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)  # periodic Hann
+# Periodic Hann window.
+_WINDOW = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
 _FB = mel_filterbank()
 
 
@@ -62,14 +63,14 @@ def istft(spec_BMK: np.ndarray) -> np.ndarray:
     hops = -(-N_FFT // HOP)  # frame m spans hops m .. m + hops - 1 of the padded signal
     frames = np.fft.irfft(spec_BMK, n=N_FFT, axis=-1).astype(np.float32) * _WINDOW
     chunks = np.pad(frames, ((0, 0), (0, 0), (0, hops * HOP - N_FFT))).reshape(b, m, hops, HOP)
-    wsq = np.pad(_WINDOW ** 2, (0, hops * HOP - N_FFT)).reshape(hops, HOP)
+    wsq = np.pad(_WINDOW**2, (0, hops * HOP - N_FFT)).reshape(hops, HOP)
     out = np.zeros((b, m + hops - 1, HOP), np.float32)
     norm = np.zeros((m + hops - 1, HOP), np.float32)
     for k in range(hops):  # overlap-add as `hops` shifted adds instead of a loop over frames
-        out[:, k:k + m] += chunks[:, :, k]
-        norm[k:k + m] += wsq[k]
+        out[:, k : k + m] += chunks[:, :, k]
+        norm[k : k + m] += wsq[k]
     out = (out / np.maximum(norm, 1e-8)).reshape(b, -1)
-    return out[:, N_FFT // 2:N_FFT // 2 + m * HOP]
+    return out[:, N_FFT // 2 : N_FFT // 2 + m * HOP]
 
 
 def log_mel(waves_BT: np.ndarray) -> np.ndarray:
@@ -81,7 +82,7 @@ def log_mel(waves_BT: np.ndarray) -> np.ndarray:
 def mel_to_magnitude(log_mel_BMN: np.ndarray, iters: int = 20) -> np.ndarray:
     """Non-negative linear magnitude [B, M, BINS] whose mel projection fits exp(log_mel)."""
     mel = np.exp(np.asarray(log_mel_BMN, np.float32))
-    mel = np.where(mel <= LOG_FLOOR * 1.0001, 0.0, mel).astype(np.float32)  # floored bins were silence
+    mel = np.where(mel <= LOG_FLOOR * 1.0001, 0.0, mel).astype(np.float32)  # floored bins: silence
     mag = np.maximum(mel @ np.linalg.pinv(_FB).T, 1e-6).astype(np.float32)
     gram = _FB.T @ _FB
     target = mel @ _FB
@@ -90,9 +91,11 @@ def mel_to_magnitude(log_mel_BMN: np.ndarray, iters: int = 20) -> np.ndarray:
     return mag
 
 
-def mel_to_wave(log_mel_BMN: np.ndarray, iters: int = 32, momentum: float = 0.99,
-                seed: int = 0) -> np.ndarray:
-    """Waveforms [B, M * HOP] whose log-mel approximates the input: NNLS magnitude + fast Griffin-Lim."""
+def mel_to_wave(
+    log_mel_BMN: np.ndarray, iters: int = 32, momentum: float = 0.99, seed: int = 0
+) -> np.ndarray:
+    """Waveforms [B, M * HOP] whose log-mel approximates the input: NNLS magnitude + fast
+    Griffin-Lim."""
     mag = mel_to_magnitude(log_mel_BMN)
     rng = np.random.default_rng(seed)
     angles = np.exp(2j * np.pi * rng.random(mag.shape)).astype(np.complex64)

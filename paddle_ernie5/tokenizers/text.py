@@ -1,23 +1,21 @@
 """Text tokenizer: sentencepiece BPE with byte fallback, exact round trip, seeded BPE-dropout.
 
-Text is kept verbatim (identity normalisation, no dummy prefix, whitespace runs allowed as pieces), so
-`decode(encode(s)) == s` for any string without the U+2581 character; characters outside the vocabulary
-become UTF-8 byte pieces. Digits are split so numbers are read digit by digit.
+Text is kept verbatim (identity normalisation, no dummy prefix, whitespace runs allowed as
+pieces), so `decode(encode(s)) == s` for any string without the U+2581 character; characters
+outside the vocabulary become UTF-8 byte pieces. Digits are split so numbers are read digit by
+digit.
 
-BPE-dropout (Provilkov et al., 2020) is done here over the model's merge table with a numpy Generator
-instead of sentencepiece's `enable_sampling`: that path draws from a process-wide C++ generator shared
-by every thread (`sentencepiece.set_random_generator_seed`), and with sentencepiece 0.2.3 the same seed
-gave different segmentations in different processes, so a run could not be reproduced. With
-`dropout=0` both paths give identical ids (a test checks this on the whole corpus).
+BPE-dropout (Provilkov et al., 2020) is done here over the model's merge table with a numpy
+Generator instead of sentencepiece's `enable_sampling`: that path draws from a process-wide C++
+generator shared by every thread (`sentencepiece.set_random_generator_seed`), and with
+sentencepiece 0.2.3 the same seed gives different segmentations in different processes, so a run
+could not be reproduced. With `dropout=0` both paths give identical ids (a test checks this on the
+whole corpus).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import os
-import sys
 
 import numpy as np
 import sentencepiece as spm
@@ -32,8 +30,8 @@ TRAINER_OPTIONS = dict(
     byte_fallback=True,
     character_coverage=1.0,
     num_threads=2,
-    input_sentence_size=1_000_000,  # the built-in corpus has ~1K documents; this only bounds memory
-    shuffle_input_sentence=False,  # take the first sentences rather than a random sample: deterministic
+    input_sentence_size=1_000_000,  # the built-in corpus has ~1K documents; only bounds memory
+    shuffle_input_sentence=False,  # the first sentences, not a random sample: deterministic
     max_sentence_length=1 << 16,  # documents are whole paragraphs, not lines
     normalization_rule_name="identity",
     remove_extra_whitespaces=False,
@@ -66,17 +64,22 @@ class TextTokenizer:
         self._byte_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
 
     @classmethod
-    def train(cls, texts: list[str], vocab_size: int, path_prefix: str) -> "TextTokenizer":
-        """Train on texts and write `{path_prefix}.model` atomically; deterministic for equal inputs."""
+    def train(cls, texts: list[str], vocab_size: int, path_prefix: str) -> TextTokenizer:
+        """Train on texts and write `{path_prefix}.model` atomically; deterministic for equal
+        inputs."""
         buf = io.BytesIO()
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf,
-                                       vocab_size=vocab_size, **TRAINER_OPTIONS)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=buf,
+            vocab_size=vocab_size,
+            **TRAINER_OPTIONS,
+        )
         proto = buf.getvalue()
         write_bytes(f"{path_prefix}.model", proto)
         return cls(proto)
 
     @classmethod
-    def load(cls, path: str) -> "TextTokenizer":
+    def load(cls, path: str) -> TextTokenizer:
         with open(path, "rb") as f:
             return cls(f.read())
 
@@ -96,7 +99,8 @@ class TextTokenizer:
         return self.sp.piece_to_id(name)
 
     def encode(self, text: str, dropout: float = 0.0, seed=None) -> list[int]:
-        """Token ids; with dropout > 0 each merge is skipped with that probability (seeded by `seed`)."""
+        """Token ids; with dropout > 0 each merge is skipped with that probability (seeded by
+        `seed`)."""
         if dropout <= 0.0:
             return self.sp.encode(text)
         return self._encode_dropout(text, dropout, np.random.default_rng(seed))
@@ -109,8 +113,10 @@ class TextTokenizer:
         if seed is None:
             rng = np.random.default_rng()
             return [self._encode_dropout(t, dropout, rng) for t in texts]
-        return [self._encode_dropout(t, dropout, np.random.default_rng([seed, i]))
-                for i, t in enumerate(texts)]
+        return [
+            self._encode_dropout(t, dropout, np.random.default_rng([seed, i]))
+            for i, t in enumerate(texts)
+        ]
 
     def decode(self, ids) -> str:
         """Text of `ids`; an id outside this vocabulary (a model's modality delimiters sit above it)
@@ -136,8 +142,9 @@ class TextTokenizer:
         return ids
 
     def _bpe(self, word: str, dropout: float, rng: np.random.Generator) -> list[str]:
-        """sentencepiece's BPE loop: merge the best-scoring adjacent pair (leftmost on ties); a dropped
-        pair stays unavailable until one of its symbols changes, as when it is popped from SP's heap."""
+        """sentencepiece's BPE loop: merge the best-scoring adjacent pair (leftmost on ties); a
+        dropped pair stays unavailable until one of its symbols changes, as when it is popped from
+        SP's heap."""
         syms = list(word)
         blocked = [False] * len(syms)  # blocked[i]: pair (i, i + 1) was dropped
         score = self._merge_score
@@ -163,8 +170,9 @@ class TextTokenizer:
 
 
 def _words(escaped: str) -> list[str]:
-    """Cut before every U+2581 that follows another character: no piece spans such a cut, because the
-    trainer splits words there (whitespace-only runs stay whole), so BPE runs on each part alone."""
+    """Cut before every U+2581 that follows another character: no piece spans such a cut, because
+    the trainer splits words there (whitespace-only runs stay whole), so BPE runs on each part
+    alone."""
     out, start = [], 0
     for i in range(1, len(escaped)):
         if escaped[i] == SPACE and escaped[i - 1] != SPACE:

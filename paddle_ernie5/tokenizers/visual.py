@@ -1,8 +1,8 @@
 """Multi-scale bit-wise visual tokenizer: causal conv encoder/decoder, residual sign quantisation.
 
-An image is a one-frame video. Every frame goes through the same 2D convs; frames meet only in causal
-temporal mixers (a frame sees itself and `temporal_kernel - 1` earlier frames), so the features and
-codes of frame t never depend on later frames, for the encoder and the decoder alike.
+An image is a one-frame video. Every frame goes through the same 2D convs; frames meet only in
+causal temporal mixers (a frame sees itself and `temporal_kernel - 1` earlier frames), so the
+features and codes of frame t never depend on later frames, for the encoder and the decoder alike.
 
     frames_BTCHW --enc--> f_BTKhw --------------------- (pre-quantisation features: understanding)
                                 |
@@ -13,14 +13,14 @@ codes of frame t never depend on later frames, for the encoder and the decoder a
                                 |
     frames_hat <--dec-- z_hat (+ straight-through: the value of z_hat, the gradient of f)
 
-Each scale quantises what the earlier scales left over (VAR / Infinity style), so decoding a prefix of
-scales gives a coarse image and every further scale refines it. A token is the `K` signs at one cell;
-`codes_to_ids` reads bit j (channel j) as 2**j, so the vocabulary is 2**K. With fewer active bits
-(progressive schedule, or `bits=` at encode time) the unused channels of z_hat are zero; `decode`
-takes codes with any number of bits <= K and any prefix of the scales.
+Each scale quantises what the earlier scales left over (VAR / Infinity style), so decoding a
+prefix of scales gives a coarse image and every further scale refines it. A token is the `K` signs
+at one cell; `codes_to_ids` reads bit j (channel j) as 2**j, so the vocabulary is 2**K. With fewer
+active bits (progressive schedule, or `bits=` at encode time) the unused channels of z_hat are
+zero; `decode` takes codes with any number of bits <= K and any prefix of the scales.
 
-Legend: B batch, T frames, C=3 colour channels, H W pixels, K bits (latent channels), h w latent cells,
-N = B*T frames folded into the batch, D conv channels.
+Legend: B batch, T frames, C=3 colour channels, H W pixels, K bits (latent channels), h w latent
+cells, N = B*T frames folded into the batch, D conv channels.
 
 API (the backbone builds on these):
     tok = VisualTokenizer(cfg: VisualTokenizerConfig)        or  VisualTokenizer.load(path)
@@ -47,14 +47,15 @@ from ..io import read_layer, save_layer
 FORMAT_VERSION = 1
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Codes <-> ids
 
 
 def codes_to_ids(codes):
-    """[..., K] signs in {-1, +1} -> int64 [...], bit j (code > 0) worth 2**j. numpy or paddle in/out."""
+    """[..., K] signs in {-1, +1} -> int64 [...], bit j (code > 0) worth 2**j. numpy or paddle
+    in/out."""
     if isinstance(codes, np.ndarray):
-        weights = (1 << np.arange(codes.shape[-1], dtype=np.int64))
+        weights = 1 << np.arange(codes.shape[-1], dtype=np.int64)
         return ((codes > 0).astype(np.int64) * weights).sum(-1)
     weights = paddle.to_tensor(1 << np.arange(codes.shape[-1], dtype=np.int64))
     return ((codes > 0).astype("int64") * weights).sum(-1)
@@ -66,12 +67,14 @@ def ids_to_codes(ids, bits: int):
         b = (ids[..., None].astype(np.int64) >> np.arange(bits, dtype=np.int64)) & 1
         return (2 * b - 1).astype(np.float32)
     shifts = paddle.to_tensor(np.arange(bits, dtype=np.int64))
-    b = paddle.bitwise_and(paddle.bitwise_right_shift(ids.astype("int64").unsqueeze(-1), shifts),
-                           paddle.to_tensor(1, dtype="int64"))
+    b = paddle.bitwise_and(
+        paddle.bitwise_right_shift(ids.astype("int64").unsqueeze(-1), shifts),
+        paddle.to_tensor(1, dtype="int64"),
+    )
     return (2 * b - 1).astype("float32")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Building blocks
 
 
@@ -102,8 +105,11 @@ class CausalTemporalMix(nn.Layer):
         x_BTDhw = F.silu(x_NDhw).reshape([-1, T, D, h, w])
         past = [x_BTDhw]
         for i in range(1, self.k):
-            shifted = paddle.concat([paddle.zeros_like(x_BTDhw[:, :i]), x_BTDhw[:, :T - i]], axis=1) \
-                if i < T else paddle.zeros_like(x_BTDhw)
+            shifted = (
+                paddle.concat([paddle.zeros_like(x_BTDhw[:, :i]), x_BTDhw[:, : T - i]], axis=1)
+                if i < T
+                else paddle.zeros_like(x_BTDhw)
+            )
             past.append(shifted)
         stacked = paddle.concat(past, axis=2).reshape([N, D * self.k, h, w])
         return x_NDhw + self.proj(stacked)
@@ -115,7 +121,7 @@ def _zeros():
 
 def _widths(cfg: VisualTokenizerConfig) -> list[int]:
     levels = int(math.log2(cfg.downsample))
-    return [min(cfg.width * 2 ** i, cfg.width * 4) for i in range(levels + 1)]
+    return [min(cfg.width * 2**i, cfg.width * 4) for i in range(levels + 1)]
 
 
 class Encoder(nn.Layer):
@@ -165,17 +171,26 @@ class MultiScaleBitQuantizer(nn.Layer):
         self.scales, self.bits = tuple(cfg.scales), cfg.bits
         self.side = cfg.scales[-1]
         # Later scales code smaller residuals: start each scale at half the previous magnitude.
-        init = np.array([[0.5 ** i] * cfg.bits for i in range(len(cfg.scales))], np.float32)
+        init = np.array([[0.5**i] * cfg.bits for i in range(len(cfg.scales))], np.float32)
         self.gain = self.create_parameter(
-            [len(cfg.scales), cfg.bits], default_initializer=nn.initializer.Assign(init))
-        self.phi = nn.LayerList([nn.Conv2D(cfg.bits, cfg.bits, 3, padding=1, weight_attr=_zeros(),
-                                           bias_attr=_zeros()) for _ in cfg.scales])
+            [len(cfg.scales), cfg.bits], default_initializer=nn.initializer.Assign(init)
+        )
+        self.phi = nn.LayerList(
+            [
+                nn.Conv2D(
+                    cfg.bits, cfg.bits, 3, padding=1, weight_attr=_zeros(), bias_attr=_zeros()
+                )
+                for _ in cfg.scales
+            ]
+        )
 
     def contribution(self, s: int, bits_NKss):
         """What scale s adds to z_hat, given its signs (channels beyond the given bits are zero)."""
         k = bits_NKss.shape[1]
         if k < self.bits:
-            pad = paddle.zeros([bits_NKss.shape[0], self.bits - k, *bits_NKss.shape[2:]], bits_NKss.dtype)
+            pad = paddle.zeros(
+                [bits_NKss.shape[0], self.bits - k, *bits_NKss.shape[2:]], bits_NKss.dtype
+            )
             bits_NKss = paddle.concat([bits_NKss, pad], axis=1)
         q = bits_NKss * self.gain[s].reshape([1, -1, 1, 1])
         if self.scales[s] != self.side:
@@ -192,8 +207,9 @@ class MultiScaleBitQuantizer(nn.Layer):
                 r = f - z_hat
                 if side != self.side:
                     r = F.adaptive_avg_pool2d(r, side)
-                b = paddle.where(r[:, :bits] >= 0, paddle.ones_like(r[:, :bits]),
-                                 -paddle.ones_like(r[:, :bits]))
+                b = paddle.where(
+                    r[:, :bits] >= 0, paddle.ones_like(r[:, :bits]), -paddle.ones_like(r[:, :bits])
+                )
             signs.append(b)
             z_hat = z_hat + self.contribution(s, b)
         return z_hat, signs
@@ -206,7 +222,7 @@ class MultiScaleBitQuantizer(nn.Layer):
         return z_hat
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The tokenizer
 
 
@@ -220,7 +236,7 @@ class VisualTokenizer(nn.Layer):
 
     @property
     def vocab_size(self) -> int:
-        return 2 ** self.cfg.bits
+        return 2**self.cfg.bits
 
     @property
     def tokens_per_frame(self) -> int:
@@ -247,8 +263,12 @@ class VisualTokenizer(nn.Layer):
         """codes (any prefix of the scales, any bits <= K) -> frames [B, T, 3, H, W]."""
         B, T = codes[0].shape[:2]
         signs = [paddle.to_tensor(c) if isinstance(c, np.ndarray) else c for c in codes]
-        signs = [c.astype("float32").transpose([0, 1, 4, 2, 3]).reshape([B * T, c.shape[-1], *c.shape[2:4]])
-                 for c in signs]
+        signs = [
+            c.astype("float32")
+            .transpose([0, 1, 4, 2, 3])
+            .reshape([B * T, c.shape[-1], *c.shape[2:4]])
+            for c in signs
+        ]
         x = self.decoder(self.quantizer.dequantize(signs), T)
         return x.reshape([B, T, *x.shape[1:]])
 
@@ -265,21 +285,26 @@ class VisualTokenizer(nn.Layer):
         x = self.decoder(z_hat + (f - f.detach()), T)
         return x.reshape(frames_BTCHW.shape), vq
 
-    # -- persistence ---------------------------------------------------------------------------------
+    # -- persistence -------------------------------------------------------------------------------
 
     def save(self, path: str) -> None:
-        """path/model.safetensors + path/config.json, each written to a temporary name and renamed."""
+        """path/model.safetensors + path/config.json, each written to a temporary name and
+        renamed."""
         save_layer(path, self, {"format_version": FORMAT_VERSION, "config": to_plain(self.cfg)})
 
     @classmethod
-    def load(cls, path: str) -> "VisualTokenizer":
-        """From a directory written by `save`, or a visual_tokenizer run dir (its tokenizer/ folder)."""
+    def load(cls, path: str) -> VisualTokenizer:
+        """From a directory written by `save`, or a visual_tokenizer run dir (its tokenizer/
+        folder)."""
         if os.path.isdir(os.path.join(path, "tokenizer")):
             path = os.path.join(path, "tokenizer")
-        meta, state = read_layer(path, "visual tokenizer",
-                                 "train one with `ernie5 train recipes/visual_tokenizer.yaml`")
+        meta, state = read_layer(
+            path, "visual tokenizer", "train one with `ernie5 train recipes/visual_tokenizer.yaml`"
+        )
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: tokenizer format {meta.get('format_version')} != {FORMAT_VERSION}")
+            raise ValueError(
+                f"{path}: tokenizer format {meta.get('format_version')} != {FORMAT_VERSION}"
+            )
         cfg = from_dict(VisualTokenizerConfig, meta["config"], "visual_tokenizer")
         cfg.validate("visual_tokenizer")
         tok = cls(cfg)
@@ -304,12 +329,18 @@ def psnr(x, y) -> float:
 
 
 @paddle.no_grad()
-def reconstruct(tok: VisualTokenizer, frames: np.ndarray, batch: int = 64, bits: int | None = None,
-                num_scales: int | None = None) -> np.ndarray:
-    """encode -> (first num_scales scales) -> decode, in batches; numpy in, numpy out, same shape."""
+def reconstruct(
+    tok: VisualTokenizer,
+    frames: np.ndarray,
+    batch: int = 64,
+    bits: int | None = None,
+    num_scales: int | None = None,
+) -> np.ndarray:
+    """encode -> (first num_scales scales) -> decode, in batches; numpy in, numpy out, same
+    shape."""
     out = []
     for i in range(0, len(frames), batch):
-        _, codes = tok.encode(frames[i:i + batch], bits)
+        _, codes = tok.encode(frames[i : i + batch], bits)
         x = tok.decode(codes[:num_scales] if num_scales else codes).numpy()
-        out.append(x.reshape(frames[i:i + batch].shape))
+        out.append(x.reshape(frames[i : i + batch].shape))
     return np.concatenate(out)

@@ -1,9 +1,10 @@
 """Elastic (once-for-all) training: draw a sub-model view for every micro-batch (and, with
 elastic.full_every_step, train the full model on the same micro-batch beside it).
 
-The draws come from a generator seeded by train.seed and saved in checkpoints, so an elastic run is
-reproducible and resumes exactly. The sub-model trains through the same parameters and the same loss
-as the full model; gradients of every micro-batch (whatever its view) meet in one optimizer step.
+The draws come from a generator seeded by train.seed and saved in checkpoints, so an elastic run
+is reproducible and resumes exactly. The sub-model trains through the same parameters and the same
+loss as the full model; gradients of every micro-batch (whatever its view) meet in one optimizer
+step.
 """
 
 from __future__ import annotations
@@ -32,20 +33,26 @@ class ElasticSampler:
         layers = experts = top_k = None
         if u_depth >= cfg.depth_full_prob and cfg.min_layers < self.num_layers:
             n = int(rng.integers(cfg.min_layers, self.num_layers))
-            layers = (evenly_spaced_layers(self.num_layers, n) if cfg.depth_rule == "even"
-                      else tuple(range(n)))
+            layers = (
+                evenly_spaced_layers(self.num_layers, n)
+                if cfg.depth_rule == "even"
+                else tuple(range(n))
+            )
         if u_width >= cfg.width_full_prob and self.min_experts < self.num_experts:
             n = int(rng.integers(self.min_experts, self.num_experts))
-            experts = (tuple(sorted(rng.choice(self.num_experts, n, replace=False).tolist()))
-                       if cfg.width_rule == "random" else tuple(range(n)))
+            experts = (
+                tuple(sorted(rng.choice(self.num_experts, n, replace=False).tolist()))
+                if cfg.width_rule == "random"
+                else tuple(range(n))
+            )
         if u_topk >= cfg.topk_full_prob and self.top_k > 1:
             top_k = int(rng.integers(1, self.top_k))
         return ElasticView(layers=layers, experts=experts, top_k=top_k)
 
     def sample_views(self) -> list[ElasticView]:
         """The views one micro-batch trains: the sampled one, preceded by the full model when
-        `full_every_step` is set and the draw is a proper sub-model (ERNIE5.md: the full model and the
-        sampled sub-models are optimised in the same backward pass)."""
+        `full_every_step` is set and the draw is a proper sub-model (ERNIE5.md: the full model and
+        the sampled sub-models are optimised in the same backward pass)."""
         view = self.sample()
         if self.cfg.enabled and self.cfg.full_every_step and view != FULL_VIEW:
             return [FULL_VIEW, view]
@@ -80,7 +87,8 @@ class LoadAccumulator:
         self.active[layer] = self.active.get(layer, 0) + mask.astype(np.int64)
 
     def mean_load(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """(load per micro-batch in which the expert was allowed, mask of experts allowed at least once)"""
+        """(load per micro-batch in which the expert was allowed,
+        mask of experts allowed at least once)"""
         active = self.active[layer]
         seen = active > 0
         return np.where(seen, self.load[layer] / np.maximum(active, 1), 0.0), seen

@@ -1,7 +1,7 @@
 """Run logging: VisualDL scalars/histograms plus a metrics.jsonl file in the run directory.
 
-One VisualDL log directory per run (<run_dir>/vdl) so `visualdl --logdir runs` shows runs side by side.
-metrics.jsonl holds one JSON object per logged step; tests and tools read it back.
+One VisualDL log directory per run (<run_dir>/vdl) so `visualdl --logdir runs` shows runs side by
+side. metrics.jsonl holds one JSON object per logged step; tests and tools read it back.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import numpy as np
 
 
 def load_balance(load_E: np.ndarray) -> tuple[float, float]:
-    """(normalised entropy of the expert-load distribution, max/mean load). 1.0 and 1.0 = balanced."""
+    """(normalised entropy of the expert-load distribution, max/mean load); (1.0, 1.0) is
+    balanced."""
     load = np.asarray(load_E, dtype=np.float64)
     total = load.sum()
     if total <= 0 or load.size < 2:
@@ -42,8 +43,12 @@ class RunLogger:
 
     def histogram(self, step: int, tag: str, values: np.ndarray) -> None:
         if self._vdl is not None:
-            self._vdl.add_histogram(tag=tag, values=np.asarray(values, dtype=np.float64), step=step,
-                                    buckets=min(64, max(2, np.asarray(values).size)))
+            self._vdl.add_histogram(
+                tag=tag,
+                values=np.asarray(values, dtype=np.float64),
+                step=step,
+                buckets=min(64, max(2, np.asarray(values).size)),
+            )
 
     def image(self, step: int, tag: str, image_HWC: np.ndarray) -> None:
         if self._vdl is not None:
@@ -56,13 +61,19 @@ class RunLogger:
     def audio(self, step: int, tag: str, wave: np.ndarray, sample_rate: int) -> None:
         """Mono float audio in [-1, 1] (VisualDL plays it)."""
         if self._vdl is not None:
-            self._vdl.add_audio(tag=tag, audio_array=np.clip(np.asarray(wave, np.float32), -1, 1), step=step,
-                                sample_rate=sample_rate)
+            self._vdl.add_audio(
+                tag=tag,
+                audio_array=np.clip(np.asarray(wave, np.float32), -1, 1),
+                step=step,
+                sample_rate=sample_rate,
+            )
 
     def hparams(self, flat_config: dict, metrics: list[str]) -> None:
         if self._vdl is not None:
-            hp = {k: (v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else str(v))
-                  for k, v in flat_config.items()}
+            hp = {
+                k: (v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else str(v))
+                for k, v in flat_config.items()
+            }
             self._vdl.add_hparams(hparams_dict=hp, metrics_list=metrics)
 
     def close(self) -> None:

@@ -213,7 +213,7 @@ class Loop:
         if found is None:
             return 0, 0.0
         path, model_state, optim_state, meta = found
-        if "loop" not in meta:  # an SFT checkpoint from before this loop: no RNG state to resume
+        if "loop" not in meta:  # not written by this loop: no RNG state to resume from
             raise checkpoint.CheckpointError(
                 f"checkpoint {path} holds no loop state (RNGs, step counters) to resume from; "
                 "set a new train.run_dir"

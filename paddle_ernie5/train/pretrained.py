@@ -1,7 +1,8 @@
-"""A fresh run's start from separately trained components: the audio input tables from the codec's
-codebooks (model.audio.init_from_codebooks) and the patch mergers from a vision_merger run
-(model.vision.merger_init). The model only defines the layers; loading them is done here, by the code
-that builds a model for training. Not applied on resume or init_from (the checkpoint holds them)."""
+"""A fresh run's start from separately trained components: the audio input tables from the
+codec's codebooks (model.audio.init_from_codebooks) and the patch mergers from a vision_merger run
+(model.vision.merger_init). The model only defines the layers; loading them is done here, by the
+code that builds a model for training. Not applied on resume or init_from (the checkpoint holds
+them)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ def load_merger(embedding, kind: str, path: str) -> bool:
     A missing run or another shape is a clear error."""
     file = os.path.join(path, MERGER_WEIGHTS)
     if not os.path.isfile(file):
-        raise UserError(f"model.vision.merger_init={path!r}: no {MERGER_WEIGHTS} there; pre-train the "
-                        "merger with `ernie5 train recipes/vision_merger.yaml` or set "
-                        "model.vision.merger_init=''")
+        raise UserError(
+            f"model.vision.merger_init={path!r}: no {MERGER_WEIGHTS} there; pre-train the "
+            "merger with `ernie5 train recipes/vision_merger.yaml` or set "
+            "model.vision.merger_init=''"
+        )
     saved = paddle.load(file).get(kind)
     if saved is None:
         return False
@@ -33,8 +36,10 @@ def load_merger(embedding, kind: str, path: str) -> bool:
     wanted = [k for k in own if k.startswith(("merger.", "place."))]
     bad = [k for k in wanted if k not in saved or list(saved[k].shape) != list(own[k].shape)]
     if bad:
-        raise UserError(f"model.vision.merger_init={path!r}: the saved {kind} merger does not fit this "
-                        f"model ({bad[0]}); pre-train it with this recipe's model settings")
+        raise UserError(
+            f"model.vision.merger_init={path!r}: the saved {kind} merger does not fit this "
+            f"model ({bad[0]}); pre-train it with this recipe's model settings"
+        )
     for k in wanted:
         own[k].set_value(saved[k])
     return True
@@ -44,16 +49,18 @@ def init_layer_fresh(layer) -> str | None:
     """Start one layer from its pre-trained component, if its config asks for one; returns a note
     for the log (None when nothing applies)."""
     if isinstance(layer, AudioEmbedding) and layer.acfg.init_from_codebooks:
-        layer.init_from_codebooks(load_codec(layer.acfg).codebooks()[:layer.levels])
+        layer.init_from_codebooks(load_codec(layer.acfg).codebooks()[: layer.levels])
         return "audio input tables initialised from the codec's codebooks"
     if isinstance(layer, VisualEmbedding) and layer.merger_init:
         kind, path = layer.modality, layer.merger_init
         if load_merger(layer, kind, path):
             return f"{kind} patch merger initialised from {path}"
         if layer.frozen:  # a fixed random merger would never learn
-            raise UserError(f"model.vision.freeze_merger lists {kind}, but {path} pre-trained no "
-                            f"{kind} merger: add attributes to vision_merger.{kind}_attributes there, "
-                            f"or drop {kind} from freeze_merger")
+            raise UserError(
+                f"model.vision.freeze_merger lists {kind}, but {path} pre-trained no "
+                f"{kind} merger: add attributes to vision_merger.{kind}_attributes there, "
+                f"or drop {kind} from freeze_merger"
+            )
         return f"{kind} patch merger: not pre-trained in {path}; starts random"
     return None
 

@@ -1,5 +1,6 @@
-"""The pretraining loop. It delegates: data (data/), model (model/), objective (losses), optimizer and
-clipping (optim), schedule (schedules), checkpoints (checkpoint), metrics (logging).
+"""The pretraining loop. It delegates: data (data/), model (model/), objective (model/losses.py),
+optimizer and clipping (optim/optimizer.py), schedule (optim/schedules.py), checkpoints
+(io/checkpoint.py), metrics (train/logging.py).
 
 One optimizer step = `grad_accum` micro-batches, each forward + backward; then clip, AdamW step,
 and the aux-loss-free bias update of every router from the loads of the whole step.
@@ -24,18 +25,24 @@ import paddle
 
 from .. import config as C
 from ..data.loader import build_text_data, eval_batches, unigram_baseline
+from ..io import checkpoint
 from ..model.generation import generate
 from ..model.inputs import to_model_batch
+from ..model.losses import (
+    compute_loss,
+    distillation_kl,
+    document_ids,
+    sample_anchors,
+    simreg_loss,
+)
 from ..model.model import Ernie5Model
 from ..model.params import count_params
-from ..parallel.runtime import SingleProcess
-from ..io import checkpoint
-from .pretrained import init_fresh
-from .elastic import ElasticSampler, LoadAccumulator
-from .logging import RunLogger, flatten, heatmap_image, load_balance
-from ..model.losses import IGNORE, compute_loss, distillation_kl, document_ids, sample_anchors, simreg_loss
 from ..optim.optimizer import AdaGC, global_clip_stats
 from ..optim.schedules import learning_rate
+from ..parallel.runtime import SingleProcess
+from .elastic import ElasticSampler, LoadAccumulator
+from .logging import RunLogger, flatten, heatmap_image, load_balance
+from .pretrained import init_fresh
 
 
 @dataclass
@@ -55,10 +62,16 @@ class Trainer:
         tc, dc = cfg.train, cfg.data
         paddle.seed(tc.seed)
         self.tokenizer, self.text_loader, self.val_packed = build_text_data(
-            dc.cache_dir, cfg.model.vocab_size, dc.seq_len, tc.batch_size, tc.seed, dc.bpe_dropout,
-            dc.val_fraction)
+            dc.cache_dir,
+            cfg.model.vocab_size,
+            dc.seq_len,
+            tc.batch_size,
+            tc.seed,
+            dc.bpe_dropout,
+            dc.val_fraction,
+        )
         self.loader = self.text_loader
-        if dc.mixture.enabled:  # multimodal sources: data/mixture.py (validation stays the text split)
+        if dc.mixture.enabled:  # multimodal sources (data/mixture.py); validation stays text
             from ..data.mixture import MixtureContext, MixtureLoader
 
             ctx = MixtureContext(cfg, self.tokenizer, "train", self.text_loader.docs_ids_fn(0))
@@ -66,7 +79,9 @@ class Trainer:
         self.model = self.par.wrap_model(Ernie5Model(cfg.model))
         self.optimizer = self.par.build_optimizer(self.model, tc)
         self.elastic = ElasticSampler(cfg.elastic, cfg.model, tc.seed)
-        self.adagc = AdaGC(tc.clip, tc.clip.lambda_abs or tc.clip_norm) if tc.clip.mode == "adagc" else None
+        self.adagc = (
+            AdaGC(tc.clip, tc.clip.lambda_abs or tc.clip_norm) if tc.clip.mode == "adagc" else None
+        )
         self.step = 0
 
     # ------------------------------------------------------------------ state
@@ -81,18 +96,25 @@ class Trainer:
 
     def save(self) -> str | None:
         model_state, optim_state = self.par.full_states(self.model, self.optimizer)
-        if self.adagc is not None:  # identical on every rank: it sees the norms of the full gradients
+        if self.adagc is not None:  # identical on every rank: it sees the full gradients' norms
             optim_state = {**optim_state, **self.adagc.state_dict()}
         path = None
         if self.par.is_main:
-            path = checkpoint.save(self.ckpt_root, self.step, model_state, optim_state,
-                                   self._state_meta(), self.cfg.train.keep_last)
+            path = checkpoint.save(
+                self.ckpt_root,
+                self.step,
+                model_state,
+                optim_state,
+                self._state_meta(),
+                self.cfg.train.keep_last,
+            )
         self.par.barrier()
         return path
 
     def try_resume(self) -> bool:
-        found = checkpoint.resumable(self.ckpt_root, self.cfg.train.resume, C.to_plain(self.cfg.model),
-                                     warn=self.log)
+        found = checkpoint.resumable(
+            self.ckpt_root, self.cfg.train.resume, C.to_plain(self.cfg.model), warn=self.log
+        )
         if found is None:
             return False
         path, model_state, optim_state, meta = found
@@ -121,21 +143,28 @@ class Trainer:
         sim = cfg.train.simreg
         for micro in range(cfg.train.grad_accum):
             global_batch = self.loader.next_batch()
-            if sim.enabled:  # drawn for the global batch, from counters only: any rank count, resume
+            if sim.enabled:
+                # Drawn for the global batch from counters only: same anchors for any rank count
+                # and after a resume.
                 rng = np.random.default_rng([cfg.train.seed, self.step, micro])
-                global_batch = {**global_batch,
-                                "simreg_anchors": sample_anchors(global_batch["labels"], sim.max_anchors, rng)}
+                global_batch = {
+                    **global_batch,
+                    "simreg_anchors": sample_anchors(global_batch["labels"], sim.max_anchors, rng),
+                }
             local = self.par.shard_batch(global_batch)
             anchors = local.pop("simreg_anchors", None)
             batch = to_model_batch(local)
-            # Same seed on every rank: every rank runs the same views. With elastic.full_every_step
-            # the full model and the sampled sub-model share the micro-batch (weighted mean of losses).
+            # Same seed on every rank: every rank runs the same views. With
+            # elastic.full_every_step the full model and the sampled sub-model share the
+            # micro-batch (weighted mean of their losses).
             views = self.elastic.sample_views()
             weights = self.elastic.view_weights(len(views))
             teacher = None
             for j, view in enumerate(views):
                 out = self.model(batch, view)
-                parts = compute_loss(out, batch["labels"], cfg.model, self.model.head_losses(out, batch))
+                parts = compute_loss(
+                    out, batch["labels"], cfg.model, self.model.head_losses(out, batch)
+                )
                 loss, values = self.par.objective(parts, batch["labels"], cfg.model)
                 if j == 0 and len(views) > 1 and cfg.elastic.distill_weight > 0:
                     teacher = out.logits.detach()
@@ -144,7 +173,9 @@ class Trainer:
                     loss = loss + cfg.elastic.distill_weight * kd
                     sums["elastic/distill_kl"] = sums.get("elastic/distill_kl", 0.0) + float(kd)
                 if sim.enabled:
-                    loss = loss + sim.weight * self._simreg_share(out.hidden, batch, anchors, values)
+                    loss = loss + sim.weight * self._simreg_share(
+                        out.hidden, batch, anchors, values
+                    )
                 (loss * (weights[j] / cfg.train.grad_accum)).backward()
                 if j == 0:  # logged losses are those of the first view (the full model when shared)
                     for key, value in values.items():
@@ -176,15 +207,20 @@ class Trainer:
         return metrics
 
     def learning_rate_at(self, step: int) -> float:
-        """The learning rate of optimizer step `step` (train.schedule); tools/ablate.py overrides it to
-        inject a spike."""
+        """The learning rate of optimizer step `step` (train.schedule); tools/ablate.py overrides it
+        to inject a spike."""
         return learning_rate(step, self.cfg.train)
 
     def _simreg_share(self, hidden, batch, anchors, values: dict):
         """This rank's share of the SimReg mean over every anchor of the global batch (one process:
         the mean). Adds loss/simreg to `values` and its weighted value to values["loss"]."""
-        sim_sum, count = simreg_loss(hidden, batch["labels"], document_ids(batch["startend_row_indices"]),
-                                     paddle.to_tensor(anchors), self.cfg.train.simreg.temperature)
+        sim_sum, count = simreg_loss(
+            hidden,
+            batch["labels"],
+            document_ids(batch["startend_row_indices"]),
+            paddle.to_tensor(anchors),
+            self.cfg.train.simreg.temperature,
+        )
         total_sum, total_count = self.par.sum_over_data(np.array([float(sim_sum), float(count)]))
         values["loss/simreg"] = total_sum / max(total_count, 1.0)
         values["loss"] += self.cfg.train.simreg.weight * values["loss/simreg"]
@@ -232,13 +268,17 @@ class Trainer:
         logger.image(self.step, "routing/usage_layers_x_experts/text", heatmap_image(usage))
         for i, logits in self._eval_logits.items():
             logger.histogram(self.step, f"moe/router_logits/layer{i}", logits)
-        # Every rank generates (an expert-parallel forward is a collective); only rank 0's logger
-        # writes.
+        # Every rank generates (an expert-parallel forward is a collective); only rank 0 writes.
         prompts = self.val_packed["input_ids"][:2, :16]
         sample = generate(self.model, prompts, 32, temperature=0.0)
         for j in range(len(prompts)):
-            logger.text(self.step, "samples/text", self.tokenizer.decode(prompts[j].tolist()) + " ⟶ "
-                        + self.tokenizer.decode(sample.tokens[j].tolist()))
+            logger.text(
+                self.step,
+                "samples/text",
+                self.tokenizer.decode(prompts[j].tolist())
+                + " ⟶ "
+                + self.tokenizer.decode(sample.tokens[j].tolist()),
+            )
         if self.cfg.data.mixture.enabled:
             self.log_modality_views(logger)
         if "audio" in self.cfg.model.modalities:  # generated speech, VisualDL samples/speech/*
@@ -248,9 +288,9 @@ class Trainer:
 
     @paddle.no_grad()
     def log_modality_views(self, logger, captions=((3, 0, 1), (7, 2, 3))) -> None:
-        """Per-source routing heatmaps (routing/usage_layers_x_experts/<source>: one held-out batch of each
-        multimodal source, its own modality's tokens only) and, with images, generated samples
-        (samples/image: greedy text -> image for `captions` given as (digit, fg, bg))."""
+        """Per-source routing heatmaps (routing/usage_layers_x_experts/<source>: one held-out batch
+        of each multimodal source, its own modality's tokens only) and, with images, generated
+        samples (samples/image: greedy text -> image for `captions` given as (digit, fg, bg))."""
         from ..eval.routing import multimodal_source_batches, usage
 
         for name, batches in multimodal_source_batches(self.cfg, self.tokenizer, 1).items():
@@ -264,8 +304,9 @@ class Trainer:
             from ..eval.vision_eval import generate_images
 
             tok = load_visual_tokenizer(self.cfg.model.vision)
-            frames = generate_images(self.model, self.cfg, self.tokenizer, tok,
-                                     [image_caption(*c) for c in captions])
+            frames = generate_images(
+                self.model, self.cfg, self.tokenizer, tok, [image_caption(*c) for c in captions]
+            )
             row = np.concatenate([f[0].transpose(1, 2, 0) for f in frames], axis=1)  # side by side
             logger.image(self.step, "samples/image", (row * 255).round().astype(np.uint8))
         self.model.train()
@@ -284,8 +325,10 @@ class Trainer:
                 for note in init_fresh(self.model):
                     self.log(note)
         params = count_params(cfg.model)
-        self.log(f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M "
-                 f"activated per token; run dir {self.run_dir}")
+        self.log(
+            f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M "
+            f"activated per token; run dir {self.run_dir}"
+        )
         logger = RunLogger(self.run_dir, tc.visualdl) if self.par.is_main else _NullLogger()
         if self.step == 0:
             logger.hparams(flatten(cfg.to_dict()), ["val/loss", "loss"])
@@ -300,8 +343,10 @@ class Trainer:
                 train_seconds += time.perf_counter() - t0
                 tokens += metrics.pop("_tokens")
                 if not math.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}; "
-                                             "lower train.lr or enable train.clip_norm")
+                    raise FloatingPointError(
+                        f"loss is {metrics['loss']} at step {self.step}; "
+                        "lower train.lr or enable train.clip_norm"
+                    )
                 tok_s = tokens / max(train_seconds, 1e-9)  # eval and checkpoint time excluded
                 if self.step % tc.log_every == 0 or self.step == end:
                     logger.scalars(self.step, {**metrics, "perf/tokens_per_s": tok_s})
@@ -309,20 +354,25 @@ class Trainer:
                         logger.histogram(self.step, f"moe/load/layer{i}", load)
                 if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
                     val_loss = self.evaluate()
-                    logger.scalars(self.step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
+                    logger.scalars(
+                        self.step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))}
+                    )
                     self.log_eval_views(logger)
                 if self.step % tc.save_every == 0 or self.step == end:
                     self.save()
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tok_s:.0f}")
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tok_s:.0f}"
+                )
         finally:
             bar.close()
             logger.close()
         return FitResult(self.step, val_loss, self.run_dir)
 
     def unigram_loss(self) -> float:
-        return unigram_baseline(self.text_loader.docs_ids_fn(0), self.val_packed["labels"],
-                                self.cfg.model.vocab_size)
+        return unigram_baseline(
+            self.text_loader.docs_ids_fn(0), self.val_packed["labels"], self.cfg.model.vocab_size
+        )
 
 
 class _NullLogger:
@@ -340,8 +390,9 @@ class _NullLogger:
 def _progress(start: int, end: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=end, initial=start, desc="train", unit="step", disable=not enabled,
-                dynamic_ncols=True)
+    return tqdm(
+        total=end, initial=start, desc="train", unit="step", disable=not enabled, dynamic_ncols=True
+    )
 
 
 def read_metrics(run_dir: str) -> list[dict]:

@@ -1,20 +1,21 @@
-"""Patch-merger pre-training (task vision_merger): the understanding path's own warm-up stage.
+"""Patch-merger pre-training (component vision_merger): the understanding path's own warm-up stage.
 
-Trained jointly from scratch with a tiny backbone, the merger learns only what the backbone already
-reads (colours): digit and motion answers stay at chance, because neither side has learned its half
-of the readout. Pre-trained alone, it learns them in a few hundred steps, and the backbone then learns
-to read them (ERNIE5.md's understanding path starts from a trained visual encoder; ours is trained
-here, on the training split only).
+Trained jointly from scratch with a tiny backbone, the merger learns only what the backbone
+already reads (colours): digit and motion answers stay at chance, because neither side has learned
+its half of the readout. Pre-trained alone, it learns them in a few hundred steps, and the backbone
+then learns to read them (ERNIE5.md's understanding path starts from a trained visual encoder;
+ours is trained here, on the training split only).
 
     pictures (train split) -> pre-quantisation features -> image / video embedding (patch merger,
     place embedding and place projection, exactly as in the backbone) -> mean over the picture's
     tokens -> one linear head per configured attribute of its caption (vision_merger.*_attributes;
     by default direction and speed for clips, images not pre-trained) -> summed cross-entropy
 
-The mean of a picture's tokens is what a backbone's attention reads first, so features that answer
-through it are features the backbone can learn to use. Saved: <run_dir>/merger.pdparams (the
-weights of each pre-trained kind's visual embedding) and metrics.json (held-out accuracy of each head, beside chance). A
-multimodal run starts from them with model.vision.merger_init=<run_dir> (fresh runs only).
+The mean of a picture's tokens is what a backbone's attention reads first, so features that
+answer through it are features the backbone can learn to use. Saved: <run_dir>/merger.pdparams
+(the weights of each pre-trained kind's visual embedding) and metrics.json (held-out accuracy of
+each head, beside chance). A multimodal run starts from them with model.vision.merger_init=<run_dir>
+(fresh runs only).
 """
 
 from __future__ import annotations
@@ -39,19 +40,26 @@ def _classes(attribute: str) -> int:
 
 
 class MergerProbe(nn.Layer):
-    """The backbone's two visual input embeddings plus a linear head per attribute on the mean token."""
+    """The backbone's two visual input embeddings plus a linear head per attribute on the mean
+    token."""
 
     def __init__(self, model_cfg, mc):
         super().__init__()
         from ..model.vision import ImageEmbedding, VideoEmbedding
 
         wanted = {"image": tuple(mc.image_attributes), "video": tuple(mc.video_attributes)}
-        self.attributes = {kind: a for kind, a in wanted.items() if a}  # kinds without any: not built
+        # Kinds with no attribute get no embedding.
+        self.attributes = {kind: a for kind, a in wanted.items() if a}
         layers = {"image": ImageEmbedding, "video": VideoEmbedding}
         self.embed = nn.LayerDict({kind: layers[kind](model_cfg) for kind in self.attributes})
         m = model_cfg.hidden_size
-        self.heads = nn.LayerDict({f"{kind}_{k}": nn.Linear(m, _classes(k))
-                                   for kind, attrs in self.attributes.items() for k in attrs})
+        self.heads = nn.LayerDict(
+            {
+                f"{kind}_{k}": nn.Linear(m, _classes(k))
+                for kind, attrs in self.attributes.items()
+                for k in attrs
+            }
+        )
 
     def forward(self, kind: str, groups, places) -> dict:
         """groups [N, P, G, K], places [N, P] -> {attribute: logits [N, classes]}"""

@@ -8,12 +8,21 @@ from paddle_ernie5.data import speech as S
 from paddle_ernie5.eval.speech_judge import SpeechJudge
 from paddle_ernie5.train.speech_judge import fit_judge
 
-pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None,
-                                reason="espeak-ng is not installed: run `make espeak`")
+pytestmark = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None, reason="espeak-ng is not installed: run `make espeak`"
+)
 
 TINY = SpeechJudgeConfig(channels=24, max_seconds=1.0, dropout=0.0)
-TRAIN = TrainConfig(max_steps=80, batch_size=16, lr=3e-3, min_lr=3e-4, schedule="cosine", warmup_steps=5,
-                    weight_decay=0.0, progress=False)
+TRAIN = TrainConfig(
+    max_steps=80,
+    batch_size=16,
+    lr=3e-3,
+    min_lr=3e-4,
+    schedule="cosine",
+    warmup_steps=5,
+    weight_decay=0.0,
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +49,8 @@ def test_predict_score_and_probs_agree(trained):
     assert probs.shape == (len(held), len(S.WORDS))
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
     assert (probs.argmax(1) == pred).all()
-    assert judge.score(held.waves, [S.WORDS[i] for i in held.word_ids]) == pytest.approx(m["heldout_acc"])
+    by_name = judge.score(held.waves, [S.WORDS[i] for i in held.word_ids])
+    assert by_name == pytest.approx(m["heldout_acc"])
     padded, _ = held.padded()
     assert (judge.predict(padded) == pred).all()  # trailing silence does not change the verdict
 
@@ -62,7 +72,7 @@ def test_train_from_config_writes_a_loadable_judge(debug_config, data_cache, mon
 
     full = S.load_speech
     monkeypatch.setattr(S, "load_speech", lambda cache_dir: full(cache_dir, S.DEBUG_SPEC))
-    cfg = debug_config("task=speech_judge", "train.max_steps=6", "speech_judge.channels=16")
+    cfg = debug_config("component=speech_judge", "train.max_steps=6", "speech_judge.channels=16")
     metrics = J.train_from_config(cfg)
     assert {"heldout_acc", "heldout_acc_griffin_lim", "chance", "train_seconds"} <= set(metrics)
     judge = SpeechJudge.load(cfg.train.run_dir)

@@ -7,16 +7,20 @@ import pytest
 from paddle_ernie5.config import TrainConfig, VisionJudgeConfig
 from paddle_ernie5.data.digits import digit_images, digit_videos
 from paddle_ernie5.eval.vision_judge import VisionJudge, _targets
-from paddle_ernie5.train.vision_judge import train_steps
 from paddle_ernie5.optim.optimizer import build_optimizer
+from paddle_ernie5.train.vision_judge import train_steps
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("cache"))
-    return {split: (digit_images(split, size=16, copies=1, cache_dir=cache),
-                    digit_videos(split, size=16, frames=4, cache_dir=cache))
-            for split in ("train", "heldout")}
+    return {
+        split: (
+            digit_images(split, size=16, copies=1, cache_dir=cache),
+            digit_videos(split, size=16, frames=4, cache_dir=cache),
+        )
+        for split in ("train", "heldout")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +35,14 @@ def judge(data):
 
     def batches(step):
         i, j = rng.integers(len(images), size=32), rng.integers(len(videos), size=8)
-        return [(images.pixels[i], {k: v[i] for k, v in it.items()}),
-                (videos.pixels[j], {k: v[j] for k, v in vt.items()})]
+        return [
+            (images.pixels[i], {k: v[i] for k, v in it.items()}),
+            (videos.pixels[j], {k: v[j] for k, v in vt.items()}),
+        ]
 
-    cfg = TrainConfig(max_steps=150, lr=3e-3, min_lr=3e-4, warmup_steps=5, schedule="cosine",
-                      weight_decay=0.0)
+    cfg = TrainConfig(
+        max_steps=150, lr=3e-3, min_lr=3e-4, warmup_steps=5, schedule="cosine", weight_decay=0.0
+    )
     losses = train_steps(judge, build_optimizer(judge, cfg), batches, cfg, cfg.max_steps)
     return judge, losses
 
@@ -46,7 +53,8 @@ def test_judge_learns_above_chance_quickly(judge, data):
     images, videos = data["heldout"]
     acc = judge.score(images.pixels, images.labels)
     assert set(acc) == {"digit", "fg", "bg"}
-    assert acc["digit"] > 0.4 and acc["fg"] > 0.5 and acc["bg"] > 0.5, acc  # chance 0.1, 0.125, 0.125
+    # Chance is 0.1, 0.125, 0.125.
+    assert acc["digit"] > 0.4 and acc["fg"] > 0.5 and acc["bg"] > 0.5, acc
     vacc = judge.score(videos.pixels, videos.labels)
     assert set(vacc) == {"digit", "fg", "bg", "direction", "speed"}
     assert vacc["direction"] > 0.4, vacc  # chance 0.25
@@ -71,15 +79,25 @@ def test_predict_shapes_resizing_and_save_load(judge, data, tmp_path):
 
 
 def test_train_from_config_reports_every_head(tmp_path, data_cache):
+    from support import RECIPES
+
     from paddle_ernie5.config import load_config
     from paddle_ernie5.train.vision_judge import train_from_config
 
-    from support import RECIPES
-
-    cfg = load_config(os.path.join(RECIPES, "vision_judge.yaml"), [
-        f"data.cache_dir={data_cache}", f"train.run_dir={tmp_path / 'run'}", "train.visualdl=false",
-        "train.progress=false", "train.max_steps=2", "train.warmup_steps=1", "train.batch_size=8",
-        "vision_judge.width=4", "vision_judge.video_batch_size=2"])
+    cfg = load_config(
+        os.path.join(RECIPES, "vision_judge.yaml"),
+        [
+            f"data.cache_dir={data_cache}",
+            f"train.run_dir={tmp_path / 'run'}",
+            "train.visualdl=false",
+            "train.progress=false",
+            "train.max_steps=2",
+            "train.warmup_steps=1",
+            "train.batch_size=8",
+            "vision_judge.width=4",
+            "vision_judge.video_batch_size=2",
+        ],
+    )
     m = train_from_config(cfg)
     for head in ("digit", "fg", "bg"):
         assert 0 <= m[f"image_{head}_acc"] <= 1

@@ -5,17 +5,28 @@ import paddle
 import pytest
 
 from paddle_ernie5.config import AudioCodecConfig, TrainConfig
-from paddle_ernie5.tokenizers import mel as M
 from paddle_ernie5.data import speech as S
 from paddle_ernie5.tokenizers import audio as A
+from paddle_ernie5.tokenizers import mel as M
 from paddle_ernie5.train import audio_codec as T
 
-TINY = AudioCodecConfig(levels=4, codebook_size=32, code_dim=16, channels=32, res_blocks=1, max_seconds=1.6)
-TRAIN = TrainConfig(max_steps=80, batch_size=8, lr=1e-2, min_lr=1e-3, schedule="cosine", warmup_steps=5,
-                    weight_decay=0.0, progress=False)
+TINY = AudioCodecConfig(
+    levels=4, codebook_size=32, code_dim=16, channels=32, res_blocks=1, max_seconds=1.6
+)
+TRAIN = TrainConfig(
+    max_steps=80,
+    batch_size=8,
+    lr=1e-2,
+    min_lr=1e-3,
+    schedule="cosine",
+    warmup_steps=5,
+    weight_decay=0.0,
+    progress=False,
+)
 
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
-                                  reason="espeak-ng is not installed: run `make espeak`")
+needs_espeak = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None, reason="espeak-ng is not installed: run `make espeak`"
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +58,11 @@ def test_encode_decode_shapes():
 
 @pytest.mark.parametrize("rate,per_frame", [(12.5, 1280), (50.0, 320)])
 def test_frame_rate_is_configurable(rate, per_frame):
-    codec = A.AudioCodec(AudioCodecConfig(frame_rate=rate, codebook_size=8, code_dim=8, channels=8,
-                                          res_blocks=0, max_seconds=1.6))
+    codec = A.AudioCodec(
+        AudioCodecConfig(
+            frame_rate=rate, codebook_size=8, code_dim=8, channels=8, res_blocks=0, max_seconds=1.6
+        )
+    )
     codes = codec.encode(np.zeros((1, 3 * per_frame), np.float32))
     assert codec.samples_per_frame == per_frame and codes.shape[:2] == (1, 3)
     assert codec.decode_mel(codes).shape[1] * M.HOP == 3 * per_frame
@@ -72,7 +86,9 @@ def test_dead_codes_are_restarted_at_batch_residuals():
     rvq.init_kmeans(z)
     rvq.usage[0] = paddle.scatter(rvq.usage[0].clone(), paddle.to_tensor([3]), paddle.zeros([1]))
     far = paddle.full([TINY.code_dim], 50.0)
-    rvq.codebook[0] = paddle.scatter(rvq.codebook[0].clone(), paddle.to_tensor([3]), far.unsqueeze(0))
+    rvq.codebook[0] = paddle.scatter(
+        rvq.codebook[0].clone(), paddle.to_tensor([3]), far.unsqueeze(0)
+    )
     rvq.train()
     rvq(z, paddle.ones([256]))
     row = rvq.codebook[0, 3].numpy()
@@ -83,11 +99,20 @@ def test_dead_codes_are_restarted_at_batch_residuals():
 
 
 def test_gradient_codebook_learning_trains_the_codebook():
-    cfg = AudioCodecConfig(codebook_learning="gradient", levels=2, codebook_size=8, code_dim=8,
-                           channels=8, res_blocks=0, max_seconds=1.6)
+    cfg = AudioCodecConfig(
+        codebook_learning="gradient",
+        levels=2,
+        codebook_size=8,
+        code_dim=8,
+        channels=8,
+        res_blocks=0,
+        max_seconds=1.6,
+    )
     codec = A.AudioCodec(cfg)
     assert not codec.rvq.codebook.stop_gradient
-    mel = paddle.to_tensor(M.log_mel(np.random.default_rng(0).normal(0, 0.1, (2, 6400)).astype(np.float32)))
+    mel = paddle.to_tensor(
+        M.log_mel(np.random.default_rng(0).normal(0, 0.1, (2, 6400)).astype(np.float32))
+    )
     z = codec.encode_latent(mel)
     _, quants, loss = codec.quantise(z, paddle.ones(z.shape[:2]))
     (loss + quants.sum()).backward()
@@ -141,35 +166,60 @@ def test_ctc_helpers():
 
 
 @needs_espeak
-def test_train_from_config_reports_judge_accuracy_on_reconstructions(debug_config, monkeypatch, tmp_path):
+def test_train_from_config_reports_judge_accuracy_on_reconstructions(
+    debug_config, monkeypatch, tmp_path
+):
     from paddle_ernie5.train import speech_judge as J
 
     full = S.load_speech
     monkeypatch.setattr(S, "load_speech", lambda cache_dir: full(cache_dir, S.DEBUG_SPEC))
-    judge_cfg = debug_config("task=speech_judge", "train.max_steps=4", "speech_judge.channels=16",
-                             f"train.run_dir={tmp_path / 'judge'}")
+    judge_cfg = debug_config(
+        "component=speech_judge",
+        "train.max_steps=4",
+        "speech_judge.channels=16",
+        f"train.run_dir={tmp_path / 'judge'}",
+    )
     J.train_from_config(judge_cfg)
-    cfg = debug_config("task=audio_codec", "train.max_steps=4", f"audio_codec.judge={tmp_path / 'judge'}",
-                       "audio_codec.codebook_size=16", "audio_codec.code_dim=8", "audio_codec.channels=16",
-                       "audio_codec.griffin_lim_iters=4")
+    cfg = debug_config(
+        "component=audio_codec",
+        "train.max_steps=4",
+        f"audio_codec.judge={tmp_path / 'judge'}",
+        "audio_codec.codebook_size=16",
+        "audio_codec.code_dim=8",
+        "audio_codec.channels=16",
+        "audio_codec.griffin_lim_iters=4",
+    )
     metrics = T.train_from_config(cfg)
-    assert {"mel_l1", "level0_cer", "judge_acc_real", "judge_acc_codec", "judge_chance"} <= set(metrics)
+    reported = {"mel_l1", "level0_cer", "judge_acc_real", "judge_acc_codec", "judge_chance"}
+    assert reported <= set(metrics)
     codec = A.AudioCodec.load(cfg.train.run_dir)
     assert codec.codebook_size == 16 and codec.num_levels == 4
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("audio_codec.frame_rate=30", "audio_codec.frame_rate=30.0 is invalid: allowed 12.5, 25 or 50"),
-    ("audio_codec.codebook_learning=kmeans", "audio_codec.codebook_learning='kmeans' is invalid"),
-    ("audio_codec.max_seconds=1.01", "audio_codec.max_seconds=1.01 is invalid: allowed a positive multiple"),
-    ("speech_judge.dropout=1.5", "speech_judge.dropout=1.5 is invalid"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        (
+            "audio_codec.frame_rate=30",
+            "audio_codec.frame_rate=30.0 is invalid: allowed 12.5, 25 or 50",
+        ),
+        (
+            "audio_codec.codebook_learning=kmeans",
+            "audio_codec.codebook_learning='kmeans' is invalid",
+        ),
+        (
+            "audio_codec.max_seconds=1.01",
+            "audio_codec.max_seconds=1.01 is invalid: allowed a positive multiple",
+        ),
+        ("speech_judge.dropout=1.5", "speech_judge.dropout=1.5 is invalid"),
+    ],
+)
 def test_bad_audio_settings_raise_one_clear_error(override, needle):
     import os
 
-    from paddle_ernie5 import config as C
-
     from support import RECIPES
+
+    from paddle_ernie5 import config as C
 
     with pytest.raises(C.ConfigError) as e:
         C.load_config(os.path.join(RECIPES, "audio_codec.yaml"), [override])

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-from paddle_ernie5.data.text import build_text_corpus
+from paddle_ernie5.data.text import build_text_corpus, get_text_tokenizer
 from paddle_ernie5.tokenizers.text import MODALITY_SYMBOLS, TextTokenizer
-from paddle_ernie5.data.text import get_text_tokenizer
 
 VOCAB = 512
 
@@ -54,7 +53,8 @@ def test_ids_outside_the_vocabulary_decode_to_a_marker(tok):
     ids = tok.encode("hello world")
     n = tok.vocab_size
     assert tok.decode(ids) == "hello world"
-    assert tok.decode(ids[:1] + [n + 3] + ids[1:]) == tok.decode(ids[:1]) + f"<id {n + 3}>" + tok.decode(ids[1:])
+    marked = tok.decode(ids[:1]) + f"<id {n + 3}>" + tok.decode(ids[1:])
+    assert tok.decode(ids[:1] + [n + 3] + ids[1:]) == marked
     assert tok.decode([n, -1]) == f"<id {n}><id -1>"
 
 
@@ -83,24 +83,38 @@ def test_dropout_changes_segmentation_reproducibly(corpus, tok):
 def test_dropout_reproducible_in_another_process(corpus, tok, tmp_path):
     path = tmp_path / "m.model"
     path.write_bytes(tok.model_proto)
-    code = ("import sys; from paddle_ernie5.tokenizers.text import TextTokenizer; "
-            "t = TextTokenizer.load(sys.argv[1]); print(t.encode(sys.argv[2], dropout=0.3, seed=11))")
+    code = (
+        "import sys; from paddle_ernie5.tokenizers.text import TextTokenizer; "
+        "t = TextTokenizer.load(sys.argv[1]); print(t.encode(sys.argv[2], dropout=0.3, seed=11))"
+    )
     text = corpus[0][0]
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", code, str(path), text], capture_output=True, text=True,
-                         check=True, cwd=root, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path), text],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+        env=env,
+    )
     assert out.stdout.strip() == str(tok.encode(text, dropout=0.3, seed=11))
 
 
 def test_cache_reuses_model_file(tmp_path):
     first = get_text_tokenizer(str(tmp_path), VOCAB, seed=0)
     files = sorted(os.listdir(tmp_path))
-    assert len(files) == 1 and files[0].startswith(f"text_bpe_v{VOCAB}_") and files[0].endswith(".model")
+    assert (
+        len(files) == 1
+        and files[0].startswith(f"text_bpe_v{VOCAB}_")
+        and files[0].endswith(".model")
+    )
     stamp = os.stat(tmp_path / files[0]).st_mtime_ns
     second = get_text_tokenizer(str(tmp_path), VOCAB, seed=0)
     assert second.model_proto == first.model_proto
-    assert os.stat(tmp_path / files[0]).st_mtime_ns == stamp and sorted(os.listdir(tmp_path)) == files
+    assert (
+        os.stat(tmp_path / files[0]).st_mtime_ns == stamp and sorted(os.listdir(tmp_path)) == files
+    )
     get_text_tokenizer(str(tmp_path), VOCAB + 64, seed=0)
     assert len(os.listdir(tmp_path)) == 2
 

@@ -5,13 +5,19 @@ import paddle
 import pytest
 
 from paddle_ernie5.config import TrainConfig, VisualTokenizerConfig
-from paddle_ernie5.tokenizers.visual import (VisualTokenizer, codes_to_ids, ids_to_codes, psnr,
-                                             reconstruct)
-from paddle_ernie5.train.visual_tokenizer import active_bits, train_steps
 from paddle_ernie5.optim.optimizer import build_optimizer
+from paddle_ernie5.tokenizers.visual import (
+    VisualTokenizer,
+    codes_to_ids,
+    ids_to_codes,
+    psnr,
+    reconstruct,
+)
+from paddle_ernie5.train.visual_tokenizer import active_bits, train_steps
 
-TINY = VisualTokenizerConfig(image_size=8, width=8, downsample=2, bits=6, scales=(1, 2, 4),
-                             temporal_kernel=2, frames=4)
+TINY = VisualTokenizerConfig(
+    image_size=8, width=8, downsample=2, bits=6, scales=(1, 2, 4), temporal_kernel=2, frames=4
+)
 
 
 def _tok(cfg=TINY, seed=0):
@@ -23,7 +29,7 @@ def _tok(cfg=TINY, seed=0):
 
 def test_codes_ids_round_trip_is_bit_exact():
     bits = 12
-    ids = np.arange(2 ** bits, dtype=np.int64).reshape(4, 1, 32, 32)
+    ids = np.arange(2**bits, dtype=np.int64).reshape(4, 1, 32, 32)
     codes = ids_to_codes(ids, bits)
     assert codes.shape == (4, 1, 32, 32, bits) and set(np.unique(codes)) == {-1.0, 1.0}
     np.testing.assert_array_equal(codes_to_ids(codes), ids)
@@ -88,20 +94,23 @@ def trained(tmp_path_factory):
     train = digit_images("train", size=8, copies=1, cache_dir=cache)
     held = digit_images("heldout", size=8, copies=1, cache_dir=cache)
     tok = _tok()
-    cfg = TrainConfig(max_steps=300, lr=3e-3, min_lr=3e-4, schedule="cosine", warmup_steps=5,
-                      weight_decay=0.0)
+    cfg = TrainConfig(
+        max_steps=300, lr=3e-3, min_lr=3e-4, schedule="cosine", warmup_steps=5, weight_decay=0.0
+    )
     opt = build_optimizer(tok, cfg)
     rng = np.random.default_rng(0)
-    losses = train_steps(tok, opt, lambda s: [train.pixels[rng.integers(len(train), size=32)]], cfg,
-                         cfg.max_steps)
+    losses = train_steps(
+        tok, opt, lambda s: [train.pixels[rng.integers(len(train), size=32)]], cfg, cfg.max_steps
+    )
     tok.eval()
     return tok, held, losses
 
 
 def test_training_reduces_loss_on_a_fixed_batch():
     tok = _tok(seed=3)
-    cfg = TrainConfig(max_steps=25, lr=3e-3, warmup_steps=0, weight_decay=0.0, schedule="cosine",
-                      min_lr=3e-3)
+    cfg = TrainConfig(
+        max_steps=25, lr=3e-3, warmup_steps=0, weight_decay=0.0, schedule="cosine", min_lr=3e-3
+    )
     batch = np.random.default_rng(0).random((8, 3, 8, 8), dtype=np.float32) * 0.2 + 0.4
     losses = train_steps(tok, build_optimizer(tok, cfg), lambda s: [batch], cfg, cfg.max_steps)
     assert losses[-1] < 0.5 * losses[0]
@@ -117,8 +126,9 @@ def test_each_scale_reduces_reconstruction_error(trained):
 
 
 def test_fewer_bits_decode_and_schedule():
-    cfg = VisualTokenizerConfig(image_size=8, width=8, downsample=2, bits=6, scales=(1, 2, 4),
-                                bit_schedule=(2, 4, 6))
+    cfg = VisualTokenizerConfig(
+        image_size=8, width=8, downsample=2, bits=6, scales=(1, 2, 4), bit_schedule=(2, 4, 6)
+    )
     assert [active_bits(cfg, s, 90) for s in (0, 29, 30, 59, 60, 89)] == [2, 2, 4, 4, 6, 6]
     tok = _tok(cfg)
     x = np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32)
@@ -142,14 +152,24 @@ def test_save_load_round_trip(trained, tmp_path):
 
 
 def test_train_from_config_writes_tokenizer_and_reports_psnr(tmp_path, data_cache):
-    from paddle_ernie5.config import load_config
-
     from support import RECIPES
 
-    cfg = load_config(os.path.join(RECIPES, "visual_tokenizer.yaml"), [
-        f"data.cache_dir={data_cache}", f"train.run_dir={tmp_path / 'run'}", "train.visualdl=false",
-        "train.progress=false", "train.max_steps=3", "train.warmup_steps=1", "train.batch_size=4",
-        "visual_tokenizer.width=8", "visual_tokenizer.video_batch_size=1"])
+    from paddle_ernie5.config import load_config
+
+    cfg = load_config(
+        os.path.join(RECIPES, "visual_tokenizer.yaml"),
+        [
+            f"data.cache_dir={data_cache}",
+            f"train.run_dir={tmp_path / 'run'}",
+            "train.visualdl=false",
+            "train.progress=false",
+            "train.max_steps=3",
+            "train.warmup_steps=1",
+            "train.batch_size=4",
+            "visual_tokenizer.width=8",
+            "visual_tokenizer.video_batch_size=1",
+        ],
+    )
     from paddle_ernie5.train.visual_tokenizer import train_from_config
 
     m = train_from_config(cfg)
@@ -159,18 +179,29 @@ def test_train_from_config_writes_tokenizer_and_reports_psnr(tmp_path, data_cach
     assert tok.cfg == cfg.visual_tokenizer
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("visual_tokenizer.scales=[1, 2, 4]",
-     "visual_tokenizer.scales=(1, 2, 4) is invalid: allowed increasing sides >= 1 ending at "
-     "image_size / downsample = 8"),
-    ("visual_tokenizer.downsample=3", "visual_tokenizer.downsample=3 is invalid: allowed a power of 2"),
-    ("visual_tokenizer.bit_schedule=[6, 4, 8]", "visual_tokenizer.bit_schedule=(6, 4, 8) is invalid"),
-    ("vision_judge.frames=1", "vision_judge.frames=1 is invalid: allowed >= 2"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        (
+            "visual_tokenizer.scales=[1, 2, 4]",
+            "visual_tokenizer.scales=(1, 2, 4) is invalid: allowed increasing sides >= 1 ending at "
+            "image_size / downsample = 8",
+        ),
+        (
+            "visual_tokenizer.downsample=3",
+            "visual_tokenizer.downsample=3 is invalid: allowed a power of 2",
+        ),
+        (
+            "visual_tokenizer.bit_schedule=[6, 4, 8]",
+            "visual_tokenizer.bit_schedule=(6, 4, 8) is invalid",
+        ),
+        ("vision_judge.frames=1", "vision_judge.frames=1 is invalid: allowed >= 2"),
+    ],
+)
 def test_bad_vision_config_values_raise_one_clear_error(override, needle):
-    from paddle_ernie5.config import ConfigError, load_config
-
     from support import RECIPES
+
+    from paddle_ernie5.config import ConfigError, load_config
 
     with pytest.raises(ConfigError) as e:
         load_config(os.path.join(RECIPES, "visual_tokenizer.yaml"), [override])

@@ -3,18 +3,17 @@ import os
 import numpy as np
 import paddle
 import pytest
+from support import RECIPES
 
 from paddle_ernie5.config import load_config
-from paddle_ernie5.model.model import Ernie5Model
-from paddle_ernie5.model.view import evenly_spaced_layers
 from paddle_ernie5.io import checkpoint
-from paddle_ernie5.train.elastic import ElasticSampler, LoadAccumulator
-from paddle_ernie5.model.slicing import ExportError
-from paddle_ernie5.train.export import export_from_checkpoint
 from paddle_ernie5.model.inputs import to_model_batch
+from paddle_ernie5.model.model import Ernie5Model
+from paddle_ernie5.model.slicing import ExportError
+from paddle_ernie5.model.view import evenly_spaced_layers
+from paddle_ernie5.train.elastic import ElasticSampler, LoadAccumulator
+from paddle_ernie5.train.export import export_from_checkpoint
 from paddle_ernie5.train.trainer import Trainer, read_metrics
-
-from support import RECIPES
 
 
 def test_evenly_spaced_layers_rule():
@@ -29,15 +28,23 @@ def test_sampling_frequencies_match_the_configured_probabilities():
     from paddle_ernie5.config import ElasticConfig
 
     d = ElasticConfig()
-    cfg = load_config(os.path.join(RECIPES, "pretrain_tiny.yaml"),
-                      ["elastic.enabled=true", f"elastic.depth_full_prob={d.depth_full_prob}",
-                       f"elastic.min_layers={d.min_layers}"])
+    cfg = load_config(
+        os.path.join(RECIPES, "pretrain_tiny.yaml"),
+        [
+            "elastic.enabled=true",
+            f"elastic.depth_full_prob={d.depth_full_prob}",
+            f"elastic.min_layers={d.min_layers}",
+        ],
+    )
     e, m = cfg.elastic, cfg.model
     sampler = ElasticSampler(e, m, seed=7)
     n = 20000
     views = [sampler.sample() for _ in range(n)]
-    for attr, p_full in (("layers", e.depth_full_prob), ("experts", e.width_full_prob),
-                         ("top_k", e.topk_full_prob)):
+    for attr, p_full in (
+        ("layers", e.depth_full_prob),
+        ("experts", e.width_full_prob),
+        ("top_k", e.topk_full_prob),
+    ):
         full = sum(getattr(v, attr) is None for v in views)
         sigma = np.sqrt(n * p_full * (1 - p_full))
         assert abs(full - n * p_full) < 3 * sigma, (attr, full / n)
@@ -78,11 +85,19 @@ def test_load_accumulator_averages_over_micro_batches_where_an_expert_was_allowe
 def test_elastic_run_is_reproducible(debug_config, tmp_path):
     losses = []
     for name in ("a", "b"):
-        cfg = debug_config("elastic.enabled=true", "elastic.depth_full_prob=0.5",
-                           f"train.run_dir={tmp_path / name}")
+        cfg = debug_config(
+            "elastic.enabled=true",
+            "elastic.depth_full_prob=0.5",
+            f"train.run_dir={tmp_path / name}",
+        )
         Trainer(cfg, log=lambda *_: None).fit()
-        losses.append([(m["loss"], m["train/grad_norm"]) for m in read_metrics(cfg.train.run_dir)
-                       if "loss" in m])
+        losses.append(
+            [
+                (m["loss"], m["train/grad_norm"])
+                for m in read_metrics(cfg.train.run_dir)
+                if "loss" in m
+            ]
+        )
     assert losses[0] == losses[1]
 
 
@@ -90,10 +105,21 @@ def test_elastic_run_is_reproducible(debug_config, tmp_path):
 def trained_run(data_cache, tmp_path_factory):
     """One short elastic run shared by the export tests (read-only for them)."""
     run_dir = tmp_path_factory.mktemp("elastic_run")
-    cfg = load_config(os.path.join(RECIPES, "debug.yaml"), [
-        f"data.cache_dir={data_cache}", f"train.run_dir={run_dir}", "train.visualdl=false",
-        "elastic.enabled=true", "train.max_steps=6", "train.save_every=6", "model.num_layers=3",
-        "model.moe.first_dense_layers=1", "model.moe.top_k=3", "model.attention.backend=reference"])
+    cfg = load_config(
+        os.path.join(RECIPES, "debug.yaml"),
+        [
+            f"data.cache_dir={data_cache}",
+            f"train.run_dir={run_dir}",
+            "train.visualdl=false",
+            "elastic.enabled=true",
+            "train.max_steps=6",
+            "train.save_every=6",
+            "model.num_layers=3",
+            "model.moe.first_dense_layers=1",
+            "model.moe.top_k=3",
+            "model.attention.backend=reference",
+        ],
+    )
     Trainer(cfg, log=lambda *_: None).fit()
     return cfg
 
@@ -102,16 +128,27 @@ def trained_run(data_cache, tmp_path_factory):
 def test_exported_submodel_equals_the_elastic_view(trained_run, tmp_path, layers, experts, top_k):
     cfg = trained_run
     out = str(tmp_path / f"export_{layers}_{experts}_{top_k}")
-    view = export_from_checkpoint(cfg.train.run_dir, layers, experts, top_k, out, log=lambda *_: None)
+    view = export_from_checkpoint(
+        cfg.train.run_dir, layers, experts, top_k, out, log=lambda *_: None
+    )
 
     full = Ernie5Model(cfg.model)
-    full.set_state_dict({k: paddle.to_tensor(v) for k, v in
-                         checkpoint.load_model_weights(cfg.train.run_dir).items()})
+    full.set_state_dict(
+        {
+            k: paddle.to_tensor(v)
+            for k, v in checkpoint.load_model_weights(cfg.train.run_dir).items()
+        }
+    )
     sub_cfg = load_config(os.path.join(out, "config.yaml"))
     assert (sub_cfg.model.num_layers, sub_cfg.model.moe.num_experts, sub_cfg.model.moe.top_k) == (
-        layers, experts, top_k)
+        layers,
+        experts,
+        top_k,
+    )
     sub = Ernie5Model(sub_cfg.model)
-    sub.set_state_dict({k: paddle.to_tensor(v) for k, v in checkpoint.load_model_weights(out).items()})
+    sub.set_state_dict(
+        {k: paddle.to_tensor(v) for k, v in checkpoint.load_model_weights(out).items()}
+    )
     assert sub.num_params() < full.num_params() or (layers, experts) == (3, 8)
 
     trainer = Trainer(cfg, log=lambda *_: None)
@@ -126,20 +163,29 @@ def test_exported_submodel_equals_the_elastic_view(trained_run, tmp_path, layers
 def test_exported_model_seeds_further_training(trained_run, tmp_path):
     out = str(tmp_path / "sub")
     export_from_checkpoint(trained_run.train.run_dir, 2, 4, 2, out, log=lambda *_: None)
-    cfg = load_config(os.path.join(out, "config.yaml"), ["train.max_steps=2", "train.visualdl=false"])
+    cfg = load_config(
+        os.path.join(out, "config.yaml"), ["train.max_steps=2", "train.visualdl=false"]
+    )
     logs = []
     Trainer(cfg, log=logs.append).fit()
     assert any("initialised model weights from" in l for l in logs)
 
 
-@pytest.mark.parametrize("layers,experts,top_k,needle", [
-    (2, 99, 2, "--experts 99: the model has 8 experts per layer"),
-    (2, 4, 5, "--top-k 5: allowed 1..min(--experts=4, trained top_k=3)"),
-    (7, 4, 2, "--layers 7: the model has 3 layers"),
-])
+@pytest.mark.parametrize(
+    "layers,experts,top_k,needle",
+    [
+        (2, 99, 2, "--experts 99: the model has 8 experts per layer"),
+        (2, 4, 5, "--top-k 5: allowed 1..min(--experts=4, trained top_k=3)"),
+        (7, 4, 2, "--layers 7: the model has 3 layers"),
+    ],
+)
 def test_impossible_export_is_refused(trained_run, tmp_path, layers, experts, top_k, needle):
-    with pytest.raises(ExportError, match=needle.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
-        export_from_checkpoint(trained_run.train.run_dir, layers, experts, top_k, str(tmp_path / "x"))
+    with pytest.raises(
+        ExportError, match=needle.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")
+    ):
+        export_from_checkpoint(
+            trained_run.train.run_dir, layers, experts, top_k, str(tmp_path / "x")
+        )
     assert not (tmp_path / "x").exists()
 
 
@@ -149,8 +195,9 @@ def _kl_reference(student_logits, teacher_logits, labels):
 
     from paddle_ernie5.model.losses import IGNORE
 
-    kl = F.kl_div(F.log_softmax(student_logits, -1), F.softmax(teacher_logits.detach(), -1),
-                  reduction="none").sum(-1)
+    kl = F.kl_div(
+        F.log_softmax(student_logits, -1), F.softmax(teacher_logits.detach(), -1), reduction="none"
+    ).sum(-1)
     valid = (labels != IGNORE).astype("float32")
     return (kl * valid).sum() / valid.sum()
 
@@ -173,21 +220,32 @@ def test_distillation_kl_is_zero_for_the_teacher_and_does_not_train_it():
 
 
 @pytest.mark.parametrize("sub_weight,distill", [(0.5, 0.0), (1.0, 0.0), (0.5, 2.0)])
-def test_full_every_step_trains_the_full_model_beside_each_sub_model(debug_config, sub_weight, distill):
-    """With full_every_step the step's gradient is the weighted mean (1 : sub_loss_weight) of the full
-    model's and the sub-model's gradients on the same micro-batch; the logged loss is the full model's.
-    With distill_weight the sub-model's loss adds that weight x KL(full || sub), the full model detached."""
-    from paddle_ernie5.model.view import FULL_VIEW
+def test_full_every_step_trains_the_full_model_beside_each_sub_model(
+    debug_config, sub_weight, distill
+):
+    """With full_every_step the step's gradient is the weighted mean (1 : sub_loss_weight) of the
+    full model's and the sub-model's gradients on the same micro-batch; the logged loss is the full
+    model's. With distill_weight the sub-model's loss adds that weight x KL(full || sub), the full
+    model detached."""
     from paddle_ernie5.model.losses import compute_loss
+    from paddle_ernie5.model.view import FULL_VIEW
 
-    always_sub = ["elastic.enabled=true", "elastic.depth_full_prob=0", "elastic.width_full_prob=0",
-                  "elastic.topk_full_prob=0", "train.clip_norm=0", f"elastic.sub_loss_weight={sub_weight}",
-                  f"elastic.distill_weight={distill}"]
+    always_sub = [
+        "elastic.enabled=true",
+        "elastic.depth_full_prob=0",
+        "elastic.width_full_prob=0",
+        "elastic.topk_full_prob=0",
+        "train.clip_norm=0",
+        f"elastic.sub_loss_weight={sub_weight}",
+        f"elastic.distill_weight={distill}",
+    ]
     cfg = debug_config(*always_sub)
     sampler = ElasticSampler(cfg.elastic, cfg.model, seed=1)
     views = sampler.sample_views()
     assert len(views) == 2 and views[0] == FULL_VIEW and views[1] != FULL_VIEW
-    alone = ElasticSampler(debug_config(*always_sub, "elastic.full_every_step=false").elastic, cfg.model, 1)
+    alone = ElasticSampler(
+        debug_config(*always_sub, "elastic.full_every_step=false").elastic, cfg.model, 1
+    )
     assert alone.sample_views() == [views[1]]
 
     trainer = Trainer(cfg, log=lambda *_: None)
@@ -195,8 +253,9 @@ def test_full_every_step_trains_the_full_model_beside_each_sub_model(debug_confi
     state = trainer.elastic.state_dict()
     views = trainer.elastic.sample_views()  # the views train_step will draw
     trainer.elastic.load_state_dict(state)
-    batch = to_model_batch(trainer.loader.batch_at(0) if hasattr(trainer.loader, "batch_at")
-                           else _peek(trainer.loader))
+    batch = to_model_batch(
+        trainer.loader.batch_at(0) if hasattr(trainer.loader, "batch_at") else _peek(trainer.loader)
+    )
     grads = []
     with paddle.no_grad():
         teacher = model(batch, FULL_VIEW).logits
@@ -206,14 +265,18 @@ def test_full_every_step_trains_the_full_model_beside_each_sub_model(debug_confi
         if view != FULL_VIEW and distill:
             loss = loss + distill * _kl_reference(out.logits, teacher, batch["labels"])
         loss.backward()
-        grads.append({p.name: p.grad.numpy().copy() for p in model.parameters() if p.grad is not None})
+        grads.append(
+            {p.name: p.grad.numpy().copy() for p in model.parameters() if p.grad is not None}
+        )
         model.clear_gradients()
     full_loss = float(compute_loss(model(batch, FULL_VIEW), batch["labels"], cfg.model).total)
     captured = {}
     orig_step = trainer.optimizer.step
 
     def spy():
-        captured.update({p.name: p.grad.numpy().copy() for p in model.parameters() if p.grad is not None})
+        captured.update(
+            {p.name: p.grad.numpy().copy() for p in model.parameters() if p.grad is not None}
+        )
         orig_step()
 
     trainer.optimizer.step = spy

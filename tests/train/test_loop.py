@@ -125,9 +125,8 @@ def _check_resumed(run, straight, **toy):
 def test_a_stopped_run_resumes_bit_exactly(straight, tmp_path):
     c, out = _run(_train(tmp_path), stop_at=3)
     assert out is None and c.seen == 24
-    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(tmp_path / "checkpoints")] == [
-        "step_00000003"
-    ]
+    names = [os.path.basename(p) for p in checkpoint.list_checkpoints(tmp_path / "checkpoints")]
+    assert names == ["step_00000003"]
     _check_resumed(tmp_path, straight)
     assert json.load(open(tmp_path / "metrics.json"))["seen"] == STEPS * 8
 

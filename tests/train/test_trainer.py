@@ -19,7 +19,8 @@ def test_interrupted_and_resumed_run_reproduces_losses_exactly(debug_config, tmp
     full = debug_config("train.save_every=3", f"train.run_dir={tmp_path / 'full'}")
     Trainer(full, log=lambda *_: None).fit()
     part = debug_config("train.save_every=3", f"train.run_dir={tmp_path / 'part'}")
-    Trainer(part, log=lambda *_: None).fit(stop_at=5)  # "crash" after step 5 (checkpoint at 3 and 5)
+    # "Crash" after step 5 (checkpoints at 3 and 5).
+    Trainer(part, log=lambda *_: None).fit(stop_at=5)
     assert len(checkpoint.list_checkpoints(str(tmp_path / "part" / "checkpoints"))) == 2
     logs = []
     resumed = Trainer(part, log=logs.append)
@@ -59,8 +60,13 @@ def test_checkpoint_keep_last_and_atomic_layout(debug_config):
 
 
 def test_training_reduces_loss_and_updates_the_selection_bias(debug_config):
-    cfg = debug_config("train.max_steps=30", "train.eval_every=30", "train.save_every=30",
-                       "train.lr=0.01", "model.moe.bias_update_rate=0.01")
+    cfg = debug_config(
+        "train.max_steps=30",
+        "train.eval_every=30",
+        "train.save_every=30",
+        "train.lr=0.01",
+        "model.moe.bias_update_rate=0.01",
+    )
     trainer = Trainer(cfg, log=lambda *_: None)
     result = trainer.fit()
     metrics = [m for m in read_metrics(cfg.train.run_dir) if "loss" in m]
@@ -75,8 +81,14 @@ def test_training_reduces_loss_and_updates_the_selection_bias(debug_config):
 
 @pytest.mark.parametrize("schedule", ["wsd", "cosine"])
 def test_schedules(debug_config, schedule):
-    tc = debug_config(f"train.schedule={schedule}", "train.max_steps=100", "train.warmup_steps=10",
-                      "train.lr=1.0", "train.min_lr=0.1", "train.decay_fraction=0.2").train
+    tc = debug_config(
+        f"train.schedule={schedule}",
+        "train.max_steps=100",
+        "train.warmup_steps=10",
+        "train.lr=1.0",
+        "train.min_lr=0.1",
+        "train.decay_fraction=0.2",
+    ).train
     lrs = np.array([learning_rate(s, tc) for s in range(100)])
     np.testing.assert_allclose(lrs[:10], np.arange(1, 11) / 10)
     assert lrs[-1] == pytest.approx(0.1)
@@ -86,7 +98,8 @@ def test_schedules(debug_config, schedule):
 
 
 def test_golden_losses_of_the_debug_recipe(debug_config):
-    """Stored losses of the first 8 steps; a refactor that changes them must say why and regenerate."""
+    """Stored losses of the first 8 steps; a refactor that changes them must say why and
+    regenerate."""
     golden = json.load(open(os.path.join(os.path.dirname(__file__), "golden_debug.json")))
     cfg = debug_config(*golden["overrides"])
     Trainer(cfg, log=lambda *_: None).fit()
@@ -105,8 +118,16 @@ def test_visualdl_dashboards_hold_scalars_histograms_images_text_and_hparams(deb
     files = glob.glob(os.path.join(cfg.train.run_dir, "vdl", "*"))
     assert len(files) == 1  # one log file per run
     tags = LogReader(file_path=files[0]).get_tags()
-    assert {"loss/text", "loss/mtp", "train/lr", "train/grad_norm", "perf/tokens_per_s", "val/loss",
-            "moe/entropy/layer0", "moe/max_over_mean/layer1"} <= set(tags["scalar"])
+    assert {
+        "loss/text",
+        "loss/mtp",
+        "train/lr",
+        "train/grad_norm",
+        "perf/tokens_per_s",
+        "val/loss",
+        "moe/entropy/layer0",
+        "moe/max_over_mean/layer1",
+    } <= set(tags["scalar"])
     assert {"moe/load/layer0", "moe/router_logits/layer1"} <= set(tags["histogram"])
     assert tags["image"] == ["routing/usage_layers_x_experts/text"]
     assert tags["text"] == ["samples/text"]
