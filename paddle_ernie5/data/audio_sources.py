@@ -3,8 +3,9 @@
 
 The built-in speech (data/speech.py) is encoded once with the frozen codec (model.audio.codec_dir)
 and cached in data.cache_dir under the codec's weight hash and the speech set's key, so training
-reads codes and never runs the codec. The `train` split holds only the training voices; `val` (and
-every held-out number) only the held-out voices.
+reads codes and never runs the codec (the cache carries its format and checksum, io/cache.py: a
+damaged or stale one is re-encoded with one line on stderr). The `train` split holds only the
+training voices; `val` (and every held-out number) only the held-out voices.
 
 Documents (one position per codec frame; t = h = w = index from the document start):
 
@@ -23,14 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..io import save_npz
+from ..io import cache
 from .mixture import MixtureContext, register_source
 from .multimodal import Segment, text_segment
 from .packing import IGNORE
 from .speech import SpeechSpec, load_speech
 
 AUDIO_TYPE = 3  # model/embeddings.MODALITY_IDS["audio"] (config.MODALITIES order)
-_FORMAT = 1  # bump when the cached layout changes
+_FORMAT = 2  # the cache file format (io/cache.py); bump when the cached layout changes
 SPEECH_SPEC = SpeechSpec()  # the built-in speech set the sources and the evaluation read
 
 
@@ -73,17 +74,18 @@ def load_coded_speech(
     path = os.path.join(
         cache_dir, f"speech_codes_{codec_fingerprint(codec_dir)}_{spec.key()}_v{_FORMAT}.npz"
     )
-    if not os.path.exists(path):
+    z = cache.load(path, _FORMAT, "coded speech")
+    if z is None:
         codec = open_codec(codec_dir)
         train, held = load_speech(cache_dir, spec)
         log(
             f"encoding {len(train) + len(held)} utterances with the codec in {codec_dir} "
             "(once; cached)"
         )
-        arrays = {}
+        z = {}
         for name, sset in (("train", train), ("eval", held)):
             codes = encode_speech(codec, sset.waves)
-            arrays.update(
+            z.update(
                 {
                     f"{name}_codes": np.concatenate(codes),
                     f"{name}_offsets": np.concatenate([[0], np.cumsum([len(c) for c in codes])]),
@@ -92,19 +94,18 @@ def load_coded_speech(
                     f"{name}_voice": np.array(sset.voices),
                 }
             )
-        save_npz(path, arrays)
-    with np.load(path, allow_pickle=False) as z:
-        sets = []
-        for name in ("train", "eval"):
-            off, codes = z[f"{name}_offsets"], z[f"{name}_codes"]
-            sets.append(
-                CodedSpeech(
-                    [codes[off[i] : off[i + 1]] for i in range(len(off) - 1)],
-                    [str(t) for t in z[f"{name}_text"]],
-                    z[f"{name}_word"],
-                    [str(v) for v in z[f"{name}_voice"]],
-                )
+        cache.save(path, z, _FORMAT)
+    sets = []
+    for name in ("train", "eval"):
+        off, codes = z[f"{name}_offsets"], z[f"{name}_codes"]
+        sets.append(
+            CodedSpeech(
+                [codes[off[i] : off[i + 1]] for i in range(len(off) - 1)],
+                [str(t) for t in z[f"{name}_text"]],
+                z[f"{name}_word"],
+                [str(v) for v in z[f"{name}_voice"]],
             )
+        )
     return sets[0], sets[1]
 
 

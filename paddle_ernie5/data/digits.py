@@ -24,8 +24,8 @@ Split: a source sample (sklearn index) is held out when blake2b(index) falls bel
 side, whatever the seed. Colours, directions and speeds are drawn from a numpy Generator seeded per
 (seed, source index, copy), so the data set does not depend on build order.
 
-Built once per parameter set and cached in `cache_dir` as uint8 npz (written to a temporary file
-and renamed, so readers never see half a file); an unreadable cache file is rebuilt with a warning.
+Built once per parameter set and cached in `cache_dir` as uint8 npz with its format and checksum
+(io/cache.py); an empty, damaged or stale cache file is reported in one line on stderr and rebuilt.
 
 Entry points:
     digit_images(split, size=16, cache_dir=..., copies=2) -> DigitSet  (split: "train" | "heldout")
@@ -37,14 +37,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
-import warnings
-import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..io import save_npz
+from ..io import cache
 from .text import COLOURS, DIRECTIONS
 
 # RGB in [0, 1], in the order of COLOURS.
@@ -75,7 +72,7 @@ COLOUR_PAIRS = tuple(
 SPEEDS = (1, 2)  # pixels per frame
 # (dy, dx) per pixel of speed, in the order of DIRECTIONS (left, right, up, down).
 _STEPS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # the cache file format (io/cache.py); bump when the build changes
 NUM_SOURCES = 1797  # len(load_digits().images)
 
 
@@ -237,16 +234,7 @@ def _split(arrays: dict, split: str, heldout_fraction: float) -> DigitSet:
 def _cached(cache_dir: str, params: dict, build) -> dict:
     tag = "_".join(f"{k}{v}" for k, v in params.items())
     path = os.path.join(cache_dir, f"digits_v{CACHE_VERSION}_{tag}.npz")
-    if os.path.exists(path):
-        try:
-            with np.load(path) as z:
-                return {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
-            warnings.warn(f"cached digits {path} is unreadable ({e}); rebuilding it", stacklevel=3)
-            print(f"warning: cached digits {path} is unreadable; rebuilding it", file=sys.stderr)
-    arrays = build()
-    save_npz(path, arrays)
-    return arrays
+    return cache.cached(path, CACHE_VERSION, "digits", build)
 
 
 def _sources() -> tuple[np.ndarray, np.ndarray]:

@@ -13,9 +13,9 @@ content here).
 
 The set is built once per `SpeechSpec` (pitch and speed are drawn from a generator seeded by the
 spec, so equal specs give identical audio on one espeak-ng build) and cached as one npz in
-cache_dir, written to a temporary file and renamed; a cache that cannot be read is rebuilt with a
-warning. Building the default set (~1.6K utterances) takes ~10 s; espeak-ng is only needed when
-nothing is cached.
+cache_dir with its format and checksum (io/cache.py), written to a temporary file and renamed; an
+empty, damaged or stale cache is reported in one line on stderr and rebuilt. Building the default
+set (~1.6K utterances) takes ~10 s; espeak-ng is only needed when nothing is cached.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import wave
 from dataclasses import dataclass
@@ -35,12 +34,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
-from ..io import save_npz
+from ..io import cache
 from ..tokenizers.mel import SAMPLE_RATE
 
 MARGIN_S = 0.04  # silence kept before and after the trimmed speech
 PEAK = 0.9
-_FORMAT = 1  # bump when the building procedure changes, so old caches are not reused
+_FORMAT = 2  # cache file format (io/cache.py); bump when the building procedure changes
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta", "white", "orange")
@@ -252,17 +251,4 @@ def _to_sets(arrays: dict[str, np.ndarray]) -> tuple[SpeechSet, SpeechSet]:
 def load_speech(cache_dir: str, spec: SpeechSpec = SpeechSpec()) -> tuple[SpeechSet, SpeechSet]:
     """(train-voice set, held-out-voice set), built with espeak-ng on first use and cached."""
     path = os.path.join(cache_dir, f"speech_{spec.key()}.npz")
-    if os.path.exists(path):
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-            return _to_sets(arrays)
-        except Exception as e:  # noqa: BLE001 - zipfile/numpy raise many kinds for a damaged file
-            print(
-                f"warning: cached speech set {path} is unreadable ({type(e).__name__}: {e}); "
-                "rebuilding it",
-                file=sys.stderr,
-            )
-    arrays = _build(spec)
-    save_npz(path, arrays)
-    return _to_sets(arrays)
+    return _to_sets(cache.cached(path, _FORMAT, "speech set", lambda: _build(spec)))

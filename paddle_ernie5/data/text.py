@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import sentencepiece as spm
 
+from ..io import cache
 from ..tokenizers.text import TRAINER_OPTIONS, TextTokenizer
 
 COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta", "white", "orange")
@@ -67,6 +68,7 @@ LIGHT_MIXES = (("red", "green", "yellow"), ("green", "blue", "cyan"), ("red", "b
 
 GENERATED_FRACTION = 0.35  # share of corpus characters that is generated rather than pydoc prose
 MAX_DOC_CHARS = 2000
+TOKENIZER_CACHE_FORMAT = 2  # bump when the cached tokenizer's layout or training changes
 
 
 def build_text_corpus(seed: int = 0, val_fraction: float = 0.05) -> tuple[list[str], list[str]]:
@@ -272,7 +274,8 @@ def get_text_tokenizer(
 ) -> TextTokenizer:
     """Tokenizer trained on the built-in corpus' training split, cached in cache_dir by config hash.
 
-    A cached model that cannot be loaded (truncated, corrupt) is reported and retrained in place."""
+    The cache (io/cache.py) holds the sentencepiece model with its format and checksum: an empty,
+    truncated, damaged or stale one is reported in one line on stderr and retrained in place."""
     train_docs, _ = build_text_corpus(seed, val_fraction)
     h = hashlib.sha256()
     h.update(
@@ -283,14 +286,18 @@ def get_text_tokenizer(
     for doc in train_docs:
         h.update(doc.encode("utf-8"))
         h.update(b"\0")
-    prefix = os.path.join(cache_dir, f"text_bpe_v{vocab_size}_{h.hexdigest()[:12]}")
-    if os.path.exists(prefix + ".model"):
+    path = os.path.join(cache_dir, f"text_bpe_v{vocab_size}_{h.hexdigest()[:12]}.npz")
+    what = "text tokenizer"
+    arrays = cache.load(path, TOKENIZER_CACHE_FORMAT, what)
+    if arrays is not None:
         try:
-            return TextTokenizer.load(prefix + ".model")
+            return TextTokenizer(arrays["model_proto"].tobytes())
         except Exception as e:  # noqa: BLE001 - sentencepiece raises bare RuntimeError/OSError
             print(
-                f"warning: cached tokenizer {prefix}.model is unreadable ({e}); retraining it",
-                file=sys.stderr,
+                f"ernie5: cached {what} {path} does not load ({e}); rebuilding it", file=sys.stderr
             )
-    os.makedirs(cache_dir, exist_ok=True)
-    return TextTokenizer.train(train_docs, vocab_size, prefix)
+    tok = TextTokenizer.train(train_docs, vocab_size)
+    cache.save(
+        path, {"model_proto": np.frombuffer(tok.model_proto, np.uint8)}, TOKENIZER_CACHE_FORMAT
+    )
+    return tok

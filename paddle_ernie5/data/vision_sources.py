@@ -2,8 +2,9 @@
 
 The built-in digits (data/digits.py) are coded once by the frozen visual tokenizer
 (model.vision.tokenizer_dir) and cached in data.cache_dir under the hash of the tokenizer's files,
-so training never runs the tokenizer. Per sample the cache holds the bit tokens of every frame
-(signs, int8) and the pre-quantisation features (float16).
+so training never runs the tokenizer; the cache carries its format and checksum (io/cache.py), and
+a damaged or stale one is rebuilt with one line on stderr. Per sample the cache holds the bit tokens
+of every frame (signs, int8) and the pre-quantisation features (float16).
 
 Documents (positions in brackets are one attention block; t/h/w from model/vision.py):
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import SPECIAL_TOKENS, Config, VisionModelConfig
-from ..io import save_npz
+from ..io import cache
 from ..model.vision import (
     FEATURE_KEY,
     IMAGE_ID,
@@ -52,7 +53,7 @@ from .mixture import MixtureContext, register_source
 from .multimodal import Segment, text_segment
 from .packing import IGNORE
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # the cache file format (io/cache.py); bump when the encoding changes
 DELIMITERS = {"image": ("<boi>", "<eoi>"), "video": ("<bov>", "<eov>")}
 
 
@@ -75,8 +76,16 @@ def tokenizer_fingerprint(path: str) -> str:
         path = os.path.join(path, "tokenizer")
     h = hashlib.sha256()
     for name in ("config.json", "model.safetensors"):
-        with open(os.path.join(path, name), "rb") as f:
-            h.update(f.read())
+        try:
+            with open(os.path.join(path, name), "rb") as f:
+                h.update(f.read())
+        except OSError as e:
+            from ..errors import UserError
+
+            raise UserError(
+                f"model.vision.tokenizer_dir={path!r} holds no readable visual tokenizer ({e}); "
+                "train one with `ernie5 train recipes/visual_tokenizer.yaml` or fix the path"
+            ) from None
     return h.hexdigest()[:16]
 
 
@@ -126,10 +135,8 @@ def encoded_digits(cfg: Config, kind: str, split: str, tok=None) -> EncodedSet:
         cfg.data.cache_dir,
         f"vision_v{CACHE_VERSION}_{tokenizer_fingerprint(v.tokenizer_dir)}_{tag}.npz",
     )
-    if os.path.exists(path):
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in z.files}
-    else:
+    arrays = cache.load(path, CACHE_VERSION, "encoded digits")
+    if arrays is None:
         tok = tok or load_visual_tokenizer(v)
         size = tok.cfg.image_size
         if kind == "image":
@@ -146,7 +153,7 @@ def encoded_digits(cfg: Config, kind: str, split: str, tok=None) -> EncodedSet:
             "feats": feats,
             **{f"label_{k}": x for k, x in data.labels.items()},
         }
-        save_npz(path, arrays)
+        cache.save(path, arrays, CACHE_VERSION)
     labels = {k[6:]: arrays[k].astype(np.int64) for k in arrays if k.startswith("label_")}
     return EncodedSet(arrays["tokens"], arrays["feats"], labels)
 

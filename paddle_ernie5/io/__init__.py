@@ -1,9 +1,12 @@
 """File helpers shared by every component that writes to disk. Every write is atomic: the data goes
-to a temporary file in the same folder, which is then renamed over the target, so a reader (or a
-crash) never sees half a file."""
+to a temporary file in the same folder, flushed to disk, then renamed over the target, so a reader
+(or a crash) never sees half a file. A full disk (or quota, or file-size limit) during a write
+leaves the target as it was, removes the temporary file and raises `DiskFullError`: one line naming
+the file and the fix."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -11,6 +14,40 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import numpy as np
+
+from ..errors import UserError
+
+# Out of space: the device is full, the user's quota is spent, or a file-size limit (ulimit -f).
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(UserError):
+    """A write failed for lack of space; what was written before is intact."""
+
+
+def no_space(exc: BaseException | None) -> str | None:
+    """The reason ("No space left on device") when `exc`, or an exception it was raised from, is
+    a write that failed for lack of space; None otherwise. Also recognises errors of writers
+    implemented outside Python (safetensors reports "... (os error 28)")."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            return os.strerror(exc.errno)
+        text = str(exc)
+        for code in NO_SPACE:
+            if f"os error {code})" in text or os.strerror(code) in text:
+                return os.strerror(code)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full_message(path: str, reason: str) -> str:
+    return (
+        f"cannot write {path}: {reason}; free space on that device (or point train.run_dir / "
+        "data.cache_dir to another one) and run the same command again; files written before, "
+        "checkpoints included, are intact"
+    )
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
@@ -20,10 +57,15 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        reason = no_space(e) if isinstance(e, Exception) else None
+        if reason is not None:
+            raise DiskFullError(disk_full_message(path, reason)) from e
         raise
 
 

@@ -64,9 +64,11 @@ class TextTokenizer:
         self._byte_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
 
     @classmethod
-    def train(cls, texts: list[str], vocab_size: int, path_prefix: str) -> TextTokenizer:
-        """Train on texts and write `{path_prefix}.model` atomically; deterministic for equal
-        inputs."""
+    def train(
+        cls, texts: list[str], vocab_size: int, path_prefix: str | None = None
+    ) -> TextTokenizer:
+        """Train on texts and (with a `path_prefix`) write `{path_prefix}.model` atomically;
+        deterministic for equal inputs."""
         buf = io.BytesIO()
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts),
@@ -75,7 +77,8 @@ class TextTokenizer:
             **TRAINER_OPTIONS,
         )
         proto = buf.getvalue()
-        write_bytes(f"{path_prefix}.model", proto)
+        if path_prefix is not None:
+            write_bytes(f"{path_prefix}.model", proto)
         return cls(proto)
 
     @classmethod

@@ -107,7 +107,7 @@ def test_cache_reuses_model_file(tmp_path):
     assert (
         len(files) == 1
         and files[0].startswith(f"text_bpe_v{VOCAB}_")
-        and files[0].endswith(".model")
+        and files[0].endswith(".npz")
     )
     stamp = os.stat(tmp_path / files[0]).st_mtime_ns
     second = get_text_tokenizer(str(tmp_path), VOCAB, seed=0)
@@ -123,10 +123,10 @@ def test_corrupt_cached_tokenizer_is_retrained(tmp_path, capsys):
     from paddle_ernie5.data.text import get_text_tokenizer
 
     tok = get_text_tokenizer(str(tmp_path), 512)
-    path = next(p for p in tmp_path.iterdir() if p.suffix == ".model")
+    path = next(p for p in tmp_path.iterdir() if p.suffix == ".npz")
     path.write_bytes(path.read_bytes()[:100])
     again = get_text_tokenizer(str(tmp_path), 512)
-    assert "unreadable" in capsys.readouterr().err
+    assert "is unreadable" in capsys.readouterr().err
     text = "def f(x): return x + 1"
     assert again.encode(text) == tok.encode(text)
     assert path.stat().st_size > 100
