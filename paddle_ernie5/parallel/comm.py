@@ -9,7 +9,8 @@ Each differentiable op is a PyLayer whose backward is the adjoint collective:
     all_to_all    forward: block p of this rank goes to rank p  [R, ...] -> [R, ...]
                   backward: the same exchange applied to the gradient (it is its own adjoint)
 
-`group` is a paddle.distributed Group, or None for the global group. All ranks pass equal shapes.
+`group` is a paddle.distributed Group, `Solo` for a role this rank holds alone (every collective
+over it is the identity), or None for the global group. All ranks pass equal shapes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 from paddle.autograd import PyLayer
+
+
+class Solo:
+    """A group of one rank: collectives over it return their input."""
+
+    nranks, rank = 1, 0
+
+    def __init__(self, global_rank: int):
+        self.ranks = [global_rank]
 
 
 def group_size(group) -> int:
@@ -29,6 +39,8 @@ def group_rank(group) -> int:
 
 
 def _all_gather_cat(x, group):
+    if group_size(group) == 1:
+        return x
     parts: list = []
     dist.all_gather(parts, x.contiguous(), group=group)
     return paddle.concat(parts, axis=0)
@@ -36,6 +48,8 @@ def _all_gather_cat(x, group):
 
 def _all_reduce(x, group):
     x = x.clone()
+    if group_size(group) == 1:
+        return x
     dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     return x
 
@@ -114,6 +128,8 @@ def all_to_all(x_R, group, exchange=nccl_all_to_all):
 
 def all_reduce_numpy(values: np.ndarray, group, op: str = "sum") -> np.ndarray:
     """Sum (or max) of a small host array over `group`, returned on every rank."""
+    if group_size(group) == 1:
+        return np.array(values)
     t = paddle.to_tensor(np.ascontiguousarray(values))
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
     return t.numpy()

@@ -333,5 +333,5 @@ def init_runtime(cfg: Config, world_size: int, rank: int):
     topology.check_degrees(cfg.parallel, world_size, cfg.model.moe.num_experts, cuda)
     if world_size == 1:
         return SingleProcess()
-    groups = topology.init_groups(cfg.parallel, rank)
+    groups = topology.init_groups(cfg.parallel, rank, cuda=cuda)
     return Distributed(cfg, rank, groups, cuda)

@@ -106,6 +106,7 @@ GROUP_AXES = {
     "data": ("dp", "ep", "sharding"),
     "expert_data": ("dp", "sharding"),
     "sharding": ("sharding",),
+    "pp": ("pp",),
 }
 
 
@@ -130,21 +131,84 @@ def _fleet_order(order: tuple[str, ...]) -> list[str]:
     return [a for a in order if a != "ep"] + ["sep", "cp"]
 
 
-def init_groups(pcfg: ParallelConfig, rank: int, fleet_init: bool = True) -> dict:
-    """fleet.init with the hybrid topology, then role -> (Group or None, ranks) for this rank.
+def init_groups(pcfg: ParallelConfig, rank: int, fleet_init: bool = True, cuda: bool = False):
+    """fleet.init with the hybrid topology, then role -> (Group, ranks) for this rank (a role this
+    rank holds alone gets `comm.Solo`).
+
+    Fleet's HybridCommunicateGroup forms the sharding and pipeline groups and the data group (our
+    dp x ep; fused with sharding when sharding > 1). Fleet 3.3.1's expert-parallel topology
+    (`EPHybridCommunicateGroup`) requires dp_degree 1 and expresses data parallel as sharding, which
+    is not this trainer's layout, so the ep and expert_data groups are made here from the ranks of
+    Fleet's own topology (ep splits Fleet's data axis into consecutive runs of `ep` ranks). Every
+    role's ranks are checked against `Layout`, which the planner and the tests use.
 
     Every rank creates every group in the same order (group creation is collective). Fleet is
-    initialised once per process; `fleet_init=False` only adds the groups of another layout."""
-    import paddle.distributed as dist
+    initialised once per process; `fleet_init=False` builds the groups of another layout in the
+    same process (tests only) from `Layout` with plain new_group calls."""
     from paddle.distributed import fleet
 
-    if fleet_init:
-        fleet.init(is_collective=True, strategy=fleet_strategy(pcfg))
+    from . import comm, fleet_compat
+
     layout = Layout.from_config(pcfg)
+    if not fleet_init:
+        return _groups_from_ranks(
+            {role: layout.groups(axes) for role, axes in GROUP_AXES.items()}, rank
+        )
+    fleet_compat.apply("nccl" if cuda else "gloo", pcfg.pp, cuda)
+    fleet.init(is_collective=True, strategy=fleet_strategy(pcfg))
+    hcg = fleet.get_hybrid_communicate_group()
     mine = {}
+    for role, group in (
+        ("sharding", hcg.get_sharding_parallel_group()),
+        ("pp", hcg.get_pipe_parallel_group()),
+    ):
+        mine[role] = (group if group.nranks > 1 else comm.Solo(rank), sorted(group.ranks))
+    if pcfg.sharding == 1:
+        group = hcg.get_data_parallel_group()
+        mine["data"] = (group if group.nranks > 1 else comm.Solo(rank), sorted(group.ranks))
+    else:
+        ranks, group = hcg.create_fuse_group(["data", "sharding"])
+        mine["data"] = (group, sorted(ranks))
+    topo = hcg.topology()
+    coords = [topo.get_coord(r)._asdict() for r in range(topo.world_size())]
+
+    def partition(key) -> list[list[int]]:
+        by_key: dict = {}
+        for r, c in enumerate(coords):
+            by_key.setdefault(key(c), []).append(r)
+        return sorted(sorted(g) for g in by_key.values())
+
+    others = [a for a in coords[0] if a not in ("data", "sharding")]
+    made = _groups_from_ranks(
+        {
+            "ep": partition(
+                lambda c: (c["data"] // pcfg.ep, c["sharding"], *(c[a] for a in others))
+            ),
+            "expert_data": partition(lambda c: (c["data"] % pcfg.ep, *(c[a] for a in others))),
+        },
+        rank,
+    )
+    mine.update(made)
     for role, axes in GROUP_AXES.items():
-        for ranks in layout.groups(axes):
-            group = dist.new_group(ranks) if len(ranks) > 1 else None
+        expected = next(g for g in layout.groups(axes) if rank in g)
+        if mine[role][1] != expected:
+            raise AssertionError(
+                f"Fleet's {role} group {mine[role][1]} differs from the layout's {expected}"
+            )
+    return mine
+
+
+def _groups_from_ranks(partitions: dict[str, list[list[int]]], rank: int) -> dict:
+    """role -> (Group, ranks) of this rank from every role's partition of the ranks; each group is
+    created on every rank in the same order."""
+    import paddle.distributed as dist
+
+    from . import comm
+
+    mine = {}
+    for role, groups in partitions.items():
+        for ranks in groups:
+            group = dist.new_group(ranks) if len(ranks) > 1 else comm.Solo(ranks[0])
             if rank in ranks:
                 mine[role] = (group, ranks)
     return mine
