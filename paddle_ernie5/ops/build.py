@@ -5,7 +5,8 @@ build/custom_ops/paddle_ernie5_<op>/ at the repository root. A stamp file holds 
 hash of the sources, the compiler flags, the Paddle and Python versions and the CPU's instruction
 set flags; when it matches, building is a no-op and loading never recompiles. Because the CPU
 flags are part of the hash, `-march=native` is safe: a build directory carried to another kind of
-CPU is rebuilt instead of crashing with an illegal instruction.
+CPU is rebuilt instead of crashing with an illegal instruction. The stamp's second line is the
+library's sha256: a damaged library is rebuilt (with one line on stderr) instead of loaded.
 """
 
 from __future__ import annotations
@@ -107,11 +108,30 @@ def _stamp(op: str) -> Path:
     return library_dir(op) / "fingerprint.txt"
 
 
+def _library(op: str) -> Path:
+    return library_dir(op) / f"{op_name(op)}.so"
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def is_up_to_date(flags: list[str] | None = None, op: str = DEFAULT_OP) -> bool:
+    """The library exists, was built from these sources and flags on this kind of CPU (the stamp's
+    first line) and is the file that build wrote (its sha256, the stamp's second line). A damaged
+    library, or one whose stamp has no checksum, is reported in one stderr line and is stale."""
     flags = cxx_flags() if flags is None else flags
-    lib = library_dir(op) / f"{op_name(op)}.so"
-    stamp = _stamp(op)
-    return lib.exists() and stamp.exists() and stamp.read_text().strip() == fingerprint(flags, op)
+    lib, stamp = _library(op), _stamp(op)
+    if not (lib.exists() and stamp.exists()):
+        return False
+    lines = stamp.read_text().split()
+    if not lines or lines[0] != fingerprint(flags, op):
+        return False
+    if len(lines) != 2 or lines[1] != _file_sha256(lib):
+        what = "has no checksum in its stamp" if len(lines) != 2 else "does not match its checksum"
+        print(f"ernie5: the built {OPS[op]} op {lib} {what}; rebuilding it", file=sys.stderr)
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -155,7 +175,7 @@ def _compile(flags: list[str], verbose: bool, op: str):
             build_directory=str(BUILD_DIR),
             verbose=verbose,
         )
-    _stamp(op).write_text(fingerprint(flags, op) + "\n")
+    _stamp(op).write_text(f"{fingerprint(flags, op)}\n{_file_sha256(_library(op))}\n")
     print(f"built in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return module
 

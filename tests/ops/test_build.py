@@ -43,3 +43,23 @@ def test_importing_the_package_does_not_load_the_op():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "loaded 0" in done.stdout
+
+
+def test_a_damaged_library_is_stale(cpu_op, tmp_path, monkeypatch, capsys):
+    """The stamp carries the library's sha256: a flipped byte in the built .so makes the build
+    stale (one stderr line) so it is rebuilt, never loaded; so does a stamp without a checksum."""
+    shutil.copytree(build.BUILD_DIR, tmp_path / "custom_ops")
+    monkeypatch.setattr(build, "BUILD_DIR", tmp_path / "custom_ops")
+    assert build.is_up_to_date()
+    lib = build.library_dir() / f"{build.op_name()}.so"
+    good = lib.read_bytes()
+    lib.write_bytes(good[:1000] + bytes([good[1000] ^ 1]) + good[1001:])
+    capsys.readouterr()
+    assert not build.is_up_to_date()
+    assert "does not match its checksum; rebuilding it" in capsys.readouterr().err
+    lib.write_bytes(good)
+    assert build.is_up_to_date()
+    stamp = build.library_dir() / "fingerprint.txt"
+    stamp.write_text(stamp.read_text().split()[0] + "\n")  # written before stamps had checksums
+    assert not build.is_up_to_date()
+    assert "has no checksum" in capsys.readouterr().err
