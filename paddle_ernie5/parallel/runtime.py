@@ -52,6 +52,10 @@ class SingleProcess:
     def wrap_model(self, model):
         return model
 
+    def train_forward(self, model):
+        """The callable a training forward goes through (the model itself on one process)."""
+        return model
+
     def build_optimizer(self, model, tc):
         return build_optimizer(model, tc)
 
@@ -120,6 +124,7 @@ class Distributed(SingleProcess):
         self.expert_names: list[str] = []
         # stage 1: parameter -> index of its owner in the sharding group
         self.owner: dict[str, int] = {}
+        self.dp_model = None  # Fleet's data-parallel wrapper, when data parallel runs through it
 
     def group(self, role: str):
         return self.groups[role][0]
@@ -136,7 +141,28 @@ class Distributed(SingleProcess):
             )
             expert.shard_experts(model, self.ep_rank, self.ep, dispatcher)
             self.expert_names = expert.expert_param_names(model)
+        for name, p in model.named_parameters():
+            # Expert rows differ between EP ranks: Fleet's data-parallel wrapper neither broadcasts
+            # nor reduces them (they are reduced over expert_data below).
+            p.no_sync = name in self.expert_names
+        if self.cfg.parallel.pp == 1 and len(self.groups["sharding"][1]) == 1:
+            from paddle.distributed import fleet
+
+            # Data parallel through Fleet: the wrapper broadcasts the dense weights from the
+            # first data rank; gradients are reduced once per step (reduce_gradients), so every
+            # forward runs under no_sync (accumulation and elastic views run several backwards).
+            self.dp_model = fleet.distributed_model(model)
         return model
+
+    def train_forward(self, model):
+        if self.dp_model is None:
+            return model
+
+        def forward(*args, **kwargs):
+            with self.dp_model.no_sync():
+                return self.dp_model(*args, **kwargs)
+
+        return forward
 
     def build_optimizer(self, model, tc):
         """Stage 1: the sharding ranks split the parameters; each keeps Adam moments only for its
@@ -217,8 +243,8 @@ class Distributed(SingleProcess):
             # seed), so the same parameters are skipped everywhere and the flat buffers agree.
             if p.grad is not None:
                 (experts if name in self.expert_names else dense).append(p)
-        _all_reduce_grads(dense, self.group("data"), len(self.data_ranks))
-        _all_reduce_grads(experts, self.group("expert_data"), len(self.groups["expert_data"][1]))
+        _all_reduce_grads(dense, self.group("data"))
+        _all_reduce_grads(experts, self.group("expert_data"))
 
     @paddle.no_grad()
     def grad_sq_norms(self, named) -> np.ndarray:
@@ -313,17 +339,16 @@ class _Subset:
         return [p for _, p in self.named_parameters()]
 
 
-def _all_reduce_grads(params, group, size: int) -> None:
-    """Sum the gradients of `params` over `group` in one flat buffer."""
-    if size == 1 or not params:
+def _all_reduce_grads(params, group) -> None:
+    """Sum the gradients of `params` over `group` (Fleet's fused, bucketed all-reduce; scale 1:
+    each rank's loss is already its share of the global mean)."""
+    if comm.group_size(group) == 1 or not params:
         return
-    flat = paddle.concat([p.grad.reshape([-1]) for p in params])
-    paddle.distributed.all_reduce(flat, group=group)
-    offset = 0
-    for p in params:
-        n = int(p.grad.numel())
-        paddle.assign(flat[offset : offset + n].reshape(p.grad.shape), output=p.grad)
-        offset += n
+    from paddle.distributed.fleet.utils.hybrid_parallel_util import (
+        fused_allreduce_gradients_with_group,
+    )
+
+    fused_allreduce_gradients_with_group(params, group, scale=1.0)
 
 
 def init_runtime(cfg: Config, world_size: int, rank: int):

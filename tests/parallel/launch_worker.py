@@ -223,6 +223,7 @@ def main():
         ref = Trainer(config(f"{name}_ref{RANK}"), log=quiet)
         results[f"{name}_forward_backward"] = forward_backward(par, ref, runtime)
         results[f"{name}_train"] = train_both(par, ref, runtime)
+        results[f"{name}_fleet_wrapper"] = type(runtime.dp_model).__name__
 
     results["ep_whole_run_collectives"] = whole_run_collectives(groups)
 

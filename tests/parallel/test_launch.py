@@ -93,3 +93,8 @@ def test_every_rank_issues_the_same_collectives_over_a_whole_run(results):
     assert len(runs[0]["calls"]) > 100
     assert {c[0] for c in runs[0]["calls"]} >= {"all_gather", "all_reduce"}
     assert runs[0]["calls"] == runs[1]["calls"]
+
+
+def test_data_parallel_runs_through_fleets_wrapper(results):
+    for r in results:
+        assert r["dp_fleet_wrapper"] == "DataParallel"  # fleet.distributed_model
