@@ -165,27 +165,27 @@ class Distributed(SingleProcess):
         return forward
 
     def build_optimizer(self, model, tc):
-        """Stage 1: the sharding ranks split the parameters; each keeps Adam moments only for its
-        own."""
+        """Stage 1 through Paddle's sharding optimizer: the sharding ranks split the parameters;
+        each keeps Adam moments only for its own, updates them and broadcasts them. Gradients are
+        already summed over every data rank (reduce_gradients) when it steps, so its own gradient
+        reduction is not used."""
         if len(self.sharding_ranks) == 1:
             return build_optimizer(model, tc)
-        named = list(model.named_parameters())
-        sizes = np.zeros(len(self.sharding_ranks))
-        for name, p in sorted(named, key=lambda item: -int(item[1].numel())):  # greedy size balance
-            self.owner[name] = int(sizes.argmin())
-            sizes[self.owner[name]] += int(p.numel())
-        mine = self.sharding_ranks.index(self.rank)
-        return build_optimizer(_Subset(model, [n for n, _ in named if self.owner[n] == mine]), tc)
+        from paddle.distributed import fleet
+        from paddle.distributed.fleet.meta_optimizers.dygraph_optimizer import (
+            DygraphShardingOptimizer,
+        )
 
-    def optimizer_step(self, model, optimizer) -> None:
-        optimizer.step()
-        if self.owner:
-            group, ranks = self.groups["sharding"]
-            mine = ranks.index(self.rank)
-            for name, p in model.named_parameters():  # every rank, same order
-                paddle.distributed.broadcast(p, src=ranks[self.owner[name]], group=group)
-                if self.owner[name] != mine:
-                    p.clear_gradient(False)  # the optimizer clears only the gradients it owns
+        hcg = fleet.get_hybrid_communicate_group()
+        opt = DygraphShardingOptimizer(build_optimizer(model, tc), hcg)
+        named = list(model.named_parameters())
+        mine = {p.name for p in opt.filter_parameters([p for _, p in named], hcg)}
+        owned: list = []
+        paddle.distributed.all_gather_object(
+            owned, [n for n, p in named if p.name in mine], group=self.group("sharding")
+        )
+        self.owner = {name: i for i, names in enumerate(owned) for name in names}
+        return opt
 
     # ------------------------------------------------------------------ data and objective
     def shard_batch(self, np_batch: dict) -> dict:
@@ -285,7 +285,7 @@ class Distributed(SingleProcess):
     # ------------------------------------------------------------------ checkpoints
     def full_states(self, model, optimizer):
         model_state = {k: v.numpy() for k, v in model.state_dict().items()}
-        optim_state = optimizer_state(model, optimizer)
+        optim_state = optimizer_state(model, _inner(optimizer))
         if self.owner:  # stage 1: every owner's moments, joined
             parts: list = []
             paddle.distributed.all_gather_object(parts, optim_state, group=self.group("sharding"))
@@ -316,27 +316,15 @@ class Distributed(SingleProcess):
             optim_state = {
                 k: v for k, v in optim_state.items() if self.owner[k.partition("::")[0]] == mine
             }
-        load_optimizer_state(model, optimizer, optim_state)
+        load_optimizer_state(model, _inner(optimizer), optim_state)
 
     def barrier(self) -> None:
         paddle.distributed.barrier()
 
 
-class _Subset:
-    """The named_parameters/parameters view of a model restricted to some structured names."""
-
-    def __init__(self, model, names):
-        self.model, self.names = model, None if names is None else set(names)
-
-    def named_parameters(self):
-        return [
-            (n, p)
-            for n, p in self.model.named_parameters()
-            if self.names is None or n in self.names
-        ]
-
-    def parameters(self):
-        return [p for _, p in self.named_parameters()]
+def _inner(optimizer):
+    """The Paddle optimizer holding the moments (inside Paddle's sharding optimizer, if any)."""
+    return getattr(optimizer, "_inner_opt", optimizer)
 
 
 def _all_reduce_grads(params, group) -> None:

@@ -16,11 +16,11 @@ from support import ROOT
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory, data_cache):
-    out = tmp_path_factory.mktemp("launch")
+def launch(out, data_cache, *mode) -> None:
+    """Run launch_worker.py on 2 processes; fail with the workers' logs if it does not finish."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PADDLE_TRAINERS_NUM", None)
+    worker = os.path.join(ROOT, "tests", "parallel", "launch_worker.py")
     cmd = [
         sys.executable,
         "-m",
@@ -29,16 +29,17 @@ def results(tmp_path_factory, data_cache):
         "2",
         "--log_dir",
         str(out / "log"),
-        os.path.join(ROOT, "tests", "parallel", "launch_worker.py"),
+        worker,
         data_cache,
         str(out),
+        *mode,
     ]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
         failed = proc.returncode != 0
     except subprocess.TimeoutExpired:
         proc, failed = None, True
-    if failed or not os.path.exists(out / "rank1.json"):
+    if failed:
         logs = "".join(
             f"\n--- {p}\n" + open(p, errors="replace").read()[-4000:]
             for p in sorted(glob.glob(str(out / "log" / "*")))
@@ -48,7 +49,20 @@ def results(tmp_path_factory, data_cache):
             f"2-process launch failed (rc={None if proc is None else proc.returncode})"
             f"{launcher}{logs}"
         )
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, data_cache):
+    out = tmp_path_factory.mktemp("launch")
+    launch(out, data_cache)
     return [json.load(open(out / f"rank{r}.json")) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def sharding(tmp_path_factory, data_cache):
+    out = tmp_path_factory.mktemp("launch_sharding")
+    launch(out, data_cache, "sharding")
+    return [json.load(open(out / f"sharding_rank{r}.json")) for r in (0, 1)]
 
 
 def test_ep2_starts_from_the_same_weights_and_matches_forward_backward(results):
@@ -69,13 +83,31 @@ def test_ep2_five_training_steps_match_one_process(results):
         assert r["ep_bias"] == 0.0  # loads reduced over ranks: identical aux-free bias updates
 
 
-def test_dp2_and_sharding2_parameters_after_five_steps_match_the_concatenated_batch(results):
+def test_dp2_parameters_after_five_steps_match_the_concatenated_batch(results):
     for r in results:
-        for name in ("dp", "sharding"):
-            assert r[f"{name}_forward_backward"]["grads"] < 1e-6
-            train = r[f"{name}_train"]
-            assert max(train["losses"]) < TOL
-            assert train["params"] < TOL < train["moved"]
+        assert r["dp_forward_backward"]["grads"] < 1e-6
+        train = r["dp_train"]
+        assert max(train["losses"]) < TOL
+        assert train["params"] < TOL < train["moved"]
+
+
+def test_sharding2_runs_paddles_sharding_optimizer_and_matches_one_process(sharding):
+    for r in sharding:
+        assert r["sharding_optimizer"] == "DygraphShardingOptimizer"
+        assert r["sharding_forward_backward"]["grads"] < 1e-6
+        train = r["sharding_train"]
+        assert max(train["losses"]) < TOL
+        assert train["params"] < TOL < train["moved"]
+    owned = [set(r["sharding_owned"]) for r in sharding]
+    assert owned[0] and owned[1] and not owned[0] & owned[1]  # every parameter has one owner
+
+
+def test_sharding2_checkpoints_hold_every_moment_and_move_both_ways(sharding):
+    n_params = len(sharding[0]["sharding_owned"]) + len(sharding[1]["sharding_owned"])
+    for r in sharding:
+        assert r["sharding_ckpt_to_single_logits"] < TOL
+        assert r["sharding_ckpt_back_logits"] < TOL
+        assert r["sharding_ckpt_moments"] == n_params
 
 
 def test_checkpoints_move_between_ep2_and_one_process(results):
