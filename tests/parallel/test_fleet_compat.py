@@ -91,3 +91,25 @@ def test_hybrid_groups_and_overlapping_subgroups_form_on_four_gloo_processes(tmp
     # dp2 x pp2: two pipelines of two stages, and the stages pair up across pipelines
     assert sorted(tuple(o["pp"]["ranks"]) for o in ranks) == [(0, 1), (0, 1), (2, 3), (2, 3)]
     assert sorted(tuple(o["dp"]["ranks"]) for o in ranks) == [(0, 2), (0, 2), (1, 3), (1, 3)]
+
+
+def test_no_collective_or_group_is_created_outside_parallel():
+    """Only paddle_ernie5/parallel/ imports paddle.distributed (model code and the trainers reach
+    collectives through the runtime it builds)."""
+    import ast
+    import pathlib
+
+    pkg = pathlib.Path(ROOT) / "paddle_ernie5"
+    offenders = []
+    for path in pkg.rglob("*.py"):
+        if path.relative_to(pkg).parts[0] == "parallel":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            if any(n == "paddle.distributed" or n.startswith("paddle.distributed.") for n in names):
+                offenders.append(str(path.relative_to(pkg)))
+    assert offenders == []
