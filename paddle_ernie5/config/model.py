@@ -24,8 +24,8 @@ class AttentionConfig:
     # follow the usual multimodal-RoPE split that gives time a quarter and the two spatial axes
     # the rest.
     rope_sections: tuple[float, float, float] = (0.25, 0.375, 0.375)
-    # auto: Paddle's flashmask_attention on a GPU build with fp16/bf16, otherwise the CPU
-    # FlashMask op.
+    # auto: on the CPU the CPU FlashMask op; on a GPU Paddle's flashmask_attention for fp16/bf16
+    # (train.precision bf16/fp16) and the dense pure-Paddle reference for fp32 (ops/flashmask.py).
     backend: str = "auto"
 
     def validate(self, at: str) -> None:

@@ -100,6 +100,14 @@ class Config(_Recipe):
             f"global for component {self.component!r} (only the pretraining trainer implements "
             "adagc)",
         )
+        _check(
+            "train",
+            "precision",
+            self.train.precision,
+            self.train.precision == "fp32" or self.component == "pretrain",
+            f"fp32 for component {self.component!r} (only the pretraining trainer implements "
+            "bf16 and fp16)",
+        )
         for source, w in self.data.mixture.weights().items():
             need = MIXTURE_MODALITY[source]
             _check(

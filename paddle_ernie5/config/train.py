@@ -4,8 +4,8 @@
 learning-rate schedule, global-norm clipping, seed, threads, logging and checkpoint cadence. The
 separately trained components (tokenizers, codecs, judges, the merger) read only these.
 `TrainConfig` extends it with what only the backbone trainers (components pretrain, sft, rl) read:
-gradient accumulation, AdaGC, SimReg, evaluation cadence, resume and initial weights. The
-attribute names are the same in both, so a loop written against one reads the other unchanged.
+gradient accumulation, AdaGC, SimReg, evaluation cadence, resume, initial weights and precision.
+The attribute names are the same in both, so a loop written against one reads the other unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ._check import _check
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,10 +151,24 @@ class TrainConfig(LoopConfig):
     # Start from these model weights (a run dir, a checkpoint dir or an exported model) when the run
     # has no checkpoint of its own yet; optimizer and data start fresh. "" = random initialisation.
     init_from: str = ""
+    # Numerics of the forward and backward (train/precision.py); weights, gradients and Adam state
+    # stay float32 in every mode. fp32: plain float32. bf16: on a GPU, paddle.amp.auto_cast O1 in
+    # bfloat16; on the CPU (no bfloat16 matmul kernel; CPU auto_cast keeps float32) an emulation
+    # that rounds weights and activations to bfloat16 around float32 math
+    # (model/bf16_emulation.py). fp16: GPU only, auto_cast O1 in float16 with GradScaler loss
+    # scaling, one process; a CPU device is a ConfigError at start.
+    precision: str = "fp32"
 
     def validate(self, at: str) -> None:
         for name in ("grad_accum", "eval_every"):
             _check(at, name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
         _check(at, "resume", self.resume, self.resume in ("auto", "never"), "auto or never")
+        _check(
+            at,
+            "precision",
+            self.precision,
+            self.precision in PRECISIONS,
+            "fp32, bf16 or fp16 (fp16 needs a GPU)",
+        )
         super().validate(at)
         self.simreg.validate(f"{at}.simreg")

@@ -7,8 +7,14 @@ Backends (`backend=`, from the model config):
   "cpu"        the C++ custom op in custom_ops/flashmask (fp32 math; fp16/bf16 inputs are cast)
   "paddle"     paddle.nn.functional.flashmask_attention (GPU build, fp16/bf16 tensors on a GPU)
   "reference"  flashmask_attention_reference below: dense, O(S^2) memory, exact
-  "auto"       "paddle" when that applies, otherwise "cpu"
+  "auto"       CPU tensors: "cpu". GPU tensors: "paddle" for float16/bfloat16 and "reference" for
+               float32 (Paddle's kernel has no float32 variant and the CPU op cannot read GPU
+               memory, so a float32 model on a GPU runs the dense reference: exact, O(S^2) memory)
 A backend that cannot run the given call raises an error that says why.
+
+Under `paddle.amp.auto_cast` on a GPU, float32 query/key/value are first cast to the autocast dtype,
+as Paddle casts the inputs of its white-listed ops (its own `flash_attn` among them); "auto" then
+resolves to Paddle's kernel. On the CPU nothing is cast: Paddle's CPU autocast keeps float32.
 """
 
 from __future__ import annotations
@@ -22,26 +28,52 @@ _FLOAT_DTYPES = (paddle.float32, paddle.float16, paddle.bfloat16)
 _BLOCK = 128  # block_mask granularity fixed by Paddle's GPU kernel
 
 
-def _gpu_capable(query) -> bool:
-    return (
-        paddle.is_compiled_with_cuda()
-        and query.place.is_gpu_place()
-        and query.dtype in (paddle.float16, paddle.bfloat16)
-    )
+_HALF = (paddle.float16, paddle.bfloat16)
+
+
+def resolve(backend: str, on_gpu: bool, dtype, gpu_build: bool) -> str:
+    """The concrete backend `backend` means for `dtype` tensors on a GPU (`on_gpu`) or on the CPU,
+    with a CUDA build of Paddle (`gpu_build`) or not. Pure: the place and build are arguments.
+
+    auto -> "cpu" for CPU tensors; for GPU tensors "paddle" (Paddle's flashmask_attention) when
+    `dtype` is float16/bfloat16 and "reference" (the pure-Paddle dense reference) for float32. The
+    CPU op never receives GPU tensors."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is unknown; choose one of {BACKENDS}")
+    where = f"{dtype} tensors on {'a GPU' if on_gpu else 'the CPU'}"
+    if backend == "auto":
+        if not on_gpu:
+            return "cpu"
+        return "paddle" if dtype in _HALF else "reference"
+    if backend == "paddle" and not (gpu_build and on_gpu and dtype in _HALF):
+        raise RuntimeError(
+            "attention backend 'paddle' needs a CUDA build of Paddle and float16/bfloat16 tensors "
+            f"on a GPU (got {where}); use 'cpu' or 'auto' instead"
+        )
+    if backend == "cpu" and on_gpu:
+        raise RuntimeError(
+            f"attention backend 'cpu' needs CPU tensors (got {where}); use 'auto', 'paddle' "
+            "(float16/bfloat16) or 'reference'"
+        )
+    return backend
 
 
 def resolve_backend(backend: str, query) -> str:
-    """The concrete backend that `backend` means for this query tensor."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend {backend!r} is unknown; choose one of {BACKENDS}")
-    if backend == "auto":
-        return "paddle" if _gpu_capable(query) else "cpu"
-    if backend == "paddle" and not _gpu_capable(query):
-        raise RuntimeError(
-            "attention backend 'paddle' needs a CUDA build of Paddle and float16/bfloat16 tensors "
-            f"on a GPU (got {query.dtype} on {query.place}); use 'cpu' or 'auto' instead"
-        )
-    return backend
+    """The concrete backend that `backend` means for this query tensor (see `resolve`)."""
+    return resolve(backend, query.place.is_gpu_place(), query.dtype, paddle.is_compiled_with_cuda())
+
+
+def autocast_inputs(query, key, value):
+    """query, key, value in the dtype `paddle.amp.auto_cast` computes in on a GPU (float32 tensors
+    cast to it); unchanged on the CPU, outside auto_cast and for float16/bfloat16 inputs."""
+    if (
+        query.dtype != paddle.float32
+        or not query.place.is_gpu_place()
+        or not paddle.amp.is_autocast_enabled()
+    ):
+        return query, key, value
+    dtype = paddle.amp.get_autocast_dtype()
+    return tuple(t.astype(dtype) if t.dtype == paddle.float32 else t for t in (query, key, value))
 
 
 def window_indices(window_size, batch: int, sq: int, sk: int, causal: bool):
@@ -276,6 +308,7 @@ def flashmask_attention(
 
     Returns out, or (out, lse) with return_softmax_lse; on the "cpu" backend both are
     differentiable."""
+    query, key, value = autocast_inputs(query, key, value)
     chosen = resolve_backend(backend, query)
     if chosen == "paddle":
         if softmax_scale is not None and softmax_scale == query.shape[-1] ** -0.5:
@@ -328,12 +361,6 @@ def flashmask_attention(
         b, sq = query.shape[:2]
         startend_row_indices = window_indices(window_size, b, sq, key.shape[1], causal)
     check_inputs(query, key, value, startend_row_indices, causal)
-    if query.place.is_gpu_place():
-        raise RuntimeError(
-            f"flashmask_attention: backend {backend!r} got {query.dtype} tensors on {query.place}: "
-            "the 'cpu' op needs CPU tensors and Paddle's GPU kernel float16/bfloat16 ones; cast "
-            "to bfloat16 or use backend 'reference'"
-        )
     return _flashmask_cpu(
         query, key, value, startend_row_indices, causal, softmax_scale, return_softmax_lse
     )

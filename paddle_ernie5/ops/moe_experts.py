@@ -11,7 +11,9 @@ Backends (`backend=`, from `model.moe.expert_backend`):
              to the busiest expert, OpenMP over experts (fp32 math; other dtypes are cast)
   "grouped"  the pure-Paddle reference: host-side grouping into an [E, C, M] grid, two batched
              matmuls with a fused swiglu, a gather back and a weighted sum (any device)
-  "auto"     "cpu_op" for CPU tensors, "grouped" otherwise
+  "auto"     "cpu_op" for CPU tensors, "grouped" for GPU tensors (the CPU op never receives GPU
+             tensors; under the trainer's GPU auto_cast, "bmm" is white-listed so the grouped
+             matmuls run in bfloat16/float16)
 With a capacity factor, assignments past the first C of an expert (in token order) contribute zero
 on both backends.
 """
@@ -28,19 +30,24 @@ from .grouping import combine_grouped, expert_capacity, gather_grouped, group_by
 BACKENDS = ("auto", "cpu_op", "grouped")
 
 
-def resolve_backend(backend: str, x_TM) -> str:
-    """The concrete backend `backend` means for this input tensor."""
+def resolve(backend: str, on_gpu: bool) -> str:
+    """The concrete backend `backend` means for tensors on a GPU (`on_gpu`) or on the CPU. Pure:
+    the place is an argument. auto -> "cpu_op" on the CPU, "grouped" on a GPU (any dtype)."""
     if backend not in BACKENDS:
         raise ValueError(f"MoE expert backend {backend!r} is unknown; choose one of {BACKENDS}")
-    on_cpu = x_TM.place.is_cpu_place()
     if backend == "auto":
-        return "cpu_op" if on_cpu else "grouped"
-    if backend == "cpu_op" and not on_cpu:
+        return "grouped" if on_gpu else "cpu_op"
+    if backend == "cpu_op" and on_gpu:
         raise RuntimeError(
-            f"MoE expert backend 'cpu_op' needs CPU tensors, got {x_TM.place}; "
+            "MoE expert backend 'cpu_op' needs CPU tensors, got GPU tensors; "
             "use 'grouped' or 'auto'"
         )
     return backend
+
+
+def resolve_backend(backend: str, x_TM) -> str:
+    """The concrete backend `backend` means for this input tensor (see `resolve`)."""
+    return resolve(backend, not x_TM.place.is_cpu_place())
 
 
 def grouped_swiglu(x_ECM, w_gate_up, w_down):

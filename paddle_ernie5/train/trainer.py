@@ -42,6 +42,7 @@ from ..optim.schedules import learning_rate
 from ..parallel.runtime import SingleProcess
 from .elastic import ElasticSampler, LoadAccumulator
 from .logging import RunLogger, flatten, heatmap_image, load_balance
+from .precision import Precision
 from .pretrained import init_fresh
 
 
@@ -60,6 +61,8 @@ class Trainer:
         self.run_dir = cfg.train.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         tc, dc = cfg.train, cfg.data
+        # First: a precision this device cannot run (fp16 on the CPU) stops before any work.
+        self.precision = Precision.for_device(tc.precision, self.par.world_size)
         paddle.seed(tc.seed)
         self.tokenizer, self.text_loader, self.val_packed = build_text_data(
             dc.cache_dir,
@@ -141,56 +144,58 @@ class Trainer:
         sums = {"loss": 0.0, "loss/text": 0.0, "loss/mtp": 0.0, "loss/aux": 0.0, "loss/z": 0.0}
         tokens = 0
         sim = cfg.train.simreg
-        for micro in range(cfg.train.grad_accum):
-            global_batch = self.loader.next_batch()
-            if sim.enabled:
-                # Drawn for the global batch from counters only: same anchors for any rank count
-                # and after a resume.
-                rng = np.random.default_rng([cfg.train.seed, self.step, micro])
-                global_batch = {
-                    **global_batch,
-                    "simreg_anchors": sample_anchors(global_batch["labels"], sim.max_anchors, rng),
-                }
-            local = self.par.shard_batch(global_batch)
-            anchors = local.pop("simreg_anchors", None)
-            batch = to_model_batch(local)
-            # Same seed on every rank: every rank runs the same views. With
-            # elastic.full_every_step the full model and the sampled sub-model share the
-            # micro-batch (weighted mean of their losses).
-            views = self.elastic.sample_views()
-            weights = self.elastic.view_weights(len(views))
-            teacher = None
-            for j, view in enumerate(views):
-                out = self.model(batch, view)
-                parts = compute_loss(
-                    out, batch["labels"], cfg.model, self.model.head_losses(out, batch)
-                )
-                loss, values = self.par.objective(parts, batch["labels"], cfg.model)
-                if j == 0 and len(views) > 1 and cfg.elastic.distill_weight > 0:
-                    teacher = out.logits.detach()
-                elif teacher is not None:
-                    kd = distillation_kl(out.logits, teacher, batch["labels"])
-                    loss = loss + cfg.elastic.distill_weight * kd
-                    sums["elastic/distill_kl"] = sums.get("elastic/distill_kl", 0.0) + float(kd)
+        # Forward and backward in train.precision (bf16 on the CPU: weights rounded until the
+        # block ends, so the optimizer below updates the float32 masters).
+        with self.precision.compute(self.model):
+            for micro in range(cfg.train.grad_accum):
+                global_batch = self.loader.next_batch()
                 if sim.enabled:
-                    loss = loss + sim.weight * self._simreg_share(
-                        out.hidden, batch, anchors, values
+                    # Drawn for the global batch from counters only: same anchors for any rank
+                    # count and after a resume.
+                    rng = np.random.default_rng([cfg.train.seed, self.step, micro])
+                    drawn = sample_anchors(global_batch["labels"], sim.max_anchors, rng)
+                    global_batch = {**global_batch, "simreg_anchors": drawn}
+                local = self.par.shard_batch(global_batch)
+                anchors = local.pop("simreg_anchors", None)
+                batch = to_model_batch(local)
+                # Same seed on every rank: every rank runs the same views. With
+                # elastic.full_every_step the full model and the sampled sub-model share the
+                # micro-batch (weighted mean of their losses).
+                views = self.elastic.sample_views()
+                weights = self.elastic.view_weights(len(views))
+                teacher = None
+                for j, view in enumerate(views):
+                    out = self.model(batch, view)
+                    parts = compute_loss(
+                        out, batch["labels"], cfg.model, self.model.head_losses(out, batch)
                     )
-                (loss * (weights[j] / cfg.train.grad_accum)).backward()
-                if j == 0:  # logged losses are those of the first view (the full model when shared)
-                    for key, value in values.items():
-                        sums[key] = sums.get(key, 0.0) + value
-                else:
-                    sums["elastic/sub_loss"] = sums.get("elastic/sub_loss", 0.0) + values["loss"]
-                for i, s in out.router_stats.items():
-                    loads.add(i, s.load_E.numpy(), s.expert_mask_E)
-            tokens += int(global_batch["input_ids"].size)
+                    loss, values = self.par.objective(parts, batch["labels"], cfg.model)
+                    if j == 0 and len(views) > 1 and cfg.elastic.distill_weight > 0:
+                        teacher = out.logits.detach()
+                    elif teacher is not None:
+                        kd = distillation_kl(out.logits, teacher, batch["labels"])
+                        loss = loss + cfg.elastic.distill_weight * kd
+                        sums["elastic/distill_kl"] = sums.get("elastic/distill_kl", 0) + float(kd)
+                    if sim.enabled:
+                        loss = loss + sim.weight * self._simreg_share(
+                            out.hidden, batch, anchors, values
+                        )
+                    self.precision.backward(loss * (weights[j] / cfg.train.grad_accum))
+                    if j == 0:  # logged losses: the first view's (the full model when shared)
+                        for key, value in values.items():
+                            sums[key] = sums.get(key, 0.0) + value
+                    else:
+                        sums["elastic/sub_loss"] = sums.get("elastic/sub_loss", 0) + values["loss"]
+                    for i, s in out.router_stats.items():
+                        loads.add(i, s.load_E.numpy(), s.expert_mask_E)
+                tokens += int(global_batch["input_ids"].size)
         self.par.reduce_gradients(self.model)
         loads.load = self.par.reduce_loads(loads.load)
         lr = self.learning_rate_at(self.step)
         self.optimizer.set_lr(lr)
+        self.precision.unscale(self.optimizer)
         clip = self._clip()
-        self.par.optimizer_step(self.model, self.optimizer)
+        self.precision.optimizer_step(self.par, self.model, self.optimizer)
         self.optimizer.clear_grad(set_to_zero=False)
         for i, moe in self.model.moe_layers():
             if i in loads.load:
@@ -248,7 +253,8 @@ class Trainer:
             if limit is not None and n >= limit:
                 break
             batch = to_model_batch(np_batch)
-            out = self.model(batch, with_mtp=False)
+            with self.precision.compute(self.model):
+                out = self.model(batch, with_mtp=False)
             parts = compute_loss(out, batch["labels"], self.cfg.model)
             c = float(parts.num_targets)
             total += float(parts.text) * c
@@ -325,6 +331,7 @@ class Trainer:
                 for note in init_fresh(self.model):
                     self.log(note)
         params = count_params(cfg.model)
+        self.log(f"precision: {self.precision.describe()}")
         self.log(
             f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M "
             f"activated per token; run dir {self.run_dir}"
