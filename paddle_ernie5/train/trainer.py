@@ -164,8 +164,9 @@ class Trainer:
                 views = self.elastic.sample_views()
                 weights = self.elastic.view_weights(len(views))
                 teacher = None
+                forward = self.par.train_forward(self.model)
                 for j, view in enumerate(views):
-                    out = self.model(batch, view)
+                    out = forward(batch, view)
                     parts = compute_loss(
                         out, batch["labels"], cfg.model, self.model.head_losses(out, batch)
                     )
