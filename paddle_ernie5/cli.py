@@ -33,6 +33,15 @@ def _set_threads(threads: int) -> None:
         print("\n".join(kept), file=sys.stderr)
 
 
+def check_run_paths(cfg) -> None:
+    """The directories a training run writes into, checked before any work: train.run_dir and
+    data.cache_dir are directories (or can be created) and writable."""
+    from .io.paths import check_output_dir
+
+    check_output_dir(cfg.train.run_dir, "train.run_dir")
+    check_output_dir(cfg.data.cache_dir, "data.cache_dir")
+
+
 def cmd_train(args) -> int:
     cfg = C.load_config(args.recipe, args.overrides)
     if cfg.build_only:
@@ -40,6 +49,7 @@ def cmd_train(args) -> int:
             f"recipe {args.recipe!r} is build-only (it sizes a model and is never "
             "allocated); use `ernie5 config` to see its parameter count"
         )
+    check_run_paths(cfg)
     if cfg.component != "pretrain":
         _set_threads(cfg.train.threads)
         from .train.components import run_component
@@ -92,8 +102,10 @@ def cmd_config(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .io.paths import check_output_dir
     from .train.export import export_from_checkpoint
 
+    check_output_dir(args.out, "--out")
     _set_threads(args.threads)
     export_from_checkpoint(args.checkpoint, args.layers, args.experts, args.top_k, args.out)
     return 0
@@ -119,6 +131,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_routing_report(args) -> int:
+    if args.out:
+        from .io.paths import check_output_dir
+
+        check_output_dir(args.out, "--out")
     _set_threads(args.threads)
     from .eval.runner import routing_report
 
@@ -247,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _written_file(exc: BaseException) -> str:
+    """The file a failed write names, if any exception of the chain names one."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.filename:
+            return str(exc.filename)
+        exc = exc.__cause__ or exc.__context__
+    return "a file"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -257,6 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         # bad checkpoint, impossible export, missing tool: one line, no traceback
         print(f"ernie5: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except Exception as e:
+        # A full disk (or quota, or file-size limit) in any writer, ours or a library's: the
+        # files already written are intact (every writer writes a temporary file and renames it).
+        from .io import disk_full_message, no_space
+
+        reason = no_space(e)
+        if reason is None:
+            raise
+        print(f"ernie5: {disk_full_message(_written_file(e), reason)}", file=sys.stderr)
         return USAGE_ERROR
 
 

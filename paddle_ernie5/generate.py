@@ -6,8 +6,15 @@
     WAV:         ernie5 generate --checkpoint RUN --speech "seven" --out seven.wav
     transcript:  ernie5 generate --checkpoint RUN --transcribe seven.wav
 
-A mode is (name, adds its arguments, wants(args), run(args, cfg, model) -> lines to print); the
-first mode that wants the arguments runs. Adding a modality means appending a mode to MODES.
+A mode is (name, adds its arguments, wants(args), run(args, cfg, model) -> lines to print, and
+check(args): its inputs, before the model loads); the first mode that wants the arguments runs.
+Adding a modality means appending a mode to MODES.
+
+Inputs are checked before any work, each problem one clear error (exit 2): a missing, empty or
+undecodable --image or --transcribe file, an --out that is a file where a folder is needed, text
+longer than MAX_TEXT_CHARS, and a prompt that does not fit the model's context (model.max_seq_len)
+together with what is generated after it. --truncate-prompt keeps the start that fits instead, with
+a warning.
 """
 
 from __future__ import annotations
@@ -18,6 +25,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# --prompt, --question and --speech longer than this are refused before they are tokenised (a
+# caption or question of a few lines is what the models are trained on).
+MAX_TEXT_CHARS = 4000
+ANSWER_TOKENS = 8  # longest answer to --question
+TRANSCRIPT_TOKENS = 12  # longest transcript of --transcribe
+
+
+def _no_check(args) -> None:
+    return None
+
 
 @dataclass(frozen=True)
 class Mode:
@@ -25,6 +42,61 @@ class Mode:
     add_arguments: Callable
     wants: Callable
     run: Callable
+    check: Callable = _no_check
+
+
+def _check_text(args, flag: str, text: str) -> str:
+    """`text` within MAX_TEXT_CHARS (cut there with --truncate-prompt, else refused)."""
+    if len(text) <= MAX_TEXT_CHARS:
+        return text
+    if not args.truncate_prompt:
+        raise _user_error(
+            f"{flag} has {len(text):,} characters; the limit is {MAX_TEXT_CHARS:,} (a caption or "
+            "question of a few lines); shorten it or pass --truncate-prompt to keep its start"
+        )
+    _warn(f"{flag} cut from {len(text):,} to its first {MAX_TEXT_CHARS:,} characters")
+    return text[:MAX_TEXT_CHARS]
+
+
+def _warn(msg: str) -> None:
+    import sys
+
+    print(f"ernie5: warning: {msg}", file=sys.stderr)
+
+
+def _fit_prompt(args, cfg, tokenizer, flag: str, text: str, after: int, after_what: str) -> str:
+    """`text` whose tokens fit the context (model.max_seq_len) beside `after` other positions (the
+    delimiters and what is generated); the start that fits with --truncate-prompt, else refused."""
+    context = cfg.model.max_seq_len
+    budget = context - after
+    ids = tokenizer.encode(text)
+    if len(ids) <= budget:
+        return text
+    if budget <= 0:
+        raise _user_error(
+            f"this model's context (model.max_seq_len={context}) is too short for {after_what} "
+            f"({after} positions) and any {flag}"
+        )
+    if not args.truncate_prompt:
+        raise _user_error(
+            f"{flag} is {len(ids):,} tokens; beside {after_what} ({after} positions) the model's "
+            f"context (model.max_seq_len={context}) leaves room for {budget}; shorten it or pass "
+            f"--truncate-prompt to keep its first {budget} tokens"
+        )
+    keep = budget
+    while keep > 0 and len(tokenizer.encode(tokenizer.decode(ids[:keep]))) > budget:
+        keep -= 1
+    _warn(
+        f"{flag} cut from {len(ids):,} to its first {keep} tokens to fit the context "
+        f"(model.max_seq_len={context})"
+    )
+    return tokenizer.decode(ids[:keep])
+
+
+def _check_out_dir(path: str) -> None:
+    from .io.paths import check_output_dir
+
+    check_output_dir(path, "--out")
 
 
 def _vision_arguments(p) -> None:
@@ -41,6 +113,18 @@ def _vision_arguments(p) -> None:
         help="classifier-free guidance scale (default: model.vision.cfg_scale)",
     )
     g.add_argument("--upscale", type=int, default=8, help="pixels per generated pixel in the files")
+
+
+def _check_visual(args) -> None:
+    args.prompt = [_check_text(args, "--prompt", p) for p in args.prompt]
+    _check_out_dir(args.out)
+
+
+def _visual_tokens(v, kind: str) -> int:
+    """Positions of one generated image or clip (every scale of every frame)."""
+    if kind == "image":
+        return sum(s * s for s in v.scales)
+    return v.video_frames * sum(s * s for s in v.scales[: v.video_scales])
 
 
 def _text_tokenizer(cfg):
@@ -69,11 +153,15 @@ def _run_visual(args, cfg, model) -> list[str]:
             f"this model has no {kind} modality (model.modalities={list(cfg.model.modalities)})"
         )
     tok = load_visual_tokenizer(cfg.model.vision)
-    prompts = [p for p in args.prompt for _ in range(args.num_samples)]
+    text_tok = _text_tokenizer(cfg)
+    after = 3 + _visual_tokens(cfg.model.vision, kind)  # <bos> <boi> ... <eoi>
+    what = f"the {kind} ({after - 3} tokens) and its delimiters"
+    captions = [_fit_prompt(args, cfg, text_tok, "--prompt", p, after, what) for p in args.prompt]
+    prompts = [p for p in captions for _ in range(args.num_samples)]
     frames = generate_images(
         model,
         cfg,
-        _text_tokenizer(cfg),
+        text_tok,
         tok,
         prompts,
         temperature=args.temperature,
@@ -96,6 +184,29 @@ def _run_visual(args, cfg, model) -> list[str]:
     return lines
 
 
+def _read_image(path: str):
+    """The picture at `path` as RGB; one clear error for a missing, empty or undecodable file."""
+    from PIL import Image
+
+    from .io.paths import check_input_file
+
+    check_input_file(path, "--image")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a file it cannot decode
+        raise _user_error(
+            f"--image {path!r} is not an image this program can decode ({type(e).__name__}: "
+            f"{str(e)[:120]}); give a PNG, JPEG, GIF or BMP file"
+        ) from None
+
+
+def _check_answer(args) -> None:
+    args.question = _check_text(args, "--question", args.question)
+    args.image_rgb = _read_image(args.image)
+
+
 def _run_answer(args, cfg, model) -> list[str]:
     from PIL import Image
 
@@ -105,11 +216,17 @@ def _run_answer(args, cfg, model) -> list[str]:
     if "image" not in cfg.model.modalities:
         raise _user_error("this model has no image modality")
     tok = load_visual_tokenizer(cfg.model.vision)
+    text_tok = _text_tokenizer(cfg)
+    places = cfg.model.vision.merged_places("image")
+    after = 4 + places + ANSWER_TOKENS  # <bos> <boi> [image] <eoi> question answer <eos>
+    what = f"the image ({places} merged tokens), its delimiters and a {ANSWER_TOKENS}-token answer"
+    question = _fit_prompt(args, cfg, text_tok, "--question", args.question, after, what)
     size = tok.cfg.image_size
-    img = Image.open(args.image).convert("RGB").resize((size, size), Image.BILINEAR)
+    img = args.image_rgb if hasattr(args, "image_rgb") else _read_image(args.image)
+    img = img.resize((size, size), Image.BILINEAR)
     pixels = np.asarray(img, np.float32).transpose(2, 0, 1) / 255.0
-    answer = answer_question(model, cfg, _text_tokenizer(cfg), tok, pixels, args.question)
-    return [f"{args.question} {answer}"]
+    answer = answer_question(model, cfg, text_tok, tok, pixels, question, max_tokens=ANSWER_TOKENS)
+    return [f"{question} {answer}"]
 
 
 def _audio_arguments(p) -> None:
@@ -138,16 +255,29 @@ def _audio_model(cfg):
     return load_codec(cfg.model.audio)
 
 
+def _check_speech(args) -> None:
+    args.speech = _check_text(args, "--speech", args.speech)
+    single = args.out.endswith(".wav") and args.num_samples == 1
+    _check_out_dir(os.path.dirname(os.path.abspath(args.out)) if single else args.out)
+    if single and os.path.isdir(args.out):
+        raise _user_error(f"--out {args.out!r} is a directory; give a file name or a folder")
+
+
 def _run_speech(args, cfg, model) -> list[str]:
     from .eval.audio import synthesise, write_wav
 
     codec = _audio_model(cfg)
     n = args.num_samples
+    text_tok = _text_tokenizer(cfg)
+    frames = cfg.model.audio.max_frames
+    after = 3 + frames  # <bos> text <boa> frames <eoa>
+    what = f"the speech (up to model.audio.max_frames={frames} frames) and its delimiters"
+    text = _fit_prompt(args, cfg, text_tok, "--speech", args.speech, after, what)
     waves = synthesise(
         model,
-        _text_tokenizer(cfg),
+        text_tok,
         cfg,
-        [args.speech],
+        [text],
         codec,
         samples=n,
         seed=args.seed,
@@ -159,22 +289,69 @@ def _run_speech(args, cfg, model) -> list[str]:
     for i, wave in enumerate(waves):
         path = args.out if single else os.path.join(args.out, f"speech_{i:03d}.wav")
         write_wav(path, wave, codec.sample_rate)
-        lines.append(f"{path}\t{len(wave) / codec.sample_rate:.2f} s\t{args.speech}")
+        lines.append(f"{path}\t{len(wave) / codec.sample_rate:.2f} s\t{text}")
     return lines
 
 
+def _check_wav(path: str) -> None:
+    """A 16-bit PCM WAV with samples; one clear error otherwise."""
+    import wave as wavlib
+
+    from .io.paths import check_input_file
+
+    check_input_file(path, "--transcribe")
+    fix = "give a 16-bit PCM WAV (e.g. ffmpeg -i in.mp3 -ac 1 -ar 16000 -sample_fmt s16 out.wav)"
+    try:
+        with wavlib.open(path) as f:
+            width, rate, frames = f.getsampwidth(), f.getframerate(), f.getnframes()
+            channels = f.getnchannels()
+            data = f.readframes(frames)
+    except Exception as e:  # noqa: BLE001 - wave raises wave.Error, EOFError, struct.error ...
+        raise _user_error(
+            f"--transcribe {path!r} is not a WAV file this program can read ({type(e).__name__}: "
+            f"{str(e)[:120]}); {fix}"
+        ) from None
+    if width != 2:
+        raise _user_error(f"--transcribe {path!r} holds {8 * width}-bit samples; {fix}")
+    if rate <= 0 or channels <= 0:
+        raise _user_error(f"--transcribe {path!r} has a broken header ({rate} Hz); {fix}")
+    if len(data) < width * channels:
+        raise _user_error(f"--transcribe {path!r} holds no audio samples; give a recording")
+
+
+def _check_transcribe(args) -> None:
+    _check_wav(args.transcribe)
+
+
 def _run_transcribe(args, cfg, model) -> list[str]:
-    from .data.audio_sources import encode_speech
+    from .data.audio_sources import asr_question, encode_speech
     from .data.speech import PEAK
     from .eval.audio import read_wav, transcribe
 
     codec = _audio_model(cfg)
-    if not os.path.isfile(args.transcribe):
-        raise _user_error(f"--transcribe {args.transcribe!r}: no such file")
-    wave = read_wav(args.transcribe, codec.sample_rate)
+    try:
+        wave = read_wav(args.transcribe, codec.sample_rate)
+    except ValueError as e:  # a data chunk cut mid-sample
+        raise _user_error(f"--transcribe {args.transcribe!r} is damaged ({e})") from None
     wave = PEAK * wave / max(float(np.abs(wave).max()), 1e-8)  # training speech is peak-normalised
+    text_tok = _text_tokenizer(cfg)
+    context = cfg.model.max_seq_len
+    after = 3 + len(asr_question(text_tok, cfg.model.audio.asr_prompt)) + TRANSCRIPT_TOKENS
+    budget = context - after  # <bos> <boa> frames <eoa> [question] transcript
+    frames = codec.frames_for(len(wave))
+    if frames > budget:
+        seconds = budget * codec.samples_per_frame / codec.sample_rate
+        if budget <= 0 or not args.truncate_prompt:
+            raise _user_error(
+                f"--transcribe {args.transcribe!r} is {len(wave) / codec.sample_rate:.1f} s "
+                f"({frames} codec frames); the model's context (model.max_seq_len={context}) "
+                f"holds {max(budget, 0)} frames ({seconds:.1f} s) beside the transcript; cut the "
+                "recording or pass --truncate-prompt to transcribe its start"
+            )
+        _warn(f"--transcribe: only the first {seconds:.1f} s fit the context; the rest is cut")
+        wave = wave[: budget * codec.samples_per_frame]
     codes = encode_speech(codec, [wave])[0]
-    return [transcribe(model, _text_tokenizer(cfg), cfg, [codes])[0]]
+    return [transcribe(model, text_tok, cfg, [codes], max_tokens=TRANSCRIPT_TOKENS)[0]]
 
 
 def _user_error(msg: str):
@@ -184,15 +361,28 @@ def _user_error(msg: str):
 
 
 MODES: list[Mode] = [
-    Mode("speech", _audio_arguments, lambda a: getattr(a, "speech", None) is not None, _run_speech),
+    Mode(
+        "speech",
+        _audio_arguments,
+        lambda a: getattr(a, "speech", None) is not None,
+        _run_speech,
+        _check_speech,
+    ),
     Mode(
         "transcribe",
         lambda p: None,
         lambda a: getattr(a, "transcribe", None) is not None,
         _run_transcribe,
+        _check_transcribe,
     ),
-    Mode("answer", _vision_arguments, lambda a: getattr(a, "image", None) is not None, _run_answer),
-    Mode("visual", lambda p: None, lambda a: bool(a.prompt), _run_visual),
+    Mode(
+        "answer",
+        _vision_arguments,
+        lambda a: getattr(a, "image", None) is not None,
+        _run_answer,
+        _check_answer,
+    ),
+    Mode("visual", lambda p: None, lambda a: bool(a.prompt), _run_visual, _check_visual),
 ]
 
 
@@ -205,6 +395,13 @@ def add_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="generated", help="output folder for files")
+    p.add_argument(
+        "--truncate-prompt",
+        action="store_true",
+        help="keep the start of a --prompt/--question/--speech (or --transcribe recording) that "
+        f"is longer than {MAX_TEXT_CHARS} characters or than the model's context leaves room "
+        "for, with a warning (default: refuse it)",
+    )
     for mode in MODES:
         mode.add_arguments(p)
 
@@ -218,6 +415,7 @@ def run(args, log=print) -> int:
             "nothing to generate: give --prompt (with --video for a clip), --image and "
             "--question, --speech TEXT or --transcribe FILE.wav"
         )
+    mode.check(args)  # inputs first: a bad file or text fails before the model loads
     cfg, model = load_model(args.checkpoint, log=lambda *_: None)
     for line in mode.run(args, cfg, model):
         log(line)

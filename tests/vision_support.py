@@ -8,8 +8,8 @@ from support import RECIPES
 
 TOKENIZER = dict(image_size=8, width=8, downsample=2, bits=4, scales=(1, 2, 4), frames=4)
 VISION = [
-    "data.seq_len=96",
-    "model.max_seq_len=96",
+    "data.seq_len=112",  # the longest video QA document (every question) has 98 positions
+    "model.max_seq_len=112",
     "model.vision.bits=4",
     "model.vision.scales=[1,2,4]",
     "model.vision.video_scales=2",

@@ -99,13 +99,36 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
 
 
 def _read_yaml(path: str) -> dict:
+    if os.path.isdir(path):
+        raise ConfigError(
+            f"recipe {path!r} is a directory; give a YAML file such as recipes/*.yaml"
+        )
     if not os.path.isfile(path):
         raise ConfigError(f"recipe {path!r} does not exist; recipes live in recipes/*.yaml")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(
+            f"recipe {path!r} cannot be read ({e.strerror}); check its permissions"
+        ) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"recipe {path!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}, "
+            f"offset {e.start}); save it as UTF-8 (recipes are YAML text)"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {path!r} is not valid YAML: {e}".replace("\n", " ")) from None
+    if data is None:
+        raise ConfigError(
+            f"recipe {path!r} is empty (no keys, only blanks or comments); a recipe names at "
+            "least its base: or component:, e.g. `base: debug.yaml` (see recipes/*.yaml)"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path!r} must be a YAML mapping of sections")
     return data

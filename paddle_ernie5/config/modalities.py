@@ -137,6 +137,22 @@ class VisionModelConfig:
         frame_groups = -(-self.video_frames // self.merge_frames) if kind == "video" else 1
         return frame_groups * (self.scales[-1] // self.merge) ** 2
 
+    def picture_positions(self, source: str) -> tuple[int, str]:
+        """(fewest positions, what they are) of a document of `source` (image_gen, video_gen,
+        image_qa, video_qa): its picture and delimiters plus the least text it can hold (none for
+        generation, whose caption may be dropped; one question and one answer token for QA)."""
+        kind = source.split("_")[0]
+        if source.endswith("_gen"):
+            if kind == "image":
+                tokens, how = sum(s * s for s in self.scales), f"scales {list(self.scales)}"
+            else:
+                per_frame = sum(s * s for s in self.scales[: self.video_scales])
+                tokens = self.video_frames * per_frame
+                how = f"{self.video_frames} frames x {per_frame} tokens"
+            return 3 + tokens, f"the {kind} ({tokens} tokens: {how}) and 3 delimiters"
+        places = self.merged_places(kind)
+        return 6 + places, f"the {kind} ({places} merged tokens), 4 delimiters and a 2-token QA"
+
     def validate(self, at: str) -> None:
         _check(
             at,

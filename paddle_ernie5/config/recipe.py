@@ -125,6 +125,18 @@ class Config(_Recipe):
             self.data.seq_len <= self.model.max_seq_len,
             f"<= model.max_seq_len={self.model.max_seq_len}",
         )
+        for source, w in self.data.mixture.weights().items():
+            if w > 0 and MIXTURE_MODALITY[source] in ("image", "video"):
+                n, what = self.model.vision.picture_positions(source)
+                _check(
+                    "data",
+                    "seq_len",
+                    self.data.seq_len,
+                    self.data.seq_len >= n,
+                    f">= {n} with data.mixture.{source} > 0: its shortest document holds {what}; "
+                    f"raise data.seq_len and model.max_seq_len (text needs room too), make the "
+                    f"pictures smaller (model.vision) or set data.mixture.{source}=0",
+                )
         _check(
             "parallel",
             "ep",

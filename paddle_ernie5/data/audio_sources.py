@@ -188,6 +188,16 @@ class ASRSource(_SpeechSource):
         self.question = asr_question(ctx.tokenizer, prompt)
         self.answers = [ctx.text(asr_answer_text(t, prompt)) for t in self.data.texts]
 
+    def longest(self) -> int:
+        """<bos> <boa> frames <eoa> question transcript <eos> of the longest utterance."""
+        return max(
+            (
+                4 + len(c) + len(self.question) + len(a)
+                for c, a in zip(self.data.codes, self.answers)
+            ),
+            default=0,
+        )
+
     def document(self, index: int, rng: np.random.Generator) -> list[Segment]:
         codes = self.codes(index)
         head = _quiet([self.bos, self.boa], 0)
@@ -201,6 +211,10 @@ class ASRSource(_SpeechSource):
 
 
 class TTSSource(_SpeechSource):
+    def longest(self) -> int:
+        """<bos> words <boa> frames <eoa> of the longest utterance."""
+        return max((3 + len(w) + len(c) for w, c in zip(self.words, self.data.codes)), default=0)
+
     def document(self, index: int, rng: np.random.Generator) -> list[Segment]:
         codes = self.codes(index)
         prompt = [self.bos] + self.words[index] + [self.boa]

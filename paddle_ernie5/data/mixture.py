@@ -8,6 +8,8 @@ A source is registered by name (the fields of config.MixtureConfig) with a facto
     len(source)                   number of distinct items of the split
     source.document(i, rng)       one document: a list of Segments (text, image scales, audio
                                   frames...)
+    source.longest()              (optional) positions of its longest document; the loader
+                                  refuses a data.seq_len below it before the first step
 
 The text source is defined here; the image/video sources (data/vision_sources.py) and the audio
 sources (data/audio_sources.py) register from their own modules, imported by `load_source_modules`.
@@ -25,7 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..config import SPECIAL_TOKENS, Config
+from ..config import SPECIAL_TOKENS, Config, ConfigError
 from ..plugins import import_optional
 from .multimodal import Segment, pack_segments, text_segment
 
@@ -129,6 +131,20 @@ def draw_documents(
     return docs, drawn
 
 
+def check_document_lengths(sources: dict[str, Source], seq_len: int) -> None:
+    """Every document a source can make fits a row: checked once, when the loader is built, so a
+    long document fails before training rather than at the step that first draws it."""
+    for name, src in sources.items():
+        longest = getattr(src, "longest", None)
+        n = longest() if longest is not None else 0
+        if n > seq_len:
+            raise ConfigError(
+                f"data.seq_len={seq_len} is too short for the {name!r} source: its longest "
+                f"document has {n} positions; raise data.seq_len and model.max_seq_len to at "
+                f"least {n}, make its pictures or speech shorter, or set data.mixture.{name}=0"
+            )
+
+
 class MixtureLoader:
     """Infinite stream of packed multimodal batches (numpy), `batch_size` rows each."""
 
@@ -144,6 +160,7 @@ class MixtureLoader:
         self.weights = weights
         self.sources = {k: SOURCES[k](ctx) for k, w in weights.items() if w > 0}
         self.seq_len = ctx.cfg.data.seq_len
+        check_document_lengths(self.sources, self.seq_len)
         self.batch_size = batch_size
         self.seed = seed
         self.pad_id = ctx.tokenizer.pad_id

@@ -375,6 +375,12 @@ class GenerationSource(_VisionSource):
     def __len__(self) -> int:
         return len(self.index)
 
+    def longest(self) -> int:
+        """Positions of the longest document: <bos> longest caption <boi|bov> picture <eoi|eov>."""
+        _, frames, per_frame, _ = self.data.tokens.shape
+        captions = {caption_of(self.kind, self.data.labels, int(i)) for i in self.index}
+        return 3 + frames * per_frame + max((len(self.ctx.text(c)) for c in captions), default=0)
+
     def caption_ids(self, i: int) -> list[int]:
         if i not in self._captions:
             self._captions[i] = self.ctx.text(caption_of(self.kind, self.data.labels, i))
@@ -398,6 +404,21 @@ class QASource(_VisionSource):
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def longest(self) -> int:
+        """Positions of the longest document: the merged picture with every question about it
+        answered, and the 4 delimiters."""
+        _, frames, _, h, w = self.data.feats.shape
+        m, mt = self.v.merge, (1 if self.kind == "image" else self.v.merge_frames)
+        places = (frames // mt) * (h // m) * (w // m)
+        text = max(
+            (
+                sum(len(self._ids(q)) + len(self._ids(" " + a)) for q, a in qa)
+                for qa in (questions_of(self.kind, self.data.labels, i) for i in range(len(self)))
+            ),
+            default=0,
+        )
+        return 4 + places + text
 
     def _ids(self, s: str) -> list[int]:
         if s not in self._text:

@@ -27,7 +27,7 @@ def load_balance(load_E: np.ndarray) -> tuple[float, float]:
 class RunLogger:
     def __init__(self, run_dir: str, visualdl: bool = True):
         os.makedirs(run_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "ab", buffering=0)
         self._vdl = None
         if visualdl:
             from visualdl import LogWriter
@@ -35,8 +35,18 @@ class RunLogger:
             self._vdl = LogWriter(logdir=os.path.join(run_dir, "vdl"))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self._jsonl.flush()
+        # One whole line or nothing: a write that fails (a full disk) is cut back off, so the file
+        # never holds half a line that would garble the next one.
+        line = (json.dumps({"step": step, **values}) + "\n").encode("utf-8")
+        fd = self._jsonl.fileno()
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            done = 0
+            while done < len(line):
+                done += os.write(fd, line[done:])
+        except OSError:
+            os.ftruncate(fd, end)
+            raise
         if self._vdl is not None:
             for tag, value in values.items():
                 self._vdl.add_scalar(tag=tag, value=float(value), step=step)

@@ -176,7 +176,8 @@ def _mixture_batch(cfg, seed=0, rows=4):
 
 def test_embeddings_heads_and_merger_forward_backward_on_a_mixture_batch(setup):
     cfg, _ = setup
-    loader, np_batch = _mixture_batch(cfg)
+    loader, np_batch = _mixture_batch(cfg, seed=2)  # a first batch that holds every source
+    assert set(loader.last_sources) >= {"image_gen", "image_qa", "video_gen", "video_qa"}
     for key in ("vis_in", "vis_target", "vis_scale", "image_patches", "video_patches"):
         assert key in np_batch, key
     assert np_batch["image_patches"].shape[2:] == (4, 4) and np_batch["video_patches"].shape[
