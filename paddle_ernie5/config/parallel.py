@@ -21,13 +21,17 @@ class ParallelConfig:
     order: tuple[str, ...] = ("dp", "ep", "pp", "sharding", "mp")
     # auto: all-to-all on a GPU build (NCCL), all-gather otherwise (works on gloo).
     dispatcher: str = "auto"  # auto | local | allgather | alltoall
-    # Fleet pipeline schedule on GPUs (stages planned by parallel/stages.py); micro-batches per
-    # step = train.grad_accum.
+    # Pipeline (pp > 1, parallel/pipeline.py): Fleet's schedule over the stages planned by
+    # parallel/stages.py. `ernie5 train` runs 1F1B (FThenB and VPP are sized by `ernie5 plan`).
     pp_schedule: str = "1F1B"  # 1F1B | FThenB | VPP
     pp_chunks: int = 1  # virtual stages per rank (VPP); 1 otherwise
+    # Micro-batches one pipeline pass splits each rank's rows into (a divisor of train.batch_size
+    # / (dp * ep * sharding)); more of them shrink the bubble, (pp - 1) / (micro_batches + pp - 1).
+    # Each of train.grad_accum micro-steps is one pass. Read only when pp > 1.
+    micro_batches: int = 1
 
     def validate(self, at: str) -> None:
-        for name in ("dp", "sharding", "ep", "pp", "mp"):
+        for name in ("dp", "sharding", "ep", "pp", "mp", "micro_batches"):
             _check(at, name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
         _check(
             at, "sharding_stage", self.sharding_stage, self.sharding_stage in (1, 2, 3), "1, 2 or 3"

@@ -154,6 +154,16 @@ class Config(_Recipe):
             "global batch; each rank takes an equal slice)",
         )
         _check(
+            "parallel",
+            "micro_batches",
+            self.parallel.micro_batches,
+            self.parallel.pp == 1
+            or (self.train.batch_size // data_ranks) % self.parallel.micro_batches == 0,
+            "a divisor of this rank's rows, train.batch_size / (dp * ep * sharding) = "
+            f"{self.train.batch_size // data_ranks} (a pipeline pass splits them into "
+            "micro-batches)",
+        )
+        _check(
             "elastic",
             "min_layers",
             self.elastic.min_layers,

@@ -86,29 +86,16 @@ class Ernie5Model(nn.Layer):
             )
             if layer_stats is not None:
                 stats[i] = layer_stats
-        h = self.norm(x)
-        logits = self.text_head(h)
-        mtp_logits = None
+        next_embed = None
         if with_mtp and self.mtp is not None:
-            next_ids = paddle.concat(
-                [batch["input_ids"][:, 1:], batch["input_ids"][:, -1:]], axis=1
-            )
-            next_embed = self.embed.text_table()(next_ids)
-            mtp_logits = self.text_head(self.mtp(x, next_embed, cos, sin, mask, causal))
-        extra = {name: head(h, batch) for name, head in self.heads.items()}
-        return ModelOutput(logits, mtp_logits, h, stats, extra)
+            next_embed = next_token_embeddings(self.embed, batch["input_ids"])
+        return output_heads(self, x, batch, (cos, sin, mask, causal), next_embed, stats)
 
     def head_losses(
         self, out: ModelOutput, batch
     ) -> dict[str, tuple[paddle.Tensor, paddle.Tensor, float]]:
-        """Loss name -> (mean loss, number of targets, weight) of every modality head. A head's loss
-        entry is (loss, count), weighted by head.loss_weight, or (loss, count, weight) with its own
-        weight (e.g. one entry per audio level)."""
-        losses = {}
-        for name, head in self.heads.items():
-            for key, (loss, count, *weight) in head.loss(out.extra[name], batch).items():
-                losses[key] = (loss, count, float(weight[0] if weight else head.loss_weight))
-        return losses
+        """Loss name -> (mean loss, number of targets, weight) of every modality head."""
+        return head_losses(self.heads, out, batch)
 
     def num_params(self) -> int:
         return sum(int(p.numel()) for p in self.parameters())
@@ -116,3 +103,37 @@ class Ernie5Model(nn.Layer):
     def moe_layers(self):
         """(layer index, MoE layer) for every block whose FFN is an MoE."""
         return [(i, b.ffn) for i, b in enumerate(self.blocks) if hasattr(b.ffn, "router")]
+
+
+# The pieces of the forward that run outside the blocks, shared with the pipeline's stages
+# (parallel/pipeline.py), which hold the same modules under the same attribute names.
+def next_token_embeddings(embed: ModalityEmbeddings, input_ids_BS):
+    """[B, S, M] text embedding of token i+1 at position i (the last position repeats its own
+    token): the MTP module's second input."""
+    next_ids = paddle.concat([input_ids_BS[:, 1:], input_ids_BS[:, -1:]], axis=1)
+    return embed.text_table()(next_ids)
+
+
+def output_heads(layers, x_BSM, batch, attn_args, next_embed=None, stats=None) -> ModelOutput:
+    """Final norm, text head, MTP (when `next_embed` is given) and modality heads over the last
+    block's output. `layers` holds `norm`, `text_head`, `mtp` and `heads` (the model, or the
+    pipeline's head stage); `attn_args` = (cos, sin, FlashMask indices, causal) of the MTP
+    block."""
+    h = layers.norm(x_BSM)
+    logits = layers.text_head(h)
+    mtp_logits = None
+    if next_embed is not None:
+        mtp_logits = layers.text_head(layers.mtp(x_BSM, next_embed, *attn_args))
+    extra = {name: head(h, batch) for name, head in layers.heads.items()}
+    return ModelOutput(logits, mtp_logits, h, {} if stats is None else stats, extra)
+
+
+def head_losses(heads, out: ModelOutput, batch) -> dict[str, tuple]:
+    """Loss name -> (mean loss, number of targets, weight) of every modality head in `heads`. A
+    head's loss entry is (loss, count), weighted by head.loss_weight, or (loss, count, weight) with
+    its own weight (e.g. one entry per audio level)."""
+    losses = {}
+    for name, head in heads.items():
+        for key, (loss, count, *weight) in head.loss(out.extra[name], batch).items():
+            losses[key] = (loss, count, float(weight[0] if weight else head.loss_weight))
+    return losses

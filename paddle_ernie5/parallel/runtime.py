@@ -48,6 +48,11 @@ def _loss_values(parts) -> dict[str, float]:
 
 class SingleProcess:
     rank, world_size, is_main = 0, 1, True
+    pipelined = False  # True: the runtime runs each micro-step's forward and backward itself
+
+    def refresh_model(self, model) -> None:
+        """Make this rank's whole model current before it runs whole (evaluation, generation):
+        nothing to do unless pipelined (parallel/pipeline_runtime.py)."""
 
     def wrap_model(self, model):
         return model
@@ -107,7 +112,7 @@ class SingleProcess:
 
 
 class Distributed(SingleProcess):
-    """One rank of a dp x ep x sharding run (pp = mp = 1)."""
+    """One rank of a dp x ep x sharding run (mp = 1; pp > 1 is parallel/pipeline_runtime.py)."""
 
     def __init__(self, cfg: Config, rank: int, groups: dict, cuda: bool):
         pcfg = cfg.parallel
@@ -347,4 +352,8 @@ def init_runtime(cfg: Config, world_size: int, rank: int):
     if world_size == 1:
         return SingleProcess()
     groups = topology.init_groups(cfg.parallel, rank, cuda=cuda)
+    if cfg.parallel.pp > 1:
+        from .pipeline_runtime import Pipelined
+
+        return Pipelined(cfg, rank, groups, Distributed(cfg, rank, groups, cuda))
     return Distributed(cfg, rank, groups, cuda)

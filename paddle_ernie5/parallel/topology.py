@@ -48,19 +48,18 @@ def check_degrees(pcfg: ParallelConfig, world_size: int, num_experts: int, cuda:
             f"parallel.ep={pcfg.ep} is invalid: allowed a divisor of "
             f"model.moe.num_experts={num_experts}"
         )
-    for axis, what in (("mp", "tensor parallel"), ("pp", "pipeline parallel")):
-        if degrees[axis] > 1 and not cuda:
-            raise ConfigError(
-                f"parallel.{axis}={degrees[axis]} is invalid on a CPU build of Paddle: "
-                f"allowed 1 ({what} uses Fleet layers that only run on GPUs)"
-            )
-    if degrees["mp"] > 1 or degrees["pp"] > 1:
-        # The trainer wraps data, sharding and expert parallel; pipeline/tensor parallel are sized
-        # by the planner and partitioned by parallel/stages.py, but not driven by this trainer.
+    if degrees["mp"] > 1 and not cuda:
         raise ConfigError(
-            f"parallel.pp={pcfg.pp}, parallel.mp={pcfg.mp} is invalid for `ernie5 train`: "
-            "allowed pp=1 and mp=1 (pipeline/tensor parallel are GPU paths sized by "
-            "`ernie5 plan`; see parallel/stages.py)"
+            f"parallel.mp={degrees['mp']} is invalid on a CPU build of Paddle: allowed 1 (tensor "
+            "parallel uses Fleet's ColumnParallelLinear, which refuses the CPU: 'Only support xpu, "
+            "gpu and custom_device')"
+        )
+    if degrees["mp"] > 1:
+        # The trainer wraps data, sharding, expert and pipeline parallel (parallel/pipeline.py);
+        # tensor parallel is sized by the planner but not driven by this trainer.
+        raise ConfigError(
+            f"parallel.mp={pcfg.mp} is invalid for `ernie5 train`: allowed 1 (tensor parallel is "
+            "a GPU path sized by `ernie5 plan`)"
         )
     if pcfg.sharding > 1 and pcfg.sharding_stage != 1:
         raise ConfigError(

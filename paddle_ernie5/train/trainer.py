@@ -149,6 +149,16 @@ class Trainer:
         with self.precision.compute(self.model):
             for micro in range(cfg.train.grad_accum):
                 global_batch = self.loader.next_batch()
+                if self.par.pipelined:  # every stage's forward and backward: parallel/pipeline.py
+                    values, stage_loads = self.par.forward_backward(
+                        global_batch, 1.0 / cfg.train.grad_accum
+                    )
+                    for key, value in values.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                    for i, (load, mask) in stage_loads.items():
+                        loads.add(i, load, mask)
+                    tokens += int(global_batch["input_ids"].size)
+                    continue
                 if sim.enabled:
                     # Drawn for the global batch from counters only: same anchors for any rank
                     # count and after a resume.
@@ -245,6 +255,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean next-token cross-entropy over the validation split (nats/token). Also keeps the
         expert usage and a sample of router logits per MoE layer for the dashboards."""
+        self.par.refresh_model(self.model)
         self.model.eval()
         total, count = 0.0, 0.0
         self._eval_usage: dict[int, np.ndarray] = {}

@@ -1,5 +1,5 @@
 """Parallel pieces that need no second process: rank layout, degree checks, dispatcher choice,
-pipeline partitioning (the GPU path, checked without running it) and the cluster planner."""
+pipeline partitioning and the cluster planner."""
 
 import itertools
 import os
@@ -33,8 +33,9 @@ def test_degree_checks_fail_before_any_work():
         check_degrees(C.ParallelConfig(dp=2, ep=2), 2, 8, cuda=False)
     with pytest.raises(C.ConfigError, match="parallel.mp=2 is invalid on a CPU build"):
         check_degrees(C.ParallelConfig(mp=2), 2, 8, cuda=False)
-    with pytest.raises(C.ConfigError, match="parallel.pp=2 is invalid on a CPU build"):
-        check_degrees(C.ParallelConfig(pp=2), 2, 8, cuda=False)
+    with pytest.raises(C.ConfigError, match="ColumnParallelLinear, which refuses the CPU"):
+        check_degrees(C.ParallelConfig(mp=2), 2, 8, cuda=False)
+    check_degrees(C.ParallelConfig(pp=2), 2, 8, cuda=False)  # the pipeline runs on gloo
     with pytest.raises(C.ConfigError, match="parallel.ep=3 is invalid: allowed a divisor"):
         check_degrees(C.ParallelConfig(ep=3), 3, 8, cuda=False)
     check_degrees(C.ParallelConfig(dp=2, ep=2), 4, 8, cuda=False)
@@ -49,6 +50,10 @@ def test_config_rejects_bad_parallel_values(debug_config):
         debug_config("parallel.dp=8")
     with pytest.raises(C.ConfigError, match="parallel.pp_chunks=2 is invalid"):
         debug_config("parallel.pp_chunks=2")
+    with pytest.raises(
+        C.ConfigError, match="parallel.micro_batches=3 is invalid: allowed a divisor"
+    ):
+        debug_config("parallel.pp=2", "parallel.micro_batches=3")
 
 
 def test_dispatcher_choice():
