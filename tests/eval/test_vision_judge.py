@@ -91,15 +91,20 @@ def test_train_from_config_reports_every_head(tmp_path, data_cache):
             f"train.run_dir={tmp_path / 'run'}",
             "train.visualdl=false",
             "train.progress=false",
-            "train.max_steps=2",
+            "train.max_steps=60",
             "train.warmup_steps=1",
-            "train.batch_size=8",
+            "train.batch_size=16",
+            "train.lr=0.01",
             "vision_judge.width=4",
-            "vision_judge.video_batch_size=2",
+            "vision_judge.video_batch_size=4",
         ],
     )
     m = train_from_config(cfg)
-    for head in ("digit", "fg", "bg"):
-        assert 0 <= m[f"image_{head}_acc"] <= 1
+    # 60 steps on a fixed seed: every image head and the video digit and colour heads at twice
+    # chance or more on held-out data (0.42 / 0.45 / 0.46, 0.27 / 0.40 / 0.44 when written).
+    # Motion needs longer; test_judge_learns_above_chance_quickly holds direction above chance.
+    for kind in ("image", "video"):
+        for head in ("digit", "fg", "bg"):
+            assert m[f"{kind}_{head}_acc"] > 2 * m[f"chance_{head}"], (kind, head, m)
     assert 0 <= m["video_direction_acc"] <= 1 and m["chance_direction"] == 0.25
     assert VisionJudge.load(str(tmp_path / "run")).cfg == cfg.vision_judge

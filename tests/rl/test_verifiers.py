@@ -25,6 +25,7 @@ def test_arithmetic_good_and_bad_answers():
 def test_built_in_problems_are_answered_correctly_by_their_own_solutions():
     for family in ("arithmetic", "counting"):
         problems = V.get_family(family).make_problems(200, seed=3)
+        assert len(problems) == 200, family  # `all` below would pass on no problems
         assert all(V.reward(p, p.solution) == 1.0 for p in problems)
         # a wrong number is always rejected
         assert all(V.reward(p, f" {int(p.answer) + 1}.\n") == 0.0 for p in problems)
@@ -35,20 +36,28 @@ def test_built_in_problems_are_answered_correctly_by_their_own_solutions():
 
 
 def test_counting_problems_are_true():
-    for p in V.counting_problems(300, seed=1):
+    problems = V.counting_problems(300, seed=1)
+    checked = {"stars": 0, "list": 0}
+    for p in problems:
         q = p.prompt
         if q.startswith("Q: How many stars"):
             assert q.count("*") == int(p.answer)
+            checked["stars"] += 1
         elif "how many times does" in q and "In the list" in q:
             listed = q.split("In the list ")[1].split(", how many")[0].split(", ")
             target = q.split("how many times does ")[1].split(" appear")[0]
             assert listed.count(target) == int(p.answer)
+            checked["list"] += 1
+    # fails rather than passes when the problems, or either kind, are missing
+    assert len(problems) == 300 and min(checked.values()) >= 30, checked
 
 
 def test_split_is_disjoint_and_independent_of_n():
     tr, he = V.split_problems("arithmetic", 300, 0, 0.2)
+    assert tr and he  # the disjointness below holds for empty lists too
     assert not {p.prompt for p in tr} & {p.prompt for p in he}
     tr2, he2 = V.split_problems("arithmetic", 600, 5, 0.2)
+    assert len(tr2) > len(tr)
     assert not {p.prompt for p in tr2} & {p.prompt for p in he}  # held out for every pool
     assert 0.1 < len(he) / (len(he) + len(tr)) < 0.3
 
