@@ -49,8 +49,8 @@ class StageTopology:
 
 @pytest.fixture(scope="module", autouse=True)
 def cpu_pipeline():
-    # PipelineLayer reads ParallelEnv().device_id, which a CPU build lacks: fleet_compat closes it as
-    # on every CPU pipeline run.
+    # PipelineLayer reads ParallelEnv().device_id, which a CPU build lacks: fleet_compat closes it
+    # as on every CPU pipeline run.
     fleet_compat.apply("gloo", pp=PP, cuda=False)
 
 

@@ -79,3 +79,20 @@ def test_checkpoints_move_between_pp2_and_one_process(results):
         assert r["single_ckpt_to_pp_step"] == 5
         # one more step from the loaded state: optimizer moments came through too
         assert r["after_resume_loss"] < TOL and r["after_resume_params"] < TOL
+
+
+@pytest.fixture(scope="module")
+def results4(tmp_path_factory, data_cache):
+    return launch("pipeline4_worker.py", 4, tmp_path_factory.mktemp("pipeline4"), data_cache)
+
+
+def test_dp2_x_pp2_and_ep2_x_pp2_match_one_process(results4):
+    """Two pipelines of two stages: the stages pair up across pipelines for data (and experts)."""
+    assert [r["dp2pp2"]["data_ranks"] for r in results4] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [r["ep2pp2"]["ep_ranks"] for r in results4] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    for r in results4:
+        for layout in ("dp2pp2", "ep2pp2"):
+            out = r[layout]
+            assert len(out["losses"]) == 5 and max(out["losses"]) < TOL, layout
+            assert out["params"] < TOL and out["val_loss"] < TOL, layout
+        assert r["ep2pp2"]["ckpt_to_single_logits"] < TOL  # experts joined over ep, then stages
