@@ -1,6 +1,7 @@
-"""Step time of the tiny recipe on one process vs DP=2 vs EP=2 (gloo, this machine).
+"""Step time of the tiny recipe on one process vs DP=2 vs EP=2 vs PP=2 (gloo, this machine).
 
-Also the bytes each expert dispatcher sends per step. (The first line is the --help description.)
+Also the bytes each expert dispatcher sends per step, and for the pipeline the bytes sent between
+its stages and its measured bubble. (The first line is the --help description.)
 
     python tools/bench_parallel.py [--steps 8] [key=value overrides for recipes/pretrain_tiny.yaml]
 
@@ -8,6 +9,11 @@ Each setup runs in its own process group (1 process with every core; 2 processes
 cores each), warms up 2 steps and reports the median of --steps timed training steps. Dispatcher
 bytes are computed from the routing of a real EP=2 step: the all-gather dispatcher's as it ran, the
 all-to-all dispatcher's for the same routing (gloo has no all-to-all, so it is sized, not timed).
+Pipeline: the bytes one stage sends the next per step are those of the real activations (forward)
+and their gradients (backward) times the micro-batches (p2p shape messages left out); a stage's
+measured bubble is the share of each pipeline pass's wall time in which it does not compute (its
+layers' forward, the loss on the last stage, backward; timed with Fleet's micro-step hooks), beside
+the 1F1B formula (p - 1) / (m + p - 1) for p equal stages and m micro-batches.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ def worker(out: str, steps: int, overrides: list[str]) -> None:
     trainer = Trainer(cfg, log=lambda *_: None, parallel=par)
     for _ in range(2):
         trainer.train_step()
+    probe = _PipelineProbe(par) if par.pipelined else None
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -51,6 +58,8 @@ def worker(out: str, steps: int, overrides: list[str]) -> None:
         "tokens": cfg.train.batch_size * cfg.data.seq_len,
         "params": trainer.model.num_params(),
     }
+    if probe is not None:
+        result.update(probe.result(trainer))
     if cfg.parallel.ep > 1:  # one more step, recording each MoE layer's dispatch
         metas = []
         for _, moe in trainer.model.moe_layers():
@@ -107,6 +116,75 @@ class _Recording:
         return self.inner.combine(expert_outputs, meta)
 
 
+class _PipelineProbe:
+    """Benchmark only: the wall time of each pipeline pass (the runtime's forward_backward) and the
+    time this stage computes in it, from Fleet's micro-step hooks: forward begin -> end, backward
+    begin -> end, and on the last stage forward end -> backward begin (the loss; nothing else runs
+    between them there)."""
+
+    def __init__(self, runtime):
+        from paddle.distributed.fleet.meta_parallel.pipeline_parallel import (
+            PipelineParallelMicroStepLocations as At,
+        )
+
+        self.runtime, self.wall, self.busy = runtime, 0.0, 0.0
+        self.opened: float | None = None
+        run = runtime.forward_backward
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = run(*args, **kwargs)
+            self.wall += time.perf_counter() - t0
+            return out
+
+        runtime.forward_backward = timed
+        last = runtime.is_last
+        marks = {
+            At.FORWARD_BEGIN: True,
+            At.FORWARD_END: last,  # the last stage goes on computing: its loss
+            At.BACKWARD_BEGIN: True,
+            At.BACKWARD_END: False,
+        }
+        for at, opens in marks.items():
+            runtime.engine.register_hook(at, self._mark(opens))
+
+    def _mark(self, opens: bool):
+        def hook(**_):
+            now = time.perf_counter()
+            if self.opened is not None:
+                self.busy += now - self.opened
+            self.opened = now if opens else None
+
+        return hook
+
+    def result(self, trainer) -> dict:
+        """Per stage: the measured bubble; and the bytes stage 0 sends stage 1 per step, from its
+        real activations for one micro-batch (forward) and those of them that carry a gradient
+        back (backward)."""
+        import paddle.distributed as dist
+
+        from paddle_ernie5.parallel.pipeline_runtime import _pipeline_batch
+
+        rt = trainer.par
+        sent = 0
+        if rt.stage == 0:
+            np_batch = trainer.loader.next_batch()
+            rows = len(np_batch["input_ids"]) // len(rt.data_ranks) // rt.micro_batches
+            acts = rt.pipe(_pipeline_batch({k: v[:rows] for k, v in np_batch.items()}))
+            for t in acts.values():
+                sent += int(t.numel()) * t.element_size() * (1 if t.stop_gradient else 2)
+        parts: list = []
+        idle = 1.0 - self.busy / max(self.wall, 1e-9)
+        dist.all_gather_object(parts, (rt.stage, idle, sent), group=rt.pp_group)
+        p, m = len(rt.pp_ranks), rt.micro_batches
+        return {
+            "micro_batches": m,
+            "bubble": [share for _, share, _ in sorted(parts)],
+            "bubble_formula": (p - 1) / (m + p - 1),
+            "p2p_bytes": m * sum(n for *_, n in parts),
+        }
+
+
 def run_setup(name: str, procs: int, steps: int, overrides: list[str], threads: int = 0) -> dict:
     out = tempfile.mkdtemp(prefix=f"bench_parallel_{name}_")
     args = [os.path.abspath(__file__), "--worker", out, "--steps", str(steps), *overrides]
@@ -148,6 +226,8 @@ def main() -> None:
         ("1 process, 1 thread", 1, 1, []),
         ("DP=2", 2, half, ["parallel.dp=2"]),
         ("EP=2 (all-gather)", 2, half, ["parallel.ep=2", "parallel.dispatcher=allgather"]),
+        ("PP=2, 2 micro-batches", 2, half, ["parallel.pp=2", "parallel.micro_batches=2"]),
+        ("PP=2, 8 micro-batches", 2, half, ["parallel.pp=2", "parallel.micro_batches=8"]),
     ]
     results = {
         name: run_setup(name.split()[0], procs, args.steps, [*args.overrides, *extra], threads)
@@ -184,6 +264,19 @@ def main() -> None:
         f"{ep['routed_bytes'] / 2**20:.2f} |"
     )
     print(f"| DP=2 gradient all-reduce (all parameters, fp32) | {grad_bytes / 2**20:.2f} |")
+    print(
+        "\npipeline (PP=2): share of each pass a stage does not compute, and what stage 0 sends "
+        "stage 1 per step (activations forward, their gradients backward)\n"
+    )
+    print("| setup | bubble, stage 0 / stage 1 (measured) | 1F1B formula | MiB / step |")
+    print("|---|---|---|---|")
+    for name, *_ in setups:
+        r = results[name]
+        if "bubble" in r:
+            shares = " / ".join(f"{b:.2f}" for b in r["bubble"])
+            print(
+                f"| {name} | {shares} | {r['bubble_formula']:.2f} | {r['p2p_bytes'] / 2**20:.2f} |"
+            )
 
 
 if __name__ == "__main__":
