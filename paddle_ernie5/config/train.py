@@ -11,10 +11,56 @@ The attribute names are the same in both, so a loop written against one reads th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from ._check import _check
+from ._check import _check, to_plain
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+# Settings a resumed run may change freely: where and how often it writes and reports, how many
+# threads and processes compute it, where caches live. Every other field of a recipe is recorded in
+# each checkpoint and compared on resume (train.on_config_change).
+RESUME_FREE = (
+    "name",
+    "build_only",
+    "train.run_dir",
+    "train.threads",
+    "train.log_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.visualdl",
+    "train.progress",
+    "train.resume",
+    "train.on_config_change",
+    "train.init_from",
+    "train.eval_every",
+    "data.cache_dir",
+    "data.eval_batches",
+    "parallel",
+)
+
+
+def flat_settings(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A config (or plain dict) as {dotted key: plain value}."""
+    tree = to_plain(tree)
+    if not isinstance(tree, dict):
+        return {prefix: tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(flat_settings(v, key) if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+def resume_settings(cfg: Any) -> dict[str, Any]:
+    """The settings of a recipe a checkpoint records and a resumed run must match (or, with
+    train.on_config_change=warn, is told about): every field but those under RESUME_FREE."""
+    return {
+        k: v
+        for k, v in flat_settings(cfg).items()
+        if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE)
+    }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +156,10 @@ class LoopConfig:
     log_every: int = 10
     save_every: int = 200  # checkpoint every n steps (and after the last)
     keep_last: int = 2  # checkpoints kept
+    # Resuming with settings other than those the checkpoint was written with (schedule, max_steps,
+    # batch, seed, ...: every field but those in RESUME_FREE): refuse (exit 2, listing them) or warn
+    # (list them and continue on the new settings). A change of parameter shapes always refuses.
+    on_config_change: str = "refuse"  # refuse | warn
     visualdl: bool = True
     progress: bool = True
 
@@ -135,6 +185,13 @@ class LoopConfig:
         _check(at, "eps", self.eps, self.eps > 0, "> 0")
         _check(at, "clip_norm", self.clip_norm, self.clip_norm >= 0, ">= 0 (0 disables)")
         _check(at, "threads", self.threads, self.threads >= 0, ">= 0 (0 = all cores)")
+        _check(
+            at,
+            "on_config_change",
+            self.on_config_change,
+            self.on_config_change in ("refuse", "warn"),
+            "refuse or warn",
+        )
         self.clip.validate(f"{at}.clip")
 
 

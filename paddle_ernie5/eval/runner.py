@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-import paddle
-
 from .. import config as C
 from ..io import checkpoint
 from ..model.model import Ernie5Model
@@ -19,8 +17,11 @@ def load_model(path: str, log=print):
     cfg_path, source = checkpoint.find_run(path)
     cfg = C.load_config(cfg_path)
     model = Ernie5Model(cfg.model)
-    model.set_state_dict(
-        {k: paddle.to_tensor(v) for k, v in checkpoint.load_model_weights(source, warn=log).items()}
+    checkpoint.set_weights(
+        model,
+        checkpoint.load_model_weights(source, warn=log),
+        f"the weights in {source}",
+        f"; {cfg_path} holds another model (was a run directory reused?)",
     )
     model.eval()
     return cfg, model

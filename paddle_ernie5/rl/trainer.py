@@ -25,6 +25,7 @@ import numpy as np
 import paddle
 
 from .. import config as C
+from ..config.train import resume_settings
 from ..data.text import get_text_tokenizer
 from ..io import checkpoint
 from ..model.model import Ernie5Model
@@ -237,8 +238,7 @@ class RLTrainer:
     def save(self) -> str:
         model_state = {k: v.numpy() for k, v in self.model.state_dict().items()}
         meta = {
-            "model_config": C.to_plain(self.cfg.model),
-            "config_hash": C.config_hash(self.cfg),
+            "config": resume_settings(self.cfg),  # compared on resume (train.on_config_change)
             "query_stats": self.stats.state_dict(),
         }
         return checkpoint.save(
@@ -251,8 +251,15 @@ class RLTrainer:
         )
 
     def try_resume(self) -> bool:
+        tc = self.cfg.train
         found = checkpoint.resumable(
-            self.ckpt_root, self.cfg.train.resume, C.to_plain(self.cfg.model), warn=self.log
+            self.ckpt_root,
+            tc.resume,
+            resume_settings(self.cfg),
+            on_change=tc.on_config_change,
+            shapes={k: tuple(v.shape) for k, v in self.model.state_dict().items()},
+            validate=_check_meta,
+            warn=self.log,
         )
         if found is None:
             return False
@@ -265,13 +272,18 @@ class RLTrainer:
         return True
 
     def fit(self) -> dict:
+        """Train to train.max_steps holding the run directory's lock (io/checkpoint.RunLock)."""
+        with checkpoint.RunLock(self.run_dir, warn=self.log):
+            return self._fit()
+
+    def _fit(self) -> dict:
         cfg, tc, rc = self.cfg, self.cfg.train, self.cfg.rl
-        os.makedirs(self.run_dir, exist_ok=True)
-        C.save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         resumed = self.try_resume()
-        logger = RunLogger(self.run_dir, tc.visualdl)
         summary_path = os.path.join(self.run_dir, "rl_summary.json")
-        summary = _read_json(summary_path) if resumed else {}
+        summary = _read_summary(summary_path) if resumed else {}
+        # Only now that the run goes on: a refused resume leaves the directory as it was.
+        C.save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        logger = RunLogger(self.run_dir, tc.visualdl)
         if not resumed:
             logger.hparams(flatten(cfg.to_dict()), ["reward/mean"])
             summary["before"] = self.heldout()
@@ -351,11 +363,32 @@ def _routing_mismatch(router_stats: dict, batch) -> float:
     return diff / max(total, 1)
 
 
-def _read_json(path: str) -> dict:
+def _check_meta(meta: dict) -> None:
+    """The RL fields of a checkpoint's meta.json: query statistics {key: [pass_init, correct,
+    total]}."""
+    stats = checkpoint.check_dict(meta.get("query_stats"), "query_stats")
+    for key, record in stats.items():
+        at = f"query_stats.{key}"
+        ok = isinstance(record, list) and len(record) == 3
+        checkpoint.expect(ok, f"{at} is not [pass_init, correct, total]")
+        checkpoint.check_number(record[0], f"{at}[0]")
+        checkpoint.check_number(record[1], f"{at}[1]")
+        checkpoint.check_int(record[2], f"{at}[2]")
+
+
+def _read_summary(path: str) -> dict:
+    """rl_summary.json of the run being resumed: its held-out reward before the first step."""
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        summary = checkpoint.check_dict(checkpoint.read_json(path), "rl_summary.json")
+        if "before" in summary:
+            checkpoint.check_dict(summary["before"], "rl_summary.json before")
+    except checkpoint.Damaged as e:
+        raise checkpoint.CheckpointError(
+            f"{path} is damaged ({e}); restore it, or set a new train.run_dir"
+        ) from None
+    return summary
 
 
 def _progress(start: int, end: int, enabled: bool):

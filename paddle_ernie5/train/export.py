@@ -17,7 +17,6 @@ def export_from_checkpoint(
     import json
     import os
 
-    import paddle
     from safetensors.numpy import save_file
 
     from .. import config as C
@@ -30,8 +29,11 @@ def export_from_checkpoint(
     cfg = C.load_config(cfg_path)
     check_request(cfg.model, layers, experts, top_k)
     model = Ernie5Model(cfg.model)
-    model.set_state_dict(
-        {k: paddle.to_tensor(v) for k, v in checkpoint.load_model_weights(source, warn=log).items()}
+    checkpoint.set_weights(
+        model,
+        checkpoint.load_model_weights(source, warn=log),
+        f"the weights in {source}",
+        f"; {cfg_path} holds another model (was a run directory reused?)",
     )
     dc = cfg.data
     _, _, val_packed = build_text_data(

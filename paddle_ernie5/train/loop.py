@@ -3,12 +3,14 @@ tokenizers, codec, judges, merger and the supervised stage. A component supplies
 evaluation; the loop owns seeding, the run directory, progress, logging, periodic evaluation,
 checkpoints, exact resume and a clean Ctrl-C (OLMo-core's Trainer, Lightning's fit loop).
 
-    loop = Loop(cfg.train, cfg)          seeds paddle and numpy, writes <run_dir>/config.yaml
+    loop = Loop(cfg.train, cfg)          seeds paddle and numpy
     comp = MyComponent(cfg, loop.rng)    builds data, model, optimizer (after seeding, so the same
                                          seed draws the same initial weights)
     metrics = loop.fit(comp)
 
-    resume from the newest checkpoint in <run_dir>/checkpoints (if any)
+    lock <run_dir> (io/checkpoint.RunLock: a second run on it stops with exit 2)
+    resume from the newest checkpoint in <run_dir>/checkpoints (if any; refused ones stop with
+        exit 2 before anything in <run_dir> is written), then write <run_dir>/config.yaml
     for step in start .. train.max_steps - 1:
         scalars = comp.step(step)                   one optimizer step
         every train.log_every steps    scalars -> metrics.jsonl, VisualDL, the progress bar
@@ -19,12 +21,15 @@ checkpoints, exact resume and a clean Ctrl-C (OLMo-core's Trainer, Lightning's f
 Without a config (`Loop(train)`) the loop runs in memory: the same seeding and steps, no files.
 
 A checkpoint is io/checkpoint.py's directory: model parameters and buffers and the optimizer
-moments as safetensors, the rest as JSON in meta.json: the step, the numpy generator's
-`bit_generator.state`, Paddle's generator state, the component's `state_dict()` and the seconds
-trained so far. Nothing is pickled. Paddle's generator state is stored as the four values its
-`GeneratorState` pickles itself to (device, seed, offset and the mt19937_64 engine state as text)
-and rebuilt from them with `__setstate__`, which takes plain values, so a resumed run draws the
-same dropout masks and random restarts as one that never stopped.
+moments as safetensors, the rest as JSON in meta.json: the step, the recipe's settings
+(config/train.resume_settings, compared on resume per train.on_config_change), the numpy
+generator's `bit_generator.state`, Paddle's generator state, the component's `state_dict()` and the
+seconds trained so far. Nothing is pickled. Paddle's generator state is stored as the four values
+its `GeneratorState` pickles itself to (device, seed, offset and the mt19937_64 engine state as
+text) and rebuilt from them with `__setstate__`, which takes plain values, so a resumed run draws
+the same dropout masks and random restarts as one that never stopped (`paddle_rng_state`,
+`set_paddle_rng_state`; the backbone trainer stores its generator the same way). Every field is
+checked before anything is applied; a damaged checkpoint falls back to the previous one.
 
 Ctrl-C: the first press lets the current step finish, then the loop checkpoints, prints how to
 resume and exits with code 130. A KeyboardInterrupt raised inside a step (a second press) is
@@ -44,6 +49,7 @@ import numpy as np
 import paddle
 
 from ..config import save_config
+from ..config.train import flat_settings, resume_settings
 from ..io import checkpoint, write_json
 from ..optim.optimizer import load_optimizer_state, optimizer_state
 from .logging import RunLogger
@@ -83,24 +89,29 @@ class Loop:
     def __init__(self, train, config=None):
         """`train`: the recipe's train section; `config`: the whole recipe, whose train.run_dir
         receives config.yaml, logs, checkpoints and metrics.json (None: run in memory)."""
-        self.tr = train
+        self.tr, self.config = train, config
         self.run_dir = train.run_dir if config is not None else None
         paddle.seed(train.seed)
         self.rng = np.random.default_rng(train.seed)
-        if self.run_dir:
-            os.makedirs(self.run_dir, exist_ok=True)
-            save_config(config, os.path.join(self.run_dir, "config.yaml"))
 
     # ------------------------------------------------------------------------------------- fit
 
     def fit(self, c: Component, stop_at: int | None = None) -> dict | None:
         """Train `c` to train.max_steps and return its final metrics; with `stop_at`, stop after
         that many steps with a checkpoint and return None (what a killed run leaves behind)."""
+        if self.run_dir is None:
+            return self._fit(c, stop_at)
+        with checkpoint.RunLock(self.run_dir, warn=_stderr):
+            return self._fit(c, stop_at)
+
+    def _fit(self, c: Component, stop_at: int | None) -> dict | None:
         from tqdm import tqdm
 
         tr = self.tr
         end = tr.max_steps if stop_at is None else min(stop_at, tr.max_steps)
         step, seconds = self._resume(c)
+        if self.run_dir:  # only now: a refused resume leaves the run directory as it was
+            save_config(self.config, os.path.join(self.run_dir, "config.yaml"))
         log = RunLogger(self.run_dir, tr.visualdl) if self.run_dir else None
         bar = tqdm(
             total=tr.max_steps,
@@ -194,9 +205,14 @@ class Loop:
             "train_seconds": seconds,
         }
 
+    def _settings(self, c: Component) -> dict:
+        """What a checkpoint records and a resume compares: the recipe's settings and the
+        component's own config (under "component.")."""
+        return {**resume_settings(self.config), **flat_settings(c.config or {}, "component")}
+
     def _save(self, c: Component, step: int, boundary: dict) -> str:
         model = {k: v.numpy() for k, v in c.model.state_dict().items()}
-        meta = {"model_config": c.config, "loop": boundary}
+        meta = {"config": self._settings(c), "loop": boundary}
         return checkpoint.save(
             self._root, step, model, optimizer_state(c.model, c.optimizer), meta, self.tr.keep_last
         )
@@ -207,17 +223,29 @@ class Loop:
         if self.run_dir is None:
             return 0, 0.0
         resume = getattr(self.tr, "resume", "auto")
+
+        def validate(meta: dict) -> None:
+            loop = checkpoint.check_dict(
+                meta.get("loop"), "loop", ("numpy_rng", "paddle_rng", "component", "train_seconds")
+            )
+            check_numpy_rng_state(loop["numpy_rng"], self.rng, "loop.numpy_rng")
+            check_paddle_rng_state(loop["paddle_rng"], "loop.paddle_rng")
+            checkpoint.check_number(loop["train_seconds"], "loop.train_seconds", lo=0)
+            # The component's own check: loading it (a later load of the chosen one replaces it).
+            c.load_state_dict(checkpoint.check_dict(loop["component"], "loop.component"))
+
         found = checkpoint.resumable(
-            self._root, resume, c.config, warn=lambda m: print(m, file=sys.stderr)
+            self._root,
+            resume,
+            self._settings(c),
+            on_change=self.tr.on_config_change,
+            shapes={k: tuple(v.shape) for k, v in c.model.state_dict().items()},
+            validate=validate,
+            warn=_stderr,
         )
         if found is None:
             return 0, 0.0
         path, model_state, optim_state, meta = found
-        if "loop" not in meta:  # not written by this loop: no RNG state to resume from
-            raise checkpoint.CheckpointError(
-                f"checkpoint {path} holds no loop state (RNGs, step counters) to resume from; "
-                "set a new train.run_dir"
-            )
         c.model.set_state_dict({k: paddle.to_tensor(v) for k, v in model_state.items()})
         load_optimizer_state(c.model, c.optimizer, optim_state)
         state = meta["loop"]
@@ -228,8 +256,13 @@ class Loop:
         return int(meta["step"]), float(state["train_seconds"])
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def paddle_rng_state() -> list[dict]:
-    """Paddle's generator states as JSON: the values `GeneratorState.__getstate__` gives."""
+    """Paddle's generator states as JSON: the values `GeneratorState.__getstate__` gives. Used by
+    every trainer that checkpoints Paddle's generator (this loop, train/trainer.py)."""
     out = []
     for s in paddle.get_rng_state():
         device, seed, offset, engine = s.__getstate__()
@@ -242,6 +275,61 @@ def paddle_rng_state() -> list[dict]:
             }
         )
     return out
+
+
+def check_paddle_rng_state(states, at: str = "paddle_rng") -> list[dict]:
+    """`states` is what `paddle_rng_state` gives for this process's generators (one per device),
+    each engine state the mt19937_64 text (312 words and an index); else `checkpoint.Damaged`.
+    Paddle itself would take any text and make a garbage generator of it."""
+    checkpoint.check_list(states, at)
+    want = len(paddle.get_rng_state())
+    checkpoint.expect(len(states) == want, f"{at} holds {len(states)} generator states, not {want}")
+    for i, s in enumerate(states):
+        where = f"{at}[{i}]"
+        checkpoint.check_dict(s, where, ("device", "seed", "offset", "engine"))
+        checkpoint.check_int(s["device"], f"{where}.device", lo=-1)
+        checkpoint.check_int(s["seed"], f"{where}.seed", hi=2**64 - 1)
+        checkpoint.check_int(s["offset"], f"{where}.offset", hi=2**64 - 1)
+        words = checkpoint.check_str(s["engine"], f"{where}.engine").split()
+        ok = (
+            len(words) == _MT_WORDS + 1
+            and all(w.isascii() and w.isdigit() for w in words)
+            and all(int(w) < 2**64 for w in words[:-1])
+            and int(words[-1]) <= _MT_WORDS
+        )
+        checkpoint.expect(ok, f"{where}.engine is not an mt19937_64 state")
+    return states
+
+
+_MT_WORDS = 312  # mt19937_64's state size
+
+
+def check_numpy_rng_state(state, rng: np.random.Generator, at: str) -> dict:
+    """`state` is a `bit_generator.state` of the same kind as `rng`'s (assigned to a scratch
+    generator to let numpy check it); else `checkpoint.Damaged`."""
+    checkpoint.check_dict(state, at, ("bit_generator",))
+    kind = type(rng.bit_generator)
+    checkpoint.expect(
+        state["bit_generator"] == kind.__name__,
+        f"{at}.bit_generator is {state['bit_generator']!r}, not {kind.__name__!r}",
+    )
+
+    def integers(value, where):  # numpy would take floats and booleans
+        if isinstance(value, dict):
+            for k, v in value.items():
+                integers(v, f"{where}.{k}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                integers(v, f"{where}[{i}]")
+        elif not isinstance(value, str):
+            checkpoint.check_int(value, where)
+
+    integers({k: v for k, v in state.items() if k != "bit_generator"}, at)
+    try:
+        kind().state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
+        raise checkpoint.Damaged(f"{at} is not a {kind.__name__} state ({e})") from None
+    return state
 
 
 def set_paddle_rng_state(states: list[dict]) -> None:

@@ -8,28 +8,63 @@ from __future__ import annotations
 
 import os
 
-import paddle
+import numpy as np
 
 from ..errors import UserError
 from ..model.audio import AudioEmbedding
 from ..model.vision import VisualEmbedding
 from ..tokenizers.audio import load_codec
 
-MERGER_WEIGHTS = "merger.pdparams"  # written by train/vision_merger.py
+# Written by train/vision_merger.py: every tensor of each pre-trained kind's visual embedding,
+# keyed "<kind>.<parameter name>" (kind: image, video).
+MERGER_WEIGHTS = "merger.safetensors"
+OLD_MERGER_WEIGHTS = "merger.pdparams"  # a pickle, written by earlier versions; never read
+
+
+def merger_key(kind: str, name: str) -> str:
+    return f"{kind}.{name}"
+
+
+def read_merger(path: str) -> dict[str, dict[str, np.ndarray]]:
+    """{kind: {parameter name: array}} of the vision_merger run at `path`; a clear error when it
+    has none, has only the old pickle, or the file is not safetensors."""
+    from safetensors.numpy import load_file
+
+    file = os.path.join(path, MERGER_WEIGHTS)
+    redo = (
+        "re-run the merger pre-training (`ernie5 train recipes/vision_merger.yaml "
+        "train.run_dir=<new dir>`) and point model.vision.merger_init at it"
+    )
+    if not os.path.isfile(file):
+        old = os.path.join(path, OLD_MERGER_WEIGHTS)
+        if os.path.exists(old):
+            raise UserError(
+                f"model.vision.merger_init={path!r}: {old} is a pickle written by an older "
+                f"version and is not read (loading a pickle can run any code); {redo}"
+            )
+        raise UserError(
+            f"model.vision.merger_init={path!r}: no {MERGER_WEIGHTS} there; pre-train the "
+            "merger with `ernie5 train recipes/vision_merger.yaml` or set "
+            "model.vision.merger_init=''"
+        )
+    try:
+        flat = load_file(file)
+    except Exception as e:  # any parse failure means the same thing here
+        raise UserError(
+            f"model.vision.merger_init={path!r}: {file} is not a safetensors file ({e}); {redo}"
+        ) from None
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in flat.items():
+        kind, _, name = key.partition(".")
+        out.setdefault(kind, {})[name] = value
+    return out
 
 
 def load_merger(embedding, kind: str, path: str) -> bool:
     """Copy the pre-trained weights of `kind`'s visual embedding (merger, place tables) from the
     vision_merger run at `path` into `embedding`; False when that run trained no `kind` attribute.
     A missing run or another shape is a clear error."""
-    file = os.path.join(path, MERGER_WEIGHTS)
-    if not os.path.isfile(file):
-        raise UserError(
-            f"model.vision.merger_init={path!r}: no {MERGER_WEIGHTS} there; pre-train the "
-            "merger with `ernie5 train recipes/vision_merger.yaml` or set "
-            "model.vision.merger_init=''"
-        )
-    saved = paddle.load(file).get(kind)
+    saved = read_merger(path).get(kind)
     if saved is None:
         return False
     own = embedding.state_dict()

@@ -12,11 +12,9 @@ loads, and joins full weights for checkpoints, which rank 0 writes. One process:
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import os
-import pickle
 import time
 from dataclasses import dataclass
 
@@ -24,6 +22,7 @@ import numpy as np
 import paddle
 
 from .. import config as C
+from ..config.train import resume_settings
 from ..data.loader import build_text_data, eval_batches, unigram_baseline
 from ..io import checkpoint
 from ..model.generation import generate
@@ -42,6 +41,12 @@ from ..optim.schedules import learning_rate
 from ..parallel.runtime import SingleProcess
 from .elastic import ElasticSampler, LoadAccumulator
 from .logging import RunLogger, flatten, heatmap_image, load_balance
+from .loop import (
+    check_numpy_rng_state,
+    check_paddle_rng_state,
+    paddle_rng_state,
+    set_paddle_rng_state,
+)
 from .precision import Precision
 from .pretrained import init_fresh
 
@@ -92,10 +97,17 @@ class Trainer:
         return {
             "data": self.loader.state_dict(),
             "elastic": self.elastic.state_dict(),
-            "paddle_rng": base64.b64encode(pickle.dumps(paddle.get_rng_state())).decode(),
-            "model_config": C.to_plain(self.cfg.model),
-            "config_hash": C.config_hash(self.cfg),
+            "paddle_rng": paddle_rng_state(),  # plain JSON values, as train/loop.py stores it
+            "config": resume_settings(self.cfg),  # compared on resume (train.on_config_change)
         }
+
+    def _check_meta(self, meta: dict) -> None:
+        """What try_resume applies from meta.json, checked before anything is applied (a damaged
+        checkpoint is then skipped for the previous one)."""
+        checkpoint.check_dict(meta, "meta", ("data", "elastic", "paddle_rng"))
+        checkpoint.check_like(meta["data"], self.loader.state_dict(), "data")
+        check_numpy_rng_state(meta["elastic"], self.elastic.rng, "elastic")
+        check_paddle_rng_state(meta["paddle_rng"], "paddle_rng")
 
     def save(self) -> str | None:
         model_state, optim_state = self.par.full_states(self.model, self.optimizer)
@@ -115,8 +127,16 @@ class Trainer:
         return path
 
     def try_resume(self) -> bool:
+        tc = self.cfg.train
         found = checkpoint.resumable(
-            self.ckpt_root, self.cfg.train.resume, C.to_plain(self.cfg.model), warn=self.log
+            self.ckpt_root,
+            tc.resume,
+            resume_settings(self.cfg),
+            on_change=tc.on_config_change,
+            shapes={k: tuple(v.shape) for k, v in self.model.state_dict().items()},
+            local=self.par.local_state,
+            validate=self._check_meta,
+            warn=self.log,
         )
         if found is None:
             return False
@@ -127,7 +147,7 @@ class Trainer:
             self.adagc.load_state_dict(adagc_state)
         self.loader.load_state_dict(meta["data"])
         self.elastic.load_state_dict(meta["elastic"])
-        paddle.set_rng_state(pickle.loads(base64.b64decode(meta["paddle_rng"])))
+        set_paddle_rng_state(meta["paddle_rng"])
         self.step = int(meta["step"])
         self.log(f"resumed from {path} at step {self.step}")
         return True
@@ -331,17 +351,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_at: int | None = None) -> FitResult:
-        """Train to `train.max_steps` (or stop after step `stop_at`, saving a checkpoint there)."""
+        """Train to `train.max_steps` (or stop after step `stop_at`, saving a checkpoint there).
+        Rank 0 holds the run directory's lock (io/checkpoint.RunLock) meanwhile."""
+        if not self.par.is_main:
+            return self._fit(stop_at)
+        with checkpoint.RunLock(self.run_dir, warn=self.log):
+            return self._fit(stop_at)
+
+    def _fit(self, stop_at: int | None) -> FitResult:
         cfg, tc = self.cfg, self.cfg.train
-        os.makedirs(self.run_dir, exist_ok=True)
-        if self.par.is_main:
-            C.save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         if not self.try_resume():
             if tc.init_from:
                 self.init_weights(tc.init_from)
             else:  # a fresh run: layers that start from pre-trained components
                 for note in init_fresh(self.model):
                     self.log(note)
+        # Only now that the run goes on: a refused resume or start leaves the directory as it was.
+        if self.par.is_main:
+            C.save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         params = count_params(cfg.model)
         self.log(f"precision: {self.precision.describe()}")
         self.log(

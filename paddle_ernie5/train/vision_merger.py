@@ -12,7 +12,7 @@ ours is trained here, on the training split only).
     by default direction and speed for clips, images not pre-trained) -> summed cross-entropy
 
 The mean of a picture's tokens is what a backbone's attention reads first, so features that
-answer through it are features the backbone can learn to use. Saved: <run_dir>/merger.pdparams
+answer through it are features the backbone can learn to use. Saved: <run_dir>/merger.safetensors
 (the weights of each pre-trained kind's visual embedding) and metrics.json (held-out accuracy of
 each head, beside chance). A multimodal run starts from them with model.vision.merger_init=<run_dir>
 (fresh runs only).
@@ -28,9 +28,11 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from ..config import to_plain
+from ..io import write_bytes
 from ..optim.optimizer import apply_update, build_optimizer
 from .loop import Component, Loop
 from .pretrained import MERGER_WEIGHTS as WEIGHTS
+from .pretrained import merger_key
 
 
 def _classes(attribute: str) -> int:
@@ -138,8 +140,14 @@ class MergerRun(Component):
         return evaluate(self.model, self.cfg, self.held)
 
     def finish(self, run_dir: str) -> dict:
-        weights = {kind: self.model.embed[kind].state_dict() for kind in self.held}
-        paddle.save(weights, os.path.join(run_dir, WEIGHTS))
+        from safetensors.numpy import save
+
+        weights = {
+            merger_key(kind, name): np.ascontiguousarray(value.numpy())
+            for kind in self.held
+            for name, value in self.model.embed[kind].state_dict().items()
+        }
+        write_bytes(os.path.join(run_dir, WEIGHTS), save(weights))
         return {}
 
 

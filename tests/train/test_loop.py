@@ -192,7 +192,9 @@ def test_a_checkpoint_of_another_component_config_is_refused(tmp_path):
     loop = Loop(tr, C.ComponentConfig(train=tr))
     other = Toy(tr, loop.rng)
     other.config = {"hidden": 32}
-    with pytest.raises(checkpoint.CheckpointError, match="different model config"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match="other settings: component.hidden: 16 -> 32"
+    ):
         loop.fit(other)
 
 

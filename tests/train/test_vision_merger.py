@@ -9,7 +9,7 @@ from paddle_ernie5 import config as C
 from paddle_ernie5.errors import UserError
 from paddle_ernie5.model.model import Ernie5Model
 from paddle_ernie5.train import vision_merger as VM
-from paddle_ernie5.train.pretrained import init_fresh, init_layer_fresh
+from paddle_ernie5.train.pretrained import init_fresh, init_layer_fresh, read_merger
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_pretraining_learns_every_head_above_chance(data_cache, tmp_path):
 
 def test_a_fresh_run_starts_from_the_pretrained_mergers(merger_run, data_cache, tmp_path):
     cfg, _, tok_dir = merger_run
-    saved = paddle.load(f"{cfg.train.run_dir}/{VM.WEIGHTS}")
+    saved = read_merger(cfg.train.run_dir)
     run_cfg = vision_config(
         data_cache, str(tmp_path / "mm"), tok_dir, f"model.vision.merger_init={cfg.train.run_dir}"
     )
@@ -78,15 +78,15 @@ def test_a_fresh_run_starts_from_the_pretrained_mergers(merger_run, data_cache, 
         loaded = [k for k in own if k.startswith(("merger.", "place."))]
         assert "merger.place_proj.weight" in loaded
         for k in loaded:
-            np.testing.assert_array_equal(own[k].numpy(), saved[kind][k].numpy())
-        own_bits, saved_bits = own["bits.weight"].numpy(), saved[kind]["bits.weight"].numpy()
+            np.testing.assert_array_equal(own[k].numpy(), saved[kind][k])
+        own_bits, saved_bits = own["bits.weight"].numpy(), saved[kind]["bits.weight"]
         assert not np.array_equal(own_bits, saved_bits)  # not loaded
 
 
 def test_a_missing_or_misfitting_merger_run_is_a_clear_error(merger_run, data_cache, tmp_path):
     cfg, _, tok_dir = merger_run
     for override, needle in (
-        (f"model.vision.merger_init={tmp_path}", "no merger.pdparams there"),
+        (f"model.vision.merger_init={tmp_path}", "no merger.safetensors there"),
         (f"model.vision.merger_init={cfg.train.run_dir}", "does not fit this model"),
     ):
         extra = ["model.vision.merger_width=32"] if "fit" in needle else []
@@ -138,14 +138,14 @@ def test_frozen_kinds_keep_their_pretrained_merger(merger_run, data_cache, tmp_p
         "train.weight_decay=0.1",
     )
     trainer = Trainer(train_cfg, log=lambda *_: None)
-    saved = paddle.load(f"{cfg.train.run_dir}/{VM.WEIGHTS}")
+    saved = read_merger(cfg.train.run_dir)
     trainer.fit()
     by_kind = trainer.model.embed.by_modality
     video_now, image_now = by_kind["video"].state_dict(), by_kind["image"].state_dict()
     for k in (k for k in saved["video"] if k.startswith(("merger.", "place."))):
-        np.testing.assert_array_equal(video_now[k].numpy(), saved["video"][k].numpy(), err_msg=k)
+        np.testing.assert_array_equal(video_now[k].numpy(), saved["video"][k], err_msg=k)
     assert not np.array_equal(
-        image_now["merger.out.weight"].numpy(), saved["image"]["merger.out.weight"].numpy()
+        image_now["merger.out.weight"].numpy(), saved["image"]["merger.out.weight"]
     )
     for bad in ("model.vision.freeze_merger=[audio]", "model.vision.freeze_merger=[image]"):
         with pytest.raises(C.ConfigError, match="model.vision.freeze_merger"):
@@ -189,5 +189,5 @@ def test_a_kind_the_run_did_not_pretrain_starts_random(data_cache, tmp_path):
     )
     with pytest.raises(UserError, match="pre-trained no image merger"):  # a fixed random merger
         init_layer_fresh(frozen.embed.by_modality["image"])
-    saved = paddle.load(f"{cfg.train.run_dir}/{VM.WEIGHTS}")
+    saved = read_merger(cfg.train.run_dir)
     assert set(saved) == {"video"}  # only the pre-trained kind is built and saved
