@@ -209,7 +209,10 @@ class PipelineObjective:
     def begin(self, totals: dict, micro_batches: int, data_ranks: int, scale: float) -> None:
         self.totals, self.micro_batches, self.data_ranks = totals, micro_batches, data_ranks
         self.scale = scale
-        self.values: dict[str, float] = {}
+        # The keys of the whole batch, on every data rank (their values are summed over them).
+        heads = [f"loss/{k}" for k in totals if k not in ("text", "mtp")]
+        keys = ("loss", "loss/text", "loss/mtp", "loss/aux", "loss/z", *heads)
+        self.values: dict[str, float] = dict.fromkeys(keys, 0.0)
 
     @paddle.no_grad()
     def global_counts(self, batch) -> dict:
@@ -259,5 +262,5 @@ class PipelineObjective:
         if cfg.moe.z_loss_weight > 0:
             total = total + cfg.moe.z_loss_weight * terms["loss/z"]
         for key, value in {"loss": total, **terms}.items():
-            self.values[key] = self.values.get(key, 0.0) + float(value)
+            self.values[key] += float(value)
         return total * (self.scale * self.micro_batches)

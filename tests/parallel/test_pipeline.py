@@ -88,18 +88,20 @@ def stages(model, cfg):
     ]
 
 
-def audio_batch(cfg, b=4, s=12, seed=0) -> dict:
-    """Text, then audio frames at positions 4..9 with next-frame targets (a TTS layout), numpy."""
+def audio_batch(cfg, b=4, s=12, seed=0, text_rows=0) -> dict:
+    """Text, then audio frames at positions 4..9 with next-frame targets (a TTS layout), numpy; the
+    first `text_rows` rows are text only."""
     rng = np.random.default_rng(seed)
     a = cfg.model.audio
     types = np.zeros((b, s), np.int64)
-    types[:, 4:10] = A.AUDIO_TYPE
+    types[text_rows:, 4:10] = A.AUDIO_TYPE
     codes = np.zeros((b, s, a.levels), np.int64)
     codes[:, 4:10] = rng.integers(0, a.codebook_size, (b, 6, a.levels))
     targets = np.zeros_like(codes)
     mask = np.zeros((b, s, a.levels), np.float32)
-    targets[:, 3:9], mask[:, 3:9] = codes[:, 4:10], 1.0
-    targets[:2, 9, 0], mask[:2, 9, 0] = a.codebook_size, 1.0  # <eoa>: counts differ per row
+    codes[:text_rows] = 0
+    targets[:, 3:9], mask[text_rows:, 3:9] = codes[:, 4:10], 1.0
+    targets[:3, 9, 0], mask[text_rows:3, 9, 0] = a.codebook_size, 1.0  # <eoa>: counts differ
     ids = rng.integers(0, cfg.model.vocab_size, (b, s))
     ids[types == A.AUDIO_TYPE] = 0
     labels = np.where(types == 0, np.roll(ids, -1, 1), -100)
@@ -138,10 +140,11 @@ def test_stages_hold_exactly_the_models_parameters(cfg):
     assert count == model.num_params()
 
 
-def test_stages_in_sequence_give_the_models_loss_and_gradients(cfg):
+@pytest.mark.parametrize("text_rows", [0, 2])  # 2: the first micro-batch holds no audio
+def test_stages_in_sequence_give_the_models_loss_and_gradients(cfg, text_rows):
     paddle.seed(0)
     model = Ernie5Model(cfg.model)
-    np_batch = audio_batch(cfg)
+    np_batch = audio_batch(cfg, text_rows=text_rows)
     batch = to_model_batch(np_batch)
     out = model(batch)
     parts = compute_loss(out, batch["labels"], cfg.model, model.head_losses(out, batch))
