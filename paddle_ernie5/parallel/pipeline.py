@@ -47,10 +47,10 @@ def check_supported(cfg: ModelConfig, pcfg: ParallelConfig) -> None:
         raise ConfigError(
             f"parallel.pp_schedule={pcfg.pp_schedule}, parallel.pp_chunks={pcfg.pp_chunks} is "
             "invalid for `ernie5 train`: allowed pp_schedule=1F1B with pp_chunks=1. Paddle 3.3.1 "
-            "runs FThenB and VPP only as interleaved (virtual-stage) schedules, which require "
-            "pp > 2, accumulate_steps >= pp, cached p2p shapes and a 'layer:<name>' seg_method "
-            "(no explicit stage boundaries), and exchange forward and backward tensors with "
-            "paired send+recv calls that the synchronous gloo send/recv of the CPU cannot pair"
+            "runs FThenB and VPP only as interleaved (virtual-stage) schedules, which assert "
+            "pp > 2 and accumulate_steps >= pp, require cached p2p shapes (a multimodal step "
+            "changes them) and cut only with a 'layer:<name>' seg_method (equal layer counts, not "
+            "parallel/stages.py's boundaries)"
         )
     if cfg.tie_embeddings:
         raise ConfigError(

@@ -40,6 +40,7 @@ def config(name, *overrides):
             "model.moe.aux_loss_weight=0.01",
             "model.moe.z_loss_weight=0.001",
             "train.max_steps=20",
+            "data.eval_batches=2",
             "train.warmup_steps=1",
             # As in launch_worker.py: at lr 1e-4 float32 rounding in near-zero gradients moves a
             # parameter by far less than 1e-5 in five steps while parameters move ~5e-4.
