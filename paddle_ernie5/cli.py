@@ -263,13 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _written_file(exc: BaseException) -> str:
+def _written_file(exc: BaseException) -> str | None:
     """The file a failed write names, if any exception of the chain names one."""
     while exc is not None:
         if isinstance(exc, OSError) and exc.filename:
             return str(exc.filename)
         exc = exc.__cause__ or exc.__context__
-    return "a file"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,11 +42,13 @@ def no_space(exc: BaseException | None) -> str | None:
     return None
 
 
-def disk_full_message(path: str, reason: str) -> str:
+def disk_full_message(path: str | None, reason: str) -> str:
+    """One line: which write failed for lack of space, and what to do."""
+    what = f"cannot write {path}" if path else "a write failed"
     return (
-        f"cannot write {path}: {reason}; free space on that device (or point train.run_dir / "
-        "data.cache_dir to another one) and run the same command again; files written before, "
-        "checkpoints included, are intact"
+        f"{what}: {reason}; free space on that device (or point train.run_dir / data.cache_dir "
+        "to another one) and run the same command again; files written before, checkpoints "
+        "included, are intact"
     )
 
 
