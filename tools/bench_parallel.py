@@ -1,4 +1,4 @@
-"""Step time of the tiny recipe on one process vs DP=2 vs EP=2 vs PP=2 (gloo, this machine).
+"""Step time of the tiny recipe: one process vs DP=2, EP=2, PP=2 and EP=2 x PP=2 (gloo, here).
 
 Also the bytes each expert dispatcher sends per step, and for the pipeline the bytes sent between
 its stages and its measured bubble. (The first line is the --help description.)
@@ -228,6 +228,17 @@ def main() -> None:
         ("EP=2 (all-gather)", 2, half, ["parallel.ep=2", "parallel.dispatcher=allgather"]),
         ("PP=2, 2 micro-batches", 2, half, ["parallel.pp=2", "parallel.micro_batches=2"]),
         ("PP=2, 8 micro-batches", 2, half, ["parallel.pp=2", "parallel.micro_batches=8"]),
+        (
+            "EP=2 x PP=2, 2 micro-batches",
+            4,
+            max(1, cores // 4),
+            [
+                "parallel.ep=2",
+                "parallel.pp=2",
+                "parallel.micro_batches=2",
+                "parallel.dispatcher=allgather",
+            ],
+        ),
     ]
     results = {
         name: run_setup(name.split()[0], procs, args.steps, [*args.overrides, *extra], threads)
@@ -265,8 +276,8 @@ def main() -> None:
     )
     print(f"| DP=2 gradient all-reduce (all parameters, fp32) | {grad_bytes / 2**20:.2f} |")
     print(
-        "\npipeline (PP=2): share of each pass a stage does not compute, and what stage 0 sends "
-        "stage 1 per step (activations forward, their gradients backward)\n"
+        "\npipeline (2 stages): share of each pass a stage does not compute, and what stage 0 "
+        "sends stage 1 per step (activations forward, their gradients backward)\n"
     )
     print("| setup | bubble, stage 0 / stage 1 (measured) | 1F1B formula | MiB / step |")
     print("|---|---|---|---|")
