@@ -105,9 +105,7 @@ def test_cache_reuses_model_file(tmp_path):
     first = get_text_tokenizer(str(tmp_path), VOCAB, seed=0)
     files = sorted(os.listdir(tmp_path))
     assert (
-        len(files) == 1
-        and files[0].startswith(f"text_bpe_v{VOCAB}_")
-        and files[0].endswith(".npz")
+        len(files) == 1 and files[0].startswith(f"text_bpe_v{VOCAB}_") and files[0].endswith(".npz")
     )
     stamp = os.stat(tmp_path / files[0]).st_mtime_ns
     second = get_text_tokenizer(str(tmp_path), VOCAB, seed=0)
