@@ -19,6 +19,10 @@ def _set_threads(threads: int) -> None:
     import contextlib
     import io
 
+    from .cpu import apply_mkl_fix
+
+    if "paddle" not in sys.modules:  # MKL reads it when it loads, i.e. with paddle
+        print(apply_mkl_fix(), file=sys.stderr)
     n = threads or os.cpu_count() or 1
     os.environ["OMP_NUM_THREADS"] = str(n)
     os.environ.setdefault("MKL_NUM_THREADS", str(n))

@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
 
 # Bottom to top. A module belongs to the layer of its first dotted component under the package.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "io", "plugins"),
+    ("errors", "io", "plugins", "cpu"),
     ("config",),
     ("ops",),
     ("model",),

@@ -422,4 +422,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from paddle_ernie5.cpu import apply_mkl_fix  # before paddle loads (paddle_ernie5/cpu.py)
+
+    print(apply_mkl_fix(), file=sys.stderr)
     sys.exit(main())

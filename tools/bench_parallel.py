@@ -291,4 +291,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from paddle_ernie5.cpu import apply_mkl_fix  # before paddle loads (paddle_ernie5/cpu.py)
+
+    print(apply_mkl_fix(), file=sys.stderr)
     main()
