@@ -4,3 +4,46 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "recipes")
+
+
+def launch_workers(worker: str, nproc: int, out, *args, result: str = "rank{r}.json") -> list:
+    """Run tests/parallel/<worker> on `nproc` gloo processes under paddle.distributed.launch with
+    `args`, and return every rank's JSON result (`result` with {r} the rank). A launch that fails,
+    hangs past 300 s or leaves a result missing fails the test with the workers' logs."""
+    import glob
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PADDLE_TRAINERS_NUM", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "paddle.distributed.launch",
+        "--nproc_per_node",
+        str(nproc),
+        "--log_dir",
+        str(out / "log"),
+        os.path.join(ROOT, "tests", "parallel", worker),
+        *map(str, args),
+    ]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        failed = proc.returncode != 0
+    except subprocess.TimeoutExpired:
+        proc, failed = None, True
+    paths = [out / result.format(r=r) for r in range(nproc)]
+    if failed or not all(p.exists() for p in paths):
+        logs = "".join(
+            f"\n--- {p}\n" + open(p, errors="replace").read()[-4000:]
+            for p in sorted(glob.glob(str(out / "log" / "*")))
+        )
+        launcher = "" if proc is None else proc.stdout[-2000:] + proc.stderr[-2000:]
+        pytest.fail(
+            f"{nproc}-process launch failed (rc={None if proc is None else proc.returncode})"
+            f"{launcher}{logs}"
+        )
+    return [json.loads(p.read_text()) for p in paths]

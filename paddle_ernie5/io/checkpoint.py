@@ -397,13 +397,15 @@ def _install(tmp: str, final: str) -> None:
         _delete(aside, manifest)
 
 
-def _prunable(path: str) -> dict | None:
-    """The manifest of `path` when it is a verified checkpoint holding nothing but its manifest's
-    files (so deleting it deletes nothing else); None otherwise."""
-    try:
-        manifest = verify(path)
-    except Damaged:
-        return None
+def _prunable(path: str, manifest: dict | None = None) -> dict | None:
+    """The manifest of `path` when it is a verified checkpoint (`manifest`: already verified)
+    holding nothing but its manifest's files (so deleting it deletes nothing else); None
+    otherwise."""
+    if manifest is None:
+        try:
+            manifest = verify(path)
+        except Damaged:
+            return None
     if set(os.listdir(path)) != {*manifest["files"], MANIFEST}:
         return None
     return manifest
@@ -427,15 +429,20 @@ def _delete(path: str, manifest: dict) -> None:
 def prune(root: str, keep_last: int, keep: str | None = None) -> list[str]:
     """Delete the checkpoints under `root` older than the newest `keep_last` (never `keep`, never
     anything that is not a verified checkpoint holding only its own files). Returns those
-    deleted."""
-    ckpts = list_checkpoints(root)
-    kept = set(ckpts[-keep_last:] if keep_last > 0 else []) | {keep}
+    deleted. Every candidate is hashed once; `keep` (just written and hashed by `save`) only has
+    its manifest and sizes checked."""
+    ckpts = []  # (path, verified manifest), oldest first
+    for path in candidates(root):
+        try:
+            ckpts.append((path, verify(path, hashes=path != keep)))
+        except Damaged:
+            continue
+    kept = {p for p, _ in (ckpts[-keep_last:] if keep_last > 0 else [])} | {keep}
     deleted = []
-    for path in ckpts:
+    for path, manifest in ckpts:
         if path in kept:
             continue
-        manifest = _prunable(path)
-        if manifest is not None:
+        if _prunable(path, manifest) is not None:
             _delete(path, manifest)
             deleted.append(path)
     return deleted

@@ -1,18 +1,13 @@
 """parallel/fleet_compat.py: each gap is closed only where it exists, and with it Fleet's hybrid
 groups and overlapping subgroups form on 4 gloo processes."""
 
-import glob
-import json
-import os
 import subprocess
 import sys
 
-import pytest
-from support import ROOT
+from parallel import fleet_groups_worker  # tests/parallel/, on pytest.ini's pythonpath
+from support import ROOT, launch_workers
 
 from paddle_ernie5.parallel import fleet_compat
-
-SUBGROUPS = ([0, 1], [2, 3], [0, 2], [1, 3], [0, 3])  # as in fleet_groups_worker.py
 
 
 def test_patches_are_chosen_by_backend_build_and_pipeline_degree():
@@ -60,32 +55,13 @@ def test_gloo_without_pipeline_patches_only_group_creation():
 
 
 def test_hybrid_groups_and_overlapping_subgroups_form_on_four_gloo_processes(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "paddle.distributed.launch",
-        "--nproc_per_node",
-        "4",
-        "--log_dir",
-        str(tmp_path / "log"),
-        os.path.join(ROOT, "tests", "parallel", "fleet_groups_worker.py"),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0:
-        logs = "".join(
-            open(p, errors="replace").read()[-3000:]
-            for p in sorted(glob.glob(str(tmp_path / "log" / "workerlog.*")))
-        )
-        pytest.fail(f"4-process launch failed (rc={proc.returncode}){logs}")
-    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(4)]
+    ranks = launch_workers("fleet_groups_worker.py", 4, tmp_path, tmp_path)
     for r, out in enumerate(ranks):
         assert out["applied"] == ["gloo_group_stores", "pipeline_device_id", "pipeline_p2p"]
         assert r in out["dp"]["ranks"] and r in out["pp"]["ranks"]
         assert out["dp"]["sum"] == sum(out["dp"]["ranks"])
         assert out["pp"]["sum"] == sum(out["pp"]["ranks"])
-        for ranks_ in SUBGROUPS:
+        for ranks_ in fleet_groups_worker.SUBGROUPS:
             if r in ranks_:
                 assert out[str(ranks_)] == sum(ranks_)
     # dp2 x pp2: two pipelines of two stages, and the stages pair up across pipelines

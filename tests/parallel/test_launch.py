@@ -4,65 +4,24 @@ All checks run in ONE launch (launch_worker.py; starting processes is the slow p
 below reads its numbers. The worker trains the single-process reference in the same process, so
 both sides see the same seed and the same global batches."""
 
-import glob
-import json
-import os
-import subprocess
-import sys
-
 import pytest
-from support import ROOT
+from support import launch_workers
 
 TOL = 1e-5
-
-
-def launch(out, data_cache, *mode) -> None:
-    """Run launch_worker.py on 2 processes; fail with the workers' logs if it does not finish."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("PADDLE_TRAINERS_NUM", None)
-    worker = os.path.join(ROOT, "tests", "parallel", "launch_worker.py")
-    cmd = [
-        sys.executable,
-        "-m",
-        "paddle.distributed.launch",
-        "--nproc_per_node",
-        "2",
-        "--log_dir",
-        str(out / "log"),
-        worker,
-        data_cache,
-        str(out),
-        *mode,
-    ]
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-        failed = proc.returncode != 0
-    except subprocess.TimeoutExpired:
-        proc, failed = None, True
-    if failed:
-        logs = "".join(
-            f"\n--- {p}\n" + open(p, errors="replace").read()[-4000:]
-            for p in sorted(glob.glob(str(out / "log" / "*")))
-        )
-        launcher = "" if proc is None else proc.stdout[-2000:] + proc.stderr[-2000:]
-        pytest.fail(
-            f"2-process launch failed (rc={None if proc is None else proc.returncode})"
-            f"{launcher}{logs}"
-        )
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, data_cache):
     out = tmp_path_factory.mktemp("launch")
-    launch(out, data_cache)
-    return [json.load(open(out / f"rank{r}.json")) for r in (0, 1)]
+    return launch_workers("launch_worker.py", 2, out, data_cache, out)
 
 
 @pytest.fixture(scope="module")
 def sharding(tmp_path_factory, data_cache):
     out = tmp_path_factory.mktemp("launch_sharding")
-    launch(out, data_cache, "sharding")
-    return [json.load(open(out / f"sharding_rank{r}.json")) for r in (0, 1)]
+    return launch_workers(
+        "launch_worker.py", 2, out, data_cache, out, "sharding", result="sharding_rank{r}.json"
+    )
 
 
 def test_ep2_starts_from_the_same_weights_and_matches_forward_backward(results):

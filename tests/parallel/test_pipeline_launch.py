@@ -3,54 +3,19 @@ process of the same recipe, seed and global batch.
 
 All checks run in ONE launch (pipeline_worker.py); each test below reads its numbers."""
 
-import glob
-import json
-import os
-import subprocess
-import sys
-
 import pytest
-from support import ROOT
+from support import launch_workers
 
 TOL = 1e-5
 
 
-def launch(worker: str, nproc: int, out, data_cache) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("PADDLE_TRAINERS_NUM", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "paddle.distributed.launch",
-        "--nproc_per_node",
-        str(nproc),
-        "--log_dir",
-        str(out / "log"),
-        os.path.join(ROOT, "tests", "parallel", worker),
-        data_cache,
-        str(out),
-    ]
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        failed = proc.returncode != 0
-    except subprocess.TimeoutExpired:
-        proc, failed = None, True
-    if failed or not all(os.path.exists(out / f"rank{r}.json") for r in range(nproc)):
-        logs = "".join(
-            f"\n--- {p}\n" + open(p, errors="replace").read()[-4000:]
-            for p in sorted(glob.glob(str(out / "log" / "*")))
-        )
-        launcher = "" if proc is None else proc.stdout[-2000:] + proc.stderr[-2000:]
-        pytest.fail(
-            f"{nproc}-process launch failed (rc={None if proc is None else proc.returncode})"
-            f"{launcher}{logs}"
-        )
-    return [json.load(open(out / f"rank{r}.json")) for r in range(nproc)]
+def _launch(worker: str, nproc: int, out, data_cache) -> list[dict]:
+    return launch_workers(worker, nproc, out, data_cache, out)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, data_cache):
-    return launch("pipeline_worker.py", 2, tmp_path_factory.mktemp("pipeline"), data_cache)
+    return _launch("pipeline_worker.py", 2, tmp_path_factory.mktemp("pipeline"), data_cache)
 
 
 def test_two_stages_hold_the_model_between_them(results):
@@ -83,7 +48,7 @@ def test_checkpoints_move_between_pp2_and_one_process(results):
 
 @pytest.fixture(scope="module")
 def results4(tmp_path_factory, data_cache):
-    return launch("pipeline4_worker.py", 4, tmp_path_factory.mktemp("pipeline4"), data_cache)
+    return _launch("pipeline4_worker.py", 4, tmp_path_factory.mktemp("pipeline4"), data_cache)
 
 
 def test_dp2_x_pp2_and_ep2_x_pp2_match_one_process(results4):
