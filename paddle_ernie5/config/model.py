@@ -151,6 +151,11 @@ class ModelConfig:
     num_mtp_modules: int = 1  # DeepSeek-V3 style multi-token prediction depth
     mtp_loss_weight: float = 0.3  # ERNIE5.md: 0.3 in the first stage
     modalities: tuple[str, ...] = ("text",)
+    # RMSNorm, RoPE on q and k, SwiGLU and the output projection + cross-entropy through the fused
+    # C++ CPU ops (custom_ops/fused, custom_ops/linear_ce; paddle_ernie5/ops/fused.py,
+    # ops/linear_ce.py) when the device is the CPU and the math float32; false, a GPU or the bf16
+    # emulation use the pure-Paddle reference of each op (same results to float32 rounding).
+    fused_ops: bool = True
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     audio: AudioModelConfig = field(default_factory=AudioModelConfig)

@@ -215,6 +215,10 @@ class TrainConfig(LoopConfig):
     # (model/bf16_emulation.py). fp16: GPU only, auto_cast O1 in float16 with GradScaler loss
     # scaling, one process; a CPU device is a ConfigError at start.
     precision: str = "fp32"
+    # AdamW (and the global-norm clip's sum of squares) in one C++ pass over every parameter
+    # (custom_ops/adamw, paddle_ernie5/optim/fused_adamw.py) on the CPU; false: Paddle's AdamW, one
+    # kernel launch per parameter. Same update to float32 rounding.
+    fused_optimizer: bool = True
 
     def validate(self, at: str) -> None:
         for name in ("grad_accum", "eval_every"):

@@ -29,7 +29,15 @@ SOURCE_DIR = SOURCE_ROOT / "flashmask"  # sources of the default op
 BUILD_DIR = REPO_ROOT / "build" / "custom_ops"
 BUILD_COMMAND = "make ops  (or: python -m paddle_ernie5.ops.build)"
 # op (directory under custom_ops/) -> name in messages
-OPS = {"flashmask": "FlashMask", "moe_experts": "routed-experts MoE"}
+OPS = {
+    "flashmask": "FlashMask",
+    "moe_experts": "routed-experts MoE",
+    "fused": "fused RMSNorm/RoPE/SwiGLU",
+    "linear_ce": "chunked output projection + cross-entropy",
+    "adamw": "fused AdamW",
+}
+# Headers every op may include as "../common/<name>.h"; they are part of every op's build hash.
+COMMON_DIR = SOURCE_ROOT / "common"
 DEFAULT_OP = "flashmask"
 
 
@@ -51,6 +59,11 @@ def op_name(op: str = DEFAULT_OP) -> str:
 
 def _sources(op: str = DEFAULT_OP) -> list[Path]:
     return sorted(p for p in source_dir(op).iterdir() if p.suffix in (".cc", ".h"))
+
+
+def _hashed_sources(op: str) -> list[Path]:
+    common = sorted(COMMON_DIR.glob("*.h")) if COMMON_DIR.is_dir() else []
+    return _sources(op) + common
 
 
 def _native_supported() -> bool:
@@ -86,7 +99,7 @@ def fingerprint(flags: list[str], op: str = DEFAULT_OP) -> str:
     import paddle
 
     h = hashlib.sha256()
-    for path in _sources(op):
+    for path in _hashed_sources(op):
         h.update(path.name.encode())
         h.update(path.read_bytes())
     for part in (
