@@ -11,13 +11,16 @@ from paddle import nn
 
 from ..config import AttentionConfig
 from ..ops.flashmask import flashmask_attention
-from .rope import apply_rope
+from .rope import rope_qkv
 
 
 class Attention(nn.Layer):
-    def __init__(self, hidden_size: int, cfg: AttentionConfig, init_std: float):
+    def __init__(self, hidden_size: int, cfg: AttentionConfig, init_std: float, fused: bool = True):
+        """`fused` (model.fused_ops): the split of the qkv projection and RoPE on q and k run as
+        one fused CPU op where it applies (ops/fused.py `rope_qkv`)."""
         super().__init__()
         self.cfg = cfg
+        self.fused = fused
         h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         init = nn.initializer.Normal(std=init_std)
         self.qkv = nn.Linear(hidden_size, (h + 2 * k) * d, weight_attr=init, bias_attr=False)
@@ -29,9 +32,7 @@ class Attention(nn.Layer):
         b, s, _ = x_BSM.shape
         h, k, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
         qkv = self.qkv(x_BSM).reshape([b, s, h + 2 * k, d])
-        q_BSHD, k_BSKD, v_BSKD = qkv.split([h, k, k], axis=2)
-        q_BSHD = apply_rope(q_BSHD, cos, sin)
-        k_BSKD = apply_rope(k_BSKD, cos, sin)
+        q_BSHD, k_BSKD, v_BSKD = rope_qkv(qkv, cos, sin, h, k, self.fused)
         if cache is not None:
             k_BSKD, v_BSKD = cache.append(k_BSKD, v_BSKD)
         o_BSHD = flashmask_attention(

@@ -19,14 +19,14 @@ from .view import FULL_VIEW
 class Block(nn.Layer):
     def __init__(self, cfg: ModelConfig, use_moe: bool):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.attn = Attention(cfg.hidden_size, cfg.attention, cfg.init_std)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.fused_ops)
+        self.attn = Attention(cfg.hidden_size, cfg.attention, cfg.init_std, cfg.fused_ops)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.fused_ops)
         moe = cfg.moe
         self.ffn = (
             MoE(cfg.hidden_size, moe, cfg.init_std)
             if use_moe
-            else SwiGLU(cfg.hidden_size, moe.dense_width(), cfg.init_std)
+            else SwiGLU(cfg.hidden_size, moe.dense_width(), cfg.init_std, cfg.fused_ops)
         )
 
     def forward(

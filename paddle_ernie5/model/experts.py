@@ -10,20 +10,24 @@ import paddle
 from paddle import nn
 from paddle.nn.functional import swiglu  # silu(first half) * second half, one fused kernel
 
+from ..ops import fused as fused_ops
 from ..ops.moe_experts import grouped_swiglu, moe_experts
 
 
 class SwiGLU(nn.Layer):
-    """Dense SwiGLU FFN (shared expert, dense layers); gate and up projections in one matmul."""
+    """Dense SwiGLU FFN (shared expert, dense layers); gate and up projections in one matmul.
+    `fused` (model.fused_ops): the activation through the fused CPU op of ops/fused.py where it
+    applies, else Paddle's swiglu kernel."""
 
-    def __init__(self, hidden_size: int, ffn_hidden: int, init_std: float):
+    def __init__(self, hidden_size: int, ffn_hidden: int, init_std: float, fused: bool = True):
         super().__init__()
+        self.fused = fused
         init = nn.initializer.Normal(std=init_std)
         self.gate_up = nn.Linear(hidden_size, 2 * ffn_hidden, weight_attr=init, bias_attr=False)
         self.down = nn.Linear(ffn_hidden, hidden_size, weight_attr=init, bias_attr=False)
 
     def forward(self, x):
-        return self.down(swiglu(self.gate_up(x)))
+        return self.down(fused_ops.swiglu(self.gate_up(x), self.fused))
 
 
 class GroupedExperts(nn.Layer):

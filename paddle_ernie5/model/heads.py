@@ -49,8 +49,8 @@ class TextHead(nn.Layer):
 class MTPModule(nn.Layer):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.embed_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.fused_ops)
+        self.embed_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.fused_ops)
         self.merge = nn.Linear(
             2 * cfg.hidden_size,
             cfg.hidden_size,
@@ -58,7 +58,7 @@ class MTPModule(nn.Layer):
             bias_attr=False,
         )
         self.block = Block(cfg, use_moe=False)
-        self.out_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.out_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.fused_ops)
 
     def forward(self, h_BSM, next_embed_BSM, cos, sin, startend_row_indices, causal: bool = True):
         x = self.merge(

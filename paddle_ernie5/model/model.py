@@ -51,7 +51,7 @@ class Ernie5Model(nn.Layer):
         self.blocks = nn.LayerList(
             [Block(cfg, use_moe=i >= cfg.moe.first_dense_layers) for i in range(cfg.num_layers)]
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.fused_ops)
         self.text_head = TextHead(cfg, self.embed.text_table() if cfg.tie_embeddings else None)
         self.mtp = MTPModule(cfg) if cfg.num_mtp_modules > 0 else None
         self.heads = build_heads(cfg)

@@ -5,12 +5,19 @@ audio token has t = h = w = its index, which makes Uni-RoPE identical to ordinar
 Vision tokens carry (frame, row, column) with scales centre-aligned by the data pipeline.
 
 Legend: B batch, S sequence, D head_dim, P = D // 2 frequency pairs.
+
+The rotation itself (rotate-half, pairs (i, i + D/2)) lives in ops/fused.py: `apply_rope` is the
+pure-Paddle form, `rope_qkv` splits the fused qkv projection and rotates q and k in one op.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import paddle
+
+from ..ops.fused import apply_rope, rope_qkv
+
+__all__ = ["apply_rope", "axis_of_pair", "rope_cos_sin", "rope_qkv"]
 
 
 def axis_of_pair(head_dim: int, sections: tuple[float, float, float]) -> np.ndarray:
@@ -39,11 +46,3 @@ def rope_cos_sin(positions_B3S, head_dim: int, base: float, sections):
     angles_BSP = pos_BSP * paddle.to_tensor(inv_freq_P.astype(np.float32))
     angles_BSD = paddle.concat([angles_BSP, angles_BSP], axis=-1)
     return paddle.cos(angles_BSD).unsqueeze(2), paddle.sin(angles_BSD).unsqueeze(2)
-
-
-def apply_rope(x_BSHD, cos, sin):
-    """Rotate-half RoPE: pairs are (i, i + D/2)."""
-    half = x_BSHD.shape[-1] // 2
-    x1, x2 = x_BSHD[..., :half], x_BSHD[..., half:]
-    rotated = paddle.concat([-x2, x1], axis=-1)
-    return x_BSHD * cos + rotated * sin

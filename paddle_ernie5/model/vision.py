@@ -280,7 +280,7 @@ class VisualBitHead(nn.Layer):
         v = cfg.vision
         self.loss_weight = v.loss_weight
         init = nn.initializer.Normal(std=cfg.init_std)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.fused_ops)
         if v.head_hidden:
             self.net = nn.Sequential(
                 nn.Linear(cfg.hidden_size, v.head_hidden, weight_attr=init),
