@@ -84,9 +84,9 @@ class AudioEmbedding(nn.Layer):
 
 
 class _LevelOut(nn.Layer):
-    def __init__(self, m: int, hidden: int, classes: int, eps: float, std: float):
+    def __init__(self, m: int, hidden: int, classes: int, eps: float, std: float, fused: bool):
         super().__init__()
-        self.norm = RMSNorm(m, eps)
+        self.norm = RMSNorm(m, eps, fused)
         init = nn.initializer.Normal(std=std)
         if hidden:
             self.mlp = nn.Sequential(
@@ -120,6 +120,7 @@ class DepthwiseAudioHead(nn.Layer):
                     a.codebook_size + (1 if l == 0 else 0),
                     cfg.rms_eps,
                     cfg.init_std,
+                    cfg.fused_ops,
                 )
                 for l in range(a.levels)
             ]

@@ -24,7 +24,7 @@ class Block(nn.Layer):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.fused_ops)
         moe = cfg.moe
         self.ffn = (
-            MoE(cfg.hidden_size, moe, cfg.init_std)
+            MoE(cfg.hidden_size, moe, cfg.init_std, cfg.fused_ops)
             if use_moe
             else SwiGLU(cfg.hidden_size, moe.dense_width(), cfg.init_std, cfg.fused_ops)
         )

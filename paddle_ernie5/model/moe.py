@@ -41,13 +41,15 @@ class RouterStats:
 
 
 class MoE(nn.Layer):
-    def __init__(self, hidden_size: int, cfg: MoEConfig, init_std: float):
+    def __init__(self, hidden_size: int, cfg: MoEConfig, init_std: float, fused: bool = True):
         super().__init__()
         self.cfg = cfg
         self.router = Router(hidden_size, cfg, init_std)
         self.experts = GroupedExperts(cfg.num_experts, hidden_size, cfg.expert_hidden, init_std)
         self.shared = (
-            SwiGLU(hidden_size, cfg.shared_expert_hidden * cfg.num_shared_experts, init_std)
+            SwiGLU(
+                hidden_size, cfg.shared_expert_hidden * cfg.num_shared_experts, init_std, fused
+            )
             if cfg.num_shared_experts > 0
             else None
         )
