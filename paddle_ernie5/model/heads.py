@@ -21,13 +21,19 @@ import paddle
 from paddle import nn
 
 from ..config import ModelConfig
+from ..ops import policy
 from .block import Block
 from .norm import RMSNorm
 
 
 class TextHead(nn.Layer):
+    """h [.., M] -> logits [.., V]: a Linear without bias ([M, V] weight) or the tied embedding
+    table ([V, M], transposed). The training loss may skip the logits and take the cross-entropy
+    from h with the weight directly (`weight_layout`, `may_defer`; model/losses.py)."""
+
     def __init__(self, cfg: ModelConfig, tied_table=None):
         super().__init__()
+        self.fused_ops = cfg.fused_ops
         self.tied_table = tied_table
         self.proj = (
             None
@@ -39,6 +45,23 @@ class TextHead(nn.Layer):
                 bias_attr=False,
             )
         )
+
+    def weight_layout(self):
+        """(weight, transposed): the projection's [M, V] weight and False, or the tied table's
+        [V, M] and True (logits = h @ weight, or h @ weight^T when transposed)."""
+        if self.tied_table is not None:
+            return self.tied_table.weight, True
+        return self.proj.weight, False
+
+    def may_defer(self, h_BSM) -> bool:
+        """True when the forward may leave the logits of h_BSM uncomputed: the fused output
+        projection + cross-entropy op may run on h and the weight (ops/policy.py), and no forward
+        hook watches this head (the bf16 emulation rounds its input and output, so the head must
+        run as a layer inside the forward)."""
+        watched = [self] if self.proj is None else [self, self.proj]
+        if any(layer._forward_pre_hooks or layer._forward_post_hooks for layer in watched):
+            return False
+        return policy.fused_allowed(self.fused_ops, h_BSM, self.weight_layout()[0])
 
     def forward(self, h_BSM):
         if self.tied_table is not None:

@@ -1,6 +1,11 @@
 """Training objective: text next-token loss, MTP loss, the modality heads' losses (visual bits,
 audio codes; model.head_losses) and the optional router losses.
 
+The text and MTP losses come from the logits when the forward formed them (or a reader already
+read them), and otherwise straight from the hidden states through the fused output projection +
+cross-entropy op (`head_cross_entropy`; model.ModelOutput defers the logits when that op may run),
+so training never holds [B, S, V] float32 logits.
+
 Labels use -100 for positions without a target (document ends, padding).
 
 SimReg (train.simreg), a contrastive term on the final hidden states, is added by the trainer: it
@@ -16,6 +21,7 @@ import paddle
 import paddle.nn.functional as F
 
 from ..config import ModelConfig
+from ..ops.linear_ce import linear_cross_entropy
 from .model import ModelOutput
 
 IGNORE = -100
@@ -27,6 +33,12 @@ def mtp_labels(labels_BS):
     return paddle.where(labels_BS == IGNORE, labels_BS, shifted)
 
 
+def _mean_over_targets(losses_N, labels_BS):
+    valid = (labels_BS.reshape([-1]) != IGNORE).astype("float32")
+    count = valid.sum()
+    return (losses_N * valid).sum() / paddle.clip(count, min=1.0), count
+
+
 def token_cross_entropy(logits_BSV, labels_BS):
     """Mean cross-entropy over positions with a target (fp32), and the number of such positions."""
     v = logits_BSV.shape[-1]
@@ -36,9 +48,27 @@ def token_cross_entropy(logits_BSV, labels_BS):
         ignore_index=IGNORE,
         reduction="none",
     ).reshape([-1])
-    valid = (labels_BS.reshape([-1]) != IGNORE).astype("float32")
-    count = valid.sum()
-    return (losses * valid).sum() / paddle.clip(count, min=1.0), count
+    return _mean_over_targets(losses, labels_BS)
+
+
+def head_cross_entropy(text_head, h_BSM, labels_BS, fused: bool = True):
+    """`token_cross_entropy(text_head(h_BSM), labels_BS)` without forming the logits when the fused
+    output projection + cross-entropy op may run (ops/linear_ce.py); the reference otherwise."""
+    m = h_BSM.shape[-1]
+    weight, transposed = text_head.weight_layout()
+    losses = linear_cross_entropy(
+        h_BSM.reshape([-1, m]), weight, labels_BS.reshape([-1]), transposed, fused
+    )
+    return _mean_over_targets(losses, labels_BS)
+
+
+def _text_loss(out: ModelOutput, labels_BS, cfg: ModelConfig, mtp: bool):
+    # Logits already read (or never deferred) are used as they are; unread ones are not formed.
+    deferred = out.unread_head_input(mtp)
+    if deferred is None:
+        return token_cross_entropy(out.mtp_logits if mtp else out.logits, labels_BS)
+    text_head, h_BSM = deferred
+    return head_cross_entropy(text_head, h_BSM, labels_BS, cfg.fused_ops)
 
 
 @dataclass
@@ -57,14 +87,14 @@ def compute_loss(
 ) -> LossParts:
     """`heads`: model.head_losses(out, batch) for a multimodal batch; each adds weight x mean
     loss."""
-    text, count = token_cross_entropy(out.logits, labels_BS)
+    text, count = _text_loss(out, labels_BS, cfg, mtp=False)
     total = text
     heads = heads or {}
     for loss, _, weight in heads.values():
         total = total + weight * loss
     mtp = None
-    if out.mtp_logits is not None:
-        mtp, _ = token_cross_entropy(out.mtp_logits, mtp_labels(labels_BS))
+    if out.has_mtp:
+        mtp, _ = _text_loss(out, mtp_labels(labels_BS), cfg, mtp=True)
         total = total + cfg.mtp_loss_weight * mtp
     zero = paddle.zeros([], dtype="float32")
     aux = sum((s.aux_loss for s in out.router_stats.values()), zero)

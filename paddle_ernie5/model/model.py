@@ -18,8 +18,6 @@ them instead of choosing (model/router.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import paddle
 from paddle import nn
 
@@ -34,13 +32,65 @@ from .rope import rope_cos_sin
 from .view import FULL_VIEW, ElasticView
 
 
-@dataclass
 class ModelOutput:
-    logits: paddle.Tensor
-    mtp_logits: paddle.Tensor | None
-    hidden: paddle.Tensor
-    router_stats: dict[int, RouterStats]  # layer index -> stats, MoE layers that ran
-    extra: dict[str, dict] = field(default_factory=dict)  # modality head name -> its predictions
+    """What the forward returns: `logits` [B, S, V], `mtp_logits` (None without MTP), `hidden`
+    (the final normed hidden state [B, S, M]), `router_stats` (layer index -> stats of the MoE
+    layers that ran) and `extra` (modality head name -> its predictions).
+
+    The logits may be deferred (`output_heads`): the output then keeps the text head and the MTP
+    module's output `mtp_hidden`, and computes `logits` / `mtp_logits` on first read (once, cached,
+    with the grad mode of the forward), so readers see the tensors an eager forward would give. The
+    training loss reads neither while they are unread: it takes the cross-entropy from the hidden
+    states through the fused op (model/losses.py), and the [B, S, V] logits are never formed.
+    Deferred logits use the head's weights at the time of the read: read them before an optimizer
+    step changes the weights."""
+
+    def __init__(
+        self,
+        logits,
+        mtp_logits,
+        hidden,
+        router_stats: dict[int, RouterStats],
+        extra: dict[str, dict] | None = None,
+        *,
+        text_head: TextHead | None = None,
+        mtp_hidden=None,
+    ):
+        self._logits, self._mtp_logits = logits, mtp_logits
+        self.hidden = hidden
+        self.router_stats = router_stats
+        self.extra = {} if extra is None else extra
+        self.text_head = text_head  # set only when the logits are deferred
+        self.mtp_hidden = mtp_hidden
+        self._grad_enabled = paddle.is_grad_enabled()
+
+    @property
+    def has_mtp(self) -> bool:
+        return self._mtp_logits is not None or self.mtp_hidden is not None
+
+    @property
+    def logits(self):
+        if self._logits is None and self.text_head is not None:
+            self._logits = self._project(self.hidden)
+        return self._logits
+
+    @property
+    def mtp_logits(self):
+        if self._mtp_logits is None and self.text_head is not None and self.mtp_hidden is not None:
+            self._mtp_logits = self._project(self.mtp_hidden)
+        return self._mtp_logits
+
+    def unread_head_input(self, mtp: bool = False):
+        """(text head, its input [B, S, M]) while the text (or MTP) logits are deferred and not yet
+        read, else None."""
+        if self.text_head is None or (self._mtp_logits if mtp else self._logits) is not None:
+            return None
+        h_BSM = self.mtp_hidden if mtp else self.hidden
+        return None if h_BSM is None else (self.text_head, h_BSM)
+
+    def _project(self, h_BSM):
+        with paddle.set_grad_enabled(self._grad_enabled):
+            return self.text_head(h_BSM)
 
 
 class Ernie5Model(nn.Layer):
@@ -118,14 +168,17 @@ def output_heads(layers, x_BSM, batch, attn_args, next_embed=None, stats=None) -
     """Final norm, text head, MTP (when `next_embed` is given) and modality heads over the last
     block's output. `layers` holds `norm`, `text_head`, `mtp` and `heads` (the model, or the
     pipeline's head stage); `attn_args` = (cos, sin, FlashMask indices, causal) of the MTP
-    block."""
+    block. When `TextHead.may_defer` allows it, the text head does not run here: the output
+    computes the logits on first read (`ModelOutput`)."""
     h = layers.norm(x_BSM)
-    logits = layers.text_head(h)
-    mtp_logits = None
-    if next_embed is not None:
-        mtp_logits = layers.text_head(layers.mtp(x_BSM, next_embed, *attn_args))
+    mtp_h = None if next_embed is None else layers.mtp(x_BSM, next_embed, *attn_args)
     extra = {name: head(h, batch) for name, head in layers.heads.items()}
-    return ModelOutput(logits, mtp_logits, h, {} if stats is None else stats, extra)
+    stats = {} if stats is None else stats
+    text_head = layers.text_head
+    if text_head.may_defer(h):  # the loss needs only h and mtp_h; logits on first read
+        return ModelOutput(None, None, h, stats, extra, text_head=text_head, mtp_hidden=mtp_h)
+    mtp_logits = None if mtp_h is None else text_head(mtp_h)
+    return ModelOutput(text_head(h), mtp_logits, h, stats, extra)
 
 
 def head_losses(heads, out: ModelOutput, batch) -> dict[str, tuple]:

@@ -194,17 +194,21 @@ class Trainer:
                 views = self.elastic.sample_views()
                 weights = self.elastic.view_weights(len(views))
                 teacher = None
+                distill = len(views) > 1 and cfg.elastic.distill_weight > 0
                 forward = self.par.train_forward(self.model)
                 for j, view in enumerate(views):
                     out = forward(batch, view)
+                    # Read before the loss, which then uses these logits rather than projecting
+                    # the hidden state a second time (model.ModelOutput defers them).
+                    logits = out.logits if distill else None
                     parts = compute_loss(
                         out, batch["labels"], cfg.model, self.model.head_losses(out, batch)
                     )
                     loss, values = self.par.objective(parts, batch["labels"], cfg.model)
-                    if j == 0 and len(views) > 1 and cfg.elastic.distill_weight > 0:
-                        teacher = out.logits.detach()
+                    if j == 0 and distill:
+                        teacher = logits.detach()
                     elif teacher is not None:
-                        kd = distillation_kl(out.logits, teacher, batch["labels"])
+                        kd = distillation_kl(logits, teacher, batch["labels"])
                         loss = loss + cfg.elastic.distill_weight * kd
                         sums["elastic/distill_kl"] = sums.get("elastic/distill_kl", 0) + float(kd)
                     if sim.enabled:
