@@ -1,9 +1,17 @@
 """Optimizer: AdamW with decoupled weight decay, gradient clipping (global norm or AdaGC),
 portable state.
 
+`train.fused_optimizer` (default on) selects the fused AdamW (optim/fused_adamw.py: one C++ call
+per step over every parameter) wherever the parameters are float32 on the CPU; then the clip's
+sums of squares are one call too (ops/adamw.py) and the clip factor is applied inside the step.
+Otherwise Paddle's AdamW, with the clip as Paddle ops. Both clips sum the squares in float64 and
+both updates are Paddle's AdamW arithmetic, so the two runs agree to float32 rounding (bit for bit
+on AVX-512 CPUs but in rare ties of the clip factor) and save the same state.
+
 Paddle names optimizer state after auto-generated parameter names (`linear_3.w_0_moment1_0`), which
 change with creation order. Checkpoints store it under the model's structured names instead
-(`blocks.0.attn.qkv.weight::moment1_0`) so a state saved in one process loads in any other.
+(`blocks.0.attn.qkv.weight::moment1_0`) so a state saved in one process loads in any other, and
+from either optimizer into the other.
 """
 
 from __future__ import annotations
@@ -15,20 +23,31 @@ import numpy as np
 import paddle
 
 from ..config import ClipConfig, TrainConfig
+from ..ops.adamw import grad_sq_norms
+from ..ops.policy import fused_allowed
+from .fused_adamw import FusedAdamW
 
 _NO_DECAY_SUFFIXES = ("norm.weight", "bias")
 
 
-def build_optimizer(model, cfg: TrainConfig) -> paddle.optimizer.AdamW:
-    """AdamW over all trainable parameters; norms and biases are not decayed."""
+def build_optimizer(model, cfg: TrainConfig, allow_fused: bool = True):
+    """AdamW over all trainable parameters; norms and biases are not decayed.
+
+    The fused AdamW when `train.fused_optimizer` is on, `allow_fused` (False for a wrapper that
+    drives Paddle's optimizer internals, e.g. Paddle's sharding optimizer) and every parameter is
+    float32 on the CPU (ops/policy.py); paddle.optimizer.AdamW otherwise. Component loops
+    (config.LoopConfig has no switch) use Paddle's."""
     no_decay = {
         p.name
         for n, p in model.named_parameters()
         if n.endswith(_NO_DECAY_SUFFIXES) or "_norm." in n
     }
-    return paddle.optimizer.AdamW(
+    params = model.parameters()
+    switch = allow_fused and isinstance(cfg, TrainConfig) and cfg.fused_optimizer
+    cls = FusedAdamW if fused_allowed(switch, *params) else paddle.optimizer.AdamW
+    return cls(
         learning_rate=cfg.lr,
-        parameters=model.parameters(),
+        parameters=params,
         beta1=cfg.beta1,
         beta2=cfg.beta2,
         epsilon=cfg.eps,
@@ -37,34 +56,46 @@ def build_optimizer(model, cfg: TrainConfig) -> paddle.optimizer.AdamW:
     )
 
 
-@paddle.no_grad()
-def global_grad_norm(params) -> float:
-    squares = [paddle.sum(p.grad.astype("float32") ** 2) for p in params if p.grad is not None]
-    if not squares:
-        return 0.0
-    return float(paddle.sqrt(paddle.add_n(squares)))
+def is_fused(optimizer) -> bool:
+    """The optimizer is the fused AdamW: clipping then uses the fused sums and defers its factor."""
+    return isinstance(optimizer, FusedAdamW)
 
 
 @paddle.no_grad()
-def clip_by_global_norm(params, max_norm: float) -> float:
+def global_grad_norm(params, fused: bool = False) -> float:
+    """L2 norm of all gradients of `params`, from float64 per-tensor sums (`tensor_sq_norms`)."""
+    with_grad = [p for p in params if p.grad is not None]
+    return math.sqrt(float(np.sum(tensor_sq_norms(with_grad, fused))))
+
+
+@paddle.no_grad()
+def scale_grads(params, factor: float, optimizer=None) -> None:
+    """Multiply the gradients of `params` by `factor`: inside the next step of a fused `optimizer`
+    that updates exactly these parameters, else now."""
+    if is_fused(optimizer) and optimizer.defer_grad_scale(params, factor):
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad.scale_(factor)
+
+
+@paddle.no_grad()
+def clip_by_global_norm(params, max_norm: float, optimizer=None) -> float:
     """Scale all gradients so their global L2 norm is at most max_norm (0 = no clipping).
-    Returns the norm before clipping."""
+    Returns the norm before clipping. With the fused AdamW as `optimizer`: fused sums, and the
+    scaling happens in its next step."""
     params = [p for p in params if p.grad is not None]
-    norm = global_grad_norm(params)
+    norm = global_grad_norm(params, fused=is_fused(optimizer))
     if max_norm > 0 and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for p in params:
-            p.grad.scale_(scale)
+        scale_grads(params, max_norm / (norm + 1e-6), optimizer)
     return norm
 
 
 @paddle.no_grad()
-def tensor_sq_norms(params) -> np.ndarray:
-    """Squared L2 norm of each parameter's gradient (fp32 sums, returned as float64), in order."""
-    if not params:
-        return np.zeros(0, dtype=np.float64)
-    sums = [paddle.sum(p.grad.astype("float32") ** 2) for p in params]
-    return paddle.stack(sums).numpy().astype(np.float64)
+def tensor_sq_norms(params, fused: bool = False) -> np.ndarray:
+    """Squared L2 norm of each parameter's gradient in float64, in order; `fused`: one op call
+    (ops/adamw.py), else Paddle ops. One host copy either way."""
+    return grad_sq_norms([p.grad for p in params], fused=fused)
 
 
 @dataclass
@@ -181,7 +212,7 @@ def apply_update(model, optimizer, step: int, cfg: TrainConfig) -> tuple[float, 
 
     lr = learning_rate(step, cfg)
     optimizer.set_lr(lr)
-    norm = clip_by_global_norm(model.parameters(), cfg.clip_norm)
+    norm = clip_by_global_norm(model.parameters(), cfg.clip_norm, optimizer)
     optimizer.step()
     optimizer.clear_grad(set_to_zero=False)
     return lr, norm

@@ -28,8 +28,10 @@ from ..optim.optimizer import (
     build_optimizer,
     clip_by_global_norm,
     global_grad_norm,
+    is_fused,
     load_optimizer_state,
     optimizer_state,
+    scale_grads,
     tensor_sq_norms,
 )
 from . import comm, expert, topology
@@ -49,6 +51,9 @@ def _loss_values(parts) -> dict[str, float]:
 class SingleProcess:
     rank, world_size, is_main = 0, 1, True
     pipelined = False  # True: the runtime runs each micro-step's forward and backward itself
+    # What build_optimizer returned. With the fused AdamW, clipping sums the squares with its op
+    # and leaves the clip factor to its step.
+    optimizer = None
 
     def refresh_model(self, model) -> None:
         """Make this rank's whole model current before it runs whole (evaluation, generation):
@@ -62,7 +67,8 @@ class SingleProcess:
         return model
 
     def build_optimizer(self, model, tc):
-        return build_optimizer(model, tc)
+        self.optimizer = build_optimizer(model, tc)
+        return self.optimizer
 
     def shard_batch(self, np_batch: dict) -> dict:
         return np_batch
@@ -74,12 +80,12 @@ class SingleProcess:
         pass
 
     def clip(self, model, max_norm: float) -> float:
-        return clip_by_global_norm(model.parameters(), max_norm)
+        return clip_by_global_norm(model.parameters(), max_norm, self.optimizer)
 
     def grad_sq_norms(self, named) -> np.ndarray:
         """Squared gradient norm of each (name, parameter) of the full model (per-tensor
         clipping)."""
-        return tensor_sq_norms([p for _, p in named])
+        return tensor_sq_norms([p for _, p in named], is_fused(self.optimizer))
 
     def sum_over_data(self, values: np.ndarray) -> np.ndarray:
         """Sum of a small array over the data-parallel ranks (the identity on one process)."""
@@ -175,14 +181,17 @@ class Distributed(SingleProcess):
         already summed over every data rank (reduce_gradients) when it steps, so its own gradient
         reduction is not used."""
         if len(self.sharding_ranks) == 1:
-            return build_optimizer(model, tc)
+            self.optimizer = build_optimizer(model, tc)
+            return self.optimizer
         from paddle.distributed import fleet
         from paddle.distributed.fleet.meta_optimizers.dygraph_optimizer import (
             DygraphShardingOptimizer,
         )
 
         hcg = fleet.get_hybrid_communicate_group()
-        opt = DygraphShardingOptimizer(build_optimizer(model, tc), hcg)
+        # Paddle's sharding optimizer drives Paddle's AdamW (its accumulators and parameter
+        # lists), so the fused AdamW is not used under it.
+        opt = DygraphShardingOptimizer(build_optimizer(model, tc, allow_fused=False), hcg)
         named = list(model.named_parameters())
         mine = {p.name for p in opt.filter_parameters([p for _, p in named], hcg)}
         owned: list = []
@@ -190,6 +199,7 @@ class Distributed(SingleProcess):
             owned, [n for n, p in named if p.name in mine], group=self.group("sharding")
         )
         self.owner = {name: i for i, names in enumerate(owned) for name in names}
+        self.optimizer = opt
         return opt
 
     # ------------------------------------------------------------------ data and objective
@@ -254,7 +264,7 @@ class Distributed(SingleProcess):
     @paddle.no_grad()
     def grad_sq_norms(self, named) -> np.ndarray:
         """Expert tensors hold 1/ep of their rows on each rank: their squares are summed over EP."""
-        sq = tensor_sq_norms([p for _, p in named])
+        sq = tensor_sq_norms([p for _, p in named], is_fused(self.optimizer))
         rows = [i for i, (n, _) in enumerate(named) if n in self.expert_names]
         if rows and self.ep > 1:
             sq[rows] = comm.all_reduce_numpy(sq[rows], self.group("ep"))
@@ -268,14 +278,14 @@ class Distributed(SingleProcess):
         named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
         dense = [p for n, p in named if n not in self.expert_names]
         experts = [p for n, p in named if n in self.expert_names]
-        sq = global_grad_norm(dense) ** 2
+        fused = is_fused(self.optimizer)
+        sq = global_grad_norm(dense, fused) ** 2
         if experts:
-            expert_sq = np.array([global_grad_norm(experts) ** 2])
+            expert_sq = np.array([global_grad_norm(experts, fused) ** 2])
             sq += float(comm.all_reduce_numpy(expert_sq, self.group("ep"))[0])
         norm = float(np.sqrt(sq))
         if max_norm > 0 and norm > max_norm:
-            for _, p in named:
-                p.grad.scale_(max_norm / (norm + 1e-6))
+            scale_grads([p for _, p in named], max_norm / (norm + 1e-6), self.optimizer)
         return norm
 
     def reduce_loads(self, loads: dict) -> dict:
