@@ -1,18 +1,25 @@
 // FlashMask backward: key tiles outside, query tiles inside, the same tile tests as forward.
 //
-//   for each (b, kv head, key chunk c)               <- one OpenMP task
+//   for each (b, kv head, key chunk c)               <- one task of the only parallel loop
+//     L_i = lse_i log2 e, delta_i = rowsum(dO * O)_i - d lse_i  for the G query heads of the group
 //     for key tile t = c, c + NC, ...                 (round robin: balanced under causal masks)
+//       K^T (scaled by scale log2 e) and V^T of tile t, packed once for all G heads
 //       for each query head of the GQA group, each query tile not kSkip:
-//         P^T  = 2^(S^T - lse log2 e)     dV   += P^T dO
-//         dP^T = V dO^T                    dS^T  = P^T (dP^T - rowsum(dO * O) + d lse)
-//         dK  += dS^T Q scale              dQ_c += dS K scale
-//     dK, dV of tile t are complete: written once.
-//   dQ = sum_c dQ_c in the fixed order c = 0..NC-1.
-// Tiles are transposed ([key][query]) as in the forward pass. Every buffer is owned by exactly one
-// task and NC depends only on the shapes, so the result is bit-identical whatever the thread
-// count or timing.
+//         S  = Q K^T                       [query][key], Q read in place
+//         P  = 2^(S - L)                   dV   += P^T dO
+//         dP = dO V^T                      dS    = P (dP - delta)
+//         dK += dS^T Q                     dQ_c += dS K
+//       dK, dV of tile t are complete: written once (scaled).
+//     the task that finishes a group last sums its dQ_c in the fixed order c = 0..NC-1 (NC = 1:
+//     the task writes dQ directly).
+// Every buffer is owned by exactly one task and NC depends only on the shapes, so the result is
+// bit-identical whatever the thread count or timing. Nothing is shared between tasks but the
+// inputs, so there is no barrier before the end of the call (on a busy machine every barrier
+// waits for the slowest descheduled thread).
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "flashmask_kernel.h"
@@ -30,121 +37,161 @@ int64_t num_chunks(const Shape& s) {
 
 constexpr int kVecs = kTile / kLanes;
 
-// P^T = 2^(S^T - L) in place, L per query (rows with L = +inf see nothing: P = 0).
-void probabilities(float* sT, const float* lse2) {
-  f16v L[kVecs];
-  for (int v = 0; v < kVecs; ++v) L[v] = load(lse2 + v * kLanes);
-  for (int j = 0; j < kTile; ++j)
+// P = 2^(S - L) in place for a [query][key] tile, L per query (L = +inf: the row sees nothing).
+void probabilities(float* s, const float* lse2) {
+  for (int r = 0; r < kTile; ++r) {
+    const f16v L = splat(lse2[r]);
     for (int v = 0; v < kVecs; ++v) {
-      float* p = sT + j * kTile + v * kLanes;
-      store(p, exp2v(load(p) - L[v]));
+      float* p = s + r * kTile + v * kLanes;
+      store(p, exp2v(load(p) - L));
     }
+  }
 }
 
-// dS^T = P^T (dP^T - delta), written over dP^T; delta = rowsum(dO * O) - d lse.
-void score_grad(const float* pT, float* dpT, const float* delta) {
-  f16v dl[kVecs];
-  for (int v = 0; v < kVecs; ++v) dl[v] = load(delta + v * kLanes);
-  for (int j = 0; j < kTile; ++j)
+// dS = P (dP - delta), written over dP; delta = rowsum(dO * O) - d lse per query.
+void score_grad(const float* p, float* dp, const float* delta) {
+  for (int r = 0; r < kTile; ++r) {
+    const f16v dl = splat(delta[r]);
     for (int v = 0; v < kVecs; ++v) {
-      const int64_t o = j * kTile + v * kLanes;
-      store(dpT + o, load(pT + o) * (load(dpT + o) - dl[v]));
+      const int64_t o = r * kTile + v * kLanes;
+      store(dp + o, load(p + o) * (load(dp + o) - dl));
     }
+  }
+}
+
+// sum_d a[d] b[d]: 16 partial sums then a fixed tree when n is a multiple of 16.
+float dot(const float* a, const float* b, int64_t n) {
+  if (n % kLanes != 0) {
+    float acc = 0.0f;
+    for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
+    return acc;
+  }
+  f16v acc = load(a) * load(b);
+  for (int64_t d = kLanes; d < n; d += kLanes) acc += load(a + d) * load(b + d);
+  return hsum(acc);
+}
+
+// dst[d] = src[d] * scale, d < n.
+void scaled_copy(float* dst, const float* src, int64_t n, float scale) {
+  int64_t d = 0;
+  const f16v sc = splat(scale);
+  for (; d + kLanes <= n; d += kLanes) store(dst + d, load(src + d) * sc);
+  for (; d < n; ++d) dst[d] = src[d] * scale;
 }
 
 }  // namespace
 
 void backward(const Shape& s, const float* q, const float* k, const float* v, const int32_t* idx,
-              const float* out, const float* lse, const float* dout, const float* dlse,
-              float* dq, float* dk, float* dv) {
-  const ColumnMask mask(s, idx);
-  const int64_t nqt = s.nqt(), nkt = s.nkt(), D = s.D, Dp = s.Dp();
-  const int64_t Sqp = s.Sqp(), BH = s.B * s.H, G = s.group();
-  const int64_t NC = num_chunks(s);
+              const int32_t* block, const float* out, const float* lse, const float* dout,
+              const float* dlse, float* dq, float* dk, float* dv) {
+  const ColumnMask mask(s, idx, block);
+  const int64_t nqt = s.nqt(), nkt = s.nkt(), D = s.D, Dp = s.Dp(), Sqp = s.Sqp(), G = s.group();
+  const int64_t NC = num_chunks(s), BH = s.B * s.H, groups = s.B * s.Hk;
   const float qscale = s.scale * kLog2e;
-
-  const RowTiles keys(k, s.B, s.Sk, s.Hk, D, s.threads), values(v, s.B, s.Sk, s.Hk, D, s.threads);
   // A loss that does not use `out` gives no d out: it is zero.
   std::vector<float> zeros(dout == nullptr ? s.B * s.Sq * s.H * D : 0, 0.0f);
   if (dout == nullptr) dout = zeros.data();
-  const RowTiles queries(q, s.B, s.Sq, s.H, D, s.threads), grads(dout, s.B, s.Sq, s.H, D, s.threads);
-  Buffer qT(BH * nqt * D * kTile), doT(BH * nqt * D * kTile);
-  Buffer lse2(BH * Sqp), delta(BH * Sqp), dq_parts(NC * BH * Sqp * Dp);
-  pack_tiles_t(q, s.B, s.Sq, s.H, D, qscale, qT.data(), s.threads);
-  pack_tiles_t(dout, s.B, s.Sq, s.H, D, 1.0f, doT.data(), s.threads);
+  const RowTiles queries(q, s.B, s.Sq, s.H, D, s.threads);
+  const RowTiles grads(dout, s.B, s.Sq, s.H, D, s.threads);
+  const RowTiles keys(k, s.B, s.Sk, s.Hk, D, s.threads);
+  // dQ partials [NC][B * H][Sqp][Dp]; each task zeroes its own part.
+  Buffer dq_parts(NC * BH * Sqp * Dp, false);
+  std::unique_ptr<std::atomic<int>[]> finished(new std::atomic<int>[groups]);
+  for (int64_t g = 0; g < groups; ++g) finished[g].store(0, std::memory_order_relaxed);
 
-#pragma omp parallel for num_threads(s.threads) schedule(static)
-  for (int64_t bh = 0; bh < BH; ++bh) {
-    const int64_t b = bh / s.H, h = bh % s.H;
-    for (int64_t i = 0; i < Sqp; ++i) {
-      float acc = 0.0f, L = std::numeric_limits<float>::infinity();
-      if (i < s.Sq) {
-        const float* o = out + ((b * s.Sq + i) * s.H + h) * D;
-        const float* g = dout + ((b * s.Sq + i) * s.H + h) * D;
-        for (int64_t d = 0; d < D; ++d) acc += o[d] * g[d];
-        if (dlse != nullptr) acc -= dlse[bh * s.Sq + i];  // d lse_i / d S_ij = P_ij
-        L = lse[bh * s.Sq + i] * kLog2e;
+  // dq rows of the G heads of group (b, hk) = sum over chunks of the partials, scaled.
+  auto write_dq = [&](int64_t b, int64_t hk) {
+    for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+      const int64_t bh = b * s.H + h;
+      for (int64_t i = 0; i < s.Sq; ++i) {
+        float* dst = dq + ((b * s.Sq + i) * s.H + h) * D;
+        const float* src = dq_parts.data() + (bh * Sqp + i) * Dp;
+        if (NC == 1) {
+          scaled_copy(dst, src, D, s.scale);
+          continue;
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          float acc = 0.0f;
+          for (int64_t c = 0; c < NC; ++c) acc += src[c * BH * Sqp * Dp + d];
+          dst[d] = acc * s.scale;
+        }
       }
-      delta.data()[bh * Sqp + i] = acc;
-      lse2.data()[bh * Sqp + i] = L;
     }
-  }
+  };
 
-  const int64_t ntasks = s.B * s.Hk * NC;
-#pragma omp parallel num_threads(s.threads)
-  {
-    Buffer pT(kTile * kTile), dsT(kTile * kTile), dk_acc(kTile * Dp), dv_acc(kTile * Dp);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < ntasks; ++task) {
+  const int64_t ntasks = groups * NC;
+  TaskQueue tasks(ntasks);
+  auto worker = [&] {
+    Buffer kT(D * kTile), vT(D * kTile), pt(kTile * kTile), dst(kTile * kTile);
+    Buffer dk_acc(kTile * Dp), dv_acc(kTile * Dp), stats(2 * G * Sqp);
+    float *lse2 = stats.data(), *delta = stats.data() + G * Sqp;
+    for (int64_t task; tasks.next(task);) {
       const int64_t c = task % NC, bhk = task / NC, b = bhk / s.Hk, hk = bhk % s.Hk;
-      for (int64_t t = c; t < nkt; t += NC) {
-        std::fill(dk_acc.data(), dk_acc.data() + kTile * Dp, 0.0f);
-        std::fill(dv_acc.data(), dv_acc.data() + kTile * Dp, 0.0f);
-        const TileRef kt = keys.tile(b, hk, t), vt = values.tile(b, hk, t);
-        for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
-          const int64_t bh = b * s.H + h, bm = b * s.Hm + s.mask_head(h);
-          for (int64_t qt = 0; qt < nqt; ++qt) {
-            const TileKind kind = mask.classify(bm, qt, t);
-            if (kind == kSkip) continue;
-            const int64_t row0 = bh * Sqp + qt * kTile;
-            const TileRef qr = queries.tile(b, h, qt), gr = grads.tile(b, h, qt);
-            gemm_nt(kt.ptr, kt.ld, kTile, D, qT.data() + (bh * nqt + qt) * D * kTile, pT.data());
-            if (kind == kPartial) mask.apply(bm, qt, t, pT.data());
-            probabilities(pT.data(), lse2.data() + row0);
-            gemm_nn(pT.data(), kTile, 1, kTile, kTile, gr.ptr, gr.ld, dv_acc.data(), Dp, Dp);
-            gemm_nt(vt.ptr, vt.ld, kTile, D, doT.data() + (bh * nqt + qt) * D * kTile,
-                    dsT.data());
-            score_grad(pT.data(), dsT.data(), delta.data() + row0);
-            gemm_nn(dsT.data(), kTile, 1, kTile, kTile, qr.ptr, qr.ld, dk_acc.data(), Dp, Dp);
-            float* dq_t = dq_parts.data() + (c * BH * Sqp + row0) * Dp;
-            gemm_nn(dsT.data(), 1, kTile, kTile, kTile, kt.ptr, kt.ld, dq_t, Dp, Dp);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hk * G + g, bh = b * s.H + h;
+        for (int64_t i = 0; i < Sqp; ++i) {
+          float acc = 0.0f, L = std::numeric_limits<float>::infinity();
+          if (i < s.Sq) {
+            const int64_t o = ((b * s.Sq + i) * s.H + h) * D;
+            acc = dot(out + o, dout + o, D);
+            if (dlse != nullptr) acc -= dlse[bh * s.Sq + i];  // d lse_i / d S_ij = P_ij
+            L = lse[bh * s.Sq + i] * kLog2e;
           }
+          delta[g * Sqp + i] = acc;
+          lse2[g * Sqp + i] = L;
         }
-        const int64_t cols = std::min<int64_t>(kTile, s.Sk - t * kTile);
-        for (int64_t jj = 0; jj < cols; ++jj) {
-          const int64_t o = ((b * s.Sk + t * kTile + jj) * s.Hk + hk) * D;
-          for (int64_t d = 0; d < D; ++d) {
-            dk[o + d] = dk_acc.data()[jj * Dp + d] * s.scale;
-            dv[o + d] = dv_acc.data()[jj * Dp + d];
-          }
-        }
+        float* part = dq_parts.data() + (c * BH + bh) * Sqp * Dp;
+        std::fill(part, part + Sqp * Dp, 0.0f);
       }
-    }
-  }
 
-#pragma omp parallel for num_threads(s.threads) schedule(static)
-  for (int64_t bi = 0; bi < s.B * s.Sq; ++bi) {
-    const int64_t b = bi / s.Sq, i = bi % s.Sq;
-    for (int64_t h = 0; h < s.H; ++h) {
-      float* dst = dq + (bi * s.H + h) * D;
-      const int64_t row = (b * s.H + h) * Sqp + i;
-      for (int64_t d = 0; d < D; ++d) {
-        float acc = 0.0f;
-        for (int64_t c = 0; c < NC; ++c) acc += dq_parts.data()[(c * BH * Sqp + row) * Dp + d];
-        dst[d] = acc * s.scale;
+      for (int64_t t = c; t < nkt; t += NC) {
+        const int64_t j0 = t * kTile, cols = std::min<int64_t>(kTile, s.Sk - j0);
+        bool packed = false;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = hk * G + g, bh = b * s.H + h;
+          for (int64_t qt = 0; qt < nqt; ++qt) {
+            const TileKind kind = mask.classify(b, h, qt, t);
+            if (kind == kSkip) continue;
+            if (!packed) {
+              const float* k0 = k + ((b * s.Sk + j0) * s.Hk + hk) * D;
+              const float* v0 = v + ((b * s.Sk + j0) * s.Hk + hk) * D;
+              transpose_tile(k0, s.Hk * D, cols, D, qscale, kT.data());
+              transpose_tile(v0, s.Hk * D, cols, D, 1.0f, vT.data());
+              std::fill(dk_acc.data(), dk_acc.data() + kTile * Dp, 0.0f);
+              std::fill(dv_acc.data(), dv_acc.data() + kTile * Dp, 0.0f);
+              packed = true;
+            }
+            const TileRef qr = queries.tile(b, h, qt), gr = grads.tile(b, h, qt);
+            const TileRef kr = keys.tile(b, hk, t);
+            float *p = pt.data(), *ds = dst.data();
+            gemm_nt(qr.ptr, qr.ld, kTile, D, kT.data(), p);
+            if (kind == kPartial) mask.apply_rows(b, h, qt, t, p);
+            probabilities(p, lse2 + g * Sqp + qt * kTile);
+            gemm_nn(p, 1, kTile, kTile, kTile, gr.ptr, gr.ld, dv_acc.data(), Dp, Dp);
+            gemm_nt(gr.ptr, gr.ld, kTile, D, vT.data(), ds);
+            score_grad(p, ds, delta + g * Sqp + qt * kTile);
+            gemm_nn(ds, 1, kTile, kTile, kTile, qr.ptr, qr.ld, dk_acc.data(), Dp, Dp);
+            float* dq_t = dq_parts.data() + ((c * BH + bh) * Sqp + qt * kTile) * Dp;
+            gemm_nn(ds, kTile, 1, kTile, kTile, kr.ptr, kr.ld, dq_t, Dp, Dp);
+          }
+        }
+        for (int64_t jj = 0; jj < cols; ++jj) {
+          const int64_t o = ((b * s.Sk + j0 + jj) * s.Hk + hk) * D;
+          if (!packed) {  // no query sees these keys
+            std::fill(dk + o, dk + o + D, 0.0f);
+            std::fill(dv + o, dv + o + D, 0.0f);
+            continue;
+          }
+          scaled_copy(dk + o, dk_acc.data() + jj * Dp, D, s.scale);
+          std::copy(dv_acc.data() + jj * Dp, dv_acc.data() + jj * Dp + D, dv + o);
+        }
       }
+      // The last chunk of the group to finish sums the partials (acq_rel: it sees their writes).
+      if (NC == 1 || finished[bhk].fetch_add(1, std::memory_order_acq_rel) == NC - 1)
+        write_dq(b, hk);
     }
-  }
+  };
+  parallel(team_size(s.threads, ntasks), worker);
 }
 
 }  // namespace flashmask

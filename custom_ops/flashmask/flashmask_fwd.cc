@@ -1,6 +1,6 @@
 // FlashMask forward: FlashAttention-2 loop with an online softmax and tile skipping.
 //
-//   for each (b, h, query tile)                   <- one OpenMP task
+//   for each (b, h, query tile)                   <- one task of the parallel loop
 //     for each key tile not kSkip:
 //       S^T = K (scale log2 e Q)^T                 [key][query], gemm_nt on the packed Q^T tile
 //       kPartial: masked entries of S^T = -inf
@@ -59,24 +59,22 @@ void online_softmax(float* sT, float* m, float* l, float* ob, int64_t Dp) {
 }  // namespace
 
 void forward(const Shape& s, const float* q, const float* k, const float* v, const int32_t* idx,
-             float* out, float* lse) {
-  const ColumnMask mask(s, idx);
+             const int32_t* block, float* out, float* lse) {
+  const ColumnMask mask(s, idx, block);
   const int64_t nqt = s.nqt(), nkt = s.nkt(), D = s.D, Dp = s.Dp();
   const RowTiles keys(k, s.B, s.Sk, s.Hk, D, s.threads);
   const RowTiles values(v, s.B, s.Sk, s.Hk, D, s.threads);
   const float qscale = s.scale * kLog2e;
   const int64_t ntasks = s.B * s.H * nqt;
 
-#pragma omp parallel num_threads(s.threads)
-  {
+  TaskQueue tasks(ntasks);
+  auto worker = [&] {
     Buffer qT(D * kTile), sT(kTile * kTile), ob(kTile * Dp), ml(2 * kTile);
     float *m = ml.data(), *l = ml.data() + kTile;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < ntasks; ++task) {
+    for (int64_t task; tasks.next(task);) {
       // Last query tiles first: under a causal mask they carry the most work.
       const int64_t qt = nqt - 1 - task % nqt, bh = task / nqt;
       const int64_t b = bh / s.H, h = bh % s.H, hk = h / s.group();
-      const int64_t bm = b * s.Hm + s.mask_head(h);
       const int64_t r0 = qt * kTile, rows = std::min<int64_t>(kTile, s.Sq - r0);
       transpose_tile(q + ((b * s.Sq + r0) * s.H + h) * D, s.H * D, rows, D, qscale, qT.data());
       std::fill(ob.data(), ob.data() + kTile * Dp, 0.0f);
@@ -84,11 +82,11 @@ void forward(const Shape& s, const float* q, const float* k, const float* v, con
       std::fill(l, l + kTile, 0.0f);
 
       for (int64_t t = 0; t < nkt; ++t) {
-        const TileKind kind = mask.classify(bm, qt, t);
+        const TileKind kind = mask.classify(b, h, qt, t);
         if (kind == kSkip) continue;
         const TileRef kt = keys.tile(b, hk, t), vt = values.tile(b, hk, t);
         gemm_nt(kt.ptr, kt.ld, kTile, D, qT.data(), sT.data());
-        if (kind == kPartial) mask.apply(bm, qt, t, sT.data());
+        if (kind == kPartial) mask.apply_t(b, h, qt, t, sT.data());
         online_softmax(sT.data(), m, l, ob.data(), Dp);
         gemm_nn(sT.data(), 1, kTile, kTile, kTile, vt.ptr, vt.ld, ob.data(), Dp, Dp);
       }
@@ -101,7 +99,8 @@ void forward(const Shape& s, const float* q, const float* k, const float* v, con
                                               : std::numeric_limits<float>::infinity();
       }
     }
-  }
+  };
+  parallel(team_size(s.threads, ntasks), worker);
 }
 
 }  // namespace flashmask

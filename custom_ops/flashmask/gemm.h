@@ -13,6 +13,8 @@
 namespace flashmask {
 
 constexpr int kTile = 64;  // query rows per query tile == key columns per key tile
+constexpr int kBlock = 128;  // block-mask granularity (rows and columns)
+constexpr int kBlockTiles = kBlock / kTile;
 constexpr int kRowBlock = 4;  // M must be a multiple of this
 constexpr int kWideRows = 6;  // 6 x 4 accumulators + 4 B vectors fit the 32 AVX-512 registers
 

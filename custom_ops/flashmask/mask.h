@@ -1,12 +1,15 @@
-// Problem shape and the FlashMask column representation.
+// Problem shape, the FlashMask column representation and the block selection.
 //
 // Every key column j carries two masked row ranges, [LTS_j, LTE_j) and [UTS_j, UTE_j); the
 // causal flag adds j > i + (Sk - Sq). ColumnMask expands startend_row_indices [B, Hm, Sk, C]
 // into those four vectors (padding columns past Sk mask every row) and keeps, per key tile,
-// the min and max of each vector. classify() turns them into one of three tile kinds:
+// the min and max of each vector. An optional block mask [B, Hb, ceil(Sq/128), ceil(Sk/128)]
+// (nonzero = keep) removes whole 128 x 128 blocks, i.e. 2 x 2 tiles. classify() turns both into
+// one of three tile kinds:
 //
-//   kSkip     every (row, column) of the tile is masked: no K/V read, no product
-//   kPartial  some are: compute, then mask element-wise (apply)
+//   kSkip     every (row, column) of the tile is masked, or its block is not kept: no K/V read,
+//             no product
+//   kPartial  some are: compute, then mask element-wise (apply_t / apply_rows)
 //   kDense    none are: compute with no mask work
 #pragma once
 
@@ -26,6 +29,7 @@ struct Shape {
   bool causal;
   float scale;
   int threads;
+  int64_t Hb = 0;  // block-mask heads (1, Hk or H); 0: no block mask
 
   int64_t group() const { return H / Hk; }
   int64_t nqt() const { return (Sq + kTile - 1) / kTile; }
@@ -35,6 +39,9 @@ struct Shape {
   int64_t Dp() const { return (D + kLanes - 1) / kLanes * kLanes; }
   int64_t causal_offset() const { return Sk - Sq; }  // bottom-right alignment
   int64_t mask_head(int64_t h) const { return Hm == 1 ? 0 : Hm == H ? h : h / group(); }
+  int64_t block_head(int64_t h) const { return Hb == 1 ? 0 : Hb == H ? h : h / group(); }
+  int64_t nbq() const { return (Sq + kBlock - 1) / kBlock; }
+  int64_t nbk() const { return (Sk + kBlock - 1) / kBlock; }
 };
 
 enum TileKind { kSkip, kPartial, kDense };
@@ -45,7 +52,8 @@ struct TileStats {
 
 class ColumnMask {
  public:
-  ColumnMask(const Shape& s, const int32_t* idx) : s_(s) {
+  // `block` is the block mask [B, Hb, nbq, nbk] or null (every block kept).
+  ColumnMask(const Shape& s, const int32_t* idx, const int32_t* block) : s_(s), block_(block) {
     const int64_t skp = s.Skp(), nkt = s.nkt();
     cols_.assign(s.B * s.Hm * 4 * skp, 0);
     stats_.resize(s.B * s.Hm * nkt);
@@ -91,13 +99,18 @@ class ColumnMask {
     }
   }
 
-  // bm = b * Hm + mask head.
-  TileKind classify(int64_t bm, int64_t qt, int64_t kt) const {
+  // Kind of tile (query tile qt, key tile kt) for batch b, query head h.
+  TileKind classify(int64_t b, int64_t h, int64_t qt, int64_t kt) const {
+    if (block_ != nullptr) {
+      const int64_t bb = b * s_.Hb + s_.block_head(h);
+      if (block_[(bb * s_.nbq() + qt / kBlockTiles) * s_.nbk() + kt / kBlockTiles] == 0)
+        return kSkip;
+    }
     const int64_t r0 = qt * kTile, r1 = std::min(r0 + kTile, s_.Sq);
     const int64_t j0 = kt * kTile, j1 = j0 + kTile;
     const int64_t off = s_.causal_offset();
     if (s_.causal && j0 > r1 - 1 + off) return kSkip;
-    const TileStats& t = stats_[bm * s_.nkt() + kt];
+    const TileStats& t = stats_[(b * s_.Hm + s_.mask_head(h)) * s_.nkt() + kt];
     if (t.lts_max <= r0 && t.lte_min >= r1) return kSkip;
     if (t.uts_max <= r0 && t.ute_min >= r1) return kSkip;
     const bool lt_clear = r1 <= t.lts_min || r0 >= t.lte_max;
@@ -107,20 +120,17 @@ class ColumnMask {
   }
 
   // Sets the masked entries of a transposed score tile sT[key][query] (row stride kTile) to -inf.
-  void apply(int64_t bm, int64_t qt, int64_t kt, float* sT) const {
-    const int64_t skp = s_.Skp();
-    const int32_t* lts = cols_.data() + bm * 4 * skp + kt * kTile;
-    const int32_t *lte = lts + skp, *uts = lte + skp, *ute = uts + skp;
+  void apply_t(int64_t b, int64_t h, int64_t qt, int64_t kt, float* sT) const {
+    const Columns c = columns(b, h, kt);
     const int32_t off = static_cast<int32_t>(s_.causal_offset());
-    const i16v lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const f16v ninf = splat(kNegInf);
     for (int jj = 0; jj < kTile; ++jj) {
       const int32_t j = static_cast<int32_t>(kt * kTile + jj);
-      const i16v a = splat_i(lts[jj]), b = splat_i(lte[jj]), c = splat_i(uts[jj]),
-                 d = splat_i(ute[jj]), last_visible = splat_i(j - off);
+      const i16v a = splat_i(c.lts[jj]), e = splat_i(c.lte[jj]), u = splat_i(c.uts[jj]),
+                 w = splat_i(c.ute[jj]), last_visible = splat_i(j - off);
       for (int v = 0; v < kTile / kLanes; ++v) {
-        const i16v i = lane + static_cast<int32_t>(qt * kTile + v * kLanes);
-        i16v masked = ((i >= a) & (i < b)) | ((i >= c) & (i < d));
+        const i16v i = lanes() + static_cast<int32_t>(qt * kTile + v * kLanes);
+        i16v masked = ((i >= a) & (i < e)) | ((i >= u) & (i < w));
         if (s_.causal) masked |= i < last_visible;  // j > i + off
         float* p = sT + jj * kTile + v * kLanes;
         store(p, masked ? ninf : load(p));
@@ -128,8 +138,45 @@ class ColumnMask {
     }
   }
 
+  // The same for a score tile s[query][key] (row stride kTile).
+  void apply_rows(int64_t b, int64_t h, int64_t qt, int64_t kt, float* s) const {
+    constexpr int kVecs = kTile / kLanes;
+    const Columns c = columns(b, h, kt);
+    const int32_t off = static_cast<int32_t>(s_.causal_offset());
+    const f16v ninf = splat(kNegInf);
+    i16v a[kVecs], e[kVecs], u[kVecs], w[kVecs], j_off[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      a[v] = load_i(c.lts + v * kLanes), e[v] = load_i(c.lte + v * kLanes);
+      u[v] = load_i(c.uts + v * kLanes), w[v] = load_i(c.ute + v * kLanes);
+      j_off[v] = lanes() + static_cast<int32_t>(kt * kTile + v * kLanes - off);
+    }
+    for (int r = 0; r < kTile; ++r) {
+      const i16v i = splat_i(static_cast<int32_t>(qt * kTile + r));
+      for (int v = 0; v < kVecs; ++v) {
+        i16v masked = ((i >= a[v]) & (i < e[v])) | ((i >= u[v]) & (i < w[v]));
+        if (s_.causal) masked |= j_off[v] > i;  // j > i + off
+        float* p = s + r * kTile + v * kLanes;
+        store(p, masked ? ninf : load(p));
+      }
+    }
+  }
+
  private:
+  struct Columns {
+    const int32_t *lts, *lte, *uts, *ute;
+  };
+
+  // The four column vectors of key tile kt for batch b, query head h.
+  Columns columns(int64_t b, int64_t h, int64_t kt) const {
+    const int64_t skp = s_.Skp();
+    const int32_t* lts = cols_.data() + (b * s_.Hm + s_.mask_head(h)) * 4 * skp + kt * kTile;
+    return {lts, lts + skp, lts + 2 * skp, lts + 3 * skp};
+  }
+
+  static i16v lanes() { return i16v{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
+
   Shape s_;
+  const int32_t* block_;
   std::vector<int32_t> cols_;    // [B * Hm][4][Skp]: LTS, LTE, UTS, UTE
   std::vector<TileStats> stats_;  // [B * Hm][nkt]
 };

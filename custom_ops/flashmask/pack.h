@@ -1,14 +1,15 @@
 // Access to [B, S, heads, D] tensors in 64-row tiles.
 //
 //   RowTiles:     tile t of (b, head) as (pointer, row stride). Read in place when D is a multiple
-//                 of 16; only the tail tile past S is a zero-padded copy. Otherwise every tile is
-//                 a copy padded to Dp lanes, so vector loads over D never cross a row.
-//   pack_tiles_t: per (b, head, tile) the transposed block X^T [D][64], optionally scaled: the
-//                 B operand of gemm_nt.
+//                 of 16; only the tail tile past S is a zero-padded copy (made by the calling
+//                 thread: it is small). Otherwise every tile is a copy padded to Dp lanes, so
+//                 vector loads over D never cross a row.
+//   transpose_tile: one 64-row block as X^T [D][64], optionally scaled: the B operand of gemm_nt.
 // Padding rows and lanes are zero so that padded work never produces NaN.
 #pragma once
 
 #include "mask.h"
+#include "parallel.h"
 
 namespace flashmask {
 
@@ -27,15 +28,18 @@ class RowTiles {
     if (copied == 0) return;
     copy_.reset(B * heads * copied * kTile * Dp_);
     const int64_t first = nt - copied;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t bh = 0; bh < B * heads; ++bh) {
-      const int64_t b = bh / heads, h = bh % heads;
-      for (int64_t i = first * kTile; i < S; ++i) {
-        const float* src = x + ((b * S + i) * heads + h) * D;
-        float* dst = copy_.data() + (bh * copied * kTile + i - first * kTile) * Dp_;
-        for (int64_t d = 0; d < D; ++d) dst[d] = src[d];
+    TaskQueue rows(B * heads);
+    auto copy_rows = [&] {
+      for (int64_t bh; rows.next(bh);) {
+        const int64_t b = bh / heads, h = bh % heads;
+        for (int64_t i = first * kTile; i < S; ++i) {
+          const float* src = x + ((b * S + i) * heads + h) * D;
+          float* dst = copy_.data() + (bh * copied * kTile + i - first * kTile) * Dp_;
+          for (int64_t d = 0; d < D; ++d) dst[d] = src[d];
+        }
       }
-    }
+    };
+    parallel(copied > 1 ? team_size(threads, B * heads) : 1, copy_rows);
     first_copied_ = first;
     copied_ = copied;
   }
@@ -54,24 +58,47 @@ class RowTiles {
   Buffer copy_;
 };
 
+// 16 x 16 transpose in registers: four stages, stage k swapping bit k of the row and column
+// indices with two-source shuffles.
+inline void transpose16(f16v* r) {
+  static const i16v lo[4] = {{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+                             {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                             {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                             {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}};
+  static const i16v hi[4] = {{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31},
+                             {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+                             {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+                             {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}};
+  for (int k = 0; k < 4; ++k) {
+    const int m = 1 << k;
+    for (int a = 0; a < kLanes; ++a) {
+      if (a & m) continue;
+      const f16v x = r[a], y = r[a | m];
+      r[a] = __builtin_shuffle(x, y, lo[k]);
+      r[a | m] = __builtin_shuffle(x, y, hi[k]);
+    }
+  }
+}
+
 // dst[d][r] = scale * src[r][d] for r < rows (row stride ld), 0 for rows..63: a [D][64] block.
 inline void transpose_tile(const float* src, int64_t ld, int64_t rows, int64_t D, float scale,
                            float* dst) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < D; ++d) dst[d * kTile + r] = src[r * ld + d] * scale;
-  for (int64_t r = rows; r < kTile; ++r)
-    for (int64_t d = 0; d < D; ++d) dst[d * kTile + r] = 0.0f;
-}
-
-// out[(b * heads + h) * nt + t] = scale * X^T of rows t*64 .. t*64+63, a [D][64] block.
-inline void pack_tiles_t(const float* x, int64_t B, int64_t S, int64_t heads, int64_t D,
-                         float scale, float* out, int threads) {
-  const int64_t nt = (S + kTile - 1) / kTile;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t task = 0; task < B * heads * nt; ++task) {
-    const int64_t t = task % nt, bh = task / nt, b = bh / heads, h = bh % heads;
-    transpose_tile(x + ((b * S + t * kTile) * heads + h) * D, heads * D,
-                   std::min<int64_t>(kTile, S - t * kTile), D, scale, out + task * D * kTile);
+  if (D % kLanes != 0) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t d = 0; d < D; ++d) dst[d * kTile + r] = src[r * ld + d] * scale;
+    for (int64_t r = rows; r < kTile; ++r)
+      for (int64_t d = 0; d < D; ++d) dst[d * kTile + r] = 0.0f;
+    return;
+  }
+  const f16v sc = splat(scale);
+  f16v blk[kLanes];
+  for (int64_t r0 = 0; r0 < kTile; r0 += kLanes) {
+    for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
+      for (int i = 0; i < kLanes; ++i)
+        blk[i] = r0 + i < rows ? load(src + (r0 + i) * ld + d0) * sc : splat(0.0f);
+      transpose16(blk);
+      for (int i = 0; i < kLanes; ++i) store(dst + (d0 + i) * kTile + r0, blk[i]);
+    }
   }
 }
 

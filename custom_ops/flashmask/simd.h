@@ -86,17 +86,18 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Zero-initialised scratch buffer, 64-byte aligned. Large buffers ask for transparent huge pages:
-// with 4 KiB pages, first-touch page faults on a fresh multi-MB buffer cost as much as the
-// attention itself for sparse masks.
+// Scratch buffer, 64-byte aligned, zero-initialised unless `zero` is false (then its owner writes
+// every element before reading it, in parallel, which also spreads the first-touch page faults).
+// Large buffers ask for transparent huge pages: with 4 KiB pages, first-touch page faults on a
+// fresh multi-MB buffer cost as much as the attention itself for sparse masks.
 class Buffer {
  public:
   Buffer() = default;
-  explicit Buffer(size_t n) { reset(n); }
+  explicit Buffer(size_t n, bool zero = true) { reset(n, zero); }
   ~Buffer() { std::free(ptr_); }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
-  void reset(size_t n) {
+  void reset(size_t n, bool zero = true) {
     std::free(ptr_);
     constexpr size_t kHuge = size_t(2) << 20;
     size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
@@ -107,7 +108,7 @@ class Buffer {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     if (align == kHuge) madvise(ptr_, bytes, MADV_HUGEPAGE);
 #endif
-    std::memset(ptr_, 0, bytes);
+    if (zero) std::memset(ptr_, 0, bytes);
     size_ = n;
   }
   float* data() { return ptr_; }

@@ -3,6 +3,13 @@
 Shapes: query [B, Sq, H, D], key/value [B, Sk, Hk, D] (H a multiple of Hk),
 startend_row_indices [B, 1|Hk|H, Sk, C] int32 (format in masks.py), lse [B, H, Sq].
 
+block_mask (optional, as Paddle's): [B, 1|Hk|H, ceil(Sq/128), ceil(Sk/128)] int32 or bool; entry
+(b, h, i, j) nonzero keeps the 128 x 128 block of query rows 128i.. and key columns 128j.. for
+query head h (one entry per kv head applies to each of its query heads), zero masks the whole
+block on top of startend_row_indices. The CPU op skips the blocks that are not kept, forward and
+backward. Paddle's GPU kernel further requires int32, block_mask.shape[1] equal to
+startend_row_indices.shape[1] and head_dim 128; its own checks apply on the "paddle" backend.
+
 Backends (`backend=`, from the model config):
   "cpu"        the C++ custom op in custom_ops/flashmask (fp32 math; fp16/bf16 inputs are cast)
   "paddle"     paddle.nn.functional.flashmask_attention (GPU build, fp16/bf16 tensors on a GPU)
@@ -151,6 +158,24 @@ def check_inputs(query, key, value, startend_row_indices, causal: bool) -> None:
         )
 
 
+def check_block_mask(block_mask, query, key) -> None:
+    """Raise TypeError/ValueError unless block_mask is [B, 1|Hk|H, ceil(Sq/128), ceil(Sk/128)]
+    int32/bool."""
+    b, sq, h = query.shape[:3]
+    sk, hk = key.shape[1], key.shape[2]
+    if block_mask.dtype not in (paddle.int32, paddle.bool):
+        raise TypeError(
+            f"flashmask_attention: block_mask must be int32 or bool, got {block_mask.dtype}"
+        )
+    nbq, nbk = -(-sq // _BLOCK), -(-sk // _BLOCK)
+    shape = list(block_mask.shape)
+    if len(shape) != 4 or shape[0] != b or shape[1] not in (1, hk, h) or shape[2:] != [nbq, nbk]:
+        raise ValueError(
+            f"flashmask_attention: block_mask must be [B={b}, 1|{hk}|{h}, "
+            f"ceil(Sq/{_BLOCK})={nbq}, ceil(Sk/{_BLOCK})={nbk}], got {shape}"
+        )
+
+
 def _reject_rng_options(
     backend, dropout, training, return_seed_offset, fixed_seed_offset, rng_name
 ):
@@ -191,6 +216,14 @@ def dense_allowed_mask(startend_row_indices, sq: int, sk: int, causal: bool):
         cols = paddle.arange(sk, dtype="int64").reshape([1, 1, 1, sk])
         allowed = allowed & (cols <= rows + (sk - sq))
     return allowed
+
+
+def per_query_head(mask, h: int):
+    """A [B, 1|Hk|H, ...] boolean mask with its head axis broadcastable to H query heads (a mask
+    per kv head repeated over the query heads of its group)."""
+    if mask.shape[1] in (1, h):
+        return mask
+    return mask.astype("int32").repeat_interleave(h // mask.shape[1], axis=1).astype("bool")
 
 
 def flashmask_attention_reference(
@@ -234,13 +267,12 @@ def flashmask_attention_reference(
     scores = paddle.matmul(q, k, transpose_y=True) * scale
     if startend_row_indices is None:
         startend_row_indices = default_indices(b, sq, sk, causal)
-    allowed = dense_allowed_mask(startend_row_indices, sq, sk, causal)
+    allowed = per_query_head(dense_allowed_mask(startend_row_indices, sq, sk, causal), h)
     if block_mask is not None:
+        check_block_mask(block_mask, query, key)
         blocks = block_mask.astype("int32").repeat_interleave(_BLOCK, axis=2)
-        allowed = allowed & blocks.repeat_interleave(_BLOCK, axis=3)[:, :, :sq, :sk].astype("bool")
-    if allowed.shape[1] not in (1, h):  # one mask per kv head: repeat over its query heads
-        allowed = allowed.astype("int32").repeat_interleave(h // allowed.shape[1], axis=1)
-        allowed = allowed.astype("bool")
+        blocks = blocks.repeat_interleave(_BLOCK, axis=3)[:, :, :sq, :sk]
+        allowed = allowed & per_query_head(blocks.astype("bool"), h)
     scores = paddle.where(allowed, scores, paddle.full_like(scores, float("-inf")))
     row_max = scores.max(axis=-1, keepdim=True)
     row_max = paddle.where(paddle.isfinite(row_max), row_max, paddle.zeros_like(row_max)).detach()
@@ -265,7 +297,7 @@ def _cpu_op():
 
 
 def _flashmask_cpu(
-    query, key, value, startend_row_indices, causal, softmax_scale, return_softmax_lse
+    query, key, value, startend_row_indices, causal, softmax_scale, return_softmax_lse, block_mask
 ):
     b, sq, h, d = query.shape
     sk = key.shape[1]
@@ -279,7 +311,12 @@ def _flashmask_cpu(
         if t.dtype in (paddle.float16, paddle.bfloat16):
             t = t.astype("float32")
         tensors.append(t if t.is_contiguous() else t.contiguous())
-    out, lse = _cpu_op().flashmask_cpu(*tensors, bool(causal), scale)
+    if block_mask is not None:
+        if block_mask.dtype != paddle.int32:
+            block_mask = block_mask.astype("int32")
+        elif not block_mask.is_contiguous():
+            block_mask = block_mask.contiguous()
+    out, lse = _cpu_op().flashmask_cpu(*tensors, block_mask, bool(causal), scale)
     if dtype != paddle.float32:
         out = out.astype(dtype)
     return (out, lse) if return_softmax_lse else out
@@ -348,11 +385,6 @@ def flashmask_attention(
             block_mask=block_mask,
         )
     _reject_rng_options("cpu", dropout, training, return_seed_offset, fixed_seed_offset, rng_name)
-    if block_mask is not None:
-        raise NotImplementedError(
-            "flashmask_attention: block_mask is supported by the 'paddle' "
-            "GPU backend and the 'reference' backend, not by 'cpu'"
-        )
     if window_size is not None:
         if startend_row_indices is not None:
             raise ValueError(
@@ -361,6 +393,15 @@ def flashmask_attention(
         b, sq = query.shape[:2]
         startend_row_indices = window_indices(window_size, b, sq, key.shape[1], causal)
     check_inputs(query, key, value, startend_row_indices, causal)
+    if block_mask is not None:
+        check_block_mask(block_mask, query, key)
     return _flashmask_cpu(
-        query, key, value, startend_row_indices, causal, softmax_scale, return_softmax_lse
+        query,
+        key,
+        value,
+        startend_row_indices,
+        causal,
+        softmax_scale,
+        return_softmax_lse,
+        block_mask,
     )

@@ -214,6 +214,152 @@ def test_reference_block_mask_masks_whole_blocks():
     assert np.abs(out.numpy()[:, 128:] - tail.numpy()).max() <= 1e-5
 
 
+def random_blocks(rng, b, hb, sq, sk, density):
+    """A random block mask [b, hb, ceil(sq/128), ceil(sk/128)] with about `density` blocks kept."""
+    shape = (b, hb, -(-sq // 128), -(-sk // 128))
+    return (rng.random(shape) < density).astype(np.int32)
+
+
+BLOCK_CASES = [  # b, sq, sk, h, hk, block heads, density, mask
+    (2, 200, 200, 4, 2, 2, 0.5, "causal_document"),
+    (1, 300, 300, 4, 2, 4, 0.3, "document"),
+    (2, 130, 130, 2, 1, 1, 0.7, "causal"),
+    (1, 257, 257, 4, 4, 4, 0.1, "sliding_window"),
+    (1, 384, 384, 4, 1, 1, 1.0, "causal"),
+    (1, 250, 250, 6, 2, 6, 0.6, "global_sliding_window"),
+    (2, 190, 190, 4, 2, 1, 0.8, "share_question"),
+    (1, 129, 129, 2, 2, 2, 0.4, "full"),
+]
+BLOCK_MASK_ARGS = {
+    "causal_document": lambda n: ([n // 3, n // 4, n - n // 3 - n // 4 - 5], n),
+    "document": lambda n: ([n // 2, n - n // 2 - 7], n),
+    "causal": lambda n: (n,),
+    "sliding_window": lambda n: (n, 70),
+    "global_sliding_window": lambda n: (n, 6, 40),
+    "share_question": lambda n: (n // 4, [n // 4, n // 3], n),
+    "full": lambda n: (n,),
+}
+
+
+@pytest.mark.parametrize(
+    "case", BLOCK_CASES, ids=lambda c: "b{}_q{}_k{}_h{}_hk{}_hb{}_d{}_{}".format(*c)
+)
+def test_block_mask_matches_reference(case):
+    b, sq, sk, h, hk, hb, density, name = case
+    rng = np.random.default_rng(sq * 7 + hb)
+    build, causal = masks.BUILDERS[name]
+    q, k, v = random_qkv(b, sq, sk, h, hk, 32, seed=sq + hb)
+    blocks = random_blocks(rng, b, hb, sq, sk, density)
+    blocks[0, 0, rng.integers(blocks.shape[2])] = 0  # a block row with nothing: rows see no key
+    idx = indices(build(*BLOCK_MASK_ARGS[name](sq)), b)
+    out, lse, *_ = assert_matches_reference(
+        q, k, v, idx, causal, block_mask=paddle.to_tensor(blocks)
+    )
+    # Query head 0 reads block head 0 in every layout: rows whose blocks are all off see nothing.
+    rows = np.repeat(blocks[0, 0].any(axis=1), 128)[:sq]
+    assert np.all(out[0, ~rows, 0] == 0) and np.isinf(lse[0, 0, ~rows]).all()
+
+
+@pytest.mark.parametrize("sq,sk,causal", [(200, 330, True), (330, 200, False), (70, 260, True)])
+def test_block_mask_with_random_indices_and_unequal_lengths(sq, sk, causal):
+    rng = np.random.default_rng(sq + sk)
+    q, k, v = random_qkv(1, sq, sk, 4, 2, 16, seed=sq)
+    idx = random_indices(rng, 1, 2, sq, sk, 2, causal)
+    blocks = paddle.to_tensor(random_blocks(rng, 1, 4, sq, sk, 0.6))
+    assert_matches_reference(q, k, v, idx, causal, block_mask=blocks)
+
+
+def test_block_mask_bool_equals_int32_and_all_ones_equals_none():
+    q, k, v = random_qkv(1, 300, 300, 4, 2, 32, seed=3)
+    idx = indices(masks.causal_document([100, 150, 50]))
+    rng = np.random.default_rng(0)
+    blocks = random_blocks(rng, 1, 2, 300, 300, 0.5)
+
+    def run(block_mask):
+        return flashmask_attention(
+            q, k, v, idx, causal=True, block_mask=block_mask, backend="cpu"
+        ).numpy()
+
+    as_bool = paddle.to_tensor(blocks.astype(bool))
+    np.testing.assert_array_equal(run(paddle.to_tensor(blocks)), run(as_bool))
+    ones = paddle.ones([1, 1, 3, 3], dtype="int32")
+    np.testing.assert_array_equal(run(ones), run(None))
+
+
+@pytest.mark.parametrize("h,hk,hb", [(3, 3, 3), (4, 2, 2), (4, 2, 1)])
+def test_skipped_blocks_are_not_computed(h, hk, hb):
+    """NaN in the key/value rows of a block that no query of a head keeps never reaches that
+    head's output or gradients: the block's tiles are not computed at all (a computed tile would
+    be masked after the product, and 0 * NaN is NaN)."""
+    s = 300  # blocks 0..127, 128..255, 256..299
+    q, k, v = random_qkv(1, s, s, h, hk, 32, seed=h + hb)
+    group = h // hk
+    kv_block = {j: 0 if hb == 1 else j % 3 for j in range(hk)}  # kv head -> its NaN key block
+    blocks = np.ones((1, hb, 3, 3), np.int32)
+    for i in range(hb):  # block head i: query head i (hb = h), kv head i (hb = hk) or all (hb = 1)
+        blocks[0, i, :, kv_block[i // group if hb == h else i if hb == hk else 0]] = 0
+    k_nan, v_nan = k.numpy().copy(), v.numpy().copy()
+    for j, c in kv_block.items():
+        k_nan[0, 128 * c : 128 * (c + 1), j] = np.nan
+        v_nan[0, 128 * c : 128 * (c + 1), j] = np.nan
+    idx = indices(masks.full(s))
+    block_mask = paddle.to_tensor(blocks)
+    got = attention_and_grads(
+        lambda *a, **kw: flashmask_attention(*a, backend="cpu", **kw),
+        q,
+        paddle.to_tensor(k_nan),
+        paddle.to_tensor(v_nan),
+        idx,
+        False,
+        block_mask=block_mask,
+    )
+    want = attention_and_grads(
+        flashmask_attention_reference, q, k, v, idx, False, block_mask=block_mask
+    )
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert np.isfinite(g).all(), f"{name}: NaN from a skipped block"
+        assert np.abs(g - w).max() <= 1e-4, name
+    for j, c in kv_block.items():  # no query sees those keys: zero gradients
+        assert not got[3][0, 128 * c : 128 * (c + 1), j].any()
+        assert not got[4][0, 128 * c : 128 * (c + 1), j].any()
+
+
+def test_block_mask_gradients_are_deterministic_across_thread_counts(monkeypatch):
+    q, k, v = random_qkv(1, 520, 520, 4, 1, 32)
+    idx = indices(masks.causal_document([200, 120, 200]))
+    blocks = paddle.to_tensor(random_blocks(np.random.default_rng(1), 1, 4, 520, 520, 0.6))
+
+    def cpu(*a, **kw):
+        return flashmask_attention(*a, backend="cpu", block_mask=blocks, **kw)
+
+    runs = []
+    for threads in ("1", "2", "2"):
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        runs.append(attention_and_grads(cpu, q, k, v, idx, True))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_paddle_backend_receives_block_mask(monkeypatch):
+    """The seam hands block_mask to Paddle's kernel untouched on the "paddle" backend."""
+    from paddle_ernie5.ops import flashmask as fm
+
+    seen = {}
+
+    def fake(query, key, value, startend_row_indices=None, **kwargs):
+        seen.update(kwargs, idx=startend_row_indices)
+        return query
+
+    monkeypatch.setattr(fm, "resolve_backend", lambda backend, query: "paddle")
+    monkeypatch.setattr(paddle.nn.functional, "flashmask_attention", fake)
+    q, k, v = random_qkv(1, 20, 20, 2, 2, 16)
+    idx = indices(masks.causal(20))
+    block_mask = paddle.ones([1, 1, 1, 1], dtype="int32")
+    flashmask_attention(q, k, v, idx, causal=True, block_mask=block_mask, backend="paddle")
+    assert seen["block_mask"] is block_mask and seen["idx"] is idx
+
+
 def bad_call(**changes):
     args = dict(zip(("query", "key", "value"), random_qkv(1, 20, 20, 4, 2, 16)))
     args.update(startend_row_indices=indices(masks.causal(20)), causal=True, backend="cpu")
@@ -259,7 +405,10 @@ INVALID = [
     (dict(backend="paddle"), RuntimeError, "CUDA build"),
     (dict(dropout=0.1), NotImplementedError, "dropout"),
     (dict(return_seed_offset=True), NotImplementedError, "seed"),
-    (dict(block_mask=paddle.ones([1, 1, 1, 1], dtype="int32")), NotImplementedError, "block_mask"),
+    (dict(block_mask=paddle.ones([1, 1, 1, 1], dtype="float32")), TypeError, "int32 or bool"),
+    (dict(block_mask=paddle.ones([1, 3, 1, 1], dtype="int32")), ValueError, r"1\|2\|4"),
+    (dict(block_mask=paddle.ones([1, 1, 2, 1], dtype="int32")), ValueError, "block_mask must be"),
+    (dict(block_mask=paddle.ones([1, 1, 1], dtype="int32")), ValueError, "block_mask must be"),
     (dict(window_size=4), ValueError, "exclusive"),
 ]
 
@@ -274,4 +423,4 @@ def test_raw_op_rejects_out_of_range_indices(cpu_op):
     q, k, v = random_qkv(1, 20, 20, 2, 2, 16)
     idx = paddle.full([1, 1, 20, 1], 25, dtype="int32")
     with pytest.raises(Exception, match="must lie in"):
-        cpu_op.flashmask_cpu(q, k, v, idx, True, 0.25)
+        cpu_op.flashmask_cpu(q, k, v, idx, None, True, 0.25)
