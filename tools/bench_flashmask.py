@@ -2,6 +2,12 @@
 
     python tools/bench_flashmask.py                        # the full table (tens of minutes)
     python tools/bench_flashmask.py --sizes 1024,2048 --masks causal --kv-heads 8   # quick look
+    python tools/bench_flashmask.py --block-density 0.5 --sizes 16384 --masks causal --kv-heads 2
+
+--block-density P: the block-sparse section instead of the table. The same op runs with a block
+mask that keeps every 128 x 128 block and with a random one that keeps a fraction P of them (per kv
+head, fixed seed); it prints both times and their ratio, forward (and forward+backward unless
+--no-backward), and the share of 64 x 64 tiles each computes.
 
 Every implementation runs in this process with the same number of threads (--threads, set as
 OMP_NUM_THREADS before Paddle and torch are imported, and torch.set_num_threads). Times are the
@@ -54,6 +60,11 @@ def build_mask(name: str, s: int):
 
 def computed_tiles(idx: np.ndarray, causal: bool, sq: int) -> int:
     """Number of (64 x 64) tiles the op computes: the kernel's tile test, in numpy."""
+    return int(tile_grid(idx, causal, sq).sum())
+
+
+def tile_grid(idx: np.ndarray, causal: bool, sq: int) -> np.ndarray:
+    """Boolean [query tiles, key tiles]: the (64 x 64) tiles the op computes."""
     sk, c = idx.shape
     full = np.full(sk, sq)
     zero = np.zeros(sk, dtype=np.int64)
@@ -77,7 +88,7 @@ def computed_tiles(idx: np.ndarray, causal: bool, sq: int) -> int:
     skip = ((lts_max <= r0) & (lte_min >= r1)) | ((uts_max <= r0) & (ute_min >= r1))
     if causal:
         skip |= j0 > r1 - 1 + (sk - sq)
-    return int((~skip).sum())
+    return ~skip
 
 
 def peak_rss_mb() -> float:
@@ -177,11 +188,13 @@ class Case:
         self.dout = make(h)
 
 
-def flashmask_call(case: Case, grad: bool):
+def flashmask_call(case: Case, grad: bool, block_mask=None):
     import paddle
 
     from paddle_ernie5.ops import masks
     from paddle_ernie5.ops.flashmask import flashmask_attention
+
+    blocks = None if block_mask is None else paddle.to_tensor(block_mask)
 
     def call():
         idx = paddle.to_tensor(masks.batched(case.idx_np))
@@ -190,7 +203,9 @@ def flashmask_call(case: Case, grad: bool):
             q, k, v = (t.detach() for t in (q, k, v))
             for t in (q, k, v):
                 t.stop_gradient = False
-        out = flashmask_attention(q, k, v, idx, causal=case.causal, backend="cpu")
+        out = flashmask_attention(
+            q, k, v, idx, causal=case.causal, block_mask=blocks, backend="cpu"
+        )
         if grad:
             paddle.grad([out], [q, k, v], grad_outputs=[case.dout])
 
@@ -274,6 +289,68 @@ def flex_call(case: Case, threads: int):
     return call, mask_seconds, compile_seconds
 
 
+def random_block_mask(case: Case, density: float, seed: int = 0) -> np.ndarray:
+    """int32 [1, Hk, ceil(S/128), ceil(S/128)] keeping each block with probability `density`."""
+    nb = -(-case.s // 128)
+    rng = np.random.default_rng(seed)
+    return (rng.random((1, case.hk, nb, nb)) < density).astype(np.int32)
+
+
+def block_tiles(case: Case, block_mask: np.ndarray) -> float:
+    """Share of all (64 x 64) tiles of all heads that the op computes under `block_mask`."""
+    grid = tile_grid(case.idx_np, case.causal, case.s)
+    n = grid.shape[0]
+    kept = np.repeat(np.repeat(block_mask[0], 2, axis=1), 2, axis=2)[:, :n, :n].astype(bool)
+    return float((grid[None] & kept).sum()) / (case.hk * n * n)
+
+
+def block_density_section(args) -> list[str]:
+    """Times of the same op with every block kept and with a random `args.block_density` of them."""
+    p = args.block_density
+    backward = not args.no_backward
+    lines = [
+        f"block-sparse: threads={args.threads}, B=1, H={args.heads}, D={args.head_dim}, fp32, "
+        f"random block mask keeping {p:.2f} of the 128 x 128 blocks (per kv head) vs all blocks; "
+        f"best of {args.repeats}",
+        "",
+        "| mask | S | Hk | tiles % all | tiles % sparse | all fwd ms | sparse fwd ms | fwd ratio "
+        "| all fwd+bwd ms | sparse fwd+bwd ms | fwd+bwd ratio |",
+        "|---" * 11 + "|",
+    ]
+    print("\n".join(lines), flush=True)
+    for mask in args.masks.split(","):
+        for s in (int(x) for x in args.sizes.split(",")):
+            for hk in (int(x) for x in args.kv_heads.split(",")):
+                case = Case(mask, s, args.heads, hk, args.head_dim)
+                ones = np.ones_like(random_block_mask(case, 1.0))
+                sparse = random_block_mask(case, p)
+                calls = {
+                    "all_fwd": flashmask_call(case, False, ones),
+                    "sparse_fwd": flashmask_call(case, False, sparse),
+                }
+                if backward:
+                    calls["all_fb"] = flashmask_call(case, True, ones)
+                    calls["sparse_fb"] = flashmask_call(case, True, sparse)
+                t = best_times(calls, args.repeats)
+                ms = {key: t[key] * 1e3 for key in t}
+                row = [
+                    mask,
+                    s,
+                    hk,
+                    f"{100 * block_tiles(case, ones):.1f}",
+                    f"{100 * block_tiles(case, sparse):.1f}",
+                    fmt(ms["all_fwd"]),
+                    fmt(ms["sparse_fwd"]),
+                    fmt(ms["sparse_fwd"] / ms["all_fwd"], ".2f"),
+                    fmt(ms.get("all_fb")),
+                    fmt(ms.get("sparse_fb")),
+                    fmt(ms["sparse_fb"] / ms["all_fb"] if backward else None, ".2f"),
+                ]
+                lines.append("| " + " | ".join(str(x) for x in row) + " |")
+                print(lines[-1], flush=True)
+    return lines
+
+
 def fmt(x, spec=".1f"):
     return "-" if x is None else format(x, spec)
 
@@ -333,6 +410,12 @@ def parse_args(argv=None):
         default="8",
         help="Hk values FlexAttention runs for (each size and mask costs a compilation)",
     )
+    p.add_argument(
+        "--block-density",
+        type=float,
+        help="run the block-sparse section: a random block mask keeping this fraction of blocks "
+        "vs every block kept, through the same op",
+    )
     p.add_argument("--output", help="also write the markdown table to this file")
     return p.parse_args(argv)
 
@@ -353,6 +436,12 @@ def main(argv=None) -> int:
     import paddle
 
     paddle.set_device("cpu")
+    if args.block_density is not None:
+        lines = block_density_section(args)
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return 0
     try:
         import torch  # noqa: F401  (only probing whether torch is installed)
 

@@ -71,14 +71,6 @@ float dot(const float* a, const float* b, int64_t n) {
   return hsum(acc);
 }
 
-// dst[d] = src[d] * scale, d < n.
-void scaled_copy(float* dst, const float* src, int64_t n, float scale) {
-  int64_t d = 0;
-  const f16v sc = splat(scale);
-  for (; d + kLanes <= n; d += kLanes) store(dst + d, load(src + d) * sc);
-  for (; d < n; ++d) dst[d] = src[d] * scale;
-}
-
 }  // namespace
 
 void backward(const Shape& s, const float* q, const float* k, const float* v, const int32_t* idx,

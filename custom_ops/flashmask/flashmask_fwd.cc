@@ -94,7 +94,7 @@ void forward(const Shape& s, const float* q, const float* k, const float* v, con
       for (int64_t r = 0; r < rows; ++r) {
         const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
         float* dst = out + ((b * s.Sq + r0 + r) * s.H + h) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = ob.data()[r * Dp + d] * inv;
+        scaled_copy(dst, ob.data() + r * Dp, D, inv);
         lse[bh * s.Sq + r0 + r] = l[r] > 0.0f ? (m[r] + std::log2(l[r])) * kLn2
                                               : std::numeric_limits<float>::infinity();
       }

@@ -5,7 +5,8 @@
 //                                                   K^T or V^T tile, so a row of C is 4 vectors)
 //   gemm_nn: C[M][N]  += A[M][K] . B[K][N]         (P V, P^T dO, dS^T Q, dS K; A may be read
 //                                                   transposed through its strides, N = 16 * nv)
-// Each block keeps NR x NV accumulators in registers and broadcasts one A element per row.
+// Each block keeps NR x NV accumulators in registers (24 of the 32 AVX-512 registers) and
+// broadcasts one A element per row.
 #pragma once
 
 #include "simd.h"
@@ -54,7 +55,7 @@ template <int NR, int NV>
 inline void gemm_nn_block(const float* A, int64_t a_rs, int64_t a_cs, int K, const float* B,
                           int64_t ldb, float* C, int64_t ldc) {
   f16v acc[NR][NV];
-#pragma GCC unroll 8
+#pragma GCC unroll 24
   for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v] = load(C + r * ldc + v * kLanes);
@@ -64,17 +65,30 @@ inline void gemm_nn_block(const float* A, int64_t a_rs, int64_t a_cs, int K, con
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) bv[v] = load(b + v * kLanes);
     const float* a = A + k * a_cs;
-#pragma GCC unroll 8
+#pragma GCC unroll 24
     for (int r = 0; r < NR; ++r) {
       const f16v ar = splat(a[r * a_rs]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 24
   for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) store(C + r * ldc + v * kLanes, acc[r][v]);
+}
+
+// Rows of an NV-vector-wide block: 24 accumulators (+ NV B vectors and a broadcast) of the 32
+// AVX-512 registers.
+template <int NV>
+inline void gemm_nn_cols(const float* A, int64_t a_rs, int64_t a_cs, int M, int K, const float* B,
+                         int64_t ldb, float* C, int64_t ldc) {
+  constexpr int NR = 24 / NV;
+  int r0 = 0;
+  for (; r0 + NR <= M; r0 += NR)
+    gemm_nn_block<NR, NV>(A + r0 * a_rs, a_rs, a_cs, K, B, ldb, C + r0 * ldc, ldc);
+  for (; r0 < M; r0 += kRowBlock)
+    gemm_nn_block<kRowBlock, NV>(A + r0 * a_rs, a_rs, a_cs, K, B, ldb, C + r0 * ldc, ldc);
 }
 
 // C[M][N] += A[M][K] . B[K][N], A(r, k) = A[r * a_rs + k * a_cs]; M % kRowBlock == 0, N % 16 == 0.
@@ -82,27 +96,11 @@ inline void gemm_nn(const float* A, int64_t a_rs, int64_t a_cs, int M, int K, co
                     int64_t ldb, float* C, int64_t ldc, int N) {
   for (int c0 = 0; c0 < N; c0 += 4 * kLanes) {
     const int nv = (N - c0) / kLanes < 4 ? (N - c0) / kLanes : 4;
-    const float* b = B + c0;
-    int r0 = 0;
-    for (; r0 + kWideRows <= M; r0 += kWideRows) {
-      const float* a = A + r0 * a_rs;
-      float* c = C + r0 * ldc + c0;
-      switch (nv) {
-        case 4: gemm_nn_block<kWideRows, 4>(a, a_rs, a_cs, K, b, ldb, c, ldc); break;
-        case 3: gemm_nn_block<kWideRows, 3>(a, a_rs, a_cs, K, b, ldb, c, ldc); break;
-        case 2: gemm_nn_block<kWideRows, 2>(a, a_rs, a_cs, K, b, ldb, c, ldc); break;
-        default: gemm_nn_block<kWideRows, 1>(a, a_rs, a_cs, K, b, ldb, c, ldc); break;
-      }
-    }
-    for (; r0 < M; r0 += kRowBlock) {
-      const float* a = A + r0 * a_rs;
-      float* c = C + r0 * ldc + c0;
-      switch (nv) {
-        case 4: gemm_nn_block<kRowBlock, 4>(a, a_rs, a_cs, K, b, ldb, c, ldc); break;
-        case 3: gemm_nn_block<kRowBlock, 3>(a, a_rs, a_cs, K, b, ldb, c, ldc); break;
-        case 2: gemm_nn_block<kRowBlock, 2>(a, a_rs, a_cs, K, b, ldb, c, ldc); break;
-        default: gemm_nn_block<kRowBlock, 1>(a, a_rs, a_cs, K, b, ldb, c, ldc); break;
-      }
+    switch (nv) {
+      case 4: gemm_nn_cols<4>(A, a_rs, a_cs, M, K, B + c0, ldb, C + c0, ldc); break;
+      case 3: gemm_nn_cols<3>(A, a_rs, a_cs, M, K, B + c0, ldb, C + c0, ldc); break;
+      case 2: gemm_nn_cols<2>(A, a_rs, a_cs, M, K, B + c0, ldb, C + c0, ldc); break;
+      default: gemm_nn_cols<1>(A, a_rs, a_cs, M, K, B + c0, ldb, C + c0, ldc); break;
     }
   }
 }

@@ -54,6 +54,14 @@ inline float hsum(f16v v) {
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
+// dst[d] = src[d] * scale, d < n.
+inline void scaled_copy(float* dst, const float* src, int64_t n, float scale) {
+  int64_t d = 0;
+  const f16v sc = splat(scale);
+  for (; d + kLanes <= n; d += kLanes) store(dst + d, load(src + d) * sc);
+  for (; d < n; ++d) dst[d] = src[d] * scale;
+}
+
 // 2^x for x <= 126; exactly 0 below -126 (so -inf gives 0, never NaN).
 // Round-to-nearest split x = n + f with |f| <= 1/2, a degree-6 Taylor polynomial of 2^f
 // (relative error ~1e-7, the fp32 rounding level) and 2^n built from the exponent bits.
