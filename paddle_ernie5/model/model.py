@@ -115,9 +115,14 @@ class Ernie5Model(nn.Layer):
         router_replay: dict | None = None,
     ) -> ModelOutput:
         """`cache`: incremental decoding (generation.py); the batch then holds only the new
-        positions."""
-        att = self.cfg.attention
-        cos, sin = rope_cos_sin(batch["positions"], att.head_dim, att.rope_base, att.rope_sections)
+        positions, and may carry their RoPE tables as `rope_cos_sin` (computed once per call)."""
+        tables = batch.get("rope_cos_sin")
+        if tables is None:
+            att = self.cfg.attention
+            tables = rope_cos_sin(
+                batch["positions"], att.head_dim, att.rope_base, att.rope_sections
+            )
+        cos, sin = tables
         mask = batch.get("startend_row_indices")
         causal = batch.get("mask_causal", True)
         x = self.embed(batch)
