@@ -1,9 +1,10 @@
 """Autoregressive sampling with a key/value cache.
 
-Legend: B batch (rows decode in lock-step), P prompt length, N new tokens, K/V [B, S, Hk, D].
+Legend: B batch (rows decode in lock-step), P prompt length, N new tokens, L = P + N positions a
+call runs at most, V vocabulary, K/V [B, S, Hk, D].
 
     prompt_BP --prefill--> logits of the last position, cache holds P positions
-    repeat N times: sample token -> forward that one token (cache grows by 1) -> next logits
+    repeat N times: choose token -> forward that one token (cache grows by 1) -> next logits
 
 Each row is one document, so attention needs only the causal mask (bottom-right aligned against
 the cache); prompts of one call share a length (RL groups repeat one prompt). A multimodal prompt
@@ -14,6 +15,15 @@ positions follow its extent, not its token count). Per-token log-probabilities o
 tokens are returned with them (RL uses them as rollout log-probs). With `record_routing`, the
 experts every MoE layer chose at every position that was run (the prompt and all sampled tokens but
 the last) are returned too, for router replay in the RL training forward.
+
+On a small model a decode step is dominated by fixed per-token costs, so the loop keeps them few:
+keys and values are written in place into buffers sized for the whole call (`StaticKVCache`; its
+`attend` is a decode step's attention reading them in place); the RoPE tables and positions of
+every decode step are computed once, before the loop; the next token is chosen on the host in one
+pass over the last position's logits (`_choose`), and router choices stay tensors until the end.
+`generate(..., static_cache=False)` runs the plain loop (`_generate_reference`: a growing cache,
+per-step tables, Paddle's log_softmax), the reference the fast loop is tested against: both give
+the same tokens for the same seed, and log-probs that agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -24,10 +34,14 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from .rope import rope_cos_sin
 from .view import FULL_VIEW, ElasticView
 
 
 class LayerCache:
+    """Keys and values of one layer, grown by concatenation (samplers whose length is not known up
+    front: model/vision_sampling.py, model/audio.py; the reference loop)."""
+
     def __init__(self):
         self.k = None
         self.v = None
@@ -50,6 +64,109 @@ class KVCache:
     def length(self) -> int:
         first = next(iter(self._layers.values()), None)
         return 0 if first is None or first.k is None else first.k.shape[1]
+
+
+class StaticLayerCache:
+    """Keys and values of one layer in buffers allocated once for the call's L positions and
+    written in place.
+
+    Two layouts, each filled only when a reader needs it (Paddle copies a transposed view slowly,
+    so neither is derived from the other per step):
+      `append` (any number of new positions) returns the filled prefix as [B, S, Hk, D], the layout
+        attention takes, from [B, L, Hk, D] buffers (the prefix is one slice copy away);
+      `attend` (one new position per row) reads [B, Hk, L, D] buffers in place, each (row, kv head)
+        one contiguous [L, D] matrix, with the columns past the filled length masked.
+    A layout behind the other (the prefill appends, the decode steps attend) catches up once."""
+
+    def __init__(self, owner: StaticKVCache):
+        self.owner = owner
+        self.length = 0
+        self._bufs: dict[str, list] = {}  # "seq" | "head" -> [k, v, positions filled]
+
+    def _fill(self, layout: str, k_BSKD, v_BSKD):
+        """Write the new positions into `layout`, first catching up on positions the other layout
+        holds."""
+        b, s, hk, d = k_BSKD.shape
+        cap = self.owner.capacity
+        if self.length + s > cap:
+            raise ValueError(f"the KV cache holds {cap} positions; {self.length} + {s} do not fit")
+        if layout not in self._bufs:
+            shape = [b, cap, hk, d] if layout == "seq" else [b, hk, cap, d]
+            self._bufs[layout] = [
+                paddle.zeros(shape, k_BSKD.dtype),
+                paddle.zeros(shape, v_BSKD.dtype),
+                0,
+            ]
+        buf = self._bufs[layout]
+        if buf[2] < self.length:
+            other_k, other_v, _ = self._bufs["head" if layout == "seq" else "seq"]
+            for i, t in ((0, other_k), (1, other_v)):
+                self._put(layout, buf[i], self._take(layout, t, buf[2], self.length), buf[2])
+        for i, t in ((0, k_BSKD), (1, v_BSKD)):
+            self._put(layout, buf[i], t, self.length)
+        self.length += s
+        buf[2] = self.length
+        return buf
+
+    @staticmethod
+    def _take(layout: str, other, lo: int, hi: int):
+        """Positions [lo, hi) of the other layout's buffer, as [B, S, Hk, D]."""
+        return other[:, :, lo:hi].transpose([0, 2, 1, 3]) if layout == "seq" else other[:, lo:hi]
+
+    @staticmethod
+    def _put(layout: str, buf, x_BSKD, at: int):
+        s = x_BSKD.shape[1]
+        if layout == "seq":
+            buf[:, at : at + s] = x_BSKD
+        elif s == 1:  # swapping a unit axis moves no data
+            buf[:, :, at : at + 1] = x_BSKD.reshape([x_BSKD.shape[0], x_BSKD.shape[2], 1, -1])
+        else:
+            buf[:, :, at : at + s] = x_BSKD.transpose([0, 2, 1, 3])
+
+    def append(self, k_BSKD, v_BSKD):
+        k, v, n = self._fill("seq", k_BSKD, v_BSKD)
+        return k[:, :n], v[:, :n]
+
+    def attend(self, q_BSHD, k_BSKD, v_BSKD, softmax_scale: float):
+        """Causal attention of one new position per row (S = 1) over the cache after appending its
+        key and value: q [B, 1, H, D] -> [B, 1, H, D], query head h reading kv head h // (H / Hk).
+        Masked columns get weight exp(-inf), which Paddle's CPU softmax makes ~1e-29 rather than 0;
+        their values are zeros, and L such weights change the normaliser far below float32
+        resolution."""
+        b, s, h, d = q_BSHD.shape
+        if s != 1:
+            raise ValueError(f"attend serves one new position per row, got {s}")
+        k_BKLD, v_BKLD, n = self._fill("head", k_BSKD, v_BSKD)
+        hk = k_BKLD.shape[1]
+        scores_BKGL = paddle.matmul(q_BSHD.reshape([b, hk, h // hk, d]), k_BKLD, transpose_y=True)
+        scores_BKGL = scores_BKGL * softmax_scale + self.owner.column_mask(n)
+        o_BKGD = paddle.matmul(F.softmax(scores_BKGL, axis=-1), v_BKLD)
+        return o_BKGD.reshape([b, 1, h, d])
+
+
+class StaticKVCache:
+    """`KVCache` over `StaticLayerCache`s of one capacity (a layer allocates at its first write, so
+    an elastic view's skipped layers cost nothing)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._layers: dict[int, StaticLayerCache] = {}
+        self._mask = (-1, None)
+
+    def layer(self, index: int) -> StaticLayerCache:
+        return self._layers.setdefault(index, StaticLayerCache(self))
+
+    def length(self) -> int:
+        first = next(iter(self._layers.values()), None)
+        return 0 if first is None else first.length
+
+    def column_mask(self, filled: int):
+        """[L] float32: 0 for the first `filled` columns, -inf after (built once per length and
+        shared by the layers)."""
+        if self._mask[0] != filled:
+            row = np.where(np.arange(self.capacity) < filled, 0.0, -np.inf).astype(np.float32)
+            self._mask = (filled, paddle.to_tensor(row))
+        return self._mask[1]
 
 
 @dataclass
@@ -89,6 +206,126 @@ def _tensor(v):
     return paddle.to_tensor(v, dtype="int32" if v.dtype == np.int32 else "int64")
 
 
+def _prompt_shift(prompt_extras, p: int):
+    """Decode step i runs at position P + shift + i: the prompt's last position + 1 + i (an int,
+    or one per row for a packed prompt)."""
+    given = (prompt_extras or {}).get("positions")
+    return 0 if given is None else np.asarray(given)[:, :, -1].max(axis=1) + 1 - p
+
+
+# ------------------------------------------------------------------------------------ choosing
+# The reference scores the last position with Paddle's log_softmax, whose CPU kernel recomputes the
+# row sum for every output element (O(V^2) per row: milliseconds for V = 2048). The fast path
+# computes the same formula on the host in O(V). Its log-probs differ from Paddle's only by the
+# last bits of the log-normaliser, a shift shared by a whole row, and by the rounding of each
+# value; only a choice closer than that rounding could differ, so a step where some row's winner
+# leads by less than a safe margin is chosen again from the reference's numbers: the tokens are
+# always the reference's.
+_MARGIN = 1e-6  # relative to the log-probs compared; > 8 float32 ulps of each
+
+
+def _reference_log_probs(logits_BV, temperature: float, top_k: int) -> np.ndarray:
+    """Log-probs [B, V] of the distribution sampled from (greedy: the model's own, T = 1)."""
+    logp = F.log_softmax(logits_BV.astype("float32") / (temperature or 1.0), axis=-1).numpy()
+    if top_k > 0:
+        kth = np.sort(logp, axis=-1)[:, -top_k][:, None]
+        logp = np.where(logp >= kth, logp, -np.inf)
+        logp = logp - np.logaddexp.reduce(logp, axis=-1, keepdims=True)
+    return logp
+
+
+def _gumbel(rng, shape) -> np.ndarray:
+    return -np.log(-np.log(rng.random(shape) + 1e-20) + 1e-20)
+
+
+def _log_sum_exp(x_BV: np.ndarray) -> np.ndarray:
+    """[B, 1] float32 log(sum(exp(x))) with the sum in float64 (x holds its row maximum 0)."""
+    return np.log(np.exp(x_BV).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+
+
+def _top_k(logp_BV: np.ndarray, k: int):
+    """(log-probs renormalised over each row's top k, -inf elsewhere; how far the k-th value
+    leads the next beyond the rounding margin, +inf when every value is kept). Ties at the k-th
+    value are all kept, as in the reference."""
+    if k >= logp_BV.shape[1]:
+        return logp_BV - _log_sum_exp(logp_BV), np.full(len(logp_BV), np.inf)
+    part = np.partition(logp_BV, [-k - 1, -k], axis=-1)
+    kth, below = part[:, -k], part[:, -k - 1]
+    boundary = kth - below - _MARGIN * (np.abs(kth) + np.abs(below) + 1.0)
+    kept = np.where(logp_BV >= kth[:, None], logp_BV, -np.inf)
+    top = kept.max(axis=-1, keepdims=True)
+    return kept - (top + _log_sum_exp(kept - top)), boundary
+
+
+def _top2(scores_BV: np.ndarray):
+    """(argmax [B], index of the runner-up [B]); `scores_BV` is left as it was."""
+    rows = np.arange(len(scores_BV))
+    pick = scores_BV.argmax(axis=-1)
+    best = scores_BV[rows, pick]
+    scores_BV[rows, pick] = -np.inf
+    second = scores_BV.argmax(axis=-1)
+    scores_BV[rows, pick] = best
+    return pick, second
+
+
+def _choose(logits_BV, temperature: float, top_k: int, rng):
+    """(ids [B], their log-probs [B] float32): greedy (temperature 0) or a Gumbel-max sample of the
+    temperature-scaled, top-k-restricted distribution. Draws from `rng` exactly what the reference
+    loop draws.
+
+    Scores are compared before the log-normaliser is subtracted (a shift of the whole row), except
+    under top-k, where the renormalised log-probs are compared."""
+    x = (logits_BV if logits_BV.dtype == paddle.float32 else logits_BV.astype("float32")).numpy()
+    z = x if temperature in (0, 1) else x / np.float32(temperature)
+    # Paddle's CPU log_softmax clips shifted logits at -64; no choice can fall there.
+    shifted = np.maximum(z - z.max(axis=-1, keepdims=True), np.float32(-64.0))
+    lse = _log_sum_exp(shifted)
+    base, boundary = shifted, np.full(len(x), np.inf)
+    if top_k > 0:
+        base, boundary = _top_k(shifted - lse, top_k)
+        lse = np.zeros_like(lse)
+    noise = None if temperature == 0 else _gumbel(rng, base.shape)
+    scores = base if noise is None else base + noise
+    pick, second = _top2(scores)
+    rows = np.arange(len(pick))
+    logp, logp_second = base[rows, pick] - lse[:, 0], base[rows, second] - lse[:, 0]
+    runner_up = scores[rows, second]
+    finite = np.isfinite(runner_up)  # -inf: the pick is the only value top-k kept
+    size = np.abs(logp) + np.where(finite, np.abs(logp_second), 0.0) + 1.0
+    lead = np.where(finite, scores[rows, pick] - np.where(finite, runner_up, 0.0), np.inf)
+    lead = lead - _MARGIN * size
+    if (np.minimum(boundary, lead) <= 0).any():
+        ref = _reference_log_probs(logits_BV, temperature, top_k)
+        pick = (ref if noise is None else ref + noise).argmax(axis=-1)
+        logp = ref[rows, pick]
+    return pick, logp.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------- generate
+def _decode_inputs(model, shift, p: int, steps: int, b: int):
+    """Per decode step i: (positions [B, 3, 1], RoPE tables (cos, sin) [B, 1, 1, D] or None). The
+    tables of all steps come from one `rope_cos_sin` call. cos/sin are elementwise, and Paddle
+    evaluates a SIMD vector's lanes alike but a tail shorter than a vector with the scalar libm
+    (whose last bit can differ): when one step's B x D angles fill whole vectors (up to 16 lanes)
+    the tables equal the per-step ones bit for bit; otherwise None (the model computes them per
+    step, as the reference does)."""
+    start = np.broadcast_to(np.asarray(shift, np.int64) + p, [b])
+    pos_NB = start[None, :] + np.arange(max(steps, 1), dtype=np.int64)[:, None]
+    pos_NB31 = np.ascontiguousarray(
+        np.broadcast_to(pos_NB[:, :, None, None], [len(pos_NB), b, 3, 1])
+    )
+    positions = paddle.to_tensor(pos_NB31)
+    att = model.cfg.attention
+    if b * att.head_dim % 16:
+        return [(positions[i], None) for i in range(steps)]
+    cos, sin = rope_cos_sin(
+        positions.reshape([-1, 3, 1]), att.head_dim, att.rope_base, att.rope_sections
+    )
+    cos = cos.reshape([len(pos_NB), b, 1, 1, att.head_dim])
+    sin = sin.reshape([len(pos_NB), b, 1, 1, att.head_dim])
+    return [(positions[i], (cos[i], sin[i])) for i in range(steps)]
+
+
 @paddle.no_grad()
 def generate(
     model,
@@ -103,20 +340,106 @@ def generate(
     view: ElasticView = FULL_VIEW,
     record_routing: bool = False,
     prompt_extras: dict[str, np.ndarray] | None = None,
+    static_cache: bool = True,
 ) -> Sample:
     """Sample continuations of equal-length prompts. temperature 0 = greedy. `prompt_extras`: more
     batch entries for the prompt only (token_types and the codes of a spoken prompt, say; for a
     packed multimodal prompt also positions [B, 3, P], startend_row_indices and mask_causal); the
-    sampled tokens are text at positions last prompt position + 1, + 2, ..."""
+    sampled tokens are text at positions last prompt position + 1, + 2, ... `static_cache=False`:
+    the reference loop (same tokens, slower)."""
+    if not static_cache:
+        return _generate_reference(
+            model,
+            prompt_BP,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            stop_id=stop_id,
+            pad_id=pad_id,
+            seed=seed,
+            view=view,
+            record_routing=record_routing,
+            prompt_extras=prompt_extras,
+        )
+    model.eval()
+    rng = np.random.default_rng(seed)
+    prompt = paddle.to_tensor(np.asarray(prompt_BP, dtype=np.int64))
+    b, p = prompt.shape
+    cache = StaticKVCache(p + max(max_new_tokens - 1, 0))
+    routes: dict[int, list] = {}
+
+    def forward(batch):
+        out = model(batch, view, with_mtp=False, cache=cache)
+        if record_routing:
+            for i, stats in out.router_stats.items():
+                routes.setdefault(i, []).append(stats.topk_ids_TK)
+        return out.logits[:, -1]
+
+    shift = _prompt_shift(prompt_extras, p)
+    batch = _text_batch(prompt, shift)
+    batch.update({k: _tensor(v) for k, v in (prompt_extras or {}).items()})
+    logits = forward(batch)
+    steps = _decode_inputs(model, shift, p, max_new_tokens - 1, b)
+    types = paddle.zeros([b, 1], dtype="int64")
+    tokens = np.full([b, max_new_tokens], pad_id, dtype=np.int64)
+    logprobs = np.zeros([b, max_new_tokens], dtype=np.float32)
+    done = np.zeros([b], dtype=bool)
+    lengths = np.full([b], max_new_tokens, dtype=np.int64)
+    for t in range(max_new_tokens):
+        nxt, logp = _choose(logits, temperature, top_k, rng)
+        nxt = np.where(done, pad_id, nxt)
+        tokens[:, t] = nxt
+        logprobs[:, t] = np.where(done, 0.0, logp)
+        if stop_id is not None:
+            newly = (~done) & (nxt == stop_id)
+            lengths[newly] = t + 1
+            done |= newly
+            if done.all():
+                tokens, logprobs = tokens[:, : t + 1], logprobs[:, : t + 1]
+                break
+        if t + 1 < max_new_tokens:  # the last sampled token is never run
+            positions, tables = steps[t]
+            batch = {
+                "input_ids": paddle.to_tensor(nxt.reshape(b, 1)),
+                "token_types": types,
+                "positions": positions,
+                "startend_row_indices": None,
+            }
+            if tables is not None:
+                batch["rope_cos_sin"] = tables
+            logits = forward(batch)
+    routing = None
+    if record_routing:
+        routing = {
+            i: np.concatenate([r.numpy().reshape(b, -1, r.shape[-1]) for r in rs], axis=1)
+            for i, rs in routes.items()
+        }
+    return Sample(tokens, logprobs, lengths, routing)
+
+
+def _generate_reference(
+    model,
+    prompt_BP,
+    max_new_tokens,
+    *,
+    temperature,
+    top_k,
+    stop_id,
+    pad_id,
+    seed,
+    view,
+    record_routing,
+    prompt_extras,
+) -> Sample:
+    """The plain loop: a cache grown by concatenation, the model's own per-step RoPE tables,
+    log-probs from Paddle's log_softmax and host syncs per step for the router's choices."""
     model.eval()
     rng = np.random.default_rng(seed)
     prompt = paddle.to_tensor(np.asarray(prompt_BP, dtype=np.int64))
     b, p = prompt.shape
     cache = KVCache()
     routes: dict[int, list[np.ndarray]] = {}
-    given = (prompt_extras or {}).get("positions")
-    # Decode step i runs at position cache.length() + shift: the prompt's last position + 1 + i.
-    shift = 0 if given is None else np.asarray(given)[:, :, -1].max(axis=1) + 1 - p
+    shift = _prompt_shift(prompt_extras, p)
 
     def forward(ids_BS, extras=None):
         batch = _text_batch(ids_BS, cache.length() + shift)
@@ -135,17 +458,11 @@ def generate(
     done = np.zeros([b], dtype=bool)
     lengths = np.full([b], max_new_tokens, dtype=np.int64)
     for t in range(max_new_tokens):
-        # Log-probs of the distribution sampled from (greedy: the model's own, temperature 1).
-        logp = F.log_softmax(logits.astype("float32") / (temperature or 1.0), axis=-1).numpy()
-        if top_k > 0:
-            kth = np.sort(logp, axis=-1)[:, -top_k][:, None]
-            logp = np.where(logp >= kth, logp, -np.inf)
-            logp = logp - np.logaddexp.reduce(logp, axis=-1, keepdims=True)
+        logp = _reference_log_probs(logits, temperature, top_k)
         if temperature == 0:
             nxt = logp.argmax(-1)
         else:
-            gumbel = -np.log(-np.log(rng.random(logp.shape) + 1e-20) + 1e-20)
-            nxt = (logp + gumbel).argmax(-1)
+            nxt = (logp + _gumbel(rng, logp.shape)).argmax(-1)
         nxt = np.where(done, pad_id, nxt)
         tokens[:, t] = nxt
         logprobs[:, t] = np.where(done, 0.0, logp[np.arange(b), nxt])
