@@ -27,12 +27,18 @@ class Attention(nn.Layer):
         self.out = nn.Linear(h * d, hidden_size, weight_attr=init, bias_attr=False)
 
     def forward(self, x_BSM, cos, sin, startend_row_indices, cache=None, causal: bool = True):
-        """`cache`: a `LayerCache` during incremental decoding (keys/values of earlier positions are
-        read from it and the new ones appended); the causal mask is then bottom-right aligned."""
+        """`cache`: a layer cache during incremental decoding (model/generation.py: keys/values of
+        earlier positions are read from it and the new ones appended); the causal mask is then
+        bottom-right aligned. A decode step (one new position per row, no mask) on a static cache
+        attends over the cache's buffers in place (`StaticLayerCache.attend`) instead of through
+        the FlashMask op, whose 64 x 64 tiles are mostly idle for a single query row."""
         b, s, _ = x_BSM.shape
         h, k, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
         qkv = self.qkv(x_BSM).reshape([b, s, h + 2 * k, d])
         q_BSHD, k_BSKD, v_BSKD = rope_qkv(qkv, cos, sin, h, k, self.fused)
+        if s == 1 and startend_row_indices is None and causal and hasattr(cache, "attend"):
+            o_BSHD = cache.attend(q_BSHD, k_BSKD, v_BSKD, d**-0.5)
+            return self.out(o_BSHD.reshape([b, s, h * d]))
         if cache is not None:
             k_BSKD, v_BSKD = cache.append(k_BSKD, v_BSKD)
         o_BSHD = flashmask_attention(
