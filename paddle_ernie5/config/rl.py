@@ -2,9 +2,57 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 from ._check import _check
+
+
+@dataclass(frozen=True, kw_only=True)
+class FamilyLevels:
+    """Which difficulty levels of one family are drawn (rl/problems.py lists them) and the family's
+    share of the training queries."""
+
+    # () = the family's default levels: 0 (the corpus' mix) for arithmetic and counting, every level
+    # of sorting, reversal and largest, 0 for a family without levels (image_qa)
+    levels: tuple[int, ...] = ()
+    # Sampling weight of the family among rl.families (normalised over them); the family's levels
+    # share it equally.
+    weight: float = 1.0
+
+    def validate(self, at: str) -> None:
+        _check(
+            at,
+            "levels",
+            self.levels,
+            len(set(self.levels)) == len(self.levels) and all(lv >= 0 for lv in self.levels),
+            "a list of distinct levels >= 0 ([] = the family's default levels)",
+        )
+        _check(at, "weight", self.weight, self.weight >= 0, ">= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CurriculumConfig:
+    """Levels and mixture weight per built-in family (rl/problems.py); only the families named in
+    rl.families are used. A family without a field here (image_qa, a family registered by a
+    plugin) has its default levels and weight 1. Level 0 of arithmetic and counting is the
+    pretraining corpus' own mix of questions; levels 1.. are the curriculum (e.g. arithmetic 1 =
+    one-digit a + b, 3 = a + b - c, 5 = two-digit a + b; counting L = lists of 3L-2..3L items;
+    sorting and reversal L = lists of L + 1 items; largest 1 = of 3 one-digit numbers, 2-4 = of 2,
+    3, 5 two-digit numbers)."""
+
+    arithmetic: FamilyLevels = field(default_factory=FamilyLevels)
+    counting: FamilyLevels = field(default_factory=FamilyLevels)
+    sorting: FamilyLevels = field(default_factory=FamilyLevels)
+    reversal: FamilyLevels = field(default_factory=FamilyLevels)
+    largest: FamilyLevels = field(default_factory=FamilyLevels)
+
+    def of(self, family: str) -> FamilyLevels:
+        return getattr(self, family, None) or FamilyLevels()
+
+    def validate(self, at: str) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f"{at}.{f.name}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,8 +67,15 @@ class RLConfig:
 
     # verifier family names (rl/verifiers.py, rl/image_qa.py)
     families: tuple[str, ...] = ("arithmetic", "counting")
-    train_problems: int = 4000  # problems drawn per family before the held-out split is removed
-    eval_problems: int = 64  # held-out prompts per family for the before/after measurement
+    # levels and mixture weight of each family (rl.curriculum.<family>.levels / .weight)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    # problems drawn per (family, level) before duplicates and the held-out split are removed
+    train_problems: int = 4000
+    eval_problems: int = 64  # held-out prompts per (family, level) for before/after measurements
+    # Held-out measurement: eval_samples sampled responses per prompt at rl.temperature (sampled
+    # reward, pass@pass_k by the unbiased estimator) and one greedy decode (pass@1).
+    eval_samples: int = 8
+    pass_k: int = 8
     # Share of question texts (by hash) never used for training; image_qa uses the image split
     # instead.
     heldout_fraction: float = 0.2
@@ -57,6 +112,16 @@ class RLConfig:
     rollout_workers: int = 1
     router_replay: bool = True  # the training forward reuses the experts chosen during rollout
     eval_every: int = 0  # held-out reward every N steps; 0 = only before and after
+    # Controlled off-policy rollouts (for measuring what router replay and IcePop do; all off by
+    # default). rollout_staleness: rollouts use the weights of N optimizer steps before the step
+    # that submits them (on top of U-RB's look-ahead). rollout_router_noise: every rollout router's
+    # selection bias gets Gaussian noise of this std (in router-score units: softmax probabilities
+    # or sigmoid scores), drawn once per policy version: it changes which experts the rollout
+    # picks, never the combine weights. rollout_top_k: experts per token at rollout (an elastic
+    # sub-model's top-k); 0 = model.moe.top_k.
+    rollout_staleness: int = 0
+    rollout_router_noise: float = 0.0
+    rollout_top_k: int = 0
 
     def validate(self, at: str) -> None:
         _check(
@@ -73,6 +138,8 @@ class RLConfig:
             "prompts_per_step",
             "max_new_tokens",
             "num_minibatches",
+            "eval_samples",
+            "pass_k",
         ):
             _check(at, name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
         _check(
@@ -111,5 +178,16 @@ class RLConfig:
             "lookahead",
             "rollout_workers",
             "eval_every",
+            "rollout_staleness",
+            "rollout_router_noise",
+            "rollout_top_k",
         ):
             _check(at, name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
+        _check(
+            at,
+            "pass_k",
+            self.pass_k,
+            self.pass_k <= self.eval_samples,
+            f"<= rl.eval_samples={self.eval_samples} (pass@k needs k samples per prompt)",
+        )
+        self.curriculum.validate(f"{at}.curriculum")

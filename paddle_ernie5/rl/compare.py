@@ -1,5 +1,7 @@
-"""Side-by-side table of RL runs: held-out reward before/after per family, entropy, and the
-training-side mismatch metrics (IcePop mask, routing mismatch, KL to the rollout policy).
+"""Side-by-side table of RL runs (the RL report): held-out pass@1 (greedy), pass@k and sampled
+reward per task before -> after, entropy, and the training-side mismatch metrics averaged over the
+run's steps (rl/diagnostics.py: |log p_train - log p_rollout|, IcePop's masked share, tokens routed
+unlike the rollout with the experts used and with the router's own choice).
 
     python -m paddle_ernie5.rl.compare runs/rl_tiny runs/rl_tiny_noreplay
 """
@@ -10,64 +12,70 @@ import json
 import os
 import sys
 
-import numpy as np
+from .diagnostics import SUMMARISED, summarise_steps
 
 
-def _load(run_dir: str) -> tuple[dict, list[dict]]:
+def _load(run_dir: str) -> dict:
     with open(os.path.join(run_dir, "rl_summary.json"), encoding="utf-8") as f:
         summary = json.load(f)
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        steps = [r for r in map(json.loads, f) if "loss" in r]
-    return summary, steps
+    if "training" not in summary:  # a summary written before the mismatch metrics existed
+        summary["training"] = summarise_steps(os.path.join(run_dir, "metrics.jsonl"))
+    return summary
+
+
+def run_label(summary: dict) -> str:
+    parts = [f"replay {'on' if summary['router_replay'] else 'off'}"]
+    off = summary.get("off_policy", {})
+    if off.get("rollout_staleness"):
+        parts.append(f"stale {off['rollout_staleness']}")
+    if off.get("rollout_router_noise"):
+        parts.append(f"noise {off['rollout_router_noise']:g}")
+    if off.get("rollout_top_k"):
+        parts.append(f"k {off['rollout_top_k']}")
+    return ", ".join(parts)
 
 
 def table(run_dirs: list[str]) -> str:
     runs = [_load(d) for d in run_dirs]
-    names = [f"replay {'on' if s['router_replay'] else 'off'}" for s, _ in runs]
+    names = [run_label(s) for s in runs]
     rows: list[tuple[str, list[str]]] = []
-    families = sorted(runs[0][0]["before"])
-    for family in families:
+    tasks = list(runs[0]["after"])
+    k_key = next(key for key in runs[0]["after"][tasks[0]] if key.startswith("pass@"))
+    for task in tasks:
         for key, label in (
+            ("greedy_accuracy", "pass@1 (greedy)"),
+            (k_key, k_key),
             ("reward", "reward"),
-            ("greedy_accuracy", "greedy acc"),
-            ("entropy", "entropy"),
         ):
             rows.append(
                 (
-                    f"{family} {label} before -> after",
-                    [
-                        f"{s['before'][family][key]:.3f} -> {s['after'][family][key]:.3f}"
-                        for s, _ in runs
-                    ],
+                    f"{task} {label} before -> after",
+                    [_before_after(s, task, key) for s in runs],
                 )
             )
         rows.append(
             (
-                f"{family} entropy after / before",
+                f"{task} entropy after / before",
                 [
-                    f"{s['after'][family]['entropy'] / s['before'][family]['entropy']:.2f}"
-                    for s, _ in runs
+                    f"{s['after'][task]['entropy'] / max(s['before'][task]['entropy'], 1e-9):.2f}"
+                    if task in s["after"] and task in s["before"]
+                    else "n/a"
+                    for s in runs
                 ],
             )
         )
-    for key in (
-        "reward/mean",
-        "entropy",
-        "icepop/masked_frac",
-        "router/mismatch",
-        "kl/rollout",
-        "clip/low_frac",
-        "clip/high_frac",
-        "wpsm/damped_frac",
-        "hint/query_frac",
-        "perf/step_s",
-    ):
-        vals = []
-        for _, steps in runs:
-            xs = [r[key] for r in steps if key in r and r[key] == r[key]]
-            vals.append(f"{np.mean(xs):.4f}" if xs else "n/a")
-        rows.append((f"train mean {key}", vals))
-    rows.append(("steps", [str(s["steps"]) for s, _ in runs]))
+    for key in SUMMARISED:
+        stat = "max" if key == "mismatch/dlogp_max" else "mean"
+        rows.append(
+            (
+                f"train {stat} {key}",
+                [
+                    f"{s['training'][key][stat]:.4f}" if key in s["training"] else "n/a"
+                    for s in runs
+                ],
+            )
+        )
+    rows.append(("steps", [str(s["steps"]) for s in runs]))
     width = max(len(r[0]) for r in rows)
     cols = [max(len(n), *(len(r[1][i]) for r in rows)) for i, n in enumerate(names)]
     out = [" | ".join([" " * width] + [n.rjust(c) for n, c in zip(names, cols)])]
@@ -77,6 +85,13 @@ def table(run_dirs: list[str]) -> str:
         for label, vals in rows
     ]
     return "\n".join(out)
+
+
+def _before_after(summary: dict, task: str, key: str) -> str:
+    before, after = summary["before"].get(task, {}), summary["after"].get(task, {})
+    if key not in before or key not in after:
+        return "n/a"
+    return f"{before[key]:.3f} -> {after[key]:.3f}"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
-"""Held-out measurement of a policy on RL problem families: sampled reward, greedy accuracy,
-entropy.
+"""Held-out measurement of a policy per task (a family's level, rl/curriculum.py): pass@1 (one
+greedy decode per prompt), pass@k and the mean reward of `samples` responses per prompt sampled at
+the rollout temperature, token entropy and response length.
+
+pass@k of a prompt with c correct among n >= k samples is the unbiased estimator
+1 - C(n - c, k) / C(n, k) (the chance that k of the n samples, drawn without replacement, hold a
+correct one); with n = k it is 1 when any sample is correct. A task's pass@k is its prompts' mean.
 
 Prompts of equal token length, layout and stop token are decoded together in one batched generate
 call (the sampler needs equal-length prompts), which makes a few hundred held-out prompts cheap on a
@@ -8,6 +13,7 @@ CPU.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -39,6 +45,13 @@ def _entropy(
     return (ent.numpy() * valid).sum(axis=1), valid.sum(axis=1)
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one prompt with c correct among n samples (n >= k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
 def evaluate(
     model,
     tokenizer,
@@ -47,9 +60,12 @@ def evaluate(
     max_new_tokens: int,
     temperature: float,
     seed: int = 0,
+    pass_k: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Per family: reward (mean over `samples` sampled responses per prompt), greedy accuracy,
-    mean token entropy of the sampled responses, mean response length."""
+    """Per task (Problem.task): reward (mean over `samples` sampled responses per prompt),
+    greedy_accuracy (pass@1 of the greedy decode), pass@k (k = pass_k, default `samples`), mean
+    token entropy of the sampled responses, mean response length, number of prompts."""
+    k = samples if pass_k is None else pass_k
     buckets: dict[tuple, list[tuple[Problem, Prompt]]] = defaultdict(list)
     for p in problems:
         prompt = build_prompt(model.cfg, tokenizer, p)
@@ -79,19 +95,54 @@ def evaluate(
             for i, (p, _) in enumerate(items):
                 sl = slice(i * reps, (i + 1) * reps)
                 r = score(tokenizer, p, [], out.tokens[sl], out.lengths[sl], stopped[sl])
-                acc = sums[p.family]
+                acc = sums[p.task]
                 acc[f"{mode}_reward"] += float(r.sum())
                 acc[f"{mode}_n"] += reps
                 if mode == "sampled":
+                    acc["pass_k"] += pass_at_k(reps, int((r == 1.0).sum()), k)
+                    acc["prompts"] += 1
                     acc["length"] += float(out.lengths[sl].sum())
                     acc["entropy"] += float(ent_B[sl].sum())
                     acc["entropy_n"] += float(count_B[sl].sum())
     return {
-        family: {
+        task: {
             "reward": a["sampled_reward"] / a["sampled_n"],
             "greedy_accuracy": a["greedy_reward"] / a["greedy_n"],
+            f"pass@{k}": a["pass_k"] / a["prompts"],
             "entropy": a["entropy"] / max(a["entropy_n"], 1),
             "response_length": a["length"] / a["sampled_n"],
+            "prompts": int(a["prompts"]),
         }
-        for family, a in sorted(sums.items())
+        for task, a in sorted(sums.items())
     }
+
+
+def table(results: dict[str, dict[str, float]], before: dict | None = None) -> str:
+    """Rows = tasks: prompts, pass@1 (greedy), pass@k, sampled reward, entropy, length; with
+    `before` (an earlier measurement of the same tasks) each value reads "before -> after"."""
+    k_key = next(key for key in next(iter(results.values())) if key.startswith("pass@"))
+    cols = [
+        ("pass@1 (greedy)", "greedy_accuracy"),
+        (k_key, k_key),
+        ("reward", "reward"),
+        ("entropy", "entropy"),
+        ("length", "response_length"),
+    ]
+
+    def cell(task, key):
+        now = f"{results[task][key]:.3f}"
+        if before is None or task not in before or key not in before[task]:
+            return now
+        return f"{before[task][key]:.3f} -> {now}"
+
+    rows = [["task", "prompts"] + [name for name, _ in cols]]
+    rows += [[t, str(r["prompts"])] + [cell(t, key) for _, key in cols] for t, r in results.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        " | ".join(
+            v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)

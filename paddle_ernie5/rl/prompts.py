@@ -18,9 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from ..data.multimodal import Segment, text_segment
-from .problems import Problem
-
-ANSWER_STOP = ".\n"  # the corpus ends every answer line with this piece; text rollouts stop on it
+from .problems import ANSWER_STOP, Problem
 
 
 @dataclass

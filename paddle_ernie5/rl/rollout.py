@@ -24,6 +24,7 @@ from ..data.multimodal import pack_segments
 from ..model.generation import generate
 from ..model.inputs import to_model_batch
 from ..model.model import Ernie5Model
+from ..model.view import FULL_VIEW, ElasticView
 from .objectives import response_logp_entropy
 from .problems import Problem
 from .prompts import Prompt
@@ -56,6 +57,18 @@ class RolloutModels:
 
 def snapshot(model, version: int) -> PolicySnapshot:
     return PolicySnapshot(version, {k: v.numpy().copy() for k, v in model.state_dict().items()})
+
+
+def perturb_router_bias(snap: PolicySnapshot, std: float, seed: int) -> PolicySnapshot:
+    """The snapshot with Gaussian noise of `std` added to every router's selection bias (drawn
+    from (seed, version)): a rollout policy that picks other experts, same combine weights."""
+    rng = np.random.default_rng([seed, snap.version])
+    state = dict(snap.state)
+    for name in sorted(state):
+        if name.endswith("router.selection_bias"):
+            noise = rng.normal(0.0, std, state[name].shape).astype(state[name].dtype)
+            state[name] = state[name] + noise
+    return PolicySnapshot(snap.version, state)
 
 
 @dataclass
@@ -153,9 +166,10 @@ def rollout_group(
     hint_fraction: float = 0.0,
     version: int = 0,
     record_routing: bool = True,
+    view: ElasticView = FULL_VIEW,
 ) -> Rollout:
     """Sample `group_size` responses to one query (one batched KV-cache generate call) and score
-    them."""
+    them; `view` is the rollout's elastic view (rl.rollout_top_k)."""
     prompt = build_prompt(model.cfg, tokenizer, problem, hint_fraction)
     stop = stop_id(tokenizer, problem)
     ids, extras = prompt_arrays([prompt] * group_size, tokenizer.pad_id)
@@ -169,6 +183,7 @@ def rollout_group(
         seed=seed,
         record_routing=record_routing,
         prompt_extras=extras,
+        view=view,
     )
     stopped = sample.tokens[np.arange(group_size), sample.lengths - 1] == stop
     hint = prompt.ids[len(prompt.ids) - prompt.hint_len :]
@@ -205,7 +220,7 @@ class RolloutBatch:
     query_B: np.ndarray  # index of the rollout (query) each row belongs to
 
 
-def build_batch(rollouts: list[Rollout], pad_id: int, top_k: int) -> RolloutBatch:
+def build_batch(rollouts: list[Rollout], pad_id: int) -> RolloutBatch:
     prompts, tails, starts, targets, logps, valid, query = [], [], [], [], [], [], []
     n_max = max(r.tokens.shape[1] for r in rollouts)
     for q, r in enumerate(rollouts):
@@ -227,7 +242,10 @@ def build_batch(rollouts: list[Rollout], pad_id: int, top_k: int) -> RolloutBatc
             parts = []
             for r in rollouts:
                 ids = r.routing[layer]
-                fill = np.broadcast_to(np.arange(top_k), (ids.shape[0], s - ids.shape[1], top_k))
+                k = ids.shape[
+                    -1
+                ]  # the rollout's top-k (rl.rollout_top_k may differ from the model's)
+                fill = np.broadcast_to(np.arange(k), (ids.shape[0], s - ids.shape[1], k))
                 # padding positions: any valid ids
                 parts.append(np.concatenate([ids, fill], axis=1))
             replay[layer] = np.concatenate(parts, axis=0).astype(np.int64)

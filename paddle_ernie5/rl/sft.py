@@ -2,9 +2,12 @@
 `component: sft`).
 
 The stage between pretraining and RL: (BOS + prompt, reference solution) pairs from the same
-training pools RL uses (held-out prompts never appear), cross-entropy on the solution tokens only.
-It teaches the answer format and gives RL a policy whose groups are not all-wrong. Writes a run
-directory that `train.init_from` of the RL recipe reads.
+training pools RL uses (every task of the curriculum, rl/curriculum.py; held-out prompts never
+appear), cross-entropy on the solution tokens only. Each batch draws its examples by the
+curriculum's task weights, uniformly within a task, so a small pool (one-digit sums) is not drowned
+by a large one. It teaches the answer format (sorting and reversal exist only here before RL) and
+gives RL a policy whose groups are not all-wrong. Evaluated per task like RL (pass@1 greedy,
+pass@k, sampled reward). Writes a run directory that `train.init_from` of the RL recipe reads.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from ..data.text import get_text_tokenizer
 from ..model.losses import IGNORE, token_cross_entropy
 from ..optim.optimizer import apply_update, build_optimizer
 from ..train.loop import Component, Loop
+from .curriculum import build_curriculum
 from .evaluate import evaluate
+from .problems import Problem
 from .prompts import Prompt
 from .rollout import build_prompt, continuation_arrays, model_inputs
-from .trainer import family_problems, load_policy
+from .trainer import load_policy
 from .verifiers import get_family
 
 
@@ -49,9 +54,9 @@ def sft_batch(examples, pad_id: int) -> tuple[dict, paddle.Tensor]:
 
 
 class SFTRun(Component):
-    """The policy trained on the training prompts' reference solutions, in shuffled passes;
-    evaluated on the held-out prompts of every problem family (sampled reward, greedy accuracy,
-    entropy)."""
+    """The policy trained on the training prompts' reference solutions, example i of the run drawn
+    by the curriculum (`Curriculum.draw`, a pure function of i: a resumed run draws the same
+    batches); evaluated on the held-out prompts of every task."""
 
     name = "sft"
 
@@ -65,17 +70,17 @@ class SFTRun(Component):
         )
         self.model = load_policy(cfg, log)
         self.optimizer = build_optimizer(self.model, tc)
-        pool, self.heldout = family_problems(cfg)
-        self.examples = sft_examples(cfg.model, self.tok, pool)
-        self.order, self.cursor = rng.permutation(len(self.examples)), 0
+        self.model_cfg = cfg.model
+        self.curriculum = build_curriculum(cfg)
+
+    def batch(self, step: int) -> list[Problem]:
+        b = self.tc.batch_size
+        return [self.curriculum.draw(self.tc.seed, i) for i in range(step * b, (step + 1) * b)]
 
     def step(self, step: int) -> dict[str, float]:
         tc = self.tc
-        if self.cursor + tc.batch_size > len(self.order):
-            self.order, self.cursor = self.rng.permutation(len(self.examples)), 0
-        rows = self.order[self.cursor : self.cursor + tc.batch_size]
-        inputs, labels = sft_batch([self.examples[i] for i in rows], self.tok.pad_id)
-        self.cursor += tc.batch_size
+        examples = sft_examples(self.model_cfg, self.tok, self.batch(step))
+        inputs, labels = sft_batch(examples, self.tok.pad_id)
         loss, _ = token_cross_entropy(self.model(inputs, with_mtp=False).logits, labels)
         loss.backward()
         lr, norm = apply_update(self.model, self.optimizer, step, tc)
@@ -88,19 +93,14 @@ class SFTRun(Component):
         result = evaluate(
             self.model,
             self.tok,
-            [p for t in rc.families for p in self.heldout[t]],
-            rc.group_size,
+            self.curriculum.heldout_problems(),
+            rc.eval_samples,
             rc.max_new_tokens,
             rc.temperature,
             seed=self.tc.seed + 99,
+            pass_k=rc.pass_k,
         )
-        return {f"{family}/{k}": v for family, r in result.items() for k, v in r.items()}
-
-    def state_dict(self) -> dict:
-        return {"order": self.order.tolist(), "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.order, self.cursor = np.asarray(state["order"], np.int64), state["cursor"]
+        return {f"{task}/{k}": v for task, r in result.items() for k, v in r.items()}
 
 
 def train_from_config(cfg: C.Config, log=print) -> dict:

@@ -8,10 +8,19 @@ One iteration = one U-RB group of `prompts_per_step` queries x `group_size` resp
       -> IcePop token mask, GRPO advantages, WPSM weights
       -> num_minibatches x [forward (router replay) -> GSPO loss (+ KL) -> backward -> AdamW step]
 
-Held-out reward per family is measured before the first and after the last step (and every
-`rl.eval_every` steps); the summary goes to <run_dir>/rl_summary.json and the scalars to VisualDL.
-The aux-loss-free router bias is not updated during RL: balancing is a pretraining concern, and a
-bias that moves between rollout and training would be one more source of routing mismatch.
+Queries come from the curriculum (rl/curriculum.py: tasks = families x levels, mixed by
+rl.curriculum weights). Held-out pass@1 (greedy), pass@k and sampled reward per task are measured
+before the first and after the last step (and every `rl.eval_every` steps). Every step logs the
+training-inference mismatch (rl/diagnostics.py: |log p_train - log p_rollout|, IcePop's masked
+share, tokens routed unlike the rollout with the experts used and with the router's own choice),
+entropy, response length and reward per task to metrics.jsonl and VisualDL;
+<run_dir>/rl_summary.json holds the held-out tables and those metrics summarised over the run.
+
+Controlled off-policy rollouts (rl.rollout_staleness, rl.rollout_router_noise, rl.rollout_top_k)
+make the rollout policy differ from the trained one on purpose, for measuring what router replay
+and IcePop do. The aux-loss-free router bias is not updated during RL: balancing is a pretraining
+concern, and a bias that moves between rollout and training would be one more source of routing
+mismatch.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from ..config.train import resume_settings
 from ..data.text import get_text_tokenizer
 from ..io import checkpoint
 from ..model.model import Ernie5Model
+from ..model.view import FULL_VIEW, ElasticView
 from ..optim.optimizer import (
     build_optimizer,
     clip_by_global_norm,
@@ -37,12 +47,28 @@ from ..optim.optimizer import (
 )
 from ..optim.schedules import learning_rate
 from ..train.logging import RunLogger, flatten
+from .curriculum import build_curriculum
+from .diagnostics import (
+    logp_gap,
+    masked_fraction,
+    response_stats,
+    routing_mismatch,
+    summarise_steps,
+)
 from .evaluate import evaluate
 from .hints import QueryStats
 from .objectives import grpo_advantages, gspo_loss, gspo_ratio, icepop_mask, k3_kl, wpsm_weights
 from .replay import UnbiasedReplayBuffer
-from .rollout import RolloutModels, build_batch, forward_logp, rollout_group, select, snapshot
-from .verifiers import split_problems
+from .rollout import (
+    PolicySnapshot,
+    RolloutModels,
+    build_batch,
+    forward_logp,
+    perturb_router_bias,
+    rollout_group,
+    select,
+    snapshot,
+)
 
 
 def load_policy(cfg: C.Config, log=print) -> Ernie5Model:
@@ -51,24 +77,6 @@ def load_policy(cfg: C.Config, log=print) -> Ernie5Model:
         checkpoint.init_weights(model, cfg.train.init_from, warn=log)
         log(f"initialised policy from {cfg.train.init_from}")
     return model
-
-
-def family_problems(cfg: C.Config) -> tuple[list, dict[str, list]]:
-    """(training pool of all families, held-out prompts per family)."""
-    rc = cfg.rl
-    train, held = [], {}
-    for i, family in enumerate(rc.families):
-        tr, he = split_problems(
-            family, rc.train_problems, cfg.train.seed + i, rc.heldout_fraction, cfg
-        )
-        if not tr or not he:
-            raise C.ConfigError(
-                f"rl.train_problems={rc.train_problems} leaves family {family!r} with "
-                f"{len(tr)} training and {len(he)} held-out problems; raise it"
-            )
-        train += tr
-        held[family] = he[: rc.eval_problems]
-    return train, held
 
 
 class RLTrainer:
@@ -88,39 +96,46 @@ class RLTrainer:
             self.ref.set_state_dict(self.model.state_dict())
             self.ref.eval()
         self.optimizer = build_optimizer(self.model, tc)
-        self.pool, self.heldout_problems = family_problems(cfg)
+        self.curriculum = build_curriculum(cfg)
         self.stats = QueryStats()
         self.rollout_models = RolloutModels(cfg.model)
+        self.rollout_view = ElasticView(top_k=rc.rollout_top_k) if rc.rollout_top_k else FULL_VIEW
         self.step = 0
-        self._snap = None
+        self._snaps: dict[int, PolicySnapshot] = {}  # version -> rollout weights
         self.buffer = UnbiasedReplayBuffer(
             self.assign, self._rollout, self._context, rc.lookahead, rc.rollout_workers
         )
 
     # ------------------------------------------------------------------ U-RB plumbing
     def assign(self, g: int) -> list:
-        """Queries of iteration group g: consecutive slices of per-epoch permutations of the
-        pool."""
-        p, n = self.cfg.rl.prompts_per_step, len(self.pool)
-        out = []
-        for i in range(g * p, (g + 1) * p):
-            epoch, j = divmod(i, n)
-            order = np.random.default_rng(self.cfg.train.seed + 7919 * epoch).permutation(n)
-            out.append(self.pool[order[j]])
-        return out
+        """Queries of iteration group g: curriculum draws number g * prompts_per_step onwards."""
+        p = self.cfg.rl.prompts_per_step
+        return [self.curriculum.draw(self.cfg.train.seed, i) for i in range(g * p, (g + 1) * p)]
+
+    def rollout_policy(self) -> PolicySnapshot:
+        """The weights a group submitted now is rolled out with: those of rl.rollout_staleness
+        steps ago (the oldest kept while fewer steps have run since the start or a resume), with
+        the router bias perturbed when rl.rollout_router_noise is set."""
+        rc = self.cfg.rl
+        if self.step not in self._snaps:
+            snap = snapshot(self.model, self.step)
+            if rc.rollout_router_noise > 0:
+                snap = perturb_router_bias(snap, rc.rollout_router_noise, self.cfg.train.seed)
+            self._snaps[self.step] = snap
+        for version in [v for v in self._snaps if v < self.step - rc.rollout_staleness]:
+            del self._snaps[version]
+        return self._snaps[min(self._snaps)]
 
     def _context(self, g: int) -> dict:
-        """Captured when group g is submitted: the current weights and each query's hint."""
+        """Captured when group g is submitted: the rollout weights and each query's hint."""
         rc = self.cfg.rl
-        if self._snap is None or self._snap.version != self.step:
-            self._snap = snapshot(self.model, self.step)
         hints = {}
         if rc.hints:
             for q in self.assign(g):
                 hints[q.key] = self.stats.hint(
                     q.key, self.step, rc.hint_p_init, rc.hint_gamma, rc.hint_below
                 )
-        return {"snapshot": self._snap, "hints": hints}
+        return {"snapshot": self.rollout_policy(), "hints": hints}
 
     def _rollout(self, g: int, j: int, problem, ctx):
         rc = self.cfg.rl
@@ -137,6 +152,7 @@ class RLTrainer:
             ctx["hints"].get(problem.key, 0.0),
             ctx["snapshot"].version,
             record_routing=True,
+            view=self.rollout_view,
         )
 
     # ------------------------------------------------------------------ one iteration
@@ -147,7 +163,7 @@ class RLTrainer:
         wait_s = time.perf_counter() - t0
         for r in rollouts:
             self.stats.update(r.problem.key, r.rewards)
-        batch = build_batch(rollouts, self.tokenizer.pad_id, cfg.model.moe.top_k)
+        batch = build_batch(rollouts, self.tokenizer.pad_id)
         valid = batch.valid_BN
 
         self.model.eval()
@@ -161,7 +177,7 @@ class RLTrainer:
                 if self.ref is not None
                 else None
             )
-        mismatch = _routing_mismatch(out.router_stats, batch)
+            routing = routing_mismatch(self.model, out, batch)
         mask = icepop_mask(old_logp, batch.rollout_logp_BN, valid, rc.icepop_low, rc.icepop_high)
         adv = grpo_advantages(np.stack([r.rewards for r in rollouts])).reshape(-1)
         tokens_B = np.maximum(valid.sum(1), 1)
@@ -195,44 +211,42 @@ class RLTrainer:
             losses.append(float(loss))
         self.step += 1
 
-        d = old_logp - batch.rollout_logp_BN  # log(pi_train / pi_rollout) per token
         metrics = {
             "loss": float(np.mean(losses)),
             "train/lr": lr,
             "train/grad_norm": float(np.mean(norms)),
             "reward/mean": float(np.mean([r.rewards.mean() for r in rollouts])),
-            "entropy": float((ent * valid).sum() / valid.sum()),
+            **response_stats(ent, valid),
             "clip/low_frac": float(np.mean(clip_lo)),
             "clip/high_frac": float(np.mean(clip_hi)),
-            "icepop/masked_frac": float(1 - mask.sum() / valid.sum()),
-            "kl/rollout": float(((np.exp(d) - d - 1) * valid).sum() / valid.sum()),
-            "response_length": float(np.mean([r.lengths.mean() for r in rollouts])),
+            "icepop/masked_frac": masked_fraction(mask, valid),
+            **logp_gap(old_logp, batch.rollout_logp_BN, valid),
+            **routing,
             "wpsm/damped_frac": float(np.mean(weight < 1)),
             "hint/query_frac": float(np.mean([r.prompt.hint_len > 0 for r in rollouts])),
             "urb/staleness": float(self.step - 1 - np.mean([r.version for r in rollouts])),
             "urb/wait_s": wait_s,
-            "router/mismatch": mismatch,
         }
         if kl_vals:
             metrics["kl/ref"] = float(np.mean(kl_vals))
-        for family in rc.families:
-            rs = [r.rewards.mean() for r in rollouts if r.problem.family == family]
+        for task in self.curriculum.tasks:
+            rs = [r.rewards.mean() for r in rollouts if r.problem.task == task]
             if rs:
-                metrics[f"reward/{family}"] = float(np.mean(rs))
+                metrics[f"reward/{task}"] = float(np.mean(rs))
         return metrics
 
     # ------------------------------------------------------------------ loop
     def heldout(self) -> dict[str, dict[str, float]]:
         rc = self.cfg.rl
-        problems = [p for family in rc.families for p in self.heldout_problems[family]]
         return evaluate(
             self.model,
             self.tokenizer,
-            problems,
-            rc.group_size,
+            self.curriculum.heldout_problems(),
+            rc.eval_samples,
             rc.max_new_tokens,
             rc.temperature,
             seed=self.cfg.train.seed + 99,
+            pass_k=rc.pass_k,
         )
 
     def save(self) -> str:
@@ -319,9 +333,18 @@ class RLTrainer:
             {
                 "steps": self.step,
                 "router_replay": rc.router_replay,
+                "icepop": [rc.icepop_low, rc.icepop_high],
+                "off_policy": {
+                    "rollout_staleness": rc.rollout_staleness,
+                    "rollout_router_noise": rc.rollout_router_noise,
+                    "rollout_top_k": rc.rollout_top_k,
+                },
+                "tasks": dict(zip(self.curriculum.tasks, self.curriculum.weights.tolist())),
                 "run_dir": self.run_dir,
                 "train_entropy_first": history[0]["entropy"] if history else None,
                 "train_entropy_last": history[-1]["entropy"] if history else None,
+                # every logged step of the run (a resumed run's earlier steps included)
+                "training": summarise_steps(os.path.join(self.run_dir, "metrics.jsonl")),
             }
         )
         with open(summary_path, "w", encoding="utf-8") as f:
@@ -331,36 +354,22 @@ class RLTrainer:
     def _log_heldout(self, logger, result: dict) -> None:
         logger.scalars(
             self.step,
-            {f"heldout/{k}/{family}": v for family, r in result.items() for k, v in r.items()},
+            {
+                f"heldout/{k}/{task}": v
+                for task, r in result.items()
+                for k, v in r.items()
+                if k != "prompts"
+            },
         )
+        k = f"pass@{self.cfg.rl.pass_k}"
         self.log(
             f"held-out at step {self.step}: "
             + "; ".join(
-                f"{family} reward {r['reward']:.3f} greedy {r['greedy_accuracy']:.3f} "
-                f"entropy {r['entropy']:.3f}"
-                for family, r in result.items()
+                f"{task} greedy {r['greedy_accuracy']:.3f} {k} {r[k]:.3f} "
+                f"reward {r['reward']:.3f} entropy {r['entropy']:.3f}"
+                for task, r in result.items()
             )
         )
-
-
-def _routing_mismatch(router_stats: dict, batch) -> float:
-    """Share of (response-producing position, MoE layer) pairs whose expert set in this forward
-    differs from the rollout's (0 with router replay on, by construction)."""
-    if batch.replay_BSK is None or not router_stats:
-        return float("nan")
-    b, s = batch.input_ids_BS.shape
-    pos = np.arange(s)[None, :]
-    lengths = batch.valid_BN.sum(1)
-    used = (pos >= batch.start_B[:, None] - 1) & (
-        pos < batch.start_B[:, None] - 1 + lengths[:, None]
-    )
-    diff, total = 0, 0
-    for i, stats in router_stats.items():
-        now = np.sort(stats.topk_ids_TK.numpy().reshape(b, s, -1), axis=-1)
-        rec = np.sort(batch.replay_BSK[i], axis=-1)
-        diff += int(((now != rec).any(-1) & used).sum())
-        total += int(used.sum())
-    return diff / max(total, 1)
 
 
 def _check_meta(meta: dict) -> None:
@@ -400,12 +409,18 @@ def _progress(start: int, end: int, enabled: bool):
 
 
 def train_from_config(cfg: C.Config, log=print) -> dict:
-    """`ernie5 train` entry for component rl: returns held-out reward before/after per family."""
+    """`ernie5 train` entry for component rl: held-out reward, pass@1 (greedy), pass@k and entropy
+    before/after per task."""
     summary = RLTrainer(cfg, log).fit()
     out = {}
-    for family in cfg.rl.families:
-        out[f"{family}/reward_before"] = summary["before"][family]["reward"]
-        out[f"{family}/reward_after"] = summary["after"][family]["reward"]
-        out[f"{family}/entropy_before"] = summary["before"][family]["entropy"]
-        out[f"{family}/entropy_after"] = summary["after"][family]["entropy"]
+    k = f"pass@{cfg.rl.pass_k}"
+    for task in summary["after"]:
+        for key, name in (
+            ("reward", "reward"),
+            ("greedy_accuracy", "pass@1"),
+            (k, k),
+            ("entropy", "entropy"),
+        ):
+            out[f"{task}/{name}_before"] = summary["before"][task][key]
+            out[f"{task}/{name}_after"] = summary["after"][task][key]
     return out

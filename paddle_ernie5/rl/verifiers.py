@@ -1,17 +1,20 @@
 """Verifiable problem families for RL: problems with reference solutions and rule-based rewards.
 
 The unified interface is `reward(problem, response) -> float in [0, 1]`: a family registers how
-its problems are made (`make_problems`, or `split` for problems drawn from data with its own
-held-out split), how they are shown to the model (`prompt`, rl/prompts.py: the prompt and the token
-that ends an answer) and how a response is judged (`verifier`). Text families judge the decoded
-response text; a family whose responses are images or speech registers a verifier with
-`response_modality` "image" / "audio", which receives the response token ids instead and decodes
-and judges them itself. Families of other modules (image_qa: rl/image_qa.py, an image and a
-question, answers ending in <eos>) register on first use, so text-only use needs no vision data.
+its problems are made (`make_problems(n, seed, level)` for each of its `levels`, or `split` for
+problems drawn from data with its own held-out split), how they are shown to the model (`prompt`,
+rl/prompts.py: the prompt and the token that ends an answer) and how a response is judged
+(`verifier`). Text families judge the decoded response text; a family whose responses are images or
+speech registers a verifier with `response_modality` "image" / "audio", which receives the response
+token ids instead and decodes and judges them itself. Families of other modules (image_qa:
+rl/image_qa.py, an image and a question, answers ending in <eos>) register on first use, so
+text-only use needs no vision data.
 
-Built-in text families follow the corpus' own format (data/text.py), so a pretrained model already
-knows how to answer:  prompt "Q: What is 37 + 45? A:"  ->  response " 82.\\n" (reward 1 for the
-exact integer followed by the terminating period, nothing else).
+Built-in text families (rl/problems.py, with their levels) follow the corpus' own format
+(data/text.py), so a pretrained model already knows how to answer:  prompt "Q: What is 37 + 45? A:"
+->  response " 82.\\n" (reward 1 for the exact integer followed by the terminating period, nothing
+else); sorting and reversal answer a list, " 1 2 3.\\n" (reward 1 for exactly the expected items,
+separated by whitespace, then the period).
 """
 
 from __future__ import annotations
@@ -21,13 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
-
 from ..config import Config
-from ..data.text import _counting, build_arithmetic_problems, in_validation
+from ..data.text import in_validation
 from ..plugins import import_optional
-from .problems import Problem
-from .prompts import ANSWER_STOP, TEXT_PROMPT, PromptFormat
+from .problems import Problem, family_maker, levels_of, make_problems
+from .prompts import TEXT_PROMPT, PromptFormat
 
 
 class Verifier(Protocol):
@@ -37,8 +38,8 @@ class Verifier(Protocol):
 @dataclass(frozen=True)
 class FamilySpec:
     name: str
-    # (n, seed) -> problems, deterministic
-    make_problems: Callable[[int, int], list[Problem]] | None
+    # (n, seed, level) -> problems of that level, deterministic
+    make_problems: Callable[[int, int, int], list[Problem]] | None
     verifier: Verifier
     # "text": the verifier gets the decoded text; otherwise the response token ids
     response_modality: str = "text"
@@ -46,6 +47,8 @@ class FamilySpec:
     # Families drawn from data with its own train/held-out split (image_qa: the image split) give
     # (cfg, n, seed) -> (training, held-out) problems; None = make_problems split by prompt hash.
     split: Callable[[Config, int, int], tuple[list[Problem], list[Problem]]] | None = None
+    levels: tuple[int, ...] = (0,)  # the difficulty levels make_problems knows
+    default_levels: tuple[int, ...] | None = None  # drawn when the config names none; None = all
 
     def __post_init__(self):
         if (self.make_problems is None) == (self.split is None):
@@ -64,25 +67,23 @@ def exact_integer(problem: Problem, response: str) -> float:
     return 1.0 if m is not None and int(m.group(1)) == int(problem.answer) else 0.0
 
 
-def _qa_problem(family: str, question: str, answer: str) -> Problem:
-    return Problem(family, f"Q: {question} A:", answer, f" {answer}{ANSWER_STOP}")
+_SEQUENCE_ANSWER = re.compile(r"\s*(.*?)\.\s*", re.DOTALL)
 
 
-def arithmetic_problems(n: int, seed: int) -> list[Problem]:
-    return [_qa_problem("arithmetic", q, a) for q, a in build_arithmetic_problems(n, seed)]
+def exact_sequence(problem: Problem, response: str) -> float:
+    """1.0 when the response lists exactly the answer's items (whitespace-separated, any amount of
+    whitespace) followed by a period; "1,2,3." or "1 2 3" (no period) score 0."""
+    m = _SEQUENCE_ANSWER.fullmatch(response)
+    return 1.0 if m is not None and m.group(1).split() == problem.answer.split() else 0.0
 
 
-_QA_LINE = re.compile(r"Q: (.*) A: (-?\d+)\.")
+def arithmetic_problems(n: int, seed: int, level: int = 0) -> list[Problem]:
+    return make_problems("arithmetic", n, seed, level)
 
 
-def counting_problems(n: int, seed: int) -> list[Problem]:
-    """Letter, star and list counting questions drawn exactly as the corpus draws them."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        q, a = _QA_LINE.fullmatch(_counting(rng)).groups()
-        out.append(_qa_problem("counting", q, a))
-    return out
+def counting_problems(n: int, seed: int, level: int = 0) -> list[Problem]:
+    """Level 0: letter, star and list counting questions drawn exactly as the corpus draws them."""
+    return make_problems("counting", n, seed, level)
 
 
 FAMILIES: dict[str, FamilySpec] = {}
@@ -95,8 +96,22 @@ def register_family(spec: FamilySpec) -> None:
     FAMILIES[spec.name] = spec
 
 
-register_family(FamilySpec("arithmetic", arithmetic_problems, exact_integer))
-register_family(FamilySpec("counting", counting_problems, exact_integer))
+for _name, _judge in (
+    ("arithmetic", exact_integer),
+    ("counting", exact_integer),
+    ("sorting", exact_sequence),
+    ("reversal", exact_sequence),
+    ("largest", exact_integer),
+):
+    register_family(
+        FamilySpec(
+            _name,
+            family_maker(_name),
+            _judge,
+            levels=levels_of(_name),
+            default_levels=(0,) if 0 in levels_of(_name) else None,
+        )
+    )
 
 
 def get_family(name: str) -> FamilySpec:
@@ -115,12 +130,23 @@ def reward(problem: Problem, response) -> float:
 
 
 def split_problems(
-    name: str, n: int, seed: int, heldout_fraction: float, cfg: Config | None = None
+    name: str,
+    n: int,
+    seed: int,
+    heldout_fraction: float,
+    cfg: Config | None = None,
+    level: int = 0,
 ) -> tuple[list[Problem], list[Problem]]:
-    """(training, held-out) unique problems of a family; a question is held out by a hash of its
-    prompt, so the split does not depend on n or seed and no held-out prompt is ever trained on. A
-    family with its own `split` (data-backed, needs the run's `cfg`) decides instead."""
+    """(training, held-out) unique problems of a family's level; a question is held out by a hash
+    of its prompt, so the split does not depend on n, seed or level and no held-out prompt is ever
+    trained on. A family with its own `split` (data-backed, needs the run's `cfg`) decides
+    instead."""
     spec = get_family(name)
+    if level not in spec.levels:
+        raise KeyError(
+            f"RL problem family {name!r} has no level {level}; its levels: "
+            f"{', '.join(map(str, spec.levels))}"
+        )
     if spec.split is not None:
         if cfg is None:
             raise ValueError(
@@ -128,7 +154,7 @@ def split_problems(
             )
         return spec.split(cfg, n, seed)
     seen, train, held = set(), [], []
-    for p in spec.make_problems(n, seed):
+    for p in spec.make_problems(n, seed, level):
         if p.key in seen:
             continue
         seen.add(p.key)

@@ -20,10 +20,26 @@ SMALL = [
 ]
 
 
+MISMATCH = (
+    "mismatch/dlogp_mean",
+    "mismatch/dlogp_max",
+    "kl/rollout",
+    "icepop/masked_frac",
+    "router/differ_frac",
+    "router/would_differ_frac",
+    "router/differ_pair_frac",
+    "router/would_differ_pair_frac",
+)
+# two curriculum levels beside the corpus-mix counting family
+TASKS = ["rl.families=[arithmetic,counting]", "rl.curriculum.arithmetic.levels=[1,3]"]
+
+
 def test_sft_then_rl_end_to_end(debug_config, tmp_path):
-    sft = debug_config("component=sft", f"train.run_dir={tmp_path / 'sft'}", *SMALL)
+    sft = debug_config("component=sft", f"train.run_dir={tmp_path / 'sft'}", *SMALL, *TASKS)
     metrics = run_component(sft)
-    assert {"arithmetic/reward", "counting/greedy_accuracy"} <= set(metrics)
+    assert {"arithmetic/L1/pass@8", "arithmetic/L3/reward", "counting/greedy_accuracy"} <= set(
+        metrics
+    )
     rl = debug_config(
         "component=rl",
         f"train.run_dir={tmp_path / 'rl'}",
@@ -31,9 +47,14 @@ def test_sft_then_rl_end_to_end(debug_config, tmp_path):
         "rl.kl_coef=0.01",
         "rl.rollout_workers=1",
         *SMALL,
+        *TASKS,
     )
     out = run_component(rl)
-    assert {"arithmetic/reward_before", "counting/reward_after"} <= set(out)
+    assert {
+        "arithmetic/L1/pass@1_before",
+        "arithmetic/L3/pass@8_after",
+        "counting/reward_after",
+    } <= set(out)
     rows = [json.loads(l) for l in open(tmp_path / "rl" / "metrics.jsonl")]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -42,20 +63,51 @@ def test_sft_then_rl_end_to_end(debug_config, tmp_path):
         "entropy",
         "clip/low_frac",
         "clip/high_frac",
-        "icepop/masked_frac",
         "kl/ref",
-        "kl/rollout",
         "response_length",
         "wpsm/damped_frac",
         "hint/query_frac",
         "urb/staleness",
+        *MISMATCH,
     ):
         assert all(np.isfinite(r[key]) for r in steps), key
     # one group of look-ahead
     assert steps[0]["urb/staleness"] == 0 and steps[1]["urb/staleness"] == 1
-    assert steps[0]["router/mismatch"] == 0  # replay on
-    assert any(k.startswith("heldout/reward/") for k in rows[0])
+    # replay on: the experts used never differ from the rollout's
+    assert all(r["router/differ_frac"] == 0 == r["router/differ_pair_frac"] for r in steps)
+    assert any(k.startswith("heldout/pass@8/arithmetic/L1") for k in rows[0])
+    assert any(k.startswith("reward/arithmetic/L") or k == "reward/counting" for k in steps[0])
     assert os.path.isdir(tmp_path / "rl" / "checkpoints" / "step_00000002")
+    summary = json.load(open(tmp_path / "rl" / "rl_summary.json"))
+    assert set(summary["after"]) == {"arithmetic/L1", "arithmetic/L3", "counting"}
+    assert summary["training"]["router/differ_frac"]["max"] == 0
+    assert summary["training"]["entropy"]["steps"] == 2
+    np.testing.assert_allclose(sum(summary["tasks"].values()), 1.0)
+    # counting: weight 1 over one level; arithmetic: weight 1 shared by its two levels
+    assert summary["tasks"]["counting"] == pytest.approx(0.5)
+
+
+def test_off_policy_rollouts_show_in_the_mismatch(debug_config, tmp_path):
+    """Stale rollouts (2 steps) with a perturbed router bias and router replay off: the training
+    forward routes unlike the rollout and its log-probs move away from the rollout's."""
+    rl = debug_config(
+        "component=rl",
+        f"train.run_dir={tmp_path / 'rl'}",
+        "rl.router_replay=false",
+        "rl.rollout_staleness=2",
+        "rl.rollout_router_noise=0.05",
+        "rl.rollout_workers=0",
+        "rl.lookahead=0",
+        *SMALL,
+        "train.max_steps=4",
+    )
+    run_component(rl)
+    steps = [r for r in map(json.loads, open(tmp_path / "rl" / "metrics.jsonl")) if "loss" in r]
+    assert [r["urb/staleness"] for r in steps] == [0, 1, 2, 2]
+    for r in steps:
+        # replay off: the experts used are the router's own choice
+        assert r["router/differ_frac"] == r["router/would_differ_frac"] > 0
+        assert r["mismatch/dlogp_mean"] > 1e-4
 
 
 @pytest.fixture
@@ -63,7 +115,7 @@ def known_answer():
     """A family whose every answer is 0 (prompts vary): what a policy can learn in a few steps."""
     from paddle_ernie5.rl import verifiers as V
 
-    def make(n, seed):
+    def make(n, seed, level):
         rng = np.random.default_rng(seed)
         return [
             V.Problem("toy_zero", f"Q: What is {a} times zero? A:", "0", " 0.\n")
@@ -125,9 +177,9 @@ def _rl(debug_config, tmp_path, known_answer, init_from, steps):
 
 
 def test_rl_raises_the_reward(debug_config, tmp_path, known_answer):
-    """From a policy that has seen the answer format only briefly (4 SFT steps: held-out reward
-    about 0), 20 RL steps make the sampled reward climb and the held-out reward rise."""
-    sft = _sft(debug_config, tmp_path, known_answer, 4)
+    """From a policy that has seen the answer format only briefly (5 SFT steps: held-out reward
+    about 0.02), 20 RL steps make the sampled reward climb and the held-out reward rise."""
+    sft = _sft(debug_config, tmp_path, known_answer, 5)
     out, rewards = _rl(debug_config, tmp_path, known_answer, sft, 20)
     assert out["toy_zero/reward_before"] < 0.1
     assert out["toy_zero/reward_after"] > out["toy_zero/reward_before"] + 0.2, out

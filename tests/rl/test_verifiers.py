@@ -24,7 +24,7 @@ def test_arithmetic_good_and_bad_answers():
 
 def test_built_in_problems_are_answered_correctly_by_their_own_solutions():
     for family in ("arithmetic", "counting"):
-        problems = V.get_family(family).make_problems(200, seed=3)
+        problems = V.get_family(family).make_problems(200, 3, 0)
         assert len(problems) == 200, family  # `all` below would pass on no problems
         assert all(V.reward(p, p.solution) == 1.0 for p in problems)
         # a wrong number is always rejected
@@ -69,13 +69,13 @@ def test_unified_interface_takes_new_verifiers():
     V.register_family(
         V.FamilySpec(
             "toy_tokens",
-            lambda n, seed: [V.Problem("toy_tokens", "x", "7", "")] * n,
+            lambda n, seed, level: [V.Problem("toy_tokens", "x", "7", "")] * n,
             judge,
             response_modality="image",
         )
     )
     try:
-        p = V.get_family("toy_tokens").make_problems(1, 0)[0]
+        p = V.get_family("toy_tokens").make_problems(1, 0, 0)[0]
         assert V.reward(p, np.array([3, 4])) == 1.0 and V.reward(p, np.array([3])) == 0.0
     finally:
         del V.FAMILIES["toy_tokens"]
