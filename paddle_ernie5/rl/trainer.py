@@ -203,7 +203,9 @@ class RLTrainer:
                 loss = loss + rc.kl_coef * kl
                 kl_vals.append(float(kl))
             loss.backward()
-            norms.append(clip_by_global_norm(self.model.parameters(), cfg.train.clip_norm))
+            norms.append(
+                clip_by_global_norm(self.model.parameters(), cfg.train.clip_norm, self.optimizer)
+            )
             self.optimizer.step()
             self.optimizer.clear_grad(set_to_zero=False)
             clip_lo.append(obj.clip_low_frac)
