@@ -38,6 +38,7 @@ class RouterStats:
     expert_mask_E: np.ndarray | None  # experts the elastic view allowed (None = all)
     topk_ids_TK: paddle.Tensor | None = None  # experts chosen per token (for router replay)
     logits_TE: paddle.Tensor | None = None  # router logits, detached
+    chosen_ids_TK: paddle.Tensor | None = None  # the router's own choice (differs under replay)
 
 
 class MoE(nn.Layer):
@@ -47,9 +48,7 @@ class MoE(nn.Layer):
         self.router = Router(hidden_size, cfg, init_std)
         self.experts = GroupedExperts(cfg.num_experts, hidden_size, cfg.expert_hidden, init_std)
         self.shared = (
-            SwiGLU(
-                hidden_size, cfg.shared_expert_hidden * cfg.num_shared_experts, init_std, fused
-            )
+            SwiGLU(hidden_size, cfg.shared_expert_hidden * cfg.num_shared_experts, init_std, fused)
             if cfg.num_shared_experts > 0
             else None
         )
@@ -82,6 +81,7 @@ class MoE(nn.Layer):
             view.expert_mask(self.cfg.num_experts),
             routing.topk_ids_TK,
             routing.logits_TE,
+            routing.chosen_ids_TK,
         )
         return y_TM.reshape([b, s, m]), stats
 

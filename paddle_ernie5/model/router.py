@@ -9,7 +9,8 @@ are explicit outputs.
 
 Router replay (RL): `forced_ids_TK` makes the router use expert ids recorded elsewhere (the rollout)
 instead of its own top-k choice; the combine weights are still computed from the current scores at
-those ids, so gradients reach the router exactly as if it had chosen them.
+those ids, so gradients reach the router exactly as if it had chosen them. What the router would
+have chosen is still reported (`chosen_ids_TK`), so replay's effect can be measured.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Routing:
     aux_loss: paddle.Tensor  # sequence-level balance loss (0 if disabled)
     z_loss: paddle.Tensor  # router z-loss (0 if disabled)
     logits_TE: paddle.Tensor | None = None  # fp32 router logits, detached (dashboards, analysis)
+    # The router's own top-k before any replay (RL diagnostics); topk_ids_TK when nothing is forced
+    chosen_ids_TK: paddle.Tensor | None = None
 
 
 class Router(nn.Layer):
@@ -69,10 +72,8 @@ class Router(nn.Layer):
         select_TE = scores_TE.detach() + self.selection_bias
         if expert_mask_E is not None:
             select_TE = paddle.where(allowed, select_TE, paddle.full_like(select_TE, float("-inf")))
-        if forced_ids_TK is None:
-            topk_ids_TK = paddle.topk(select_TE, k, axis=-1).indices
-        else:
-            topk_ids_TK = forced_ids_TK.astype("int64")
+        chosen_ids_TK = paddle.topk(select_TE, k, axis=-1).indices
+        topk_ids_TK = chosen_ids_TK if forced_ids_TK is None else forced_ids_TK.astype("int64")
         picked_TK = paddle.take_along_axis(scores_TE, topk_ids_TK, axis=-1)
         topk_weights_TK = picked_TK / (picked_TK.sum(axis=-1, keepdim=True) + 1e-20)
         load_E = paddle.bincount(topk_ids_TK.flatten(), minlength=cfg.num_experts)
@@ -86,7 +87,15 @@ class Router(nn.Layer):
         z_loss = (
             paddle.logsumexp(logits_TE, axis=-1).pow(2).mean() if cfg.z_loss_weight > 0 else zero
         )
-        return Routing(topk_ids_TK, topk_weights_TK, load_E, aux_loss, z_loss, logits_TE.detach())
+        return Routing(
+            topk_ids_TK,
+            topk_weights_TK,
+            load_E,
+            aux_loss,
+            z_loss,
+            logits_TE.detach(),
+            chosen_ids_TK,
+        )
 
     def _sequence_aux_loss(self, scores_TE, topk_ids_TK, num_seqs: int):
         """E * sum_e f_e * P_e averaged over sequences (DeepSeek-V3 complementary balance loss)."""

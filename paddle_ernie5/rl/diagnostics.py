@@ -30,8 +30,6 @@ import math
 import os
 
 import numpy as np
-import paddle
-import paddle.nn.functional as F
 
 
 def logp_gap(train_logp_BN, rollout_logp_BN, valid_BN) -> dict[str, float]:
@@ -61,19 +59,6 @@ def response_positions(start_B, lengths_B, seq_len: int) -> np.ndarray:
     return (pos >= first) & (pos < first + np.asarray(lengths_B)[:, None])
 
 
-def router_choice(stats, router, top_k: int) -> np.ndarray:
-    """[T, K] the experts `router` itself picks from a forward's reported logits: top-k of score +
-    selection bias over the allowed experts (model/router.py's rule)."""
-    logits = stats.logits_TE
-    cfg = router.cfg
-    scores = F.softmax(logits, axis=-1) if cfg.score_func == "softmax" else F.sigmoid(logits)
-    select = (scores + router.selection_bias).numpy()
-    if stats.expert_mask_E is not None:
-        select = np.where(stats.expert_mask_E[None, :], select, -np.inf)
-    # ties broken like paddle.topk on these sizes do not matter: expert *sets* are compared
-    return paddle.topk(paddle.to_tensor(select), top_k, axis=-1).indices.numpy()
-
-
 def routing_differ(
     now: dict[int, np.ndarray], rollout: dict[int, np.ndarray], used_BS: np.ndarray
 ) -> tuple[float, float]:
@@ -100,11 +85,10 @@ def routing_mismatch(model, out, batch) -> dict[str, float]:
         return {}
     b, s = batch.input_ids_BS.shape
     used = response_positions(batch.start_B, batch.valid_BN.sum(1), s)
-    routers = dict((i, moe.router) for i, moe in model.moe_layers())
     used_ids, chosen_ids = {}, {}
     for i, stats in out.router_stats.items():
         used_ids[i] = stats.topk_ids_TK.numpy().reshape(b, s, -1)
-        chosen_ids[i] = router_choice(stats, routers[i], model.cfg.moe.top_k).reshape(b, s, -1)
+        chosen_ids[i] = stats.chosen_ids_TK.numpy().reshape(b, s, -1)
     differ, differ_pair = routing_differ(used_ids, batch.replay_BSK, used)
     would, would_pair = routing_differ(chosen_ids, batch.replay_BSK, used)
     return {

@@ -101,9 +101,10 @@ def test_on_policy_rollouts_have_no_mismatch(policy):
         assert m["entropy"] > 0 and 1 <= m["response_length"] <= 6
 
 
-def test_router_choice_is_the_routers_own_top_k(policy):
-    """What diagnostics recompute from the reported logits is exactly what the router picked when
-    nothing was replayed (with a non-zero selection bias, so the bias is taken into account)."""
+def test_reported_choice_is_the_routers_own_top_k(policy):
+    """The router's reported own choice (chosen_ids_TK) is what it picks when nothing is replayed,
+    and under replay it is still the router's top-k of score + selection bias, not the replayed
+    ids (with a non-zero selection bias, so the bias is taken into account)."""
     model = _copy(policy)
     rng = np.random.default_rng(5)
     for _, moe in model.moe_layers():
@@ -113,8 +114,17 @@ def test_router_choice_is_the_routers_own_top_k(policy):
         _, _, out = forward_logp(model, batch, 1.0, replay=False)
     routers = dict(model.moe_layers())
     for i, stats in out.router_stats.items():
-        mine = np.sort(D.router_choice(stats, routers[i].router, 2), -1)
-        np.testing.assert_array_equal(mine, np.sort(stats.topk_ids_TK.numpy(), -1))
+        np.testing.assert_array_equal(stats.chosen_ids_TK.numpy(), stats.topk_ids_TK.numpy())
+        scores = paddle.nn.functional.softmax(stats.logits_TE, axis=-1)
+        select = (scores + routers[i].router.selection_bias).numpy()
+        top2 = np.sort(np.argsort(-select, axis=-1, kind="stable")[:, :2], -1)
+        np.testing.assert_array_equal(np.sort(stats.chosen_ids_TK.numpy(), -1), top2)
+    with paddle.no_grad():  # replay ids that are not the router's choice: reported choice stays
+        _, _, replayed = forward_logp(model, batch, 1.0, replay=True)
+    for i, stats in replayed.router_stats.items():
+        np.testing.assert_array_equal(
+            stats.chosen_ids_TK.numpy(), out.router_stats[i].chosen_ids_TK.numpy()
+        )
 
 
 def test_perturbed_router_rollouts(policy):
