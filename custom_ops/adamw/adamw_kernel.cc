@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "../common/parallel.h"
 #include "../common/simd.h"
 
 #if defined(__AVX__)
@@ -172,11 +173,13 @@ void step(const std::vector<Slot>& slots, const std::vector<float>& beta1_pows,
   int64_t total = 0;
   const std::vector<Task> tasks = split(sizes, &total);
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (total >= kParallelMin)
-  for (int64_t t = 0; t < n_tasks; ++t) {
-    const Task& task = tasks[t];
-    update(slots[task.slot], cs[task.slot], h, task.begin, task.end);
-  }
+  auto run = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Task& task = tasks[t];
+      update(slots[task.slot], cs[task.slot], h, task.begin, task.end);
+    }
+  };
+  ernie5par::parallel_for(total >= kParallelMin ? threads : 1, n_tasks, 1, run);
 }
 
 void sq_norms(const std::vector<const float*>& grads, const std::vector<int64_t>& sizes,
@@ -185,11 +188,13 @@ void sq_norms(const std::vector<const float*>& grads, const std::vector<int64_t>
   const std::vector<Task> tasks = split(sizes, &total);
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   std::vector<double> partial(tasks.size());
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (total >= kParallelMin)
-  for (int64_t t = 0; t < n_tasks; ++t) {
-    const Task& task = tasks[t];
-    partial[t] = sum_squares(grads[task.slot] + task.begin, task.end - task.begin);
-  }
+  auto run = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Task& task = tasks[t];
+      partial[t] = sum_squares(grads[task.slot] + task.begin, task.end - task.begin);
+    }
+  };
+  ernie5par::parallel_for(total >= kParallelMin ? threads : 1, n_tasks, 1, run);
   for (size_t i = 0; i < grads.size(); ++i) out[i] = 0.0;
   for (int64_t t = 0; t < n_tasks; ++t) out[tasks[t].slot] += partial[t];
 }

@@ -2,7 +2,8 @@
 //
 // Both work on a list of tensors at once: the work is cut into chunks of at most kChunk floats
 // (the cut depends on the tensor sizes only) and the chunks of every tensor are spread over the
-// OpenMP threads, so one call keeps all cores busy however small the individual tensors are.
+// threads (../common/parallel.h), so one call keeps all cores busy however small the individual
+// tensors are.
 #pragma once
 
 #include <cstdint>

@@ -10,20 +10,14 @@
 // (paddle_ernie5/ops/adamw.py) passes parameters through `detach()`: Paddle refuses in-place
 // custom ops on leaf tensors that require gradients, and a detached tensor shares the storage.
 // Threads: OMP_NUM_THREADS, the variable Paddle's own CPU kernels follow.
-#include <cstdlib>
 #include <exception>
 #include <vector>
 
+#include "../common/parallel.h"
 #include "adamw_kernel.h"
 #include "paddle/extension.h"
 
 namespace {
-
-int num_threads() {
-  const char* env = std::getenv("OMP_NUM_THREADS");
-  const int n = env != nullptr ? std::atoi(env) : 0;
-  return n > 0 ? n : 1;
-}
 
 void check_float(const paddle::Tensor& t, const char* op, const char* name, size_t i,
                  int64_t numel) {
@@ -56,7 +50,7 @@ void AdamWStep(std::vector<paddle::Tensor>& params, const std::vector<paddle::Te
   }
   const adamw::Hyper h{lr, beta1, beta2, epsilon, coeff, grad_scale};
   try {
-    adamw::step(slots, beta1_pows, beta2_pows, decay, h, num_threads());
+    adamw::step(slots, beta1_pows, beta2_pows, decay, h, ernie5par::env_threads());
   } catch (const std::exception& e) {
     PD_THROW("adamw_step: ", e.what());
   }
@@ -73,7 +67,7 @@ std::vector<paddle::Tensor> GradSqNorms(const std::vector<paddle::Tensor>& grads
   auto out = paddle::empty({static_cast<int64_t>(grads.size())}, paddle::DataType::FLOAT64,
                            paddle::CPUPlace());
   try {
-    adamw::sq_norms(ptrs, sizes, out.data<double>(), num_threads());
+    adamw::sq_norms(ptrs, sizes, out.data<double>(), ernie5par::env_threads());
   } catch (const std::exception& e) {
     PD_THROW("adamw_sq_norms: ", e.what());
   }

@@ -1,10 +1,10 @@
 // Fused elementwise kernels of the transformer block on the CPU, fp32, plain pointers (no framework
 // types): RMSNorm, rotate-half RoPE on q and k straight from the qkv projection, SwiGLU.
 //
-// Every kernel spreads rows over `threads` OpenMP threads and walks a row in 16-float vectors
-// (ernie5simd::f16v) with a masked tail, so any width works. Results never depend on the thread
-// count: each row is computed by one thread in a fixed order, and the one cross-row reduction (the
-// RMSNorm weight gradient) sums fixed blocks of rows in a fixed order.
+// Every kernel spreads rows over `threads` threads (../common/parallel.h) and walks a row in
+// 16-float vectors (ernie5simd::f16v) with a masked tail, so any width works. Results never depend
+// on the thread count: each row is computed by one thread in a fixed order, and the one cross-row
+// reduction (the RMSNorm weight gradient) sums fixed blocks of rows in a fixed order.
 #pragma once
 
 #include <cstdint>

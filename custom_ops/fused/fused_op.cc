@@ -11,19 +11,13 @@
 // the checks here guard direct calls. Threads: OMP_NUM_THREADS, the variable Paddle's own CPU
 // kernels follow (Paddle sets it to 1 at import when it is unset), at most one per 1M values.
 #include <algorithm>
-#include <cstdlib>
 #include <vector>
 
+#include "../common/parallel.h"
 #include "fused_kernel.h"
 #include "paddle/extension.h"
 
 namespace {
-
-int num_threads() {
-  const char* env = std::getenv("OMP_NUM_THREADS");
-  const int n = env != nullptr ? std::atoi(env) : 0;
-  return n > 0 ? n : 1;
-}
 
 // Threads for a call touching `floats` values: OMP_NUM_THREADS, but at most one per kGrainFloats.
 // These kernels stream memory at a fraction of a nanosecond per value (a [2048, 128] RMSNorm is
@@ -34,7 +28,7 @@ int num_threads() {
 constexpr int64_t kGrainFloats = int64_t{1} << 20;
 
 int threads_for(int64_t floats) {
-  const int64_t most = std::min<int64_t>(num_threads(), floats / kGrainFloats);
+  const int64_t most = std::min<int64_t>(ernie5par::env_threads(), floats / kGrainFloats);
   return static_cast<int>(std::max<int64_t>(1, most));
 }
 

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "fused_kernel.h"
+#include "rows.h"
 #include "vec.h"
 
 namespace fused {
@@ -59,40 +60,42 @@ void unrotate(const Tables& tb, const float* src, float* dst, int64_t heads, int
 void rope_qkv_forward(const RopeDims& d, const float* qkv, const float* cos, const float* sin,
                       float* q, float* k, float* v, int threads) {
   const int64_t N = d.H + 2 * d.K, P = d.D / 2;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < d.T; ++t) {
-    const float* row = qkv + t * N * d.D;
-    const float* ct = cos + t * d.D;
-    const float* st = sin + t * d.D;
-    for (int64_t i = 0; i < P; i += kLanes) {
-      const Tables tb = tables_at(ct, st, i, P);
-      rotate(tb, row, q + t * d.H * d.D, d.H, i, d.D);
-      rotate(tb, row + d.H * d.D, k + t * d.K * d.D, d.K, i, d.D);
+  for_rows(threads, d.T, 2 * N * d.D, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* row = qkv + t * N * d.D;
+      const float* ct = cos + t * d.D;
+      const float* st = sin + t * d.D;
+      for (int64_t i = 0; i < P; i += kLanes) {
+        const Tables tb = tables_at(ct, st, i, P);
+        rotate(tb, row, q + t * d.H * d.D, d.H, i, d.D);
+        rotate(tb, row + d.H * d.D, k + t * d.K * d.D, d.K, i, d.D);
+      }
+      std::memcpy(v + t * d.K * d.D, row + (d.H + d.K) * d.D, sizeof(float) * d.K * d.D);
     }
-    std::memcpy(v + t * d.K * d.D, row + (d.H + d.K) * d.D, sizeof(float) * d.K * d.D);
-  }
+  });
 }
 
 void rope_qkv_backward(const RopeDims& d, const float* dq, const float* dk, const float* dv,
                        const float* cos, const float* sin, float* dqkv, int threads) {
   const int64_t N = d.H + 2 * d.K, P = d.D / 2;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < d.T; ++t) {
-    float* row = dqkv + t * N * d.D;
-    const float* ct = cos + t * d.D;
-    const float* st = sin + t * d.D;
-    for (int64_t i = 0; i < P; i += kLanes) {
-      const Tables tb = tables_at(ct, st, i, P);
-      unrotate(tb, dq == nullptr ? nullptr : dq + t * d.H * d.D, row, d.H, i, d.D);
-      unrotate(tb, dk == nullptr ? nullptr : dk + t * d.K * d.D, row + d.H * d.D, d.K, i, d.D);
+  for_rows(threads, d.T, 2 * N * d.D, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* row = dqkv + t * N * d.D;
+      const float* ct = cos + t * d.D;
+      const float* st = sin + t * d.D;
+      for (int64_t i = 0; i < P; i += kLanes) {
+        const Tables tb = tables_at(ct, st, i, P);
+        unrotate(tb, dq == nullptr ? nullptr : dq + t * d.H * d.D, row, d.H, i, d.D);
+        unrotate(tb, dk == nullptr ? nullptr : dk + t * d.K * d.D, row + d.H * d.D, d.K, i, d.D);
+      }
+      float* dv_row = row + (d.H + d.K) * d.D;
+      if (dv == nullptr) {
+        std::fill(dv_row, dv_row + d.K * d.D, 0.0f);
+      } else {
+        std::memcpy(dv_row, dv + t * d.K * d.D, sizeof(float) * d.K * d.D);
+      }
     }
-    float* dv_row = row + (d.H + d.K) * d.D;
-    if (dv == nullptr) {
-      std::fill(dv_row, dv_row + d.K * d.D, 0.0f);
-    } else {
-      std::memcpy(dv_row, dv + t * d.K * d.D, sizeof(float) * d.K * d.D);
-    }
-  }
+  });
 }
 
 }  // namespace fused

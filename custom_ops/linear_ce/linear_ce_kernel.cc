@@ -26,12 +26,18 @@
 #include <string>
 #include <vector>
 
+#include "../common/parallel.h"
 #include "gemm.h"
 #include "linear_ce_kernel.h"
 
 namespace lce {
 
 namespace {
+
+using ernie5par::parallel;
+using ernie5par::parallel_for;
+using ernie5par::TaskQueue;
+using ernie5par::team_size;
 
 using ernie5simd::expv;
 using ernie5simd::hmax;
@@ -79,12 +85,14 @@ Grid backward_grid(const Dims& d) {
 // dst [cols, rows] = src [rows, cols]^T.
 void transpose(const float* src, int64_t rows, int64_t cols, float* dst, int threads) {
   constexpr int64_t kBlock = 32;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t c0 = 0; c0 < cols; c0 += kBlock)
-    for (int64_t r0 = 0; r0 < rows; r0 += kBlock)
-      for (int64_t c = c0; c < std::min(cols, c0 + kBlock); ++c)
-        for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r)
-          dst[c * rows + r] = src[r * cols + c];
+  // A task is a stripe of kBlock columns of src (rows of dst).
+  parallel_for(threads, (cols + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t c0 = b0 * kBlock; c0 < std::min(cols, b1 * kBlock); c0 += kBlock)
+      for (int64_t r0 = 0; r0 < rows; r0 += kBlock)
+        for (int64_t c = c0; c < std::min(cols, c0 + kBlock); ++c)
+          for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r)
+            dst[c * rows + r] = src[r * cols + c];
+  });
 }
 
 float row_max(const float* row, int64_t n) {
@@ -128,14 +136,15 @@ void add_partials(float* dst, const float* parts, int64_t count, int64_t stride,
                   int threads) {
   if (count == 0) return;
   constexpr int64_t kChunk = 4096;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-    const int64_t i1 = std::min(n, i0 + kChunk);
-    for (int64_t p = 0; p < count; ++p) {
-      const float* src = parts + p * stride;
-      for (int64_t i = i0; i < i1; ++i) dst[i] += src[i];
+  parallel_for(threads, n, kChunk, [&](int64_t i0, int64_t i1) {
+    for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {  // one thread: chunks keep dst in L1
+      const int64_t c1 = std::min(i1, c0 + kChunk);
+      for (int64_t p = 0; p < count; ++p) {
+        const float* src = parts + p * stride;
+        for (int64_t i = c0; i < c1; ++i) dst[i] += src[i];
+      }
     }
-  }
+  });
 }
 
 }  // namespace
@@ -174,12 +183,11 @@ void forward(const Dims& d, const float* h, const float* w, const int64_t* label
   std::fill(label_logit, label_logit + T, 0.0f);
   const int64_t tasks = grid.row_tiles * groups;
 
-#pragma omp parallel num_threads(d.threads)
-  {
+  TaskQueue queue(tasks);
+  auto worker = [&] {
     std::vector<float> tile(kRowTile * kColTile);
     float run_max[kRowTile], run_sum[kRowTile];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task) {
+    for (int64_t task; queue.next(task);) {
       const int64_t r0 = task / groups * kRowTile, g = task % groups;
       const int64_t R = std::min(kRowTile, T - r0);
       std::fill(run_max, run_max + R, -std::numeric_limits<float>::infinity());
@@ -201,19 +209,21 @@ void forward(const Dims& d, const float* h, const float* w, const int64_t* label
         part_sum[g * T + r0 + r] = run_sum[r];
       }
     }
-  }
+  };
+  parallel(team_size(d.threads, tasks), worker);
 
   // One thread when there is one group: a pass over T floats is not worth waking the others.
-#pragma omp parallel for num_threads(d.threads) schedule(static) if (groups > 1)
-  for (int64_t t = 0; t < T; ++t) {
-    float m = part_max[t];
-    for (int64_t g = 1; g < groups; ++g) m = std::max(m, part_max[g * T + t]);
-    float sum = 0.0f;
-    for (int64_t g = 0; g < groups; ++g)
-      sum += part_sum[g * T + t] * std::exp(part_max[g * T + t] - m);
-    lse[t] = m + std::log(sum);
-    loss[t] = labels[t] == d.ignore_index ? 0.0f : lse[t] - label_logit[t];
-  }
+  parallel_for(groups > 1 ? d.threads : 1, T, kRowTile, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float m = part_max[t];
+      for (int64_t g = 1; g < groups; ++g) m = std::max(m, part_max[g * T + t]);
+      float sum = 0.0f;
+      for (int64_t g = 0; g < groups; ++g)
+        sum += part_sum[g * T + t] * std::exp(part_max[g * T + t] - m);
+      lse[t] = m + std::log(sum);
+      loss[t] = labels[t] == d.ignore_index ? 0.0f : lse[t] - label_logit[t];
+    }
+  });
 }
 
 int64_t backward_scratch_floats(const Dims& d) {
@@ -234,11 +244,10 @@ void backward(const Dims& d, const float* h, const float* w, const int64_t* labe
   float* dh_parts = dw_parts + (grid.row_groups - 1) * M * V;  // [col_groups - 1, T, M]
   const int64_t tasks = grid.row_groups * grid.col_groups;
 
-#pragma omp parallel num_threads(d.threads)
-  {
+  TaskQueue queue(tasks);
+  auto worker = [&] {
     std::vector<float> tile(kRowTile * kColTile);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task) {
+    for (int64_t task; queue.next(task);) {
       const int64_t a = task / grid.col_groups, g = task % grid.col_groups;
       float* dw_a = a == 0 ? dw : dw_parts + (a - 1) * M * V;
       float* dh_g = g == 0 ? dh : dh_parts + (g - 1) * T * M;
@@ -278,7 +287,8 @@ void backward(const Dims& d, const float* h, const float* w, const int64_t* labe
         }
       }
     }
-  }
+  };
+  parallel(team_size(d.threads, tasks), worker);
   add_partials(dw, dw_parts, grid.row_groups - 1, M * V, M * V, d.threads);
   add_partials(dh, dh_parts, grid.col_groups - 1, T * M, T * M, d.threads);
 }

@@ -6,20 +6,14 @@
 // Python seam (paddle_ernie5/ops/linear_ce.py) validates and casts; the checks here guard direct
 // calls. Threads: OMP_NUM_THREADS, the variable Paddle's own CPU kernels follow.
 #include <algorithm>
-#include <cstdlib>
 #include <exception>
 #include <vector>
 
+#include "../common/parallel.h"
 #include "linear_ce_kernel.h"
 #include "paddle/extension.h"
 
 namespace {
-
-int num_threads() {
-  const char* env = std::getenv("OMP_NUM_THREADS");
-  const int n = env != nullptr ? std::atoi(env) : 0;
-  return n > 0 ? n : 1;
-}
 
 void check_float(const paddle::Tensor& t, const char* name, size_t rank) {
   PD_CHECK(t.is_cpu(), "linear_ce_cpu: ", name, " must be on the CPU");
@@ -35,7 +29,7 @@ lce::Dims make_dims(const paddle::Tensor& h, const paddle::Tensor& w, const padd
                labels.shape().size() == 1,
            "linear_ce_cpu: labels must be a 1-D int64 CPU tensor");
   const auto hs = h.shape(), ws = w.shape();
-  lce::Dims d{hs[0], hs[1], transposed ? ws[0] : ws[1], transposed, ignore_index, num_threads()};
+  lce::Dims d{hs[0], hs[1], transposed ? ws[0] : ws[1], transposed, ignore_index, ernie5par::env_threads()};
   PD_CHECK((transposed ? ws[1] : ws[0]) == d.M, "linear_ce_cpu: w must be ",
            transposed ? "[V, M]" : "[M, V]", " with M = ", d.M, " (h is [T, M])");
   PD_CHECK(d.V >= 1, "linear_ce_cpu: the vocabulary must not be empty");

@@ -7,21 +7,15 @@
 // Python seam (paddle_ernie5/ops/moe_experts.py) casts and validates; the checks here guard direct
 // calls. Threads: OMP_NUM_THREADS, the variable Paddle's own CPU kernels follow.
 #include <algorithm>
-#include <cstdlib>
 #include <exception>
 #include <limits>
 #include <vector>
 
+#include "../common/parallel.h"
 #include "moe_kernel.h"
 #include "paddle/extension.h"
 
 namespace {
-
-int num_threads() {
-  const char* env = std::getenv("OMP_NUM_THREADS");
-  const int n = env != nullptr ? std::atoi(env) : 0;
-  return n > 0 ? n : 1;
-}
 
 void check_float(const paddle::Tensor& t, const char* name, size_t rank) {
   PD_CHECK(t.is_cpu(), "moe_experts_cpu: ", name, " must be on the CPU");
@@ -36,7 +30,7 @@ moe::Dims make_dims(const paddle::Tensor& x, const paddle::Tensor& w_gate_up,
   check_float(w_down, "w_down", 3);
   check_float(weights, "weights", 2);
   const auto xs = x.shape(), gs = w_gate_up.shape(), ds = w_down.shape(), ws = weights.shape();
-  moe::Dims d{xs[0], xs[1], gs[0], gs[2] / 2, ws[1], capacity, num_threads()};
+  moe::Dims d{xs[0], xs[1], gs[0], gs[2] / 2, ws[1], capacity, ernie5par::env_threads()};
   PD_CHECK(gs[1] == d.M && gs[2] == 2 * d.F, "moe_experts_cpu: w_gate_up must be [E, M, 2F]");
   PD_CHECK(ds[0] == d.E && ds[1] == d.F && ds[2] == d.M,
            "moe_experts_cpu: w_down must be [E, F, M] matching w_gate_up");

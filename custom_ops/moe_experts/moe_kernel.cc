@@ -21,12 +21,18 @@
 #include <string>
 #include <vector>
 
+#include "../common/parallel.h"
 #include "gemm.h"
 #include "moe_kernel.h"
 
 namespace moe {
 
 namespace {
+
+using ernie5par::parallel;
+using ernie5par::parallel_for;
+using ernie5par::TaskQueue;
+using ernie5par::team_size;
 
 constexpr int64_t kTile = 96;  // rows per tile: a multiple of kRows; tiles stay in L2
 // Backward splits an expert's rows into chunks of at least kMinChunkRows, and into at most about
@@ -103,19 +109,21 @@ void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
 void sum_per_token(const Dims& d, const std::vector<uint8_t>& kept, const float* rows,
                    const float* weights, float* dst) {
   const int64_t M = d.M, K = d.K;
-  // Dynamic: on a shared machine a descheduled thread must not hold up the others.
-#pragma omp parallel for num_threads(d.threads) schedule(dynamic, 64)
-  for (int64_t t = 0; t < d.T; ++t) {
-    float* out = dst + t * M;
-    std::fill(out, out + M, 0.0f);
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t n = t * K + k;
-      if (!kept[n]) continue;
-      const float w = weights != nullptr ? weights[n] : 1.0f;
-      const float* src = rows + n * M;
-      for (int64_t m = 0; m < M; ++m) out[m] += w * src[m];
+  // Tasks of 64 tokens from a queue: on a shared machine a descheduled thread must not hold up
+  // the others.
+  parallel_for(d.threads, d.T, 64, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* out = dst + t * M;
+      std::fill(out, out + M, 0.0f);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t n = t * K + k;
+        if (!kept[n]) continue;
+        const float w = weights != nullptr ? weights[n] : 1.0f;
+        const float* src = rows + n * M;
+        for (int64_t m = 0; m < M; ++m) out[m] += w * src[m];
+      }
     }
-  }
+  });
 }
 
 std::vector<uint8_t> kept_mask(const Dims& d, const int32_t* order, const int32_t* offsets) {
@@ -159,14 +167,14 @@ void forward(const Dims& d, const float* x, const float* w_gate_up, const float*
   // Rows of dropped assignments are never read; zero them so the saved tensor is deterministic.
   std::memset(h + offsets[d.E] * 2 * F, 0, sizeof(float) * (N - offsets[d.E]) * 2 * F);
 
-#pragma omp parallel num_threads(d.threads)
-  {
+  const int64_t ntasks = static_cast<int64_t>(tasks.size());
+  TaskQueue queue(ntasks);
+  auto worker = [&] {
     std::vector<float> act(kTile * F);
     std::vector<const float*> x_rows(kTile), act_rows, wgu_rows, wd_rows;
     std::vector<float*> h_rows(kTile), out_rows(kTile);
     row_pointers(act.data(), kTile, F, act_rows);
-#pragma omp for schedule(dynamic, 1)
-    for (size_t i = 0; i < tasks.size(); ++i) {
+    for (int64_t i; queue.next(i);) {
       const Task& task = tasks[i];
       const int64_t R = task.end - task.begin;
       row_pointers(w_gate_up + task.expert * M * 2 * F, M, 2 * F, wgu_rows);
@@ -181,7 +189,8 @@ void forward(const Dims& d, const float* x, const float* w_gate_up, const float*
       for (int64_t r = 0; r < R; ++r) swiglu_row(h_rows[r], F, act.data() + r * F);
       gemm_nn(act_rows.data(), R, F, wd_rows.data(), M, out_rows.data(), false);
     }
-  }
+  };
+  parallel(team_size(d.threads, ntasks), worker);
   sum_per_token(d, kept_mask(d, order, offsets), out, weights, y);
 }
 
@@ -218,8 +227,9 @@ void backward(const Dims& d, const float* x, const float* w_gate_up, const float
     return a.end - a.begin > b.end - b.begin;
   });
 
-#pragma omp parallel num_threads(d.threads)
-  {
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+  TaskQueue queue(nchunks);
+  auto worker = [&] {
     std::vector<float> wd_t(M * F), wgu_t(2 * F * M), g(kTile * F), wact(kTile * F),
         dh(kTile * 2 * F);
     std::vector<const float*> x_rows(kTile), dy_rows(kTile), wd_t_rows, wgu_t_rows, wact_rows,
@@ -230,8 +240,7 @@ void backward(const Dims& d, const float* x, const float* w_gate_up, const float
     row_pointers(wact.data(), kTile, F, wact_rows);
     row_pointers(dh.data(), kTile, 2 * F, dh_rows);
     row_pointers(g.data(), kTile, F, g_rows);
-#pragma omp for schedule(dynamic, 1)
-    for (size_t i = 0; i < chunks.size(); ++i) {
+    for (int64_t i; queue.next(i);) {
       const Chunk& c = chunks[i];
       const int64_t e = c.expert;
       // The first chunk of an expert sums into the output, the others into their own partials.
@@ -263,19 +272,28 @@ void backward(const Dims& d, const float* x, const float* w_gate_up, const float
         gemm_nn(dh_rows.data(), R, 2 * F, wgu_t_rows.data(), M, dx_out.data(), false);
       }
     }
-  }
-  // Partials of the later chunks, added in chunk order.
-  for (const Chunk& c : backward_chunks(d, offsets)) {
-    if (c.slot < 0) continue;
-    const float* src = partial + c.slot * W;
-    float* dgu = d_gate_up + c.expert * M * 2 * F;
-    float* dd = d_down + c.expert * F * M;
-#pragma omp parallel for num_threads(d.threads) schedule(static)
-    for (int64_t row = 0; row < 3 * F; ++row) {  // a slot is d Wgu then d Wd: 3F runs of M floats
-      float* dst = row < 2 * F ? dgu + row * M : dd + (row - 2 * F) * M;
-      const float* add = src + row * M;
-      for (int64_t m = 0; m < M; ++m) dst[m] += add[m];
-    }
+  };
+  parallel(team_size(d.threads, nchunks), worker);
+
+  // Partials of the later chunks, added in chunk order: one region over the 3F runs of M floats
+  // (d Wgu then d Wd) of every expert that has partials; each run adds its slots in slot order.
+  std::vector<int64_t> first_slot(d.E + 1, 0);  // slots of expert e: [first_slot[e], [e + 1])
+  for (const Chunk& c : backward_chunks(d, offsets))
+    if (c.slot >= 0) first_slot[c.expert + 1] = c.slot + 1;
+  for (int64_t e = 0; e < d.E; ++e) first_slot[e + 1] = std::max(first_slot[e + 1], first_slot[e]);
+  if (first_slot[d.E] > 0) {
+    parallel_for(d.threads, d.E * 3 * F, F, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t e = r / (3 * F), row = r % (3 * F);
+        if (first_slot[e] == first_slot[e + 1]) continue;
+        float* dst = row < 2 * F ? d_gate_up + e * M * 2 * F + row * M
+                                 : d_down + e * F * M + (row - 2 * F) * M;
+        for (int64_t slot = first_slot[e]; slot < first_slot[e + 1]; ++slot) {
+          const float* add = partial + slot * W + row * M;
+          for (int64_t m = 0; m < M; ++m) dst[m] += add[m];
+        }
+      }
+    });
   }
   sum_per_token(d, kept_mask(d, order, offsets), dx_rows, nullptr, dx);
 }
