@@ -84,6 +84,9 @@ class Trainer:
 
             ctx = MixtureContext(cfg, self.tokenizer, "train", self.text_loader.docs_ids_fn(0))
             self.loader = MixtureLoader(ctx, tc.batch_size, tc.seed)
+        # Seeded again here: building a data cache may draw from Paddle's generator (a cache
+        # built by this run or read from disk must give the same initial weights).
+        paddle.seed(tc.seed)
         self.model = self.par.wrap_model(Ernie5Model(cfg.model))
         self.optimizer = self.par.build_optimizer(self.model, tc)
         self.elastic = ElasticSampler(cfg.elastic, cfg.model, tc.seed)
