@@ -11,7 +11,7 @@
 //         dK += dS^T Q                     dQ_c += dS K
 //       dK, dV of tile t are complete: written once (scaled).
 //     the task that finishes a group last sums its dQ_c in the fixed order c = 0..NC-1 (NC = 1:
-//     the task writes dQ directly).
+//     the task writes dQ directly); only the 64-row tiles some chunk reached are zeroed and summed.
 // Every buffer is owned by exactly one task and NC depends only on the shapes, so the result is
 // bit-identical whatever the thread count or timing. Nothing is shared between tasks but the
 // inputs, so there is no barrier before the end of the call (on a busy machine every barrier
@@ -86,26 +86,38 @@ void backward(const Shape& s, const float* q, const float* k, const float* v, co
   const RowTiles queries(q, s.B, s.Sq, s.H, D, s.threads);
   const RowTiles grads(dout, s.B, s.Sq, s.H, D, s.threads);
   const RowTiles keys(k, s.B, s.Sk, s.Hk, D, s.threads);
-  // dQ partials [NC][B * H][Sqp][Dp]; each task zeroes its own part.
+  // dQ partials [NC][B * H][Sqp][Dp]. A task zeroes a 64-row tile of its part when it first adds
+  // to it and marks it in `touched` [NC][B * H][nqt]: tiles no key of the chunk reaches are
+  // neither written nor summed (and their pages never touched).
   Buffer dq_parts(NC * BH * Sqp * Dp, false);
+  std::vector<uint8_t> touched(NC * BH * nqt, 0);
   std::unique_ptr<std::atomic<int>[]> finished(new std::atomic<int>[groups]);
   for (int64_t g = 0; g < groups; ++g) finished[g].store(0, std::memory_order_relaxed);
 
-  // dq rows of the G heads of group (b, hk) = sum over chunks of the partials, scaled.
+  // dq rows of the G heads of group (b, hk) = sum over chunks (in chunk order) of the touched
+  // partials, scaled; 0 where no chunk touched a tile.
   auto write_dq = [&](int64_t b, int64_t hk) {
+    std::vector<const float*> parts(NC);
     for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
       const int64_t bh = b * s.H + h;
-      for (int64_t i = 0; i < s.Sq; ++i) {
-        float* dst = dq + ((b * s.Sq + i) * s.H + h) * D;
-        const float* src = dq_parts.data() + (bh * Sqp + i) * Dp;
-        if (NC == 1) {
-          scaled_copy(dst, src, D, s.scale);
-          continue;
-        }
-        for (int64_t d = 0; d < D; ++d) {
-          float acc = 0.0f;
-          for (int64_t c = 0; c < NC; ++c) acc += src[c * BH * Sqp * Dp + d];
-          dst[d] = acc * s.scale;
+      for (int64_t qt = 0; qt < nqt; ++qt) {
+        int64_t n = 0;
+        for (int64_t c = 0; c < NC; ++c)
+          if (touched[(c * BH + bh) * nqt + qt])
+            parts[n++] = dq_parts.data() + ((c * BH + bh) * Sqp + qt * kTile) * Dp;
+        const int64_t rows = std::min<int64_t>(kTile, s.Sq - qt * kTile);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* dst = dq + ((b * s.Sq + qt * kTile + r) * s.H + h) * D;
+          if (n <= 1) {
+            if (n == 0) std::fill(dst, dst + D, 0.0f);
+            if (n == 1) scaled_copy(dst, parts[0] + r * Dp, D, s.scale);
+            continue;
+          }
+          for (int64_t d = 0; d < D; ++d) {
+            float acc = 0.0f;
+            for (int64_t c = 0; c < n; ++c) acc += parts[c][r * Dp + d];
+            dst[d] = acc * s.scale;
+          }
         }
       }
     }
@@ -132,8 +144,6 @@ void backward(const Shape& s, const float* q, const float* k, const float* v, co
           delta[g * Sqp + i] = acc;
           lse2[g * Sqp + i] = L;
         }
-        float* part = dq_parts.data() + (c * BH + bh) * Sqp * Dp;
-        std::fill(part, part + Sqp * Dp, 0.0f);
       }
 
       for (int64_t t = c; t < nkt; t += NC) {
@@ -164,6 +174,11 @@ void backward(const Shape& s, const float* q, const float* k, const float* v, co
             score_grad(p, ds, delta + g * Sqp + qt * kTile);
             gemm_nn(ds, 1, kTile, kTile, kTile, qr.ptr, qr.ld, dk_acc.data(), Dp, Dp);
             float* dq_t = dq_parts.data() + ((c * BH + bh) * Sqp + qt * kTile) * Dp;
+            uint8_t& first = touched[(c * BH + bh) * nqt + qt];
+            if (first == 0) {
+              std::fill(dq_t, dq_t + kTile * Dp, 0.0f);
+              first = 1;
+            }
             gemm_nn(ds, kTile, 1, kTile, kTile, kr.ptr, kr.ld, dq_t, Dp, Dp);
           }
         }
