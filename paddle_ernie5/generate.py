@@ -5,6 +5,12 @@
     answer:      ernie5 generate --checkpoint RUN --image 3.png --question "What digit is this?"
     WAV:         ernie5 generate --checkpoint RUN --speech "seven" --out seven.wav
     transcript:  ernie5 generate --checkpoint RUN --transcribe seven.wav
+    text:        ernie5 generate --checkpoint RUN --text-file doc.txt --kv-budget 0.5
+
+Text continuation takes the `generate` settings as flags (config/generate.py): --kv-budget, the
+share of the prompt's keys each layer keeps after the prefill, --kv-policy nacl|recent|random and
+NACL's --nacl-proxy-tokens, --nacl-random-share and --nacl-seed; a bad value is one ConfigError
+naming the field.
 
 A mode is (name, adds its arguments, wants(args), run(args, cfg, model) -> lines to print, and
 check(args): its inputs, before the model loads); the first mode that wants the arguments runs.
@@ -354,6 +360,83 @@ def _run_transcribe(args, cfg, model) -> list[str]:
     return [transcribe(model, text_tok, cfg, [codes], max_tokens=TRANSCRIPT_TOKENS)[0]]
 
 
+# `generate` settings given as flags (None = the GenerateConfig default).
+_KV_FLAGS = {
+    "kv_budget": "--kv-budget",
+    "kv_policy": "--kv-policy",
+    "nacl_proxy_tokens": "--nacl-proxy-tokens",
+    "nacl_random_share": "--nacl-random-share",
+    "nacl_seed": "--nacl-seed",
+}
+
+
+def _text_arguments(p) -> None:
+    g = p.add_argument_group("text continuation and its KV cache")
+    g.add_argument("--text", default=None, help="text to continue (a document and a question)")
+    g.add_argument("--text-file", default=None, help="a UTF-8 file holding the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="longest continuation")
+    g.add_argument(
+        "--kv-budget",
+        type=float,
+        default=None,
+        help="share of the prompt's keys each layer and kv head keeps after the prefill, in "
+        "(0, 1] (default 1: keep all)",
+    )
+    g.add_argument("--kv-policy", default=None, help="nacl (default), recent or random")
+    g.add_argument("--nacl-proxy-tokens", type=int, default=None, help="NACL: proxy tokens")
+    g.add_argument(
+        "--nacl-random-share", type=float, default=None, help="NACL: share of random keep"
+    )
+    g.add_argument("--nacl-seed", type=int, default=None, help="seed of the random keep")
+
+
+def generate_settings(args):
+    """The `generate` section from the flags (validated: one ConfigError naming the field)."""
+    from .config.generate import GenerateConfig
+
+    given = {f: getattr(args, f) for f in _KV_FLAGS if getattr(args, f, None) is not None}
+    return GenerateConfig(**given).validate()
+
+
+def _check_text_mode(args) -> None:
+    from .io.paths import check_input_file
+
+    if (args.text is None) == (args.text_file is None):
+        raise _user_error("give the text to continue as --text or --text-file, not both")
+    if args.text_file is not None:
+        check_input_file(args.text_file, "--text-file")
+        try:
+            with open(args.text_file, encoding="utf-8") as f:
+                args.text = f.read()
+        except UnicodeDecodeError as e:
+            raise _user_error(f"--text-file {args.text_file!r} is not UTF-8 text ({e})") from None
+    if args.max_new_tokens < 1:
+        raise _user_error(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    args.generate_cfg = generate_settings(args)
+
+
+def _run_text(args, cfg, model) -> list[str]:
+    from .model.generation import generate
+
+    tok = _text_tokenizer(cfg)
+    after = 1 + args.max_new_tokens  # <bos> text continuation
+    what = f"<bos> and the continuation (--max-new-tokens={args.max_new_tokens})"
+    flag = "--text" if args.text_file is None else "--text-file"
+    text = _fit_prompt(args, cfg, tok, flag, args.text, after, what)
+    prompt = np.asarray([[tok.bos_id, *tok.encode(text)]], dtype=np.int64)
+    sample = generate(
+        model,
+        prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        stop_id=tok.eos_id,
+        seed=args.seed,
+        eviction=args.generate_cfg,
+    )
+    ids = sample.tokens[0, : sample.lengths[0]].tolist()
+    return [tok.decode([i for i in ids if i != tok.eos_id])]
+
+
 def _user_error(msg: str):
     from .errors import UserError
 
@@ -381,6 +464,13 @@ MODES: list[Mode] = [
         lambda a: getattr(a, "image", None) is not None,
         _run_answer,
         _check_answer,
+    ),
+    Mode(
+        "text",
+        _text_arguments,
+        lambda a: a.text is not None or a.text_file is not None,
+        _run_text,
+        _check_text_mode,
     ),
     Mode("visual", lambda p: None, lambda a: bool(a.prompt), _run_visual, _check_visual),
 ]
@@ -413,7 +503,13 @@ def run(args, log=print) -> int:
     if mode is None:
         raise _user_error(
             "nothing to generate: give --prompt (with --video for a clip), --image and "
-            "--question, --speech TEXT or --transcribe FILE.wav"
+            "--question, --speech TEXT, --transcribe FILE.wav or --text/--text-file"
+        )
+    flags = [flag for f, flag in _KV_FLAGS.items() if getattr(args, f, None) is not None]
+    if flags and mode.name != "text":
+        raise _user_error(
+            f"{', '.join(flags)} set(s) the KV cache of text continuation; use it with --text or "
+            "--text-file"
         )
     mode.check(args)  # inputs first: a bad file or text fails before the model loads
     cfg, model = load_model(args.checkpoint, log=lambda *_: None)

@@ -12,6 +12,7 @@ MODALITIES = ("text", "image", "video", "audio")
 # Delimiters of modality spans, ids vocab_size + index (multimodal models only; see
 # ModelConfig.text_vocab).
 SPECIAL_TOKENS = ("<boi>", "<eoi>", "<bov>", "<eov>", "<boa>", "<eoa>")
+_OP_BLOCK = 128  # FlashMask block_mask granularity (ops/flashmask.py; config imports no ops)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +28,20 @@ class AttentionConfig:
     # auto: on the CPU the CPU FlashMask op; on a GPU Paddle's flashmask_attention for fp16/bf16
     # (train.precision bf16/fp16) and the dense pure-Paddle reference for fp32 (ops/flashmask.py).
     backend: str = "auto"
+    # Block-sparse prefill (ops/rr_attention.py): "rr" = RRAttention's block selection feeds the
+    # FlashMask block_mask in inference forwards of several positions (gradients off and a KV cache
+    # or the model in eval mode); training and decode steps stay dense. "none" = always dense.
+    sparse_prefill: str = "none"
+    rr_stride: int = 16  # query rows per stride; each head samples one of them (round-robin)
+    rr_tau: float = 0.9  # per query block, keep key blocks until this share of the mass
+    rr_block: int = 128  # selection block: a multiple of the op's 128 x 128 block_mask blocks
+    # Heads sharing one block mask: "head" each query head its own, "kv" the query heads of one kv
+    # head (their round-robin rows pooled), "all" every head. Not disclosed; "kv" matches the op's
+    # GQA grouping.
+    rr_mask_heads: str = "kv"
+    rr_sink_blocks: int = (
+        1  # leading key blocks always kept (attention sinks), besides the diagonal
+    )
 
     def validate(self, at: str) -> None:
         _check(at, "num_heads", self.num_heads, self.num_heads >= 1, ">= 1")
@@ -61,6 +76,37 @@ class AttentionConfig:
             self.backend in ("auto", "cpu", "reference", "paddle"),
             "one of auto, cpu, reference, paddle",
         )
+        _check(
+            at,
+            "sparse_prefill",
+            self.sparse_prefill,
+            self.sparse_prefill in ("none", "rr"),
+            "none (dense attention) or rr (RRAttention block-sparse prefill)",
+        )
+        _check(
+            at,
+            "rr_block",
+            self.rr_block,
+            self.rr_block >= _OP_BLOCK and self.rr_block % _OP_BLOCK == 0,
+            f"a positive multiple of {_OP_BLOCK} (the FlashMask block_mask granularity)",
+        )
+        _check(
+            at,
+            "rr_stride",
+            self.rr_stride,
+            self.rr_stride >= 1 and self.rr_block % self.rr_stride == 0,
+            f"a divisor of rr_block={self.rr_block} (each query block holds whole strides), "
+            "e.g. 8, 16 or 32",
+        )
+        _check(at, "rr_tau", self.rr_tau, 0 < self.rr_tau <= 1, "0 < rr_tau <= 1")
+        _check(
+            at,
+            "rr_mask_heads",
+            self.rr_mask_heads,
+            self.rr_mask_heads in ("head", "kv", "all"),
+            "one of head, kv, all",
+        )
+        _check(at, "rr_sink_blocks", self.rr_sink_blocks, self.rr_sink_blocks >= 0, ">= 0")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,6 +24,10 @@ pass over the last position's logits (`_choose`), and router choices stay tensor
 `generate(..., static_cache=False)` runs the plain loop (`_generate_reference`: a growing cache,
 per-step tables, Paddle's log_softmax), the reference the fast loop is tested against: both give
 the same tokens for the same seed, and log-probs that agree to float32 rounding.
+
+KV-cache eviction (`eviction=`, the `generate` settings: NACL or a baseline, model/kv_eviction.py)
+runs once per layer at the end of the prefill, in both loops: each layer's cache keeps its chosen
+keys and values and frees the rest; decode steps attend over what is kept, at their true positions.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from ..config.generate import GenerateConfig
+from .kv_eviction import KVEviction, gather_kept
 from .rope import rope_cos_sin
 from .view import FULL_VIEW, ElasticView
 
@@ -42,9 +48,13 @@ class LayerCache:
     """Keys and values of one layer, grown by concatenation (samplers whose length is not known up
     front: model/vision_sampling.py, model/audio.py; the reference loop)."""
 
-    def __init__(self):
+    def __init__(self, eviction: KVEviction | None = None, index: int = 0):
         self.k = None
         self.v = None
+        self.eviction = eviction
+        self.index = index  # the layer's index (seeds its random eviction)
+        self.evicted = False
+        self.kept_positions = None  # [B, Hk, N] prompt positions an eviction kept
 
     def append(self, k_BSKD, v_BSKD):
         if self.k is not None:
@@ -53,13 +63,36 @@ class LayerCache:
         self.k, self.v = k_BSKD, v_BSKD
         return k_BSKD, v_BSKD
 
+    def end_prefill(self, q_BSHD, softmax_scale: float) -> None:
+        """After attention of S positions: if they filled the empty cache (the prefill), run the
+        eviction once (see _evict_once)."""
+        if _evict_once(self, q_BSHD, self.k, softmax_scale):
+            return
+        keep = self.kept_positions
+        t = [0, 2, 1, 3]
+        self.k = gather_kept(self.k.transpose(t), keep).transpose(t)
+        self.v = gather_kept(self.v.transpose(t), keep).transpose(t)
+
+
+def _evict_once(cache, q_BSHD, k_BSKD, softmax_scale: float) -> bool:
+    """True when `cache` keeps everything: no eviction, not the prefill (the S rows of q did not
+    fill an empty cache), already evicted, or a budget that keeps all; else sets
+    cache.kept_positions [B, K, N] to the positions to keep."""
+    if cache.eviction is None or cache.evicted or k_BSKD.shape[1] != q_BSHD.shape[1]:
+        return True
+    cache.evicted = True
+    keep = cache.eviction.keep_indices(cache.index, q_BSHD, k_BSKD, softmax_scale)
+    cache.kept_positions = keep
+    return keep is None
+
 
 class KVCache:
-    def __init__(self):
+    def __init__(self, eviction: KVEviction | None = None):
         self._layers: dict[int, LayerCache] = {}
+        self.eviction = eviction
 
     def layer(self, index: int) -> LayerCache:
-        return self._layers.setdefault(index, LayerCache())
+        return self._layers.setdefault(index, LayerCache(self.eviction, index))
 
     def length(self) -> int:
         first = next(iter(self._layers.values()), None)
@@ -76,10 +109,17 @@ class StaticLayerCache:
         attention takes, from [B, L, Hk, D] buffers (the prefix is one slice copy away);
       `attend` (one new position per row) reads [B, Hk, L, D] buffers in place, each (row, kv head)
         one contiguous [L, D] matrix, with the columns past the filled length masked.
-    A layout behind the other (the prefill appends, the decode steps attend) catches up once."""
+    A layout behind the other (the prefill appends, the decode steps attend) catches up once.
+    An eviction at the end of the prefill (`end_prefill`) moves the kept N of the P prompt
+    positions into [B, Hk, N + L - P, D] buffers and frees the others."""
 
-    def __init__(self, owner: StaticKVCache):
+    def __init__(self, owner: StaticKVCache, index: int = 0):
         self.owner = owner
+        self.index = index  # the layer's index (seeds its random eviction)
+        self.capacity = owner.capacity
+        self.eviction = owner.eviction
+        self.evicted = False
+        self.kept_positions = None  # [B, Hk, N] prompt positions an eviction kept
         self.length = 0
         self._bufs: dict[str, list] = {}  # "seq" | "head" -> [k, v, positions filled]
 
@@ -87,7 +127,7 @@ class StaticLayerCache:
         """Write the new positions into `layout`, first catching up on positions the other layout
         holds."""
         b, s, hk, d = k_BSKD.shape
-        cap = self.owner.capacity
+        cap = self.capacity
         if self.length + s > cap:
             raise ValueError(f"the KV cache holds {cap} positions; {self.length} + {s} do not fit")
         if layout not in self._bufs:
@@ -127,6 +167,26 @@ class StaticLayerCache:
         k, v, n = self._fill("seq", k_BSKD, v_BSKD)
         return k[:, :n], v[:, :n]
 
+    def end_prefill(self, q_BSHD, softmax_scale: float) -> None:
+        """After attention of S positions: if they filled the empty cache (the prefill), run the
+        eviction once; the kept keys and values move into head-major buffers sized for them and
+        the positions still to come."""
+        k, v, n = self._bufs["seq"]
+        if _evict_once(self, q_BSHD, k[:, :n], softmax_scale):
+            return
+        keep = self.kept_positions
+        kept = keep.shape[-1]
+        self.capacity -= n - kept
+        bufs = []
+        for t in (k, v):
+            x_BKND = gather_kept(t[:, :n].transpose([0, 2, 1, 3]), keep)
+            b, hk, _, d = x_BKND.shape
+            buf = paddle.zeros([b, hk, self.capacity, d], t.dtype)
+            buf[:, :, :kept] = x_BKND
+            bufs.append(buf)
+        self._bufs = {"head": [bufs[0], bufs[1], kept]}
+        self.length = kept
+
     def attend(self, q_BSHD, k_BSKD, v_BSKD, softmax_scale: float):
         """Causal attention of one new position per row (S = 1) over the cache after appending its
         key and value: q [B, 1, H, D] -> [B, 1, H, D], query head h reading kv head h // (H / Hk).
@@ -139,7 +199,7 @@ class StaticLayerCache:
         k_BKLD, v_BKLD, n = self._fill("head", k_BSKD, v_BSKD)
         hk = k_BKLD.shape[1]
         scores_BKGL = paddle.matmul(q_BSHD.reshape([b, hk, h // hk, d]), k_BKLD, transpose_y=True)
-        scores_BKGL = scores_BKGL * softmax_scale + self.owner.column_mask(n)
+        scores_BKGL = scores_BKGL * softmax_scale + self.owner.column_mask(n, self.capacity)
         o_BKGD = paddle.matmul(F.softmax(scores_BKGL, axis=-1), v_BKLD)
         return o_BKGD.reshape([b, 1, h, d])
 
@@ -148,25 +208,27 @@ class StaticKVCache:
     """`KVCache` over `StaticLayerCache`s of one capacity (a layer allocates at its first write, so
     an elastic view's skipped layers cost nothing)."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, eviction: KVEviction | None = None):
         self.capacity = capacity
+        self.eviction = eviction
         self._layers: dict[int, StaticLayerCache] = {}
-        self._mask = (-1, None)
+        self._mask = (-1, -1, None)
 
     def layer(self, index: int) -> StaticLayerCache:
-        return self._layers.setdefault(index, StaticLayerCache(self))
+        return self._layers.setdefault(index, StaticLayerCache(self, index))
 
     def length(self) -> int:
         first = next(iter(self._layers.values()), None)
         return 0 if first is None else first.length
 
-    def column_mask(self, filled: int):
-        """[L] float32: 0 for the first `filled` columns, -inf after (built once per length and
-        shared by the layers)."""
-        if self._mask[0] != filled:
-            row = np.where(np.arange(self.capacity) < filled, 0.0, -np.inf).astype(np.float32)
-            self._mask = (filled, paddle.to_tensor(row))
-        return self._mask[1]
+    def column_mask(self, filled: int, capacity: int | None = None):
+        """[capacity] float32 (default: the cache's): 0 for the first `filled` columns, -inf after
+        (built once per length and shared by the layers)."""
+        capacity = self.capacity if capacity is None else capacity
+        if self._mask[:2] != (filled, capacity):
+            row = np.where(np.arange(capacity) < filled, 0.0, -np.inf).astype(np.float32)
+            self._mask = (filled, capacity, paddle.to_tensor(row))
+        return self._mask[2]
 
 
 @dataclass
@@ -341,12 +403,15 @@ def generate(
     record_routing: bool = False,
     prompt_extras: dict[str, np.ndarray] | None = None,
     static_cache: bool = True,
+    eviction: GenerateConfig | None = None,
 ) -> Sample:
     """Sample continuations of equal-length prompts. temperature 0 = greedy. `prompt_extras`: more
     batch entries for the prompt only (token_types and the codes of a spoken prompt, say; for a
     packed multimodal prompt also positions [B, 3, P], startend_row_indices and mask_causal); the
     sampled tokens are text at positions last prompt position + 1, + 2, ... `static_cache=False`:
-    the reference loop (same tokens, slower)."""
+    the reference loop (same tokens, slower). `eviction`: the KV-cache eviction at the end of the
+    prefill (kv_budget 1, the default, keeps everything)."""
+    evictor = None if eviction is None else KVEviction(eviction)
     if not static_cache:
         return _generate_reference(
             model,
@@ -360,12 +425,13 @@ def generate(
             view=view,
             record_routing=record_routing,
             prompt_extras=prompt_extras,
+            evictor=evictor,
         )
     model.eval()
     rng = np.random.default_rng(seed)
     prompt = paddle.to_tensor(np.asarray(prompt_BP, dtype=np.int64))
     b, p = prompt.shape
-    cache = StaticKVCache(p + max(max_new_tokens - 1, 0))
+    cache = StaticKVCache(p + max(max_new_tokens - 1, 0), evictor)
     routes: dict[int, list] = {}
 
     def forward(batch):
@@ -430,6 +496,7 @@ def _generate_reference(
     view,
     record_routing,
     prompt_extras,
+    evictor=None,
 ) -> Sample:
     """The plain loop: a cache grown by concatenation, the model's own per-step RoPE tables,
     log-probs from Paddle's log_softmax and host syncs per step for the router's choices."""
@@ -437,12 +504,14 @@ def _generate_reference(
     rng = np.random.default_rng(seed)
     prompt = paddle.to_tensor(np.asarray(prompt_BP, dtype=np.int64))
     b, p = prompt.shape
-    cache = KVCache()
+    cache = KVCache(evictor)
     routes: dict[int, list[np.ndarray]] = {}
     shift = _prompt_shift(prompt_extras, p)
+    seen = [0]  # positions run so far (the cache may hold fewer after an eviction)
 
     def forward(ids_BS, extras=None):
-        batch = _text_batch(ids_BS, cache.length() + shift)
+        batch = _text_batch(ids_BS, seen[0] + shift)
+        seen[0] += ids_BS.shape[1]
         batch.update({k: _tensor(v) for k, v in (extras or {}).items()})
         out = model(batch, view, with_mtp=False, cache=cache)
         if record_routing:
