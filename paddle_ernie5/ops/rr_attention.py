@@ -41,7 +41,9 @@ Blocks wholly above the causal diagonal are never kept. A `block` larger than th
 selects on the coarser grid and spreads each choice over its 128 x 128 op blocks.
 
 `rr_block_mask` is the entry point; `block_importance_reference` is the dense pure-Paddle
-computation of the same importances (O(S T) memory), for tests and small inputs.
+computation of the same importances (O(S T) memory), for tests and small inputs. The estimator's
+FlashMask call runs on the given backend: the CPU op, or the dense reference; Paddle's GPU kernel
+adds its own block_mask conditions (see ops/flashmask.py).
 """
 
 from __future__ import annotations
