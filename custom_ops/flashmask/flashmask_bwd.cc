@@ -124,7 +124,7 @@ void backward(const Shape& s, const float* q, const float* k, const float* v, co
   };
 
   const int64_t ntasks = groups * NC;
-  TaskQueue tasks(ntasks);
+  ernie5par::TaskQueue tasks(ntasks);
   auto worker = [&] {
     Buffer kT(D * kTile), vT(D * kTile), pt(kTile * kTile), dst(kTile * kTile);
     Buffer dk_acc(kTile * Dp), dv_acc(kTile * Dp), stats(2 * G * Sqp);
@@ -198,7 +198,7 @@ void backward(const Shape& s, const float* q, const float* k, const float* v, co
         write_dq(b, hk);
     }
   };
-  parallel(team_size(s.threads, ntasks), worker);
+  ernie5par::parallel(ernie5par::team_size(s.threads, ntasks), worker);
 }
 
 }  // namespace flashmask

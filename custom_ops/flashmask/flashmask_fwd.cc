@@ -67,7 +67,7 @@ void forward(const Shape& s, const float* q, const float* k, const float* v, con
   const float qscale = s.scale * kLog2e;
   const int64_t ntasks = s.B * s.H * nqt;
 
-  TaskQueue tasks(ntasks);
+  ernie5par::TaskQueue tasks(ntasks);
   auto worker = [&] {
     Buffer qT(D * kTile), sT(kTile * kTile), ob(kTile * Dp), ml(2 * kTile);
     float *m = ml.data(), *l = ml.data() + kTile;
@@ -100,7 +100,7 @@ void forward(const Shape& s, const float* q, const float* k, const float* v, con
       }
     }
   };
-  parallel(team_size(s.threads, ntasks), worker);
+  ernie5par::parallel(ernie5par::team_size(s.threads, ntasks), worker);
 }
 
 }  // namespace flashmask

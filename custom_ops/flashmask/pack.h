@@ -8,8 +8,8 @@
 // Padding rows and lanes are zero so that padded work never produces NaN.
 #pragma once
 
+#include "../common/parallel.h"
 #include "mask.h"
-#include "parallel.h"
 
 namespace flashmask {
 
@@ -28,7 +28,7 @@ class RowTiles {
     if (copied == 0) return;
     copy_.reset(B * heads * copied * kTile * Dp_);
     const int64_t first = nt - copied;
-    TaskQueue rows(B * heads);
+    ernie5par::TaskQueue rows(B * heads);
     auto copy_rows = [&] {
       for (int64_t bh; rows.next(bh);) {
         const int64_t b = bh / heads, h = bh % heads;
@@ -39,7 +39,7 @@ class RowTiles {
         }
       }
     };
-    parallel(copied > 1 ? team_size(threads, B * heads) : 1, copy_rows);
+    ernie5par::parallel(copied > 1 ? ernie5par::team_size(threads, B * heads) : 1, copy_rows);
     first_copied_ = first;
     copied_ = copied;
   }
