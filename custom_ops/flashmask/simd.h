@@ -1,8 +1,5 @@
-// Portable 16-lane float vectors (GCC/Clang vector extensions).
-//
-// With -march=native on an AVX-512 machine one `f16v` is one zmm register; on AVX2 the compiler
-// splits it into two ymm registers, elsewhere into whatever the target has. Keeping one code path
-// with explicit vectors makes the inner loops vectorized regardless of auto-vectorizer heuristics.
+// FlashMask's additions to the shared 16-lane vectors of ../common/simd.h: int32 lane helpers,
+// exp2, a scaled copy, and aligned scratch buffers.
 #pragma once
 
 #include <cstdint>
@@ -15,43 +12,26 @@
 #include <sys/mman.h>
 #endif
 
+#include "../common/simd.h"
+
 namespace flashmask {
 
-constexpr int kLanes = 16;
-typedef float f16v __attribute__((vector_size(64)));
-typedef int32_t i16v __attribute__((vector_size(64)));
+using ernie5simd::f16v;
+using ernie5simd::hmax;
+using ernie5simd::hsum;
+using ernie5simd::i16v;
+using ernie5simd::kLanes;
+using ernie5simd::load;
+using ernie5simd::splat;
+using ernie5simd::store;
+using ernie5simd::vmax;
 
-// Written out lane by lane: `f16v{} + x` would cost an extra add (0 + x is not x for x = -0).
-inline f16v splat(float x) { return f16v{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 inline i16v splat_i(int32_t x) { return i16v{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
-inline f16v load(const float* p) {
-  f16v v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
 inline i16v load_i(const int32_t* p) {
   i16v v;
   std::memcpy(&v, p, sizeof(v));
   return v;
-}
-inline void store(float* p, f16v v) { std::memcpy(p, &v, sizeof(v)); }
-
-inline f16v vmax(f16v a, f16v b) { return a > b ? a : b; }
-
-inline float hmax(f16v v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-
-inline float hsum(f16v v) {
-  // Pairwise tree: fixed order, so results are reproducible.
-  f16v t = v;
-  float s8[8], s4[4];
-  for (int i = 0; i < 8; ++i) s8[i] = t[i] + t[i + 8];
-  for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
 // dst[d] = src[d] * scale, d < n.

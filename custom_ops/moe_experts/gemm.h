@@ -11,9 +11,16 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "simd.h"
+#include "../common/simd.h"
 
 namespace moe {
+
+using ernie5simd::f16v;
+using ernie5simd::kLanes;
+using ernie5simd::load;
+using ernie5simd::sigmoidv;
+using ernie5simd::splat;
+using ernie5simd::store;
 
 constexpr int kRows = 6;
 constexpr int kVecs = 4;
