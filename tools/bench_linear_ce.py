@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
+
+from benchlib import interleaved_median_ms
 
 
 def main() -> int:
@@ -86,15 +86,7 @@ def main() -> int:
                 return forward_backward
 
             runs = [run for _, fn in impls for run in (fwd(fn), fwd_bwd(fn))]
-            for run in runs:  # warm-up
-                run()
-            samples = [[] for _ in runs]
-            for _ in range(args.repeats):
-                for i, run in enumerate(runs):
-                    t0 = time.perf_counter()
-                    run()
-                    samples[i].append(time.perf_counter() - t0)
-            ms = [statistics.median(s) * 1e3 for s in samples]
+            ms = interleaved_median_ms(runs, args.repeats)
             peaks = [peak_bytes(fwd_bwd(fn)) for _, fn in impls]
             rows.append((t, m, v, layout, ms, peaks))
 

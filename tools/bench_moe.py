@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
-import time
+
+from benchlib import interleaved_median_ms
 
 
 def main() -> int:
@@ -144,15 +144,7 @@ def main() -> int:
         impls.append(("MoE, naive per-expert loop", moe_op.forward_reference))
     impls += [("  part: router alone", router_only), ("  part: expert op alone", op_only)]
     runs = [run for _, fn in impls for run in (fwd(fn), fwd_bwd(fn))]
-    for run in runs:  # warm-up
-        run()
-    samples = [[] for _ in runs]
-    for _ in range(args.repeats):
-        for i, run in enumerate(runs):
-            t0 = time.perf_counter()
-            run()
-            samples[i].append(time.perf_counter() - t0)
-    ms = [statistics.median(s) * 1e3 for s in samples]
+    ms = interleaved_median_ms(runs, args.repeats)
     rows = [(name, ms[2 * i], ms[2 * i + 1]) for i, (name, _) in enumerate(impls)]
     flops = 3 * 2 * args.tokens * args.hidden * args.top_k * args.expert_hidden  # forward
     base_fb, base_op_fb = rows[2][2], rows[3][2]

@@ -1,0 +1,22 @@
+"""Timing shared by the benchmark tools (run as `python tools/<tool>.py`, so this directory is on
+the import path)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+
+def interleaved_median_ms(runs: Sequence[Callable[[], object]], repeats: int) -> list[float]:
+    """Median wall time in ms of each run: one warm-up call each, then `repeats` rounds in which
+    every run is called once in order, so load from other processes spreads over all of them."""
+    for run in runs:  # warm-up
+        run()
+    samples: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            t0 = time.perf_counter()
+            run()
+            samples[i].append(time.perf_counter() - t0)
+    return [statistics.median(s) * 1e3 for s in samples]
