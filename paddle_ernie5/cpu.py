@@ -17,16 +17,26 @@ SWITCH = "ERNIE5_MKL_AMD_FIX"
 MKL_VAR = "MKL_DEBUG_CPU_TYPE"
 
 
-def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The vendor id of the first CPU ('AuthenticAMD', 'GenuineIntel', ...), '' when unknown."""
+def _cpuinfo_field(key: str, cpuinfo: str) -> str:
+    """The value of the first `key` line of /proc/cpuinfo, '' when missing or unreadable."""
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(key):
                     return line.partition(":")[2].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The vendor id of the first CPU ('AuthenticAMD', 'GenuineIntel', ...), '' when unknown."""
+    return _cpuinfo_field("vendor_id", cpuinfo)
+
+
+def cpu_model_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The model name of the first CPU ('AMD EPYC 7B13', ...), '' when unknown."""
+    return _cpuinfo_field("model name", cpuinfo)
 
 
 def mkl_choice(vendor: str, env: dict) -> tuple[str | None, str]:

@@ -3,7 +3,14 @@
 import subprocess
 import sys
 
-from paddle_ernie5.cpu import MKL_VAR, SWITCH, apply_mkl_fix, cpu_vendor, mkl_choice
+from paddle_ernie5.cpu import (
+    MKL_VAR,
+    SWITCH,
+    apply_mkl_fix,
+    cpu_model_name,
+    cpu_vendor,
+    mkl_choice,
+)
 
 
 def test_amd_gets_the_avx2_path_and_every_other_case_is_left_alone():
@@ -32,9 +39,13 @@ def test_apply_sets_only_what_the_choice_says():
 
 def test_vendor_is_read_from_cpuinfo(tmp_path):
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    info.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel name\t: AMD EPYC 7B13\n"
+    )
     assert cpu_vendor(str(info)) == "AuthenticAMD"
+    assert cpu_model_name(str(info)) == "AMD EPYC 7B13"
     assert cpu_vendor(str(tmp_path / "missing")) == ""
+    assert cpu_model_name(str(tmp_path / "missing")) == ""
 
 
 def test_the_cli_sets_it_before_paddle_is_imported():

@@ -70,17 +70,6 @@ def run_baseline(tree: str, args, batches: list[int]) -> dict[int, tuple[float, 
     return {int(b): (speed, tokens) for b, (speed, tokens) in rows.items()}
 
 
-def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -104,7 +93,10 @@ def main() -> int:
         raise SystemExit("--baseline-tree times greedy decoding of the untrained --recipe model")
     threads = args.threads or os.cpu_count() or 1
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    print(f"cpu: {cpu_name()} ({os.cpu_count()} logical cores); threads {threads}")
+    from paddle_ernie5.cpu import cpu_model_name
+
+    cpu = cpu_model_name() or "unknown CPU"
+    print(f"cpu: {cpu} ({os.cpu_count()} logical cores); threads {threads}")
 
     import warnings
 
