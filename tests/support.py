@@ -47,3 +47,30 @@ def launch_workers(worker: str, nproc: int, out, *args, result: str = "rank{r}.j
             f"{launcher}{logs}"
         )
     return [json.loads(p.read_text()) for p in paths]
+
+
+def small_moe_model(vocab: int, layers: int = 3, **attention):
+    """A seeded 32-wide MoE model (6 experts, top-2, a shared expert, the first layer dense) in
+    eval mode, for decoding tests; `attention` overrides AttentionConfig's fields (default 4 query
+    heads, 2 kv heads, head_dim 8)."""
+    import paddle
+
+    from paddle_ernie5.config import AttentionConfig, ModelConfig, MoEConfig
+    from paddle_ernie5.model.model import Ernie5Model
+
+    attention = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, **attention}
+    paddle.seed(0)
+    cfg = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_layers=layers,
+        attention=AttentionConfig(
+            **{"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, **attention}
+        ),
+        moe=MoEConfig(
+            num_experts=6, top_k=2, expert_hidden=16, shared_expert_hidden=8, first_dense_layers=1
+        ),
+    )
+    model = Ernie5Model(cfg)
+    model.eval()
+    return model

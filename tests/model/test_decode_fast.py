@@ -5,10 +5,9 @@ log-probs within 1e-5; its parts against their references."""
 import numpy as np
 import paddle
 import pytest
+from support import small_moe_model
 
-from paddle_ernie5.config import AttentionConfig, ModelConfig, MoEConfig
 from paddle_ernie5.model import generation as G
-from paddle_ernie5.model.model import Ernie5Model
 from paddle_ernie5.model.rope import rope_cos_sin
 from paddle_ernie5.model.view import ElasticView
 from paddle_ernie5.ops.flashmask import flashmask_attention_reference
@@ -17,19 +16,7 @@ VOCAB = 61
 
 
 def _model(backend="cpu", head_dim=8, layers=3):
-    paddle.seed(0)
-    cfg = ModelConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=layers,
-        attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=head_dim, backend=backend),
-        moe=MoEConfig(
-            num_experts=6, top_k=2, expert_hidden=16, shared_expert_hidden=8, first_dense_layers=1
-        ),
-    )
-    model = Ernie5Model(cfg)
-    model.eval()
-    return model
+    return small_moe_model(VOCAB, layers, backend=backend, head_dim=head_dim)
 
 
 @pytest.fixture(scope="module")

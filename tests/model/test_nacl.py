@@ -9,8 +9,9 @@ import math
 import numpy as np
 import paddle
 import pytest
+from support import small_moe_model
 
-from paddle_ernie5.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig
+from paddle_ernie5.config import ConfigError
 from paddle_ernie5.config.generate import GenerateConfig
 from paddle_ernie5.errors import UserError
 from paddle_ernie5.model import generation as G
@@ -21,19 +22,7 @@ VOCAB = 61
 
 
 def _model(heads=4, kv_heads=2, layers=3):
-    paddle.seed(0)
-    cfg = ModelConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=layers,
-        attention=AttentionConfig(num_heads=heads, num_kv_heads=kv_heads, head_dim=8),
-        moe=MoEConfig(
-            num_experts=6, top_k=2, expert_hidden=16, shared_expert_hidden=8, first_dense_layers=1
-        ),
-    )
-    model = Ernie5Model(cfg)
-    model.eval()
-    return model
+    return small_moe_model(VOCAB, layers, num_heads=heads, num_kv_heads=kv_heads)
 
 
 @pytest.fixture(scope="module")
