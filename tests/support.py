@@ -49,28 +49,35 @@ def launch_workers(worker: str, nproc: int, out, *args, result: str = "rank{r}.j
     return [json.loads(p.read_text()) for p in paths]
 
 
-def small_moe_model(vocab: int, layers: int = 3, **attention):
-    """A seeded 32-wide MoE model (6 experts, top-2, a shared expert, the first layer dense) in
-    eval mode, for decoding tests; `attention` overrides AttentionConfig's fields (default 4 query
-    heads, 2 kv heads, head_dim 8)."""
-    import paddle
-
+def small_moe_config(vocab: int, layers: int = 3, experts: int = 6, **attention):
+    """A 32-wide MoE ModelConfig (top-2 of `experts`, a shared expert, the first layer dense);
+    `attention` overrides AttentionConfig's fields (default 4 query heads, 2 kv heads, head_dim
+    8)."""
     from paddle_ernie5.config import AttentionConfig, ModelConfig, MoEConfig
-    from paddle_ernie5.model.model import Ernie5Model
 
     attention = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, **attention}
-    paddle.seed(0)
-    cfg = ModelConfig(
+    return ModelConfig(
         vocab_size=vocab,
         hidden_size=32,
         num_layers=layers,
-        attention=AttentionConfig(
-            **{"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, **attention}
-        ),
+        attention=AttentionConfig(**attention),
         moe=MoEConfig(
-            num_experts=6, top_k=2, expert_hidden=16, shared_expert_hidden=8, first_dense_layers=1
+            num_experts=experts,
+            top_k=2,
+            expert_hidden=16,
+            shared_expert_hidden=8,
+            first_dense_layers=1,
         ),
     )
-    model = Ernie5Model(cfg)
+
+
+def small_moe_model(vocab: int, layers: int = 3, **attention):
+    """`small_moe_config`'s model with 6 experts, seeded, in eval mode (for decoding tests)."""
+    import paddle
+
+    from paddle_ernie5.model.model import Ernie5Model
+
+    paddle.seed(0)
+    model = Ernie5Model(small_moe_config(vocab, layers, **attention))
     model.eval()
     return model

@@ -6,8 +6,8 @@ off, on-policy and deliberately off-policy (a perturbed router bias, stale weigh
 import numpy as np
 import paddle
 import pytest
+from support import small_moe_config
 
-from paddle_ernie5.config import AttentionConfig, ModelConfig, MoEConfig
 from paddle_ernie5.model.generation import generate
 from paddle_ernie5.model.model import Ernie5Model
 from paddle_ernie5.model.view import FULL_VIEW, ElasticView
@@ -27,15 +27,7 @@ PAD = 0
 
 
 def _cfg():
-    return ModelConfig(
-        vocab_size=61,
-        hidden_size=32,
-        num_layers=3,
-        attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8, backend="reference"),
-        moe=MoEConfig(
-            num_experts=8, top_k=2, expert_hidden=16, shared_expert_hidden=8, first_dense_layers=1
-        ),
-    )
+    return small_moe_config(61, experts=8, backend="reference")
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ the rollout's log-probs even when the router itself would now choose differently
 import numpy as np
 import paddle
 import pytest
+from support import small_moe_config
 
-from paddle_ernie5.config import AttentionConfig, ModelConfig, MoEConfig
 from paddle_ernie5.model.generation import generate
 from paddle_ernie5.model.model import Ernie5Model
 from paddle_ernie5.rl.objectives import response_logp_entropy
@@ -20,15 +20,7 @@ ROUNDING = 2e-6
 @pytest.fixture(scope="module")
 def rollout():
     paddle.seed(0)
-    cfg = ModelConfig(
-        vocab_size=61,
-        hidden_size=32,
-        num_layers=3,
-        attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8, backend="reference"),
-        moe=MoEConfig(
-            num_experts=8, top_k=2, expert_hidden=16, shared_expert_hidden=8, first_dense_layers=1
-        ),
-    )
+    cfg = small_moe_config(61, experts=8, backend="reference")
     model = Ernie5Model(cfg)
     prompt = np.random.default_rng(0).integers(3, 61, size=(4, 5))
     sample = generate(model, prompt, 7, temperature=1.0, seed=3, record_routing=True)
