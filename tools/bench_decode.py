@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from benchlib import load_eval_model
+
 # Run with PYTHONPATH=<baseline tree>: its generate() on the bench's prompts; prints JSON.
 _BASELINE = r"""
 import json, statistics, sys, time
@@ -102,23 +104,10 @@ def main() -> int:
 
     warnings.filterwarnings("ignore")
     import numpy as np
-    import paddle
 
     from paddle_ernie5.model.generation import generate
 
-    if args.checkpoint:
-        from paddle_ernie5.eval.runner import load_model
-
-        cfg, model = load_model(args.checkpoint, log=lambda *_: None)
-        m = cfg.model
-    else:
-        from paddle_ernie5.config import load_config
-        from paddle_ernie5.model.model import Ernie5Model
-
-        m = load_config(args.recipe, args.set).model
-        paddle.seed(0)
-        model = Ernie5Model(m)
-    model.eval()
+    m, model = load_eval_model(args.checkpoint, args.recipe, args.set)
     print(
         f"model: hidden {m.hidden_size}, {m.num_layers} layers, {m.moe.num_experts} experts "
         f"top-{m.moe.top_k}, vocab {m.vocab_size}; prompt {args.prompt}, {args.tokens} new "

@@ -21,6 +21,8 @@ import statistics
 import sys
 import time
 
+from benchlib import load_eval_model
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(
@@ -45,25 +47,12 @@ def main() -> int:
 
     warnings.filterwarnings("ignore")
     import numpy as np
-    import paddle
 
     from paddle_ernie5.model.generation import generate
     from paddle_ernie5.model.params import count_params
     from paddle_ernie5.model.view import FULL_VIEW, ElasticView
 
-    if args.checkpoint:
-        from paddle_ernie5.eval.runner import load_model
-
-        cfg, model = load_model(args.checkpoint, log=lambda *_: None)
-        model_cfg = cfg.model
-    else:
-        from paddle_ernie5.config import load_config
-        from paddle_ernie5.model.model import Ernie5Model
-
-        model_cfg = load_config(args.recipe, args.set).model
-        paddle.seed(0)
-        model = Ernie5Model(model_cfg)
-    model.eval()
+    model_cfg, model = load_eval_model(args.checkpoint, args.recipe, args.set)
     k = model_cfg.moe.top_k
     ks = args.top_k or sorted({max(1, k // 2), max(1, k // 4)}, reverse=True)
     views = {
