@@ -49,3 +49,17 @@ def assert_matches_reference(q, k, v, idx, causal, atol=1e-4, **kwargs):
         err = float(np.abs(g - w).max()) if g.size else 0.0
         assert err <= atol, f"{name}: max abs error {err:.2e} > {atol:.0e}"
     return got
+
+
+def random_mask_indices(rng, b: int, hm: int, sq: int, sk: int, c: int, causal: bool):
+    """Random FlashMask startend_row_indices [b, hm, sk, c] int32 (numpy) of the documented format:
+    values in [0, sq], ranges start <= end; c columns as the op reads them for `causal`."""
+    lts = rng.integers(0, sq + 1, (b, hm, sk))
+    lte = rng.integers(lts, sq + 1)
+    uts = rng.integers(0, sq + 1, (b, hm, sk))
+    ute = rng.integers(uts, sq + 1)
+    if causal:
+        cols = [lts] if c == 1 else [lts, lte]
+    else:
+        cols = [lts, rng.integers(0, sq + 1, (b, hm, sk))] if c == 2 else [lts, lte, uts, ute]
+    return np.stack(cols, -1).astype(np.int32)

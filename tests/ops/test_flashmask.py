@@ -3,7 +3,12 @@
 import numpy as np
 import paddle
 import pytest
-from flashmask_helpers import assert_matches_reference, attention_and_grads, random_qkv
+from flashmask_helpers import (
+    assert_matches_reference,
+    attention_and_grads,
+    random_mask_indices,
+    random_qkv,
+)
 
 from paddle_ernie5.ops import masks
 from paddle_ernie5.ops.flashmask import (
@@ -38,16 +43,7 @@ def indices(array, batch=1):
 
 
 def random_indices(rng, b, hm, sq, sk, c, causal):
-    """Random indices of the documented format: values in [0, Sq], ranges start <= end."""
-    lts = rng.integers(0, sq + 1, (b, hm, sk))
-    lte = rng.integers(lts, sq + 1)
-    uts = rng.integers(0, sq + 1, (b, hm, sk))
-    ute = rng.integers(uts, sq + 1)
-    if causal:
-        cols = [lts] if c == 1 else [lts, lte]
-    else:
-        cols = [lts, rng.integers(0, sq + 1, (b, hm, sk))] if c == 2 else [lts, lte, uts, ute]
-    return paddle.to_tensor(np.stack(cols, -1).astype(np.int32))
+    return paddle.to_tensor(random_mask_indices(rng, b, hm, sq, sk, c, causal))
 
 
 @pytest.mark.parametrize("name", sorted(masks.BUILDERS))

@@ -5,6 +5,7 @@ to dense attention, the settings' errors, and the prefill hook in model/attentio
 import numpy as np
 import paddle
 import pytest
+from flashmask_helpers import random_mask_indices
 
 from paddle_ernie5.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig
 from paddle_ernie5.ops import masks
@@ -17,18 +18,6 @@ def _qk(b, sq, sk, h, hk, d, seed=0, spread=2.0):
     q = rng.standard_normal((b, sq, h, d)).astype(np.float32) * spread
     k = rng.standard_normal((b, sk, hk, d)).astype(np.float32) * spread
     return paddle.to_tensor(q), paddle.to_tensor(k)
-
-
-def _random_indices(rng, b, hm, sq, sk, c, causal):
-    lts = rng.integers(0, sq + 1, (b, hm, sk))
-    lte = rng.integers(lts, sq + 1)
-    uts = rng.integers(0, sq + 1, (b, hm, sk))
-    ute = rng.integers(uts, sq + 1)
-    if causal:
-        cols = [lts] if c == 1 else [lts, lte]
-    else:
-        cols = [lts, rng.integers(0, sq + 1, (b, hm, sk))] if c == 2 else [lts, lte, uts, ute]
-    return np.stack(cols, -1).astype(np.int32)
 
 
 def brute_force_importance(q, k, idx, causal, stride, block):
@@ -104,7 +93,7 @@ def _indices(case, seed):
         return None
     if kind == "docs":
         return masks.batched(masks.causal_document([90, 150, 60, 100]), b)
-    return _random_indices(rng, b, rng.choice([1, hk, h]), sq, sk, kind, causal)
+    return random_mask_indices(rng, b, rng.choice([1, hk, h]), sq, sk, kind, causal)
 
 
 @pytest.mark.parametrize("case", CASES)
