@@ -241,6 +241,34 @@ class Sample:
     routing: dict[int, np.ndarray] | None = None
 
 
+class _Tokens:
+    """The sampled tokens and their log-probs, step by step: a row that has sampled stop_id
+    continues with pad_id (log-prob 0); its length counts the stop token. Once every row has
+    stopped, the arrays are cut after that step and `finished` is set."""
+
+    def __init__(self, b: int, n: int, pad_id: int, stop_id: int | None):
+        self.tokens = np.full([b, n], pad_id, dtype=np.int64)
+        self.logprobs = np.zeros([b, n], dtype=np.float32)
+        self.lengths = np.full([b], n, dtype=np.int64)
+        self.done = np.zeros([b], dtype=bool)
+        self.pad_id, self.stop_id = pad_id, stop_id
+        self.finished = False
+
+    def add(self, t: int, nxt_B: np.ndarray, logp_B: np.ndarray) -> np.ndarray:
+        """Record step t (tokens nxt_B with log-probs logp_B); returns the tokens to feed next."""
+        nxt = np.where(self.done, self.pad_id, nxt_B)
+        self.tokens[:, t] = nxt
+        self.logprobs[:, t] = np.where(self.done, 0.0, logp_B)
+        if self.stop_id is not None:
+            newly = (~self.done) & (nxt == self.stop_id)
+            self.lengths[newly] = t + 1
+            self.done |= newly
+            if self.done.all():
+                self.tokens, self.logprobs = self.tokens[:, : t + 1], self.logprobs[:, : t + 1]
+                self.finished = True
+        return nxt
+
+
 def _text_batch(ids_BS, start) -> dict:
     """Causal text at positions start, start + 1, ... (t = h = w); `start` an int or one per row
     [B]."""
@@ -447,22 +475,12 @@ def generate(
     logits = forward(batch)
     steps = _decode_inputs(model, shift, p, max_new_tokens - 1, b)
     types = paddle.zeros([b, 1], dtype="int64")
-    tokens = np.full([b, max_new_tokens], pad_id, dtype=np.int64)
-    logprobs = np.zeros([b, max_new_tokens], dtype=np.float32)
-    done = np.zeros([b], dtype=bool)
-    lengths = np.full([b], max_new_tokens, dtype=np.int64)
+    sampled = _Tokens(b, max_new_tokens, pad_id, stop_id)
     for t in range(max_new_tokens):
         nxt, logp = _choose(logits, temperature, top_k, rng)
-        nxt = np.where(done, pad_id, nxt)
-        tokens[:, t] = nxt
-        logprobs[:, t] = np.where(done, 0.0, logp)
-        if stop_id is not None:
-            newly = (~done) & (nxt == stop_id)
-            lengths[newly] = t + 1
-            done |= newly
-            if done.all():
-                tokens, logprobs = tokens[:, : t + 1], logprobs[:, : t + 1]
-                break
+        nxt = sampled.add(t, nxt, logp)
+        if sampled.finished:
+            break
         if t + 1 < max_new_tokens:  # the last sampled token is never run
             positions, tables = steps[t]
             batch = {
@@ -480,7 +498,7 @@ def generate(
             i: np.concatenate([r.numpy().reshape(b, -1, r.shape[-1]) for r in rs], axis=1)
             for i, rs in routes.items()
         }
-    return Sample(tokens, logprobs, lengths, routing)
+    return Sample(sampled.tokens, sampled.logprobs, sampled.lengths, routing)
 
 
 def _generate_reference(
@@ -522,27 +540,17 @@ def _generate_reference(
         return out.logits[:, -1]
 
     logits = forward(prompt, prompt_extras)
-    tokens = np.full([b, max_new_tokens], pad_id, dtype=np.int64)
-    logprobs = np.zeros([b, max_new_tokens], dtype=np.float32)
-    done = np.zeros([b], dtype=bool)
-    lengths = np.full([b], max_new_tokens, dtype=np.int64)
+    sampled = _Tokens(b, max_new_tokens, pad_id, stop_id)
     for t in range(max_new_tokens):
         logp = _reference_log_probs(logits, temperature, top_k)
         if temperature == 0:
             nxt = logp.argmax(-1)
         else:
             nxt = (logp + _gumbel(rng, logp.shape)).argmax(-1)
-        nxt = np.where(done, pad_id, nxt)
-        tokens[:, t] = nxt
-        logprobs[:, t] = np.where(done, 0.0, logp[np.arange(b), nxt])
-        if stop_id is not None:
-            newly = (~done) & (nxt == stop_id)
-            lengths[newly] = t + 1
-            done |= newly
-            if done.all():
-                tokens, logprobs = tokens[:, : t + 1], logprobs[:, : t + 1]
-                break
+        nxt = sampled.add(t, nxt, logp[np.arange(b), nxt])
+        if sampled.finished:
+            break
         if t + 1 < max_new_tokens:  # the last sampled token is never run
             logits = forward(paddle.to_tensor(nxt.reshape(b, 1)))
     routing = {i: np.concatenate(r, axis=1) for i, r in routes.items()} if record_routing else None
-    return Sample(tokens, logprobs, lengths, routing)
+    return Sample(sampled.tokens, sampled.logprobs, sampled.lengths, routing)
