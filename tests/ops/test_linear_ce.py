@@ -51,7 +51,8 @@ def _fused(h, w, labels, transposed):
 
 
 def _assert_close(got, want, rel=2e-6):
-    for name, a, b in zip(("loss", "dh", "dw"), got, want):
+    names = ("loss", "dh", "dw")[-len(got) :]
+    for name, a, b in zip(names, got, want, strict=True):
         assert a.shape == b.shape, name
         scale = max(1.0, float(np.abs(b).max()))
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=rel * scale, err_msg=name)
@@ -110,7 +111,13 @@ def test_tied_logits_give_log_v_and_match_reference(op, transposed):
     got = _value_and_grads(_fused, h, w, labels, dloss, transposed)
     want = _value_and_grads(seam.linear_cross_entropy_reference, h, w, labels, dloss, transposed)
     np.testing.assert_allclose(got[0], np.full(t, np.log(v)), rtol=2e-6)
-    _assert_close(got, want)
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
+    # dh = (sum_j p_j - 1) * col is 0 in exact math: both paths give rounding noise of order
+    # V * eps * |col| (which noise depends on summation order and thread count), so dh is checked
+    # against 0, not against the other path's noise.
+    bound = 10 * v * np.finfo(np.float32).eps * np.abs(col).max()
+    assert np.abs(got[1]).max() < bound and np.abs(want[1]).max() < bound
+    _assert_close(got[2:], want[2:])
 
 
 def _float64_reference(h, w, labels, dloss, transposed):
