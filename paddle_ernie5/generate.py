@@ -137,7 +137,7 @@ def _text_tokenizer(cfg):
     from .data.text import get_text_tokenizer
 
     return get_text_tokenizer(
-        cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed, cfg.data.val_fraction
+        cfg.data.cache_dir, cfg.model.vocab_size, cfg.data.split_seed, cfg.data.val_fraction
     )
 
 

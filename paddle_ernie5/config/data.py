@@ -52,6 +52,11 @@ class DataConfig:
     seq_len: int = 256
     bpe_dropout: float = 0.0  # BPE-dropout probability during training (0 = off)
     val_fraction: float = 0.05
+    # Seed of the built-in text's train/validation split and of the text tokenizer trained on it.
+    # Kept apart from train.seed: runs of any seed, and the SFT/RL/eval runs that start from them,
+    # read the same split and the same tokenizer (a tokenizer that follows train.seed would silently
+    # re-map every token of a checkpoint trained under another seed).
+    split_seed: int = 1234
     cache_dir: str = ".cache/paddle_ernie5"  # tokenizer models and built datasets
     eval_batches: int = 0  # 0 = the whole validation split
     mixture: MixtureConfig = field(default_factory=MixtureConfig)

@@ -96,15 +96,18 @@ def build_text_data(
     seed: int,
     bpe_dropout: float = 0.0,
     val_fraction: float = 0.05,
+    split_seed: int | None = None,
 ):
     """(tokenizer, training loader, packed validation) for the built-in text corpus.
 
     Training documents are re-encoded each epoch with BPE-dropout seeded by seed + epoch; validation
-    is always encoded without dropout."""
+    is always encoded without dropout. `split_seed` (data.split_seed; default `seed`) picks the
+    train/validation split and so the tokenizer; `seed` the batches and the dropout."""
     from paddle_ernie5.data.text import build_text_corpus, get_text_tokenizer
 
-    train_docs, val_docs = build_text_corpus(seed, val_fraction)
-    tok = get_text_tokenizer(cache_dir, vocab_size, seed, val_fraction)
+    split_seed = seed if split_seed is None else split_seed
+    train_docs, val_docs = build_text_corpus(split_seed, val_fraction)
+    tok = get_text_tokenizer(cache_dir, vocab_size, split_seed, val_fraction)
     if bpe_dropout > 0.0:
 
         def docs_ids_fn(epoch: int) -> list[list[int]]:

@@ -254,7 +254,9 @@ def text_source_batches(cfg, tokenizer, max_batches: int = 4) -> dict[str, list]
     from ..model.inputs import to_model_batch
 
     out = {}
-    for kind, docs in validation_documents_by_kind(cfg.train.seed, cfg.data.val_fraction).items():
+    for kind, docs in validation_documents_by_kind(
+        cfg.data.split_seed, cfg.data.val_fraction
+    ).items():
         if not docs:
             continue
         packed = pack_documents(

@@ -77,7 +77,7 @@ def routing_report(path: str, out_dir: str = "", max_batches: int = 4, log=print
 
     cfg, model = load_model(path, log)
     tokenizer = get_text_tokenizer(
-        cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed, cfg.data.val_fraction
+        cfg.data.cache_dir, cfg.model.vocab_size, cfg.data.split_seed, cfg.data.val_fraction
     )
     sources = text_source_batches(cfg, tokenizer, max_batches)
     if cfg.data.mixture.enabled:

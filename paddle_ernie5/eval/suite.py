@@ -35,6 +35,7 @@ class TextEval:
             tc.seed,
             0.0,
             dc.val_fraction,
+            dc.split_seed,
         )
         self.tokenizer = tok
         batches = eval_batches(val, tc.batch_size)

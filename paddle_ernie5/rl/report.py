@@ -29,7 +29,7 @@ def curriculum_report(cfg: C.Config, log=print) -> dict:
     """{task: metrics} of the policy `cfg.train.init_from` on cfg's held-out curriculum."""
     rc = cfg.rl
     tok = get_text_tokenizer(
-        cfg.data.cache_dir, cfg.model.vocab_size, cfg.train.seed, cfg.data.val_fraction
+        cfg.data.cache_dir, cfg.model.vocab_size, cfg.data.split_seed, cfg.data.val_fraction
     )
     model = load_policy(cfg, log)
     return evaluate(

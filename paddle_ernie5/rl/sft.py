@@ -66,7 +66,7 @@ class SFTRun(Component):
         self.config = C.to_plain(cfg.model)
         self.eval_every = tc.eval_every
         self.tok = get_text_tokenizer(
-            cfg.data.cache_dir, cfg.model.vocab_size, tc.seed, cfg.data.val_fraction
+            cfg.data.cache_dir, cfg.model.vocab_size, cfg.data.split_seed, cfg.data.val_fraction
         )
         self.model = load_policy(cfg, log)
         self.optimizer = build_optimizer(self.model, tc)

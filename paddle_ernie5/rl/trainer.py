@@ -87,7 +87,7 @@ class RLTrainer:
         self.run_dir = tc.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         self.tokenizer = get_text_tokenizer(
-            cfg.data.cache_dir, cfg.model.vocab_size, tc.seed, cfg.data.val_fraction
+            cfg.data.cache_dir, cfg.model.vocab_size, cfg.data.split_seed, cfg.data.val_fraction
         )
         self.model = load_policy(cfg, log)
         self.ref = None

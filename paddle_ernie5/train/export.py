@@ -44,6 +44,7 @@ def export_from_checkpoint(
         cfg.train.seed,
         0.0,
         dc.val_fraction,
+        dc.split_seed,
     )
     batches = [
         to_model_batch(b)

@@ -77,6 +77,7 @@ class Trainer:
             tc.seed,
             dc.bpe_dropout,
             dc.val_fraction,
+            dc.split_seed,
         )
         self.loader = self.text_loader
         if dc.mixture.enabled:  # multimodal sources (data/mixture.py); validation stays text
