@@ -23,11 +23,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
-from benchlib import load_eval_model
+from benchlib import load_eval_model, run_in_tree
 
 # Run with PYTHONPATH=<baseline tree>: its generate() on the bench's prompts; prints JSON.
 _BASELINE = r"""
@@ -59,16 +58,7 @@ print(json.dumps(out))
 def run_baseline(tree: str, args, batches: list[int]) -> dict[int, tuple[float, list]]:
     recipe = os.path.abspath(args.recipe)
     spec = json.dumps([recipe, args.set, batches, args.prompt, args.tokens, args.repeats])
-    proc = subprocess.run(
-        [sys.executable, "-c", _BASELINE, spec],
-        cwd=tree,
-        env={**os.environ, "PYTHONPATH": tree},
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"baseline at {tree} failed:\n{proc.stderr[-2000:]}")
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = run_in_tree(tree, _BASELINE, spec)
     return {int(b): (speed, tokens) for b, (speed, tokens) in rows.items()}
 
 

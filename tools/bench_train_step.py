@@ -30,10 +30,8 @@ its trainer API must match (Trainer(cfg, log).train_step() returning "_tokens").
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -199,17 +197,9 @@ print(json.dumps({"tokens_per_s": statistics.median(speeds)}))
 
 
 def run_baseline(tree: str, tmp: str, steps: int, rounds: int) -> float:
-    env = {**os.environ, "PYTHONPATH": tree}
-    proc = subprocess.run(
-        [sys.executable, "-c", _BASELINE, tree, tmp, str(steps), str(rounds)],
-        cwd=tree,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"baseline at {tree} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["tokens_per_s"]
+    from benchlib import run_in_tree
+
+    return run_in_tree(tree, _BASELINE, tree, tmp, str(steps), str(rounds))["tokens_per_s"]
 
 
 def main() -> int:

@@ -3,9 +3,29 @@ the import path)."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
+
+
+def run_in_tree(tree: str, script: str, *args: str):
+    """Run the Python source `script` with `args` against another checkout (its directory first on
+    PYTHONPATH, as the working directory) and return the JSON its last output line prints. A
+    failure stops the tool with the end of the script's stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": tree},
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"baseline at {tree} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def interleaved_median_ms(runs: Sequence[Callable[[], object]], repeats: int) -> list[float]:
