@@ -4,7 +4,7 @@
 // Every kernel spreads rows over `threads` threads (../common/parallel.h) and walks a row in
 // 16-float vectors (ernie5simd::f16v) with a masked tail, so any width works. Results never depend
 // on the thread count: each row is computed by one thread in a fixed order, and the one cross-row
-// reduction (the RMSNorm weight gradient) sums fixed blocks of rows in a fixed order.
+// reduction (the RMSNorm weight gradient) adds the rows in row order.
 #pragma once
 
 #include <cstdint>
@@ -17,13 +17,9 @@ namespace fused {
 void rms_norm_forward(int64_t rows, int64_t M, const float* x, const float* w, float eps, float* y,
                       float* inv_rms, int threads);
 
-// Row blocks of the weight gradient (a function of the shapes only); scratch = blocks * M floats.
-int64_t rms_norm_grad_blocks(int64_t rows);
-
-// dx [rows, M], dw [M] from dy; partial holds rms_norm_grad_blocks(rows) * M floats.
+// dx [rows, M], dw [M] from dy, in the reference's order of operations (rms_norm.cc).
 void rms_norm_backward(int64_t rows, int64_t M, const float* x, const float* w,
-                       const float* inv_rms, const float* dy, float* dx, float* dw, float* partial,
-                       int threads);
+                       const float* inv_rms, const float* dy, float* dx, float* dw, int threads);
 
 // ---- RoPE on the fused projection:  qkv [T, H + 2K, D] -> q [T, H, D], k [T, K, D], v [T, K, D]
 // T = B * S tokens; cos, sin [T, D] (one table row per token, shared by every head). Rotate-half:

@@ -91,6 +91,47 @@ def test_rms_norm_of_a_zero_row_is_zero_with_finite_gradients():
 # --------------------------------------------------------------------------------------- RoPE
 
 
+def _in_order_backward(x, w, r, dy):
+    """The reference's backward chain in float32 with one rounding per Paddle kernel: g = dy w,
+    the gradient of the broadcast multiply by r sums g x over the row one value after another,
+    rsqrt' = -0.5 d r r r, mean' = / M, pow' = * 2 * x, and the weight gradient adds rows in order."""
+    f32 = np.float32
+    g = dy * w
+    dr = np.zeros((x.shape[0], 1), f32)
+    for i in range(x.shape[1]):
+        dr = dr + (g[:, i : i + 1] * x[:, i : i + 1])
+    c = ((((f32(-0.5) * dr) * r) * r) * r) / f32(x.shape[1]) * f32(2)
+    dw = np.zeros(x.shape[1], f32)
+    for row in range(x.shape[0]):
+        dw = dw + dy[row] * (x[row] * r[row])
+    return g * r + c * x, dw
+
+
+@pytest.mark.parametrize("shape", [(37, 128), (20, 96), (9, 100), (3, 17)])
+def test_rms_norm_backward_takes_the_references_steps_in_its_order(shape):
+    """Bit for bit: the reference's gradients equal `_in_order_backward` given the reference's own
+    r, and the op's equal it given the op's r, so the two differ only through r (Paddle's pow and
+    rsqrt are not correctly rounded)."""
+    rng = np.random.default_rng(shape[1])
+    x = (rng.standard_normal(shape) * 2).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    xt, wt = _leaf(x), _leaf(w)
+    r_ref = paddle.rsqrt(xt.detach().pow(2).mean(axis=-1, keepdim=True) + 1e-6).numpy()
+    y = fused.rms_norm_reference(xt, wt, 1e-6)
+    paddle.autograd.backward([y], [_leaf(dy, grad=False)])
+    want_dx, want_dw = _in_order_backward(x, w, r_ref, dy)
+    np.testing.assert_array_equal(xt.grad.numpy(), want_dx)
+    np.testing.assert_array_equal(wt.grad.numpy(), want_dw)
+
+    xt, wt = _leaf(x), _leaf(w)
+    y, r_op = fused._op().fused_rms_norm(xt, wt, 1e-6)
+    paddle.autograd.backward([y], [_leaf(dy, grad=False)])
+    want_dx, want_dw = _in_order_backward(x, w, r_op.numpy()[:, None], dy)
+    np.testing.assert_array_equal(xt.grad.numpy(), want_dx)
+    np.testing.assert_array_equal(wt.grad.numpy(), want_dw)
+
+
 def _tables(rng, b, s, d, real=False):
     if real:  # Uni-RoPE tables of the model, positions differing per axis and batch row
         pos = rng.integers(0, 4 * s, size=(b, 3, s))
