@@ -7,10 +7,11 @@
     transcript:  ernie5 generate --checkpoint RUN --transcribe seven.wav
     text:        ernie5 generate --checkpoint RUN --text-file doc.txt --kv-budget 0.5
 
-Text continuation takes the `generate` settings as flags (config/generate.py): --kv-budget, the
-share of the prompt's keys each layer keeps after the prefill, --kv-policy nacl|recent|random and
-NACL's --nacl-proxy-tokens, --nacl-random-share and --nacl-seed; a bad value is one ConfigError
-naming the field.
+Text continuation takes the `generate` settings (config/generate.py) from the run's recipe
+(`generate.kv_budget: 0.5`), each overridden by its flag: --kv-budget, the share of the prompt's
+keys each layer keeps after the prefill, --kv-policy nacl|recent|random and NACL's
+--nacl-proxy-tokens, --nacl-random-share and --nacl-seed; a bad value is one ConfigError naming
+the field.
 
 A mode is (name, adds its arguments, wants(args), run(args, cfg, model) -> lines to print, and
 check(args): its inputs, before the model loads); the first mode that wants the arguments runs.
@@ -390,12 +391,15 @@ def _text_arguments(p) -> None:
     g.add_argument("--nacl-seed", type=int, default=None, help="seed of the random keep")
 
 
-def generate_settings(args):
-    """The `generate` section from the flags (validated: one ConfigError naming the field)."""
+def generate_settings(args, base=None):
+    """The `generate` section: `base` (the run's recipe section; None = the defaults) with the
+    flags given over it (validated: one ConfigError naming the field)."""
+    import dataclasses
+
     from .config.generate import GenerateConfig
 
     given = {f: getattr(args, f) for f in _KV_FLAGS if getattr(args, f, None) is not None}
-    return GenerateConfig(**given).validate()
+    return dataclasses.replace(base or GenerateConfig(), **given).validate()
 
 
 def _check_text_mode(args) -> None:
@@ -412,7 +416,7 @@ def _check_text_mode(args) -> None:
             raise _user_error(f"--text-file {args.text_file!r} is not UTF-8 text ({e})") from None
     if args.max_new_tokens < 1:
         raise _user_error(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
-    args.generate_cfg = generate_settings(args)
+    generate_settings(args)  # bad flags fail before the model loads
 
 
 def _run_text(args, cfg, model) -> list[str]:
@@ -431,7 +435,7 @@ def _run_text(args, cfg, model) -> list[str]:
         temperature=args.temperature,
         stop_id=tok.eos_id,
         seed=args.seed,
-        eviction=args.generate_cfg,
+        eviction=generate_settings(args, getattr(cfg, "generate", None)),
     )
     ids = sample.tokens[0, : sample.lengths[0]].tolist()
     return [tok.decode([i for i in ids if i != tok.eos_id])]

@@ -2,9 +2,9 @@
 
 One module per concern: model.py (backbone model and modality constants; its audio and vision
 sub-sections in modalities.py), data.py, train.py (`TrainConfig` and the component loops'
-`LoopConfig`), parallel.py, elastic.py, rl.py, components.py (tokenizers, codecs, judges, merger),
-recipe.py (the top-level recipe classes and COMPONENTS) and loader.py (YAML, `base:`, overrides,
-typed construction, save and hash).
+`LoopConfig`), parallel.py, elastic.py, rl.py, generate.py (sampling with a KV cache),
+components.py (tokenizers, codecs, judges, merger), recipe.py (the top-level recipe classes and
+COMPONENTS) and loader.py (YAML, `base:`, overrides, typed construction, save and hash).
 
 Every problem is reported as one `ConfigError` naming the key, the bad value and what is allowed;
 the CLI turns it into a one-line message and exit code 2 before any work starts. This package does
@@ -21,6 +21,7 @@ from .components import (
 )
 from .data import MIXTURE_MODALITY, DataConfig, MixtureConfig
 from .elastic import ElasticConfig
+from .generate import KV_POLICIES, GenerateConfig
 from .loader import (
     config_hash,
     from_dict,
@@ -62,6 +63,7 @@ __all__ = [
     "ParallelConfig",
     "ElasticConfig",
     "RLConfig",
+    "GenerateConfig",
     "VisualTokenizerConfig",
     "VisionJudgeConfig",
     "VisionMergerConfig",
@@ -78,6 +80,7 @@ __all__ = [
     "MODALITIES",
     "SPECIAL_TOKENS",
     "MIXTURE_MODALITY",
+    "KV_POLICIES",
     # loading and saving
     "load_config",
     "load_recipe_dict",

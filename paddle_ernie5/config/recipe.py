@@ -24,6 +24,7 @@ from .components import (
 )
 from .data import MIXTURE_MODALITY, DataConfig
 from .elastic import ElasticConfig
+from .generate import GenerateConfig
 from .model import ModelConfig
 from .parallel import ParallelConfig
 from .rl import RLConfig
@@ -72,6 +73,8 @@ class Config(_Recipe):
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    # Sampling with a KV cache (`ernie5 generate --text`; its flags override these).
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     visual_tokenizer: VisualTokenizerConfig = field(default_factory=VisualTokenizerConfig)
     vision_judge: VisionJudgeConfig = field(default_factory=VisionJudgeConfig)
     vision_merger: VisionMergerConfig = field(default_factory=VisionMergerConfig)
@@ -92,6 +95,7 @@ class Config(_Recipe):
         self.parallel.validate("parallel")
         self.elastic.validate("elastic")
         self.rl.validate("rl")
+        self.generate.validate("generate")
         _check(
             "train.clip",
             "mode",

@@ -38,6 +38,7 @@ RESUME_FREE = (
     "data.cache_dir",
     "data.eval_batches",
     "parallel",
+    "generate",  # sampling settings: they do not change training
 )
 
 

@@ -5,6 +5,8 @@ the fast loop against the reference loop, and the `generate` settings' errors.""
 
 import argparse
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import paddle
@@ -350,3 +352,73 @@ def test_cli_continues_text_with_an_evicted_cache(debug_config, tmp_path, capsys
         )
         assert cli.run(args, log=lines.append) == 0
     assert len(lines) == 2 and all(isinstance(x, str) for x in lines)
+
+
+# ------------------------------------------------------------------------- the recipe section
+def test_generate_section_in_recipes_overrides_and_yaml(tmp_path):
+    from paddle_ernie5.config import load_config, save_config
+
+    cfg = load_config("recipes/debug.yaml", ["generate.kv_budget=0.5", "generate.kv_policy=recent"])
+    assert cfg.generate == GenerateConfig(kv_budget=0.5, kv_policy="recent")
+    assert load_config("recipes/debug.yaml").generate == GenerateConfig()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "base: " + str(Path("recipes/debug.yaml").resolve()) + "\n"
+        "generate: {kv_budget: 0.25, nacl_proxy_tokens: 8}\n"
+    )
+    cfg = load_config(str(recipe))
+    assert (cfg.generate.kv_budget, cfg.generate.nacl_proxy_tokens) == (0.25, 8)
+    save_config(cfg, str(tmp_path / "saved.yaml"))  # a run's config.yaml reads back unchanged
+    assert load_config(str(tmp_path / "saved.yaml")).generate == cfg.generate
+    for bad, needle in (
+        ("generate.kv_budget=0", "generate.kv_budget=0.0 is invalid"),
+        ("generate.kv_budget=1.01", "generate.kv_budget=1.01 is invalid"),
+        ("generate.kv_policy=h2o", "generate.kv_policy='h2o' is invalid"),
+        ("generate.kv_budgt=0.5", "unknown key 'generate.kv_budgt'"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_config("recipes/debug.yaml", [bad])
+
+
+def test_resume_ignores_the_generate_section():
+    from paddle_ernie5.config import load_config
+    from paddle_ernie5.config.train import resume_settings
+
+    a = resume_settings(load_config("recipes/debug.yaml"))
+    b = resume_settings(load_config("recipes/debug.yaml", ["generate.kv_budget=0.5"]))
+    assert a == b
+
+
+def test_cli_reads_the_runs_generate_section_and_flags_override_it(
+    debug_config, tmp_path, monkeypatch
+):
+    from safetensors.numpy import save_file
+
+    from paddle_ernie5 import generate as cli
+    from paddle_ernie5.config import save_config
+
+    cfg = debug_config("generate.kv_budget=0.5", "generate.nacl_proxy_tokens=4")
+    paddle.seed(0)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    state = Ernie5Model(cfg.model).state_dict()
+    save_file(
+        {k: np.ascontiguousarray(v.numpy()) for k, v in state.items()},
+        str(folder / "model.safetensors"),
+    )
+    save_config(cfg, str(folder / "config.yaml"))
+    seen = []
+    real = G.generate
+
+    def spy(*a, **kw):
+        seen.append(kw["eviction"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(G, "generate", spy)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    base = ["--checkpoint", str(folder), "--text", "The pass key is 4312.", "--max-new-tokens", "2"]
+    for flags in ([], ["--kv-budget", "1", "--kv-policy", "random"]):
+        assert cli.run(parser.parse_args(base + flags), log=lambda *_: None) == 0
+    assert seen[0] == GenerateConfig(kv_budget=0.5, nacl_proxy_tokens=4)
+    assert seen[1] == GenerateConfig(kv_budget=1.0, kv_policy="random", nacl_proxy_tokens=4)
