@@ -24,11 +24,15 @@ when some sampled row sees no key). With the mask heads "kv" or "all" the import
 sharing a mask are averaged (the round-robin offsets of those heads then cover the stride
 together). RRAttention's description gives the aggregation at stride level and an O(L^2/S^2)
 selection but not its kernel; here the sampled rows are scored against every key, O(L^2 D / S)
-multiply-adds, in one call of the FlashMask op: each sampled row is repeated once per key block it
-can see, a block mask restricts copy j to key block j, and the op's per-row log-sum-exp is then
-the log of the block's unnormalised mass. The causal and document structure
-(startend_row_indices) is carried over to the copies as column ranges, so masked and future keys
-count exactly as in attention, and the op skips them as it does there.
+multiply-adds. Causal or full attention without startend_row_indices (a text prefill) on the CPU
+backend takes one call of `flashmask_block_lse_cpu` (custom_ops/flashmask/block_lse.cc): the
+sampled rows' scores against the keys of each block they can see, reduced to the block's
+log-sum-exp, scores only. Any other FlashMask structure, or another backend, takes one call of
+the FlashMask op: each sampled row is repeated once per key block it can see, a block mask
+restricts copy j to key block j, and the op's per-row log-sum-exp is then the log of the block's
+unnormalised mass (its values are computed too and thrown away). The causal and document
+structure (startend_row_indices) is carried over to the copies as column ranges, so masked and
+future keys count exactly as in attention, and the op skips them as it does there.
 
 Selection (adaptive top-tau): per (b, m, query block) the kept set starts with the forced blocks,
 the diagonal block(s) (those holding the block's own positions) and the first `sink_blocks` key
@@ -41,9 +45,10 @@ Blocks wholly above the causal diagonal are never kept. A `block` larger than th
 selects on the coarser grid and spreads each choice over its 128 x 128 op blocks.
 
 `rr_block_mask` is the entry point; `block_importance_reference` is the dense pure-Paddle
-computation of the same importances (O(S T) memory), for tests and small inputs. The estimator's
-FlashMask call runs on the given backend: the CPU op, or the dense reference; Paddle's GPU kernel
-adds its own block_mask conditions (see ops/flashmask.py).
+computation of the same importances (O(S T) memory), for tests and small inputs, and
+`block_log_mass_reference` that of the block log-sum-exp kernel. The estimator's FlashMask call
+runs on the given backend: the CPU op, or the dense reference; Paddle's GPU kernel adds its own
+block_mask conditions (see ops/flashmask.py).
 """
 
 from __future__ import annotations
@@ -55,7 +60,14 @@ import numpy as np
 import paddle
 
 from .flashmask import _BLOCK as OP_BLOCK
-from .flashmask import default_indices, dense_allowed_mask, flashmask_attention, per_query_head
+from .flashmask import (
+    _cpu_op,
+    default_indices,
+    dense_allowed_mask,
+    flashmask_attention,
+    per_query_head,
+    resolve_backend,
+)
 
 MASK_HEADS = ("head", "kv", "all")
 # A kept importance within this relative distance below tau * total counts as reaching it (sums of
@@ -220,6 +232,65 @@ def _block_log_mass(q, k, idx, causal, rows_HN, block, scale, backend) -> np.nda
     return np.where(valid, out, -np.inf)
 
 
+def sampled_limits(rows_HN: np.ndarray, sq: int, sk: int, causal: bool) -> np.ndarray:
+    """[H, N] int32: the last key column each sampled row sees (bottom-right aligned causal), or
+    the last column of all without causal."""
+    if not causal:
+        return np.full(rows_HN.shape, sk - 1, np.int32)
+    return (rows_HN + (sk - sq)).astype(np.int32)
+
+
+def _gather_rows(q_BSHD, rows_HN: np.ndarray):
+    """q_BHND float32: head h's query rows rows_HN[h] (one gather)."""
+    b, sq, h, d = q_BSHD.shape
+    n = rows_HN.shape[1]
+    flat = (rows_HN * h + np.arange(h)[:, None])[None] + (np.arange(b) * sq * h)[:, None, None]
+    q = q_BSHD.astype("float32").reshape([b * sq * h, d])
+    return paddle.gather(q, paddle.to_tensor(flat.ravel())).reshape([b, h, n, d])
+
+
+def block_log_mass(q_BHND, k_BTKD, limit_HN: np.ndarray, block: int, scale: float):
+    """lse_BHJN (float32 tensor) from the CPU kernel: per row n of head h and key block j, the log
+    of sum over the columns c <= limit_HN[h, n] of block j of exp(scale q.k_c); -inf for none."""
+    k = k_BTKD.astype("float32")
+    return _cpu_op().flashmask_block_lse_cpu(
+        q_BHND if q_BHND.is_contiguous() else q_BHND.contiguous(),
+        k if k.is_contiguous() else k.contiguous(),
+        paddle.to_tensor(np.ascontiguousarray(limit_HN, np.int32)),
+        int(block),
+        float(scale),
+    )
+
+
+def block_log_mass_reference(q_BHND, k_BTKD, limit_HN: np.ndarray, block: int, scale: float):
+    """`block_log_mass` in pure Paddle (dense scores of every row against every key)."""
+    b, h, n, d = q_BHND.shape
+    t, hk = k_BTKD.shape[1], k_BTKD.shape[2]
+    k = k_BTKD.astype("float32").transpose([0, 2, 1, 3]).repeat_interleave(h // hk, axis=1)
+    scores = paddle.matmul(q_BHND.astype("float32"), k, transpose_y=True) * scale  # [B, H, N, T]
+    nbj = -(-t // block)
+    visible = np.arange(t)[None, None, :] <= np.asarray(limit_HN)[:, :, None]  # [H, N, T]
+    visible = np.concatenate([visible, np.zeros([h, n, nbj * block - t], bool)], axis=-1)
+    pad = paddle.full([b, h, n, nbj * block - t], float("-inf"))
+    scores = paddle.concat([scores, pad], axis=-1)
+    seen = paddle.to_tensor(visible)
+    scores = paddle.where(seen, scores, paddle.full_like(scores, -np.inf))
+    scores = scores.reshape([b, h, n, nbj, block])
+    top = scores.max(axis=-1, keepdim=True)
+    top = paddle.where(paddle.isfinite(top), top, paddle.zeros_like(top))
+    # Paddle's CPU exp(-inf) is a tiny positive number, not 0: mask the terms explicitly.
+    terms = paddle.where(
+        seen.reshape([1, h, n, nbj, block]).expand(scores.shape),
+        paddle.exp(scores - top),
+        paddle.zeros_like(scores),
+    )
+    mass = terms.sum(axis=-1)
+    lse = paddle.where(
+        mass > 0, paddle.log(mass) + top.squeeze(-1), paddle.full_like(mass, -np.inf)
+    )
+    return lse.transpose([0, 1, 3, 2])
+
+
 def _to_importance(log_mass_BHJN: np.ndarray, sq: int, stride: int, block: int) -> np.ndarray:
     """Per-row softmax over key blocks, then the mean over the strides of each query block."""
     top = log_mass_BHJN.max(axis=2, keepdims=True)
@@ -252,9 +323,14 @@ def block_importance(
     b, sq, h, d = q_BSHD.shape
     rows = sampled_rows(sq, stride, h)
     scale = softmax_scale if softmax_scale is not None else d**-0.5
-    log_mass = _block_log_mass(
-        q_BSHD, k_BSKD, startend_row_indices, causal, rows, block, scale, backend
-    )
+    if startend_row_indices is None and resolve_backend(backend, q_BSHD) == "cpu":
+        limit = sampled_limits(rows, sq, k_BSKD.shape[1], causal)
+        lse = block_log_mass(_gather_rows(q_BSHD, rows), k_BSKD, limit, block, scale)
+        log_mass = lse.numpy().astype(np.float64)
+    else:
+        log_mass = _block_log_mass(
+            q_BSHD, k_BSKD, startend_row_indices, causal, rows, block, scale, backend
+        )
     return _to_importance(log_mass, sq, stride, block)
 
 

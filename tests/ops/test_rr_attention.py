@@ -110,6 +110,68 @@ def test_estimator_equals_brute_force(case, backend):
     np.testing.assert_allclose(ref, want, atol=1e-6, rtol=0)
 
 
+LSE_CASES = [  # b, h, hk, n, t, d, block
+    (1, 4, 2, 37, 300, 16, 128),
+    (2, 3, 1, 16, 128, 8, 128),
+    (1, 2, 2, 5, 1000, 32, 128),
+    (1, 4, 1, 70, 513, 24, 256),
+    (2, 4, 4, 33, 129, 64, 128),
+    (1, 1, 1, 1, 7, 2, 128),
+    (1, 4, 2, 48, 700, 32, 64),
+]
+
+
+@pytest.mark.parametrize("case", LSE_CASES)
+def test_block_log_mass_kernel_equals_the_reference(case):
+    b, h, hk, n, t, d, block = case
+    rng = np.random.default_rng(sum(case))
+    q = paddle.to_tensor(rng.standard_normal((b, h, n, d)).astype(np.float32) * 2)
+    k = paddle.to_tensor(rng.standard_normal((b, t, hk, d)).astype(np.float32) * 2)
+    limit = rng.integers(-2, t + 3, size=(h, n)).astype(np.int32)
+    limit[0, 0], limit[-1, -1] = -1, t - 1  # a row that sees nothing, one that sees everything
+    got = R.block_log_mass(q, k, limit, block, 0.3).numpy()
+    want = R.block_log_mass_reference(q, k, limit, block, 0.3).numpy()
+    assert got.shape == (b, h, -(-t // block), n)
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=2e-6, atol=2e-5)
+    # brute force for one row: the log of the block sums of exp(scale q.k) up to its limit
+    bi, hi, ni = b - 1, h - 1, n // 2
+    s = 0.3 * k.numpy()[bi, :, hi // (h // hk)].astype(np.float64) @ q.numpy()[bi, hi, ni]
+    for j in range(-(-t // block)):
+        cols = np.arange(j * block, min((j + 1) * block, t))
+        cols = cols[cols <= limit[hi, ni]]
+        want_j = np.log(np.exp(s[cols]).sum()) if cols.size else -np.inf
+        np.testing.assert_allclose(got[bi, hi, j, ni], want_j, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_block_log_mass_kernel_is_the_same_for_any_thread_count(threads, monkeypatch):
+    rng = np.random.default_rng(5)
+    q = paddle.to_tensor(rng.standard_normal((1, 4, 100, 32)).astype(np.float32))
+    k = paddle.to_tensor(rng.standard_normal((1, 900, 2, 32)).astype(np.float32))
+    limit = np.sort(rng.integers(0, 900, size=(4, 100)), axis=1).astype(np.int32)
+    base = R.block_log_mass(q, k, limit, 128, 0.2).numpy()
+    monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    np.testing.assert_array_equal(R.block_log_mass(q, k, limit, 128, 0.2).numpy(), base)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("sq,sk", [(300, 300), (200, 457), (700, 700)])
+def test_text_prefill_estimator_equals_the_flashmask_copies_path(causal, sq, sk):
+    """Without startend_row_indices the CPU estimator is the block log-sum-exp kernel; the
+    FlashMask-copies path (any mask) gives the same log masses."""
+    q, k = _qk(1, sq, sk, 4, 2, 16, seed=sq)
+    rows = R.sampled_rows(sq, 8, 4)
+    fast = R.block_log_mass(
+        R._gather_rows(q, rows), k, R.sampled_limits(rows, sq, sk, causal), 128, 0.25
+    ).numpy()
+    slow = R._block_log_mass(q, k, None, causal, rows, 128, 0.25, "cpu")
+    np.testing.assert_array_equal(np.isneginf(fast), np.isneginf(slow))
+    fin = np.isfinite(slow)
+    np.testing.assert_allclose(fast[fin], slow[fin], rtol=1e-5, atol=1e-5)
+
+
 def test_importances_of_a_query_block_sum_to_one_when_every_sampled_row_sees_a_key():
     q, k = _qk(2, 700, 700, 4, 2, 16, seed=3)
     imp = R.block_importance(q, k, stride=16)
