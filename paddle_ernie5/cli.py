@@ -115,6 +115,39 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_convert_dha(args) -> int:
+    from .io.paths import check_output_dir
+
+    check_output_dir(args.out, "--out")
+    _set_threads(args.threads)
+    from .config.model import HeadFusionConfig
+    from .train import dha
+
+    if dha.is_fusing(args.checkpoint):
+        if args.kv_budget is not None:
+            raise UserError(
+                f"{args.checkpoint} is being fused already: convert-dha on it merges the fused "
+                "heads; drop --kv-budget"
+            )
+        dha.merge(args.checkpoint, args.out)
+        return 0
+    if args.kv_budget is None:
+        raise UserError("--kv-budget is required to convert a checkpoint (e.g. 0.25)")
+    fusion = HeadFusionConfig(
+        steps=args.fusion_steps, schedule=args.fusion_schedule, granularity=args.granularity
+    )
+    fusion.validate("--fusion")
+    dha.convert(
+        args.checkpoint,
+        args.kv_budget,
+        args.out,
+        args.method,
+        fusion,
+        args.calibration_batches,
+    )
+    return 0
+
+
 def cmd_eval(args) -> int:
     if args.compare and not args.elastic_grid:
         raise UserError(
@@ -212,6 +245,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, required=True, help="experts per token")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser(
+        "convert-dha",
+        help="convert a run to Decoupled-Head Attention under a KV budget (head fusion that "
+        "continued training completes), or merge a run whose fusion is done",
+    )
+    p.add_argument("--checkpoint", required=True, help="run, checkpoint or exported-model dir")
+    p.add_argument(
+        "--kv-budget",
+        type=float,
+        default=None,
+        help="share of the multi-head KV cache to keep, in (0, 1] (omit to merge a fused run)",
+    )
+    p.add_argument("--method", default="dha", help="dha (default) or gqa (mean-pooling baseline)")
+    p.add_argument(
+        "--fusion-steps", type=int, default=8, help="training forwards until heads are fused"
+    )
+    p.add_argument("--fusion-schedule", default="linear", help="linear or cosine")
+    p.add_argument(
+        "--granularity",
+        default="subspace",
+        help="dha fusion weights: subspace (shared head + maps, default) or head (scalars)",
+    )
+    p.add_argument(
+        "--calibration-batches", type=int, default=4, help="training batches for the analysis"
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(fn=cmd_convert_dha)
     p = sub.add_parser("eval", help="evaluate a run: one table of metrics (and the elastic grid)")
     p.add_argument(
         "--checkpoint", required=True, help="run, checkpoint or exported-model directory"
@@ -257,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
         return n
 
-    for name in ("export", "eval", "routing-report", "generate"):
+    for name in ("export", "convert-dha", "eval", "routing-report", "generate"):
         sub.choices[name].add_argument(
             "--threads",
             type=threads,

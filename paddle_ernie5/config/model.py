@@ -16,9 +16,73 @@ _OP_BLOCK = 128  # FlashMask block_mask granularity (ops/flashmask.py; config im
 
 
 @dataclass(frozen=True, kw_only=True)
+class HeadFusionConfig:
+    """Progressive linear fusion of a converted checkpoint's heads (`ernie5 convert-dha`,
+    train/dha.py; the math in model/attention.py `HeadFusion`). While `from_k`/`from_v` are set,
+    layer l still computes the source's from_k[l] key and from_v[l] value heads, each a mix of the
+    source heads of its group (group = from / k_heads[l] consecutive heads) with weights that start
+    at identity (the source's own head: the same logits as the source) and move, over `steps`
+    training forwards, to the group's shared head; after that `convert-dha` merges the checkpoint
+    into the plain k_heads/v_heads model. The DHA paper (Chen et al., 2024) pulls the weights
+    together with a fusion loss under an augmented Lagrangian; its schedule is not disclosed, so
+    ours is an explicit interpolation toward the fused heads."""
+
+    from_k: tuple[int, ...] = ()  # source key heads per layer being fused; () = no fusion
+    from_v: tuple[int, ...] = ()  # source value heads per layer being fused
+    steps: int = 8  # training forwards (one per step at grad_accum 1) until the heads are fused
+    schedule: str = "linear"  # share of the group mean at forward t: t/steps, or cosine-shaped
+    # learned: DHA, the fusion weights are trained; mean: fixed (the GQA mean-pooling baseline
+    # with granularity head: the group's shared head is the plain mean of its heads).
+    weights: str = "learned"
+    # head: one weight per (head, member head), the group's heads end as its weighted mean (the
+    # paper's form); subspace: one shared head per group with maps that rebuild each head from it
+    # (complex per RoPE pair for keys, D x D for values), initialised by the conversion from the
+    # calibration data's principal components (model/attention.py HeadFusion).
+    granularity: str = "subspace"
+
+    @property
+    def active(self) -> bool:
+        return bool(self.from_k)
+
+    def validate(self, at: str) -> None:
+        _check(
+            at,
+            "from_v",
+            self.from_v,
+            bool(self.from_k) == bool(self.from_v),
+            "one entry per layer when from_k is set, else [] (both or neither)",
+        )
+        _check(at, "steps", self.steps, self.steps >= 0, ">= 0 (0 = fused from the start)")
+        _check(
+            at, "schedule", self.schedule, self.schedule in ("linear", "cosine"), "linear or cosine"
+        )
+        _check(
+            at,
+            "weights",
+            self.weights,
+            self.weights in ("learned", "mean"),
+            "learned (DHA) or mean (GQA mean pooling)",
+        )
+        _check(
+            at,
+            "granularity",
+            self.granularity,
+            self.granularity in ("head", "subspace"),
+            "head or subspace",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class AttentionConfig:
     num_heads: int = 4
     num_kv_heads: int = 2  # GQA: num_heads must be a multiple of it
+    # Decoupled-Head Attention (DHA): key and value heads of each backbone layer, one entry per
+    # layer; () = num_kv_heads in every layer (GQA, MHA when it equals num_heads). Query head h
+    # reads key head h // (num_heads / k) and value head h // (num_heads / v). The MTP block keeps
+    # num_kv_heads.
+    k_heads: tuple[int, ...] = ()
+    v_heads: tuple[int, ...] = ()
+    fusion: HeadFusionConfig = field(default_factory=HeadFusionConfig)
     head_dim: int = 32
     rope_base: float = 1e6  # ERNIE5.md
     # Uni-RoPE: share of rotary frequency pairs given to the (t, h, w) axes. Not disclosed; we
@@ -107,6 +171,48 @@ class AttentionConfig:
             "one of head, kv, all",
         )
         _check(at, "rr_sink_blocks", self.rr_sink_blocks, self.rr_sink_blocks >= 0, ">= 0")
+        h = self.num_heads
+        for name in ("k_heads", "v_heads"):
+            heads = getattr(self, name)
+            _check(
+                at,
+                name,
+                list(heads),
+                all(k >= 1 and h % k == 0 for k in heads),
+                f"divisors of num_heads={h}, one per layer ([] = num_kv_heads everywhere)",
+            )
+        self.fusion.validate(f"{at}.fusion")
+        for name, targets in (("from_k", self.k_heads), ("from_v", self.v_heads)):
+            src = getattr(self.fusion, name)
+            targets = targets or (self.num_kv_heads,) * len(src)
+            _check(
+                f"{at}.fusion",
+                name,
+                list(src),
+                len(src) in (0, len(targets))
+                and all(s >= 1 and h % s == 0 and s % t == 0 for s, t in zip(src, targets)),
+                f"per layer a divisor of num_heads={h} and a multiple of the layer's "
+                f"{name[-1]}_heads {list(targets)}",
+            )
+
+    def key_heads(self, layer: int | None = None) -> int:
+        """Key heads of backbone layer `layer` in the merged model (None: the MTP block)."""
+        return self.k_heads[layer] if self.k_heads and layer is not None else self.num_kv_heads
+
+    def value_heads(self, layer: int | None = None) -> int:
+        """Value heads of backbone layer `layer` in the merged model (None: the MTP block)."""
+        return self.v_heads[layer] if self.v_heads and layer is not None else self.num_kv_heads
+
+    def computed_heads(self, layer: int | None = None) -> tuple[int, int]:
+        """(key, value) heads layer `layer` computes and caches: the source's while a fusion is in
+        progress (fusion.from_k / from_v), else key_heads / value_heads."""
+        if self.fusion.active and layer is not None:
+            return self.fusion.from_k[layer], self.fusion.from_v[layer]
+        return self.key_heads(layer), self.value_heads(layer)
+
+    def kv_cache_heads(self, num_layers: int) -> int:
+        """Key plus value heads cached per token over the backbone's layers."""
+        return sum(sum(self.computed_heads(i)) for i in range(num_layers))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,6 +334,20 @@ class ModelConfig:
             self.moe.first_dense_layers <= self.num_layers,
             f"<= num_layers={self.num_layers}",
         )
+        a = self.attention
+        for name, heads in (
+            ("attention.k_heads", a.k_heads),
+            ("attention.v_heads", a.v_heads),
+            ("attention.fusion.from_k", a.fusion.from_k),
+            ("attention.fusion.from_v", a.fusion.from_v),
+        ):
+            _check(
+                at,
+                name,
+                list(heads),
+                len(heads) in (0, self.num_layers),
+                f"one entry per layer (num_layers={self.num_layers}) or []",
+            )
         self.attention.validate(f"{at}.attention")
         self.moe.validate(f"{at}.moe")
         self.audio.validate(f"{at}.audio")

@@ -17,10 +17,12 @@ from .view import FULL_VIEW
 
 
 class Block(nn.Layer):
-    def __init__(self, cfg: ModelConfig, use_moe: bool):
+    def __init__(self, cfg: ModelConfig, use_moe: bool, layer: int | None = None):
+        """`layer`: the backbone layer's index (its attention's head counts); None for the MTP
+        block."""
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.fused_ops)
-        self.attn = Attention(cfg.hidden_size, cfg.attention, cfg.init_std, cfg.fused_ops)
+        self.attn = Attention(cfg.hidden_size, cfg.attention, cfg.init_std, cfg.fused_ops, layer)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.fused_ops)
         moe = cfg.moe
         self.ffn = (

@@ -1,7 +1,8 @@
 """Autoregressive sampling with a key/value cache.
 
 Legend: B batch (rows decode in lock-step), P prompt length, N new tokens, L = P + N positions a
-call runs at most, V vocabulary, K/V [B, S, Hk, D].
+call runs at most, V vocabulary, keys [B, S, Hk, D], values [B, S, Hv, D] (Hk != Hv in a
+Decoupled-Head Attention layer, model/attention.py).
 
     prompt_BP --prefill--> logits of the last position, cache holds P positions
     repeat N times: choose token -> forward that one token (cache grows by 1) -> next logits
@@ -54,7 +55,7 @@ class LayerCache:
         self.eviction = eviction
         self.index = index  # the layer's index (seeds its random eviction)
         self.evicted = False
-        self.kept_positions = None  # [B, Hk, N] prompt positions an eviction kept
+        self.kept_positions = None  # [B, E, N] prompt positions an eviction group kept
 
     def append(self, k_BSKD, v_BSKD):
         if self.k is not None:
@@ -66,7 +67,7 @@ class LayerCache:
     def end_prefill(self, q_BSHD, softmax_scale: float) -> None:
         """After attention of S positions: if they filled the empty cache (the prefill), run the
         eviction once (see _evict_once)."""
-        if _evict_once(self, q_BSHD, self.k, softmax_scale):
+        if _evict_once(self, q_BSHD, self.k, softmax_scale, self.v.shape[2]):
             return
         keep = self.kept_positions
         t = [0, 2, 1, 3]
@@ -74,14 +75,16 @@ class LayerCache:
         self.v = gather_kept(self.v.transpose(t), keep).transpose(t)
 
 
-def _evict_once(cache, q_BSHD, k_BSKD, softmax_scale: float) -> bool:
+def _evict_once(cache, q_BSHD, k_BSKD, softmax_scale: float, v_heads: int) -> bool:
     """True when `cache` keeps everything: no eviction, not the prefill (the S rows of q did not
     fill an empty cache), already evicted, or a budget that keeps all; else sets
-    cache.kept_positions [B, K, N] to the positions to keep."""
+    cache.kept_positions [B, E, N] to the positions to keep (E eviction groups: kv_eviction.py)."""
     if cache.eviction is None or cache.evicted or k_BSKD.shape[1] != q_BSHD.shape[1]:
         return True
     cache.evicted = True
-    keep = cache.eviction.keep_indices(cache.index, q_BSHD, k_BSKD, softmax_scale)
+    # Differing key and value heads: one kept set per eviction group (kv_eviction.py).
+    groups = {} if v_heads == k_BSKD.shape[2] else {"v_heads": v_heads}
+    keep = cache.eviction.keep_indices(cache.index, q_BSHD, k_BSKD, softmax_scale, **groups)
     cache.kept_positions = keep
     return keep is None
 
@@ -119,24 +122,25 @@ class StaticLayerCache:
         self.capacity = owner.capacity
         self.eviction = owner.eviction
         self.evicted = False
-        self.kept_positions = None  # [B, Hk, N] prompt positions an eviction kept
+        self.kept_positions = None  # [B, E, N] prompt positions an eviction group kept
         self.length = 0
         self._bufs: dict[str, list] = {}  # "seq" | "head" -> [k, v, positions filled]
 
     def _fill(self, layout: str, k_BSKD, v_BSKD):
         """Write the new positions into `layout`, first catching up on positions the other layout
         holds."""
-        b, s, hk, d = k_BSKD.shape
+        s = k_BSKD.shape[1]
         cap = self.capacity
         if self.length + s > cap:
             raise ValueError(f"the KV cache holds {cap} positions; {self.length} + {s} do not fit")
         if layout not in self._bufs:
-            shape = [b, cap, hk, d] if layout == "seq" else [b, hk, cap, d]
-            self._bufs[layout] = [
-                paddle.zeros(shape, k_BSKD.dtype),
-                paddle.zeros(shape, v_BSKD.dtype),
-                0,
-            ]
+
+            def zeros(x_BSKD):
+                b, _, heads, d = x_BSKD.shape
+                shape = [b, cap, heads, d] if layout == "seq" else [b, heads, cap, d]
+                return paddle.zeros(shape, x_BSKD.dtype)
+
+            self._bufs[layout] = [zeros(k_BSKD), zeros(v_BSKD), 0]
         buf = self._bufs[layout]
         if buf[2] < self.length:
             other_k, other_v, _ = self._bufs["head" if layout == "seq" else "seq"]
@@ -172,7 +176,7 @@ class StaticLayerCache:
         eviction once; the kept keys and values move into head-major buffers sized for them and
         the positions still to come."""
         k, v, n = self._bufs["seq"]
-        if _evict_once(self, q_BSHD, k[:, :n], softmax_scale):
+        if _evict_once(self, q_BSHD, k[:, :n], softmax_scale, v.shape[2]):
             return
         keep = self.kept_positions
         kept = keep.shape[-1]
@@ -189,7 +193,8 @@ class StaticLayerCache:
 
     def attend(self, q_BSHD, k_BSKD, v_BSKD, softmax_scale: float):
         """Causal attention of one new position per row (S = 1) over the cache after appending its
-        key and value: q [B, 1, H, D] -> [B, 1, H, D], query head h reading kv head h // (H / Hk).
+        key and value: q [B, 1, H, D] -> [B, 1, H, D], query head h reading key head h // (H / Hk)
+        and value head h // (H / Hv) (the weights of the H heads regrouped by value head).
         Masked columns get weight exp(-inf), which Paddle's CPU softmax makes ~1e-29 rather than 0;
         their values are zeros, and L such weights change the normaliser far below float32
         resolution."""
@@ -197,10 +202,13 @@ class StaticLayerCache:
         if s != 1:
             raise ValueError(f"attend serves one new position per row, got {s}")
         k_BKLD, v_BKLD, n = self._fill("head", k_BSKD, v_BSKD)
-        hk = k_BKLD.shape[1]
+        hk, hv = k_BKLD.shape[1], v_BKLD.shape[1]
         scores_BKGL = paddle.matmul(q_BSHD.reshape([b, hk, h // hk, d]), k_BKLD, transpose_y=True)
         scores_BKGL = scores_BKGL * softmax_scale + self.owner.column_mask(n, self.capacity)
-        o_BKGD = paddle.matmul(F.softmax(scores_BKGL, axis=-1), v_BKLD)
+        probs = F.softmax(scores_BKGL, axis=-1)
+        if hv != hk:
+            probs = probs.reshape([b, hv, h // hv, -1])
+        o_BKGD = paddle.matmul(probs, v_BKLD)
         return o_BKGD.reshape([b, 1, h, d])
 
 

@@ -12,8 +12,15 @@ G = H / K, D head dim, n proxy tokens, N kept keys per (row, kv head).
 Budget: N = ceil(kv_budget * P) keys per layer and kv head, kv_budget read as the decimal it was
 written as (0.1 * 30 keeps exactly 3, not ceil(3.0000000000000004) = 4); at least 1.
 
-Policies (one set of kept keys per batch row, layer and kv head, so the heads of a GQA group share
-theirs):
+Eviction groups: one set of kept positions per batch row, layer and eviction group, shared by the
+query heads of the group. With as many key as value heads (GQA, MHA) a group is one kv head and its
+query heads. With differing counts Kk != Kv (Decoupled-Head Attention) a query head's attention
+needs the keys and the values of the same positions, so a group must hold whole key groups and
+whole value groups: the E = gcd(Kk, Kv) runs of H / E consecutive query heads, each with Kk / E key
+heads and Kv / E value heads that all keep the group's positions (`gather_kept` repeats a group's
+positions over its heads). Scores (nacl) are summed over the group's query heads.
+
+Policies:
   nacl    NACL (Chen et al., ACL 2024): proxy-token eviction + random eviction. The last
           `nacl_proxy_tokens` prompt positions are proxies (the question of a long-context prompt);
           score_c = the attention key c receives from the proxies, summed over the proxies and over
@@ -50,10 +57,13 @@ def kept_count(budget: float, p: int) -> int:
     return max(1, math.ceil(_exact(budget) * p))
 
 
-def proxy_scores(q_BSHD, k_BPKD, n_proxy: int, softmax_scale: float) -> np.ndarray:
-    """score_BKP (float64): the attention each key receives from the last `n_proxy` query rows,
-    summed over them and over the query heads of its kv head. Query row i of S is position
-    P - S + i; a proxy sees the keys up to its own position."""
+def proxy_scores(
+    q_BSHD, k_BPKD, n_proxy: int, softmax_scale: float, groups: int | None = None
+) -> np.ndarray:
+    """score_BEP (float64): the attention each key receives from the last `n_proxy` query rows,
+    summed over them and over the query heads of its eviction group (`groups` E, a divisor of the
+    key heads K; default K: one group per kv head). Query row i of S is position P - S + i; a
+    proxy sees the keys up to its own position."""
     b, s, h, d = q_BSHD.shape
     p, kh = k_BPKD.shape[1], k_BPKD.shape[2]
     n = min(n_proxy, s)
@@ -65,7 +75,9 @@ def proxy_scores(q_BSHD, k_BPKD, n_proxy: int, softmax_scale: float) -> np.ndarr
     scores_BKRP = paddle.where(
         visible, scores_BKRP * softmax_scale, paddle.full_like(scores_BKRP, float("-inf"))
     )
-    return F.softmax(scores_BKRP, axis=-1).sum(axis=2).numpy().astype(np.float64)
+    scores_BKP = F.softmax(scores_BKRP, axis=-1).sum(axis=2).numpy().astype(np.float64)
+    e = kh if groups is None else groups
+    return scores_BKP.reshape(b, e, kh // e, p).sum(axis=2)
 
 
 def nacl_keep(
@@ -106,25 +118,31 @@ class KVEviction:
     def __init__(self, cfg: GenerateConfig):
         self.cfg = cfg.validate()
 
-    def keep_indices(self, layer: int, q_BSHD, k_BPKD, softmax_scale: float):
-        """keep_BKN int64 (sorted positions of the P cached keys to keep), or None when the budget
+    def keep_indices(
+        self, layer: int, q_BSHD, k_BPKD, softmax_scale: float, v_heads: int | None = None
+    ):
+        """keep_BEN int64 (sorted positions of the P cached keys to keep per eviction group, E =
+        gcd(key heads, `v_heads`); E = K when v_heads is None or equal), or None when the budget
         keeps them all."""
         cfg = self.cfg
         b, p, kh = k_BPKD.shape[:3]
+        e = kh if v_heads is None else math.gcd(kh, v_heads)
         keep = kept_count(cfg.kv_budget, p)
         if keep >= p:
             return None
         rng = np.random.default_rng([cfg.nacl_seed, layer])
         if cfg.kv_policy == "recent":
-            return recent_keep(b, kh, p, keep)
+            return recent_keep(b, e, p, keep)
         if cfg.kv_policy == "random":
-            return random_keep(b, kh, p, keep, rng)
-        scores = proxy_scores(q_BSHD, k_BPKD, cfg.nacl_proxy_tokens, softmax_scale)
+            return random_keep(b, e, p, keep, rng)
+        scores = proxy_scores(q_BSHD, k_BPKD, cfg.nacl_proxy_tokens, softmax_scale, e)
         return nacl_keep(scores, keep, cfg.nacl_proxy_tokens, cfg.nacl_random_share, rng)
 
 
-def gather_kept(x_BKPD, keep_BKN: np.ndarray):
-    """x [B, K, P, D] -> the kept positions [B, K, N, D] (head-major)."""
+def gather_kept(x_BKPD, keep_BEN: np.ndarray):
+    """x [B, K, P, D] -> the kept positions [B, K, N, D] (head-major); each of the E eviction
+    groups' positions apply to its K / E consecutive heads."""
     b, kh, _, d = x_BKPD.shape
-    index = paddle.to_tensor(keep_BKN.astype(np.int64)).unsqueeze(-1).expand([b, kh, -1, d])
+    keep = np.repeat(keep_BEN.astype(np.int64), kh // keep_BEN.shape[1], axis=1)
+    index = paddle.to_tensor(keep).unsqueeze(-1).expand([b, kh, -1, d])
     return paddle.take_along_axis(x_BKPD, index, axis=2)

@@ -99,7 +99,10 @@ class Ernie5Model(nn.Layer):
         self.cfg = cfg
         self.embed = ModalityEmbeddings(cfg)
         self.blocks = nn.LayerList(
-            [Block(cfg, use_moe=i >= cfg.moe.first_dense_layers) for i in range(cfg.num_layers)]
+            [
+                Block(cfg, use_moe=i >= cfg.moe.first_dense_layers, layer=i)
+                for i in range(cfg.num_layers)
+            ]
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.fused_ops)
         self.text_head = TextHead(cfg, self.embed.text_table() if cfg.tie_embeddings else None)

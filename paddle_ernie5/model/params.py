@@ -11,8 +11,7 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     total: every parameter, MTP included. activated: parameters one text token touches in inference
     (backbone with top_k of the experts, the text embedding row excluded, MTP excluded)."""
     m, v, l = cfg.hidden_size, cfg.text_vocab, cfg.num_layers
-    a, moe = cfg.attention, cfg.moe
-    attn = m * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + a.num_heads * a.head_dim * m
+    moe = cfg.moe
     norms = 2 * m
     expert = 3 * m * moe.expert_hidden
     shared = 3 * m * moe.shared_expert_hidden * moe.num_shared_experts
@@ -23,8 +22,13 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     moe_layer_active = m * moe.num_experts + moe.top_k * expert + shared
     embed = v * m
     head = 0 if cfg.tie_embeddings else v * m
-    mtp = (2 * m + 2 * m * m + attn + norms + dense_ffn + m) if cfg.num_mtp_modules else 0
-    backbone_common = l * (attn + norms) + n_dense * dense_ffn + m
+    mtp = (
+        (2 * m + 2 * m * m + attention_params(cfg) + norms + dense_ffn + m)
+        if cfg.num_mtp_modules
+        else 0
+    )
+    attn = sum(attention_params(cfg, i) for i in range(l))
+    backbone_common = attn + l * norms + n_dense * dense_ffn + m
     total = embed + head + backbone_common + n_moe * moe_layer_total + mtp
     activated = (
         head + backbone_common + n_moe * moe_layer_active + (embed if cfg.tie_embeddings else 0)
@@ -42,6 +46,22 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
         "embedding": embed,
         "experts": n_moe * moe.num_experts * expert,
     }
+
+
+def attention_params(cfg: ModelConfig, layer: int | None = None) -> int:
+    """Attention of backbone layer `layer` (None: the MTP block): the qkv projection over its key
+    and value heads (model.attention.k_heads / v_heads; while a conversion fuses heads, the
+    source's heads and the fusion weights) and the output projection."""
+    a, m = cfg.attention, cfg.hidden_size
+    kh, vh = a.computed_heads(layer)
+    params = m * (a.num_heads + kh + vh) * a.head_dim + a.num_heads * a.head_dim * m
+    f = a.fusion
+    if layer is not None and f.active and f.weights == "learned":
+        d = a.head_dim
+        for src, tgt, subspace in ((kh, a.key_heads(layer), d), (vh, a.value_heads(layer), d * d)):
+            # head: [T, G, G]; subspace: C and N, [T, G, D/2, 2] (keys) or [T, G, D, D] (values)
+            params += src * (src // tgt) if f.granularity == "head" else 2 * src * subspace
+    return params
 
 
 def audio_params(cfg: ModelConfig) -> int:

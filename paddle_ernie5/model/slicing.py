@@ -9,6 +9,8 @@ No retraining: the sliced parameters are copied as they are. The result is an or
   in the chosen (layers, top-k) view, ties broken by lower index; kept in their original order.
 Routing in the slice is identical: top-k weights are renormalised over the chosen experts, so the
 softmax normaliser over the dropped experts cancels, and the selection bias is sliced with them.
+Per-layer attention settings (model.attention.k_heads / v_heads and a fusion in progress) follow
+their layers.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import re
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import AttentionConfig, ModelConfig
 from ..errors import UserError
 from .view import ElasticView, evenly_spaced_layers
 
@@ -99,9 +101,25 @@ def slice_state(
         dense_hidden=cfg.moe.dense_width(),
         first_dense_layers=sum(1 for l in layers if l < cfg.moe.first_dense_layers),
     )
-    new_cfg = dataclasses.replace(cfg, num_layers=len(layers), moe=moe)
+    new_cfg = dataclasses.replace(
+        cfg, num_layers=len(layers), moe=moe, attention=slice_attention(cfg.attention, layers)
+    )
     new_cfg.validate("model")
     return out, new_cfg
+
+
+def slice_attention(att: AttentionConfig, layers: tuple[int, ...]) -> AttentionConfig:
+    """The attention config of the kept `layers` (their entries of every per-layer list)."""
+
+    def pick(values: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(values[i] for i in layers) if values else ()
+
+    fusion = dataclasses.replace(
+        att.fusion, from_k=pick(att.fusion.from_k), from_v=pick(att.fusion.from_v)
+    )
+    return dataclasses.replace(
+        att, k_heads=pick(att.k_heads), v_heads=pick(att.v_heads), fusion=fusion
+    )
 
 
 def measure_loads(model, batches, view: ElasticView) -> dict[int, np.ndarray]:

@@ -1,7 +1,15 @@
 """FlashMask attention: one entry point with Paddle's signature, several backends.
 
-Shapes: query [B, Sq, H, D], key/value [B, Sk, Hk, D] (H a multiple of Hk),
+Shapes: query [B, Sq, H, D], key [B, Sk, Hk, D], value [B, Sk, Hv, D] (H a multiple of Hk and
+of Hv; query head h reads key head h // (H / Hk) and value head h // (H / Hv)),
 startend_row_indices [B, 1|Hk|H, Sk, C] int32 (format in masks.py), lse [B, H, Sq].
+
+Differing key and value head counts (Decoupled-Head Attention, model/attention.py) reach the CPU op
+and Paddle's kernel as G = lcm(Hk, Hv) heads of each (`expand_kv_heads`: key head i repeated G/Hk
+times, value heads G/Hv times; a per-key-head mask repeated alike): query head h then reads
+expanded head h // (H / G), which is a copy of its key head and of its value head, and the
+gradients of the copies sum back onto each head through the repeat's backward. The reference
+repeats both to H heads, as it does for GQA.
 
 block_mask (optional, as Paddle's): [B, 1|Hk|H, ceil(Sq/128), ceil(Sk/128)] int32 or bool; entry
 (b, h, i, j) nonzero keeps the 128 x 128 block of query rows 128i.. and key columns 128j.. for
@@ -27,6 +35,7 @@ resolves to Paddle's kernel. On the CPU nothing is cast: Paddle's CPU autocast k
 from __future__ import annotations
 
 import functools
+import math
 
 import paddle
 
@@ -116,17 +125,22 @@ def check_inputs(query, key, value, startend_row_indices, causal: bool) -> None:
                 f"flashmask_attention: {name} must be 4-D [B, S, heads, D], got shape {t.shape}"
             )
     b, sq, h, d = query.shape
-    if list(key.shape) != list(value.shape):
-        raise ValueError(f"flashmask_attention: key {key.shape} and value {value.shape} differ")
+    if list(key.shape[:2]) + key.shape[3:] != list(value.shape[:2]) + value.shape[3:]:
+        raise ValueError(
+            f"flashmask_attention: key {key.shape} and value {value.shape} differ in more than "
+            "their head counts"
+        )
     bk, sk, hk, dk = key.shape
+    hv = value.shape[2]
     if bk != b or dk != d:
         raise ValueError(
             f"flashmask_attention: query {query.shape} and key {key.shape} disagree "
             "on batch size or head dim"
         )
-    if hk == 0 or h % hk:
+    if hk == 0 or h % hk or hv == 0 or h % hv:
         raise ValueError(
-            f"flashmask_attention: query heads ({h}) must be a multiple of key/value heads ({hk})"
+            f"flashmask_attention: query heads ({h}) must be a multiple of key heads ({hk}) and "
+            f"of value heads ({hv})"
         )
     if startend_row_indices is None:
         return
@@ -263,7 +277,8 @@ def flashmask_attention_reference(
     v = value.astype("float32").transpose([0, 2, 1, 3])
     if hk != h:
         k = k.repeat_interleave(h // hk, axis=1)
-        v = v.repeat_interleave(h // hk, axis=1)
+    if value.shape[2] != h:
+        v = v.repeat_interleave(h // value.shape[2], axis=1)
     scores = paddle.matmul(q, k, transpose_y=True) * scale
     if startend_row_indices is None:
         startend_row_indices = default_indices(b, sq, sk, causal)
@@ -286,6 +301,30 @@ def flashmask_attention_reference(
     lse = (row_max + paddle.log(denom)).squeeze(-1)
     lse = paddle.where(denom.squeeze(-1) > 0, lse, paddle.full_like(lse, float("inf")))
     return out, lse
+
+
+def expand_kv_heads(key, value, startend_row_indices=None, block_mask=None):
+    """(key, value, startend_row_indices, block_mask) with key and value both at G = lcm(Hk, Hv)
+    heads (each head repeated in place) and a per-key-head mask or block mask repeated to G alike;
+    unchanged when Hk == Hv."""
+    hk, hv = key.shape[2], value.shape[2]
+    if hk == hv:
+        return key, value, startend_row_indices, block_mask
+    g = math.lcm(hk, hv)
+
+    def grow(t, heads, axis):
+        return (
+            t
+            if t is None or t.shape[axis] != heads or g == heads
+            else (t.repeat_interleave(g // heads, axis=axis))
+        )
+
+    return (
+        grow(key, hk, 2),
+        grow(value, hv, 2),
+        grow(startend_row_indices, hk, 1),
+        grow(block_mask, hk, 1),
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -348,6 +387,11 @@ def flashmask_attention(
     query, key, value = autocast_inputs(query, key, value)
     chosen = resolve_backend(backend, query)
     if chosen == "paddle":
+        if key.shape[2] != value.shape[2]:
+            check_inputs(query, key, value, startend_row_indices, causal)
+            key, value, startend_row_indices, block_mask = expand_kv_heads(
+                key, value, startend_row_indices, block_mask
+            )
         if softmax_scale is not None and softmax_scale == query.shape[-1] ** -0.5:
             softmax_scale = None  # the default; Paddle's FA2 path rejects an explicit scale
         return paddle.nn.functional.flashmask_attention(
@@ -395,6 +439,9 @@ def flashmask_attention(
     check_inputs(query, key, value, startend_row_indices, causal)
     if block_mask is not None:
         check_block_mask(block_mask, query, key)
+    key, value, startend_row_indices, block_mask = expand_kv_heads(
+        key, value, startend_row_indices, block_mask
+    )
     return _flashmask_cpu(
         query,
         key,

@@ -8,14 +8,19 @@ fp32 master weights + Adam moments (12 B) divided by the sharding degree (stage 
 needs the most memory. Activations are bf16 per token and layer for FlashMask attention (no S x S
 term):
 
-    attention  M (norm in) + M (qkv in) + (H + 2K) D (q, k, v) + H D (attention out)
-               + 2 H (fp32 lse)
+    attention  M (norm in) + M (qkv in) + (H + Kk + Kv) D (q, k, v) + H D (attention out)
+               + 2 H (fp32 lse), Kk + Kv averaged over the layers (model.attention.k_heads /
+               v_heads; 2 num_kv_heads without them)
     MoE FFN    M (norm in) + M (router/dispatch in) + K (3 F + M) (expert gate/up, act, out)
                + 3 F_shared (shared expert)
     recompute  only each layer's input (M) is kept, plus one layer's full set while it recomputes
 
 divided by mp (sequence parallel), times the micro-batches pipeline rank i keeps in flight under
 1F1B (min(pp - i, micro-batches)). The last stage also holds fp32 logits (V per token) for the loss.
+
+For inference the plan also gives the KV cache per token: bf16 keys and values of every backbone
+layer, 2 B x D x sum over layers of (Kk + Kv), and that figure as a share of the multi-head
+attention cache (Kk = Kv = H everywhere).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class Plan:
     activations: float
     activations_recompute: float
     logits: float
+    kv_cache_bytes_per_token: int = 0  # bf16 keys + values over the backbone's layers
+    kv_cache_mha_share: float = 1.0  # of the same model with Kk = Kv = H in every layer
 
     @property
     def total(self) -> float:
@@ -77,6 +84,7 @@ def make_plan(cfg: Config) -> Plan:
         experts = n_moe * expert_params
         return (stage.params - experts) / p.mp + experts / (p.ep * p.mp)
 
+    kv_heads = a.kv_cache_heads(m.num_layers)
     per_rank: dict[int, list] = {}
     for st in plan_stages(m, p):
         per_rank.setdefault(st.index, []).append(st)
@@ -84,7 +92,7 @@ def make_plan(cfg: Config) -> Plan:
         2
         * (
             2 * m.hidden_size
-            + (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
+            + (a.num_heads + kv_heads / m.num_layers) * a.head_dim
             + a.num_heads * a.head_dim
         )
         + 4 * a.num_heads
@@ -116,6 +124,8 @@ def make_plan(cfg: Config) -> Plan:
             activations_recompute=micro_tokens * 2 * m.hidden_size / p.mp * blocks * in_flight
             + per_layer,
             logits=micro_tokens * 4 * m.text_vocab / p.mp if "head" in names else 0.0,
+            kv_cache_bytes_per_token=2 * a.head_dim * kv_heads,
+            kv_cache_mha_share=kv_heads / (2 * a.num_heads * m.num_layers),
         )
 
     # The device that needs the most memory (without recompute) sets the requirement.
@@ -163,6 +173,10 @@ def format_plan(cfg: Config, plan: Plan) -> str:
         ("logits (fp32, last stage)", f"{plan.logits / GiB:.1f} GiB"),
         ("total / device, no recompute", f"{plan.total / GiB:.1f} GiB"),
         ("total / device, full recompute", f"{plan.total_recompute / GiB:.1f} GiB"),
+        (
+            "KV cache per token (bf16, inference)",
+            f"{plan.kv_cache_bytes_per_token:,} B ({100 * plan.kv_cache_mha_share:.1f}% of MHA)",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"| {'quantity'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]

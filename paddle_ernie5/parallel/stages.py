@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ModelConfig, ParallelConfig
-from ..model.params import modality_params
+from ..model.params import attention_params, modality_params
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,7 @@ class Item:
 def layer_costs(cfg: ModelConfig) -> list[Item]:
     """The pipeline items of a model with their parameter counts (sum = count_params total); the
     modalities' input layers ride with the embedding, their heads with the text head."""
-    m, v, moe, a = cfg.hidden_size, cfg.text_vocab, cfg.moe, cfg.attention
-    attn = m * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + a.num_heads * a.head_dim * m
+    m, v, moe = cfg.hidden_size, cfg.text_vocab, cfg.moe
     expert = 3 * m * moe.expert_hidden
     shared = 3 * m * moe.shared_expert_hidden * moe.num_shared_experts
     dense_ffn = (
@@ -37,7 +36,7 @@ def layer_costs(cfg: ModelConfig) -> list[Item]:
     mod_inputs, mod_heads = modality_params(cfg)  # image/video/audio embeddings and heads
     items = [Item("embed", v * m + mod_inputs, 0)]
     for i in range(cfg.num_layers):
-        common = attn + 2 * m
+        common = attention_params(cfg, i) + 2 * m
         if i < moe.first_dense_layers:
             items.append(Item(f"block.{i}", common + dense_ffn, common + dense_ffn))
         else:
@@ -49,7 +48,11 @@ def layer_costs(cfg: ModelConfig) -> list[Item]:
                 )
             )
     head = m + (0 if cfg.tie_embeddings else v * m)
-    mtp = (2 * m + 2 * m * m + attn + 2 * m + dense_ffn + m) if cfg.num_mtp_modules else 0
+    mtp = (
+        (2 * m + 2 * m * m + attention_params(cfg) + 2 * m + dense_ffn + m)
+        if cfg.num_mtp_modules
+        else 0
+    )
     items.append(Item("head", head + mtp + mod_heads, head + mtp))
     return items
 
