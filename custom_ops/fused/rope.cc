@@ -6,6 +6,12 @@
 //   heads j < H go to q, the next K to k, the last K are copied to v. Backward applies the
 //   transposed rotation (dx[i] = dy[i] c[i] + dy[i + P] s[i + P], dx[i + P] = dy[i + P] c[i + P]
 //   - dy[i] s[i]) and copies dv back.
+//
+// No FMA contraction: the reference rounds each product before the add (x * cos, then
+// rotate_half(x) * sin, then their sum), and so does this file, so q and k are the reference's bit
+// for bit.
+#pragma GCC optimize("fp-contract=off")
+
 #include <algorithm>
 #include <cstring>
 
