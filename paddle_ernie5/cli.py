@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", default="dha", help="dha (default) or gqa (mean-pooling baseline)")
     p.add_argument(
-        "--fusion-steps", type=int, default=8, help="training forwards until heads are fused"
+        "--fusion-steps", type=int, default=8, help="optimizer steps until heads are fused"
     )
     p.add_argument("--fusion-schedule", default="linear", help="linear or cosine")
     p.add_argument(

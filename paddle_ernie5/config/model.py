@@ -29,8 +29,8 @@ class HeadFusionConfig:
 
     from_k: tuple[int, ...] = ()  # source key heads per layer being fused; () = no fusion
     from_v: tuple[int, ...] = ()  # source value heads per layer being fused
-    steps: int = 8  # training forwards (one per step at grad_accum 1) until the heads are fused
-    schedule: str = "linear"  # share of the group mean at forward t: t/steps, or cosine-shaped
+    steps: int = 8  # optimizer steps until the heads are fused
+    schedule: str = "linear"  # share of the group mean at step t: t/steps, or cosine-shaped
     # learned: DHA, the fusion weights are trained; mean: fixed (the GQA mean-pooling baseline
     # with granularity head: the group's shared head is the plain mean of its heads).
     weights: str = "learned"

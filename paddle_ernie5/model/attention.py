@@ -74,8 +74,6 @@ class Attention(nn.Layer):
             qkv = self.qkv(x_BSM)
         else:
             qkv = paddle.matmul(x_BSM, self.fusion.mix(self.qkv.weight))
-            if self.training and paddle.is_grad_enabled():
-                self.fusion.advance()
         qkv = qkv.reshape([b, s, h + kh + vh, d])
         if kh == vh:
             q_BSHD, k_BSKD, v_BSKD = rope_qkv(qkv, cos, sin, h, kh, self.fused)
@@ -139,7 +137,7 @@ class HeadFusion(nn.Layer):
     S / T heads per group (consecutive), D head_dim, P = D / 2 RoPE pairs. Source head j (group c =
     j // G, rank r = j % G) is computed with the projection
 
-        W'_j = (1 - lam) W_j + lam F_j                      lam: 0 -> 1 over fusion.steps forwards
+        W'_j = (1 - lam) W_j + lam F_j                      lam: 0 -> 1 over fusion.steps optimizer steps
 
     granularity "head" (the paper's scalar fusion weights):
         F_j = sum_i a[c, r, i] W_{cG+i}, a = mean_r(w[c]): the group's mean weights, shared by
@@ -154,9 +152,10 @@ class HeadFusion(nn.Layer):
       which is all the merged model caches.
 
     At lam = 0 W'_j = W_j: the source's logits. The weights are trained (fusion.weights learned,
-    DHA) or fixed (mean: "head" at the identity, the GQA mean-pooling baseline). `step` counts the
-    training forwards; it is a buffer, so checkpoints carry it and a resumed run continues the
-    schedule."""
+    DHA) or fixed (mean: "head" at the identity, the GQA mean-pooling baseline). `step` counts optimizer
+    steps (the trainer calls `advance` after each, through `advance_head_fusion`, so
+    gradient accumulation and elastic sub-model forwards do not move it); it is a buffer, so
+    checkpoints carry it and a resumed run continues the schedule."""
 
     def __init__(self, cfg: AttentionConfig, layer: int):
         super().__init__()
@@ -253,3 +252,11 @@ class HeadFusion(nn.Layer):
             parts.append(mixed.reshape([m, src * d]))
             start += src * d
         return paddle.concat(parts, axis=1)
+
+
+def advance_head_fusion(model: nn.Layer) -> None:
+    """One optimizer step of every progressive head fusion in `model` (any wrapper or pipeline
+    stage of it): the trainer calls this after each step."""
+    for layer in model.sublayers():
+        if isinstance(layer, HeadFusion):
+            layer.advance()

@@ -365,7 +365,7 @@ def merged_state(model) -> tuple[dict, ModelConfig]:
 
 
 def fusion_progress(model) -> tuple[int, int]:
-    """(training forwards seen, attention.fusion.steps) of a fusing model."""
+    """(optimizer steps seen, attention.fusion.steps) of a fusing model."""
     first = model.blocks[0].attn.fusion
     return int(first.step.numpy()[0]), model.cfg.attention.fusion.steps
 
@@ -519,7 +519,7 @@ def merge(path: str, out_dir: str, log=print) -> dict:
     seen, steps = fusion_progress(model)
     if seen < steps:
         log(
-            f"note: the fusion schedule is at {seen} of {steps} forwards; merging at its end "
+            f"note: the fusion schedule is at {seen} of {steps} steps; merging at its end "
             "(every head at its group's shared head) changes the model's outputs"
         )
     state, new_model_cfg = merged_state(model)

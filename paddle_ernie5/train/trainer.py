@@ -25,6 +25,7 @@ from .. import config as C
 from ..config.train import resume_settings
 from ..data.loader import build_text_data, eval_batches, unigram_baseline
 from ..io import checkpoint
+from ..model.attention import advance_head_fusion
 from ..model.generation import generate
 from ..model.inputs import to_model_batch
 from ..model.losses import (
@@ -240,6 +241,7 @@ class Trainer:
             if i in loads.load:
                 load, seen = loads.mean_load(i)
                 moe.router.update_selection_bias(load, cfg.model.moe.bias_update_rate, seen)
+        advance_head_fusion(self.model)
         self.step += 1
         metrics = {k: v / cfg.train.grad_accum for k, v in sums.items()}
         metrics.update({"train/lr": lr, **clip.metrics(), "_tokens": tokens})

@@ -13,6 +13,7 @@ from paddle_ernie5 import config as C
 from paddle_ernie5.config.generate import GenerateConfig
 from paddle_ernie5.config.model import HeadFusionConfig
 from paddle_ernie5.io import checkpoint
+from paddle_ernie5.model.attention import advance_head_fusion
 from paddle_ernie5.model.generation import KVCache, _text_batch, generate
 from paddle_ernie5.model.kv_eviction import KVEviction
 from paddle_ernie5.model.model import Ernie5Model
@@ -280,12 +281,12 @@ def test_converted_models_give_the_source_logits_at_fusion_step_0_and_merge_exac
     fusion = HeadFusionConfig(steps=4, weights=weights_kind, granularity=granularity)
     new = _convert(cfg, model, plans, fusion, covs)
     np.testing.assert_allclose(_logits(new, ids), _logits(model, ids), atol=2e-5)
-    # the schedule: training forwards advance it, evaluation does not
+    # the schedule counts optimizer steps: forwards (training or not) do not move it
     new.train()
+    new(_text_batch(ids, 0), with_mtp=False)
+    assert dha.fusion_progress(new) == (0, 4)
     for _ in range(4):
-        new(_text_batch(ids, 0), with_mtp=False)
-    new.eval()
-    _logits(new, ids)
+        advance_head_fusion(new)
     assert dha.fusion_progress(new) == (4, 4) and new.blocks[0].attn.fusion.share() == 1.0
     state, merged_cfg = dha.merged_state(new)
     assert merged_cfg.attention.k_heads == tuple(p.k_heads for p in plans)
@@ -340,3 +341,21 @@ def test_bad_conversion_requests_give_one_clear_error(budget, method, needle):
     with pytest.raises(dha.DHAError) as err:
         dha.check_budget(budget, cfg, method)
     assert needle in str(err.value)
+
+
+def test_the_fusion_schedule_advances_once_per_optimizer_step(debug_config):
+    """Two micro-batches per step: the schedule follows the trainer's steps, not its forwards."""
+    from paddle_ernie5.train.trainer import Trainer
+
+    cfg = debug_config(
+        "train.grad_accum=2",
+        "model.attention.k_heads=[1,1]",
+        "model.attention.v_heads=[1,1]",
+        "model.attention.fusion.from_k=[2,2]",
+        "model.attention.fusion.from_v=[2,2]",
+        "model.attention.fusion.steps=4",
+    )
+    trainer = Trainer(cfg, log=lambda *_: None)
+    for _ in range(3):
+        trainer.train_step()
+    assert dha.fusion_progress(trainer.model) == (3, 4)
