@@ -201,6 +201,26 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_convert_moue(args) -> int:
+    """A standard MoE run as a Mixture of Universal Experts model (train/moue.py)."""
+    from .io.paths import check_output_dir
+
+    check_output_dir(args.out, "--out")
+    _set_threads(args.threads)
+    from .train.moue import convert_checkpoint
+
+    convert_checkpoint(
+        args.checkpoint,
+        args.out,
+        window=args.window,
+        trajectory_dim=args.trajectory_dim,
+        closed_offset=args.closed_offset,
+        open_decay=args.open_decay,
+        seed=args.seed,
+    )
+    return 0
+
+
 def _exp(x: float) -> float:
     import math
 
@@ -300,6 +320,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=4, help="held-out batches per source")
     p.set_defaults(fn=cmd_routing_report)
     p = sub.add_parser(
+        "convert-moue",
+        help="convert a standard MoE run to a Mixture of Universal Experts model (one pool: the "
+        "union of the layers' experts; same logits at step 0)",
+    )
+    p.add_argument("--checkpoint", required=True, help="run, checkpoint or exported-model dir")
+    p.add_argument("--out", required=True, help="output directory (train.init_from of its config)")
+    p.add_argument(
+        "--window", type=int, default=0, help="experts each layer reaches (0 = 2 x experts/layer)"
+    )
+    p.add_argument("--trajectory-dim", type=int, default=16, help="router trajectory state width")
+    p.add_argument(
+        "--closed-offset",
+        type=float,
+        default=30.0,
+        help="initial negative offset of the borrowed window slots (they start closed)",
+    )
+    p.add_argument("--open-decay", type=float, default=0.9, help="offset factor per optimizer step")
+    p.add_argument("--seed", type=int, default=0, help="seed of the trajectory parameters")
+    p.set_defaults(fn=cmd_convert_moue)
+    p = sub.add_parser(
         "generate",
         help="images (PNG), clips (GIF) from captions; answers about an "
         "image; speech (WAV) from text; transcripts of a WAV",
@@ -324,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
             default=0,
             help="CPU threads (0 = all cores), as train.threads",
         )
+    sub.choices["convert-moue"].add_argument(
+        "--threads", type=threads, default=0, help="CPU threads (0 = all cores)"
+    )
     return parser
 
 

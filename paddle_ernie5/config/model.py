@@ -216,6 +216,117 @@ class AttentionConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class UniversalConfig:
+    """Mixture of Universal Experts (MoUE, model/universal.py): ONE pool of `moe.num_experts`
+    experts shared by every MoE layer instead of a pool per layer. MoE layer j (the j-th MoE layer,
+    dense layers not counted) routes over a window of `window` consecutive pool experts starting
+    at (j * stride) mod num_experts, wrapping around the pool (staggered rotational topology).
+    The paper (Chen et al., 2026, "Mixture of Universal Experts") names the three parts; the
+    details below that it does not disclose are our choices, each a field."""
+
+    enabled: bool = False
+    window: int = 0  # experts one MoE layer reaches; 0 = half the pool
+    stride: int = 0  # window start step between consecutive MoE layers; 0 = window // 2
+    # Explicit window start per MoE layer (overrides stride); written by export and by
+    # `ernie5 convert-moue`, whose windows are centred on each layer's own experts.
+    starts: tuple[int, ...] = ()
+    # Universal router: width D of a per-token trajectory state carried from MoE layer to MoE
+    # layer, s' = tanh(s A + sum_k w_k emb[e_k]) (emb: a D-vector per pool expert, w_k the combine
+    # weights), mixed into each router's logits through a zero-initialised [D, window] projection
+    # (so a converted model starts with its source's routing). 0 = routers see x only.
+    trajectory_dim: int = 16
+    # universal: the aux-free bias of each layer window steers towards exposure-corrected targets
+    # (every pool expert gets the same total load over the depth, each layer keeping its own
+    # total; targets by iterative proportional fitting); window: a uniform load inside each
+    # window, as a standard MoE layer balances.
+    balance: str = "universal"
+    # Window slots a conversion added start closed (a large negative offset on their router logit
+    # and selection score); after every optimizer step the offset is multiplied by open_decay, so
+    # they open progressively. Slots of a model built from scratch are open from the start.
+    open_decay: float = 0.9
+
+    def window_size(self, num_experts: int) -> int:
+        return self.window or max(1, num_experts // 2)
+
+    def window_starts(self, num_moe_layers: int, num_experts: int) -> tuple[int, ...]:
+        """Start of each MoE layer's window in the pool (the window wraps around)."""
+        if self.starts:
+            return tuple(self.starts)
+        stride = self.stride or max(1, self.window_size(num_experts) // 2)
+        return tuple((j * stride) % num_experts for j in range(num_moe_layers))
+
+    def validate(self, at: str, moe: MoEConfig) -> None:
+        if not self.enabled:
+            return
+        e = moe.num_experts
+        _check(
+            at,
+            "window",
+            self.window,
+            self.window == 0 or moe.top_k <= self.window <= e,
+            f"0 (half the pool) or top_k={moe.top_k} <= window <= num_experts={e}",
+        )
+        _check(
+            at,
+            "window",
+            self.window,
+            self.window_size(e) >= moe.top_k,
+            f"a window of at least top_k={moe.top_k} experts (0 = half the pool of {e})",
+        )
+        _check(at, "stride", self.stride, self.stride >= 0, ">= 0 (0 = window // 2)")
+        _check(
+            at,
+            "starts",
+            list(self.starts),
+            all(0 <= s < e for s in self.starts),
+            f"pool indices 0..{e - 1}, one per MoE layer ([] = the rotation by stride)",
+        )
+        _check(at, "trajectory_dim", self.trajectory_dim, self.trajectory_dim >= 0, ">= 0")
+        _check(
+            at,
+            "balance",
+            self.balance,
+            self.balance in ("universal", "window"),
+            "universal (exposure-corrected) or window (uniform per window)",
+        )
+        _check(at, "open_decay", self.open_decay, 0 <= self.open_decay <= 1, "0..1")
+        _check(
+            at.rsplit(".", 1)[0],
+            "capacity_factor",
+            moe.capacity_factor,
+            moe.capacity_factor == 0,
+            "0 (dropless) with a universal expert pool",
+        )
+
+    def validate_layers(self, at: str, num_moe_layers: int, num_experts: int) -> None:
+        """The windows against the depth: one start per MoE layer, and every pool expert reached
+        by some window (an expert no layer reaches would be dead weight)."""
+        if not self.enabled:
+            return
+        _check(
+            at,
+            "starts",
+            list(self.starts),
+            len(self.starts) in (0, num_moe_layers),
+            f"one start per MoE layer ({num_moe_layers}) or []",
+        )
+        w = self.window_size(num_experts)
+        starts = self.window_starts(num_moe_layers, num_experts)
+        reached = {(s + i) % num_experts for s in starts for i in range(w)}
+        missing = sorted(set(range(num_experts)) - reached)
+        _check(
+            at,
+            "window",
+            self.window,
+            not missing,
+            f"windows that together reach the whole pool: with {num_moe_layers} MoE layers, "
+            f"window {w} and starts {list(starts)} "
+            f"experts {missing[:8]}{'...' if len(missing) > 8 else ''} are never reached; "
+            "raise window or stride, or shrink num_experts",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class MoEConfig:
     num_experts: int = 32  # ONE pool shared by every modality (ERNIE5.md)
     top_k: int = 4
@@ -235,6 +346,8 @@ class MoEConfig:
     # no padded grid), grouped = batched matmuls over an [E, C, M] grid; auto = cpu_op for CPU
     # tensors, grouped on a GPU. Expert-parallel dispatchers always use grouped.
     expert_backend: str = "auto"
+    # One pool shared by every MoE layer (num_experts is then the pool's size), off by default.
+    universal: UniversalConfig = field(default_factory=UniversalConfig)
 
     def dense_width(self) -> int:
         return self.dense_hidden or (
@@ -289,6 +402,7 @@ class MoEConfig:
             self.expert_backend in ("auto", "cpu_op", "grouped"),
             "one of auto, cpu_op, grouped",
         )
+        self.universal.validate(f"{at}.universal", self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -350,6 +464,11 @@ class ModelConfig:
             )
         self.attention.validate(f"{at}.attention")
         self.moe.validate(f"{at}.moe")
+        self.moe.universal.validate_layers(
+            f"{at}.moe.universal",
+            self.num_layers - self.moe.first_dense_layers,
+            self.moe.num_experts,
+        )
         self.audio.validate(f"{at}.audio")
         self.vision.validate(f"{at}.vision")
 

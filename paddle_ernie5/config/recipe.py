@@ -148,6 +148,22 @@ class Config(_Recipe):
             self.model.moe.num_experts % self.parallel.ep == 0,
             f"a divisor of model.moe.num_experts={self.model.moe.num_experts}",
         )
+        uni = self.model.moe.universal
+        _check(
+            "parallel",
+            "pp",
+            self.parallel.pp,
+            self.parallel.pp == 1 or not uni.enabled,
+            "1 with model.moe.universal.enabled (every pipeline stage would need the shared pool)",
+        )
+        _check(
+            "elastic",
+            "min_experts",
+            self.elastic.min_experts,
+            not uni.enabled
+            or self.elastic.min_experts <= uni.window_size(self.model.moe.num_experts),
+            "<= model.moe.universal.window with a universal pool (experts drawn per window)",
+        )
         data_ranks = self.parallel.dp * self.parallel.ep * self.parallel.sharding
         _check(
             "train",

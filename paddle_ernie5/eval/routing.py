@@ -5,6 +5,10 @@ how often each expert is chosen. From the usage matrix U[source][layer, expert]:
 - heatmaps (layers x experts) per source;
 - IoU of the top-25% most used experts between source pairs, per layer (first / middle / last);
 - normalised routing entropy per layer: NE = -sum p log p / log E (1 = uniform use of all experts).
+
+A universal pool (MoUE, model/universal.py) has one usage column per pool expert; each layer uses
+only its window, so its entropy is normalised over the window (log W), and the report adds the
+usage per layer window and the pool's balance over the depth (`window_report`).
 """
 
 from __future__ import annotations
@@ -128,28 +132,91 @@ def normalised_entropy(counts_E: np.ndarray) -> float:
     return float(-(nz * np.log(nz)).sum() / np.log(counts_E.size)) if counts_E.size > 1 else 1.0
 
 
-def analyse(usages: dict[str, np.ndarray]) -> dict:
-    """IoU matrices at the first/middle/last MoE layer and entropy per layer, per source."""
+def model_windows(model) -> dict[int, np.ndarray] | None:
+    """Block index -> pool experts of its window for a universal-pool model, else None."""
+    from ..model.universal import layer_windows
+
+    return layer_windows(model.cfg) if model.cfg.moe.universal.enabled else None
+
+
+def analyse(usages: dict[str, np.ndarray], windows: list[np.ndarray] | None = None) -> dict:
+    """IoU matrices at the first/middle/last MoE layer and entropy per layer, per source.
+    `windows`: per usage row, the columns that layer can use (universal pool); IoU and entropy
+    then look only at those."""
     sources = list(usages)
     n_layers = next(iter(usages.values())).shape[0]
+
+    def row(u, l):
+        return u[l] if windows is None else u[l][windows[l]]
+
     picks = {"first": 0, "middle": n_layers // 2, "last": n_layers - 1}
     iou_mats = {}
     for name, layer in picks.items():
-        sets = {t: top_set(usages[t][layer]) for t in sources}
+        sets = {t: top_set(row(usages[t], layer)) for t in sources}
         iou_mats[name] = np.array([[iou(sets[a], sets[b]) for b in sources] for a in sources])
-    entropy = {t: [normalised_entropy(u[l]) for l in range(n_layers)] for t, u in usages.items()}
+    entropy = {
+        t: [normalised_entropy(row(u, l)) for l in range(n_layers)] for t, u in usages.items()
+    }
     return {"sources": sources, "layers": picks, "iou": iou_mats, "entropy": entropy}
 
 
-def write_report(usages: dict[str, np.ndarray], layer_ids: list[int], out_dir: str) -> str:
-    """PNG figures + report.md under out_dir; returns the Markdown text."""
+def window_report(counts_LE: np.ndarray, layer_ids: list[int], windows: dict) -> list[str]:
+    """Markdown: usage per layer window of a universal pool (window, entropy over the window,
+    max/mean load inside it, share of the layer's load on experts the previous MoE layer's window
+    also holds) and the pool's balance over the depth (model/universal.py `balance_stats`)."""
+    from ..model.universal import balance_stats
+
+    num_experts = counts_LE.shape[1]
+    loads = {l: counts_LE[r] for r, l in enumerate(layer_ids)}
+    st = balance_stats(loads, windows, num_experts)
+    lines = [
+        "| layer | window (pool experts) | entropy over window | max/mean in window "
+        "| load on experts shared with the previous window |",
+        "|---|---|---:|---:|---:|",
+    ]
+    prev = None
+    for l in layer_ids:
+        win, load = windows[l], loads[l]
+        shared = (
+            "-"
+            if prev is None
+            else f"{load[np.intersect1d(win, prev)].sum() / max(1, load.sum()):.2f}"
+        )
+        first, last = int(win[0]), int(win[-1])
+        span = f"{first}..{last}" if last >= first else f"{first}..{num_experts - 1}, 0..{last}"
+        lines.append(
+            f"| L{l} | {span} | {normalised_entropy(load[win]):.3f} "
+            f"| {st['per_window'][l]:.2f} | {shared} |"
+        )
+        prev = win
+    exp = st["exposure_P"]
+    lines += [
+        "",
+        f"Pool of {num_experts} experts, exposure (windows per expert) "
+        f"{int(exp.min())}..{int(exp.max())}; total load over the depth, max/mean "
+        f"{st['max_over_mean']:.2f}; per unit of exposure, max/mean "
+        f"{st['per_exposure_max_over_mean']:.2f}; normalised entropy of the total "
+        f"{normalised_entropy(st['total_P']):.3f}.",
+    ]
+    return lines
+
+
+def write_report(
+    usages: dict[str, np.ndarray],
+    layer_ids: list[int],
+    out_dir: str,
+    windows: dict[int, np.ndarray] | None = None,
+) -> str:
+    """PNG figures + report.md under out_dir; returns the Markdown text. `windows`: a universal
+    pool's layer windows (`model_windows`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
-    res = analyse(usages)
+    rows = None if windows is None else [windows[l] for l in layer_ids]
+    res = analyse(usages, rows)
     sources = res["sources"]
     fig, axes = plt.subplots(
         len(sources), 1, figsize=(10, 1.2 + 0.9 * len(sources) * 1.2), squeeze=False
@@ -224,7 +291,7 @@ def write_report(usages: dict[str, np.ndarray], layer_ids: list[int], out_dir: s
     pool = {**group_usages(usages), **usages}
     for (a, b), vals in PAPER_IOU.items():
         if a in pool and b in pool:
-            pair = analyse({a: pool[a], b: pool[b]})
+            pair = analyse({a: pool[a], b: pool[b]}, rows)
             ours = " / ".join(f"{pair['iou'][n][0, 1]:.2f}" for n in ("first", "middle", "last"))
         else:
             ours = "not measurable: the model has no such sources"
@@ -239,6 +306,10 @@ def write_report(usages: dict[str, np.ndarray], layer_ids: list[int], out_dir: s
         + ". Multimodal sources count "
         "only the positions of their own modality (`routing_select`).",
     ]
+    if windows is not None:
+        for t in sources:
+            lines += ["", f"## Universal pool: usage per layer window ({t})", ""]
+            lines += window_report(usages[t], layer_ids, windows)
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(text)

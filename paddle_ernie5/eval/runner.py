@@ -73,7 +73,13 @@ def routing_report(path: str, out_dir: str = "", max_batches: int = 4, log=print
     """Run held-out data of every source through the model at `path`; write figures and
     report.md."""
     from ..data.text import get_text_tokenizer
-    from .routing import multimodal_source_batches, text_source_batches, usage, write_report
+    from .routing import (
+        model_windows,
+        multimodal_source_batches,
+        text_source_batches,
+        usage,
+        write_report,
+    )
 
     cfg, model = load_model(path, log)
     tokenizer = get_text_tokenizer(
@@ -86,6 +92,6 @@ def routing_report(path: str, out_dir: str = "", max_batches: int = 4, log=print
     out_dir = out_dir or os.path.join(
         os.path.dirname(checkpoint.find_run(path)[0]), "routing_report"
     )
-    text = write_report(usages, [i for i, _ in model.moe_layers()], out_dir)
+    text = write_report(usages, [i for i, _ in model.moe_layers()], out_dir, model_windows(model))
     log(f"wrote {out_dir}/report.md and figures")
     return text

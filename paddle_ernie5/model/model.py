@@ -29,6 +29,7 @@ from .heads import MTPModule, TextHead, build_heads
 from .moe import RouterStats
 from .norm import RMSNorm
 from .rope import rope_cos_sin
+from .universal import UniversalPool, layer_windows
 from .view import FULL_VIEW, ElasticView
 
 
@@ -98,9 +99,18 @@ class Ernie5Model(nn.Layer):
         super().__init__()
         self.cfg = cfg
         self.embed = ModalityEmbeddings(cfg)
+        # MoUE: one expert pool for every MoE layer, each reaching its window (model/universal.py)
+        self.universal = UniversalPool(cfg) if cfg.moe.universal.enabled else None
+        windows = layer_windows(cfg) if self.universal is not None else {}
         self.blocks = nn.LayerList(
             [
-                Block(cfg, use_moe=i >= cfg.moe.first_dense_layers, layer=i)
+                Block(
+                    cfg,
+                    use_moe=i >= cfg.moe.first_dense_layers,
+                    layer=i,
+                    pool=self.universal,
+                    window=windows.get(i),
+                )
                 for i in range(cfg.num_layers)
             ]
         )
@@ -130,6 +140,7 @@ class Ernie5Model(nn.Layer):
         causal = batch.get("mask_causal", True)
         x = self.embed(batch)
         stats = {}
+        route_state = None  # universal router's trajectory state, carried over the depth
         layers = range(len(self.blocks)) if view.layers is None else view.layers
         for i in layers:
             x, layer_stats = self.blocks[i](
@@ -141,9 +152,11 @@ class Ernie5Model(nn.Layer):
                 None if cache is None else cache.layer(i),
                 None if router_replay is None else router_replay.get(i),
                 causal,
+                route_state,
             )
             if layer_stats is not None:
                 stats[i] = layer_stats
+                route_state = layer_stats.trajectory_TD
         next_embed = None
         if with_mtp and self.mtp is not None:
             next_embed = next_token_embeddings(self.embed, batch["input_ids"])

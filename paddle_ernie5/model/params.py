@@ -9,7 +9,9 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts of the model `cfg` describes.
 
     total: every parameter, MTP included. activated: parameters one text token touches in inference
-    (backbone with top_k of the experts, the text embedding row excluded, MTP excluded)."""
+    (backbone with top_k of the experts, the text embedding row excluded, MTP excluded; a universal
+    pool's trajectory recurrence and the embeddings of the k experts each MoE layer picks
+    included). experts: the routed experts (a universal pool's once)."""
     m, v, l = cfg.hidden_size, cfg.text_vocab, cfg.num_layers
     moe = cfg.moe
     norms = 2 * m
@@ -20,6 +22,13 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     n_dense = moe.first_dense_layers
     moe_layer_total = m * moe.num_experts + moe.num_experts * expert + shared
     moe_layer_active = m * moe.num_experts + moe.top_k * expert + shared
+    pool_total = pool_active = 0
+    if moe.universal.enabled:  # routers over a window; the experts counted once, in the pool
+        w, d = moe.universal.window_size(moe.num_experts), moe.universal.trajectory_dim
+        moe_layer_total = (m + d) * w + shared
+        moe_layer_active = (m + d) * w + moe.top_k * expert + shared
+        pool_total = universal_pool_params(cfg)
+        pool_active = d * d + n_moe_layers(cfg) * moe.top_k * d
     embed = v * m
     head = 0 if cfg.tie_embeddings else v * m
     mtp = (
@@ -29,9 +38,13 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     )
     attn = sum(attention_params(cfg, i) for i in range(l))
     backbone_common = attn + l * norms + n_dense * dense_ffn + m
-    total = embed + head + backbone_common + n_moe * moe_layer_total + mtp
+    total = embed + head + backbone_common + n_moe * moe_layer_total + mtp + pool_total
     activated = (
-        head + backbone_common + n_moe * moe_layer_active + (embed if cfg.tie_embeddings else 0)
+        head
+        + backbone_common
+        + n_moe * moe_layer_active
+        + pool_active
+        + (embed if cfg.tie_embeddings else 0)
     )
     if "audio" in cfg.modalities:
         total += audio_params(cfg)
@@ -44,8 +57,22 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
         "total": total,
         "activated": activated,
         "embedding": embed,
-        "experts": n_moe * moe.num_experts * expert,
+        "experts": (1 if moe.universal.enabled else n_moe) * moe.num_experts * expert,
     }
+
+
+def n_moe_layers(cfg: ModelConfig) -> int:
+    return cfg.num_layers - cfg.moe.first_dense_layers
+
+
+def universal_pool_params(cfg: ModelConfig) -> int:
+    """The universal expert pool (model/universal.py): its experts, the per-expert trajectory
+    embeddings and the state recurrence; 0 for a standard MoE."""
+    moe = cfg.moe
+    if not moe.universal.enabled:
+        return 0
+    d = moe.universal.trajectory_dim
+    return moe.num_experts * (3 * cfg.hidden_size * moe.expert_hidden + d) + d * d
 
 
 def attention_params(cfg: ModelConfig, layer: int | None = None) -> int:

@@ -9,6 +9,8 @@ No retraining: the sliced parameters are copied as they are. The result is an or
   in the chosen (layers, top-k) view, ties broken by lower index; kept in their original order.
 Routing in the slice is identical: top-k weights are renormalised over the chosen experts, so the
 softmax normaliser over the dropped experts cancels, and the selection bias is sliced with them.
+A universal expert pool (MoUE) is kept whole (--experts = the pool); the kept MoE layers keep
+their windows (universal.starts).
 Per-layer attention settings (model.attention.k_heads / v_heads and a fusion in progress) follow
 their layers.
 """
@@ -43,6 +45,11 @@ def check_request(cfg: ModelConfig, layers: int, experts: int, top_k: int) -> No
         raise ExportError(
             f"--layers {layers}: the model has {cfg.num_layers} layers "
             f"(allowed 1..{cfg.num_layers})"
+        )
+    if moe.universal.enabled and experts != moe.num_experts:
+        raise ExportError(
+            f"--experts {experts}: a universal expert pool is exported whole "
+            f"(--experts {moe.num_experts}); slice --layers and --top-k"
         )
     if not 1 <= experts <= moe.num_experts:
         raise ExportError(
@@ -90,12 +97,19 @@ def slice_state(
         old, rest = int(m.group(1)), m.group(2)
         if old not in renumber:
             continue
-        if rest in _EXPERT_AXIS:
+        if rest in _EXPERT_AXIS and not cfg.moe.universal.enabled:
             value = np.take(value, list(layer_experts[old]), axis=_EXPERT_AXIS[rest])
         out[f"blocks.{renumber[old]}.{rest}"] = np.ascontiguousarray(value)
     keep_experts = len(next(iter(layer_experts.values()))) if layer_experts else cfg.moe.num_experts
+    universal = cfg.moe.universal
+    if universal.enabled:  # the pool stays whole; the kept MoE layers keep their windows
+        first = cfg.moe.first_dense_layers
+        starts = universal.window_starts(cfg.num_layers - first, cfg.moe.num_experts)
+        kept = tuple(starts[l - first] for l in layers if l >= first)
+        universal = dataclasses.replace(universal, starts=kept)
     moe = dataclasses.replace(
         cfg.moe,
+        universal=universal,
         num_experts=keep_experts,
         top_k=top_k,
         dense_hidden=cfg.moe.dense_width(),

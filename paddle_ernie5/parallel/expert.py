@@ -193,13 +193,17 @@ def _regrid(slot_N, source_EC, capacity, new_capacity, num_experts, num_tokens):
 # ------------------------------------------------------------------------ weights of the shard
 
 
+def expert_banks(model) -> list[tuple[str, object]]:
+    """(name prefix, GroupedExperts) of every distinct expert bank: one per MoE layer, or the
+    universal pool once (MoUE: every MoE layer runs the same bank)."""
+    if getattr(model, "universal", None) is not None:
+        return [("universal.experts", model.universal.experts)]
+    return [(f"blocks.{i}.ffn.experts", moe.experts) for i, moe in model.moe_layers()]
+
+
 def expert_param_names(model) -> list[str]:
-    """Structured names of the stacked expert weights (rows = experts) of every MoE layer."""
-    return [
-        f"blocks.{i}.ffn.experts.{w}"
-        for i, _ in model.moe_layers()
-        for w in ("w_gate_up", "w_down")
-    ]
+    """Structured names of the stacked expert weights (rows = experts) of every expert bank."""
+    return [f"{prefix}.{w}" for prefix, _ in expert_banks(model) for w in ("w_gate_up", "w_down")]
 
 
 def make_dispatcher(kind: str, group, ep_rank: int, ep: int, capacity_factor: float):
@@ -230,15 +234,15 @@ def resolve_dispatcher(kind: str, ep: int, cuda: bool) -> str:
 
 
 def shard_experts(model, ep_rank: int, ep: int, dispatcher) -> None:
-    """Keep rows [ep_rank*L, (ep_rank+1)*L) of every expert weight and install `dispatcher`."""
-    for _, moe in model.moe_layers():
-        local = moe.cfg.num_experts // ep
-        rows = slice(ep_rank * local, (ep_rank + 1) * local)
+    """Keep rows [ep_rank*L, (ep_rank+1)*L) of every expert bank's weights (a universal pool's
+    once) and install `dispatcher` in every MoE layer."""
+    for _, bank in expert_banks(model):
         for name in ("w_gate_up", "w_down"):
-            full = getattr(moe.experts, name)
-            part = full.numpy()[rows]
+            full = getattr(bank, name)
+            local = full.shape[0] // ep
+            part = full.numpy()[ep_rank * local : (ep_rank + 1) * local]
             setattr(
-                moe.experts,
+                bank,
                 name,
                 paddle.create_parameter(
                     part.shape,
@@ -246,6 +250,7 @@ def shard_experts(model, ep_rank: int, ep: int, dispatcher) -> None:
                     default_initializer=paddle.nn.initializer.Assign(part),
                 ),
             )
+    for _, moe in model.moe_layers():
         moe.dispatcher = dispatcher
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import Config
-from ..model.params import count_params
+from ..model.params import count_params, universal_pool_params
 from .stages import plan_stages
 
 GiB = 1024**3
@@ -49,6 +49,7 @@ class Plan:
     activations: float
     activations_recompute: float
     logits: float
+    universal_pool: int = 0  # parameters of a universal expert pool (MoUE), 0 without one
     kv_cache_bytes_per_token: int = 0  # bf16 keys + values over the backbone's layers
     kv_cache_mha_share: float = 1.0  # of the same model with Kk = Kv = H in every layer
 
@@ -82,6 +83,8 @@ def make_plan(cfg: Config) -> Plan:
             if it.startswith("block.") and int(it.split(".")[1]) >= moe.first_dense_layers
         )
         experts = n_moe * expert_params
+        if moe.universal.enabled:  # one pool, split once over ep
+            experts = expert_params if "universal_pool" in stage.items else 0
         return (stage.params - experts) / p.mp + experts / (p.ep * p.mp)
 
     kv_heads = a.kv_cache_heads(m.num_layers)
@@ -124,6 +127,7 @@ def make_plan(cfg: Config) -> Plan:
             activations_recompute=micro_tokens * 2 * m.hidden_size / p.mp * blocks * in_flight
             + per_layer,
             logits=micro_tokens * 4 * m.text_vocab / p.mp if "head" in names else 0.0,
+            universal_pool=universal_pool_params(m),
             kv_cache_bytes_per_token=2 * a.head_dim * kv_heads,
             kv_cache_mha_share=kv_heads / (2 * a.num_heads * m.num_layers),
         )
@@ -156,6 +160,11 @@ def format_plan(cfg: Config, plan: Plan) -> str:
             "tokens per step",
             f"{_num(plan.tokens_per_step)} ({tc.batch_size} seq x {tc.grad_accum} "
             f"micro-batches x {cfg.data.seq_len})",
+        ),
+        *(
+            [("parameters, universal expert pool", f"{plan.universal_pool:,}")]
+            if plan.universal_pool
+            else []
         ),
         ("tokens per micro-batch per data rank", f"{plan.micro_batch_tokens}"),
         ("pipeline rank reported (most memory)", plan.stage),

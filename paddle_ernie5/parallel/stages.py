@@ -3,6 +3,9 @@
     [embed] [block 0] [block 1] ... [block L-1] [head: norm, text head, MTP]
      └─ stage 0 ─────┘ └─ stage 1 ─┘ ...        └─ stage pp-1 ──────────────┘
 
+A universal-expert model (MoUE) has one more item after the embedding, `universal_pool` (pipeline
+parallelism refuses it: every stage would need the pool).
+
 `layer_costs` gives each item's parameter count (memory) and activated parameter count (compute per
 token) from the config alone; `partition` cuts the sequence into pp * pp_chunks contiguous segments
 with the smallest possible largest compute cost (virtual stages: segment s runs on stage s % pp).
@@ -14,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ModelConfig, ParallelConfig
-from ..model.params import attention_params, modality_params
+from ..model.params import attention_params, modality_params, universal_pool_params
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,19 @@ def layer_costs(cfg: ModelConfig) -> list[Item]:
     )
     mod_inputs, mod_heads = modality_params(cfg)  # image/video/audio embeddings and heads
     items = [Item("embed", v * m + mod_inputs, 0)]
+    uni = moe.universal
+    if uni.enabled:  # MoUE: the shared pool is one item; the blocks hold routers over windows
+        d, n_moe = uni.trajectory_dim, cfg.num_layers - moe.first_dense_layers
+        items.append(
+            Item("universal_pool", universal_pool_params(cfg), n_moe * moe.top_k * (expert + d))
+        )
     for i in range(cfg.num_layers):
         common = attention_params(cfg, i) + 2 * m
         if i < moe.first_dense_layers:
             items.append(Item(f"block.{i}", common + dense_ffn, common + dense_ffn))
+        elif uni.enabled:
+            router = (m + d) * uni.window_size(moe.num_experts)
+            items.append(Item(f"block.{i}", common + router + shared, common + router + shared))
         else:
             items.append(
                 Item(

@@ -5,13 +5,18 @@ The draws come from a generator seeded by train.seed and saved in checkpoints, s
 is reproducible and resumes exactly. The sub-model trains through the same parameters and the same
 loss as the full model; gradients of every micro-batch (whatever its view) meet in one optimizer
 step.
+
+With a universal expert pool (model.moe.universal) the width axis draws, for every MoE layer, the
+same number n of experts from that layer's window (n in [min_experts, W-1]; random or the window's
+first n), so every layer keeps at least top_k choices; the view carries them per layer.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..config import ElasticConfig, ModelConfig
+from ..config import ElasticConfig, ModelConfig, MoEConfig
+from ..model.universal import balance_targets, layer_windows
 from ..model.view import FULL_VIEW, ElasticView, evenly_spaced_layers
 
 
@@ -23,6 +28,13 @@ class ElasticSampler:
         self.top_k = model_cfg.moe.top_k
         self.min_experts = cfg.min_experts or self.top_k
         self.rng = np.random.default_rng([seed, 0xE1A5])
+        # Universal pool: experts are drawn inside each MoE layer's window.
+        self.windows = layer_windows(model_cfg) if model_cfg.moe.universal.enabled else None
+        self.width = (
+            self.num_experts
+            if self.windows is None
+            else len(self.windows[next(iter(self.windows))])
+        )
 
     def sample(self) -> ElasticView:
         if not self.cfg.enabled:
@@ -38,16 +50,25 @@ class ElasticSampler:
                 if cfg.depth_rule == "even"
                 else tuple(range(n))
             )
-        if u_width >= cfg.width_full_prob and self.min_experts < self.num_experts:
-            n = int(rng.integers(self.min_experts, self.num_experts))
-            experts = (
-                tuple(sorted(rng.choice(self.num_experts, n, replace=False).tolist()))
-                if cfg.width_rule == "random"
-                else tuple(range(n))
-            )
+        layer_experts = None
+        if u_width >= cfg.width_full_prob and self.min_experts < self.width:
+            n = int(rng.integers(self.min_experts, self.width))
+            if self.windows is None:
+                experts = self._subset(self.num_experts, n)
+            else:
+                layer_experts = tuple(
+                    (i, tuple(sorted(window[list(self._subset(len(window), n))].tolist())))
+                    for i, window in self.windows.items()
+                )
         if u_topk >= cfg.topk_full_prob and self.top_k > 1:
             top_k = int(rng.integers(1, self.top_k))
-        return ElasticView(layers=layers, experts=experts, top_k=top_k)
+        return ElasticView(layers=layers, experts=experts, top_k=top_k, layer_experts=layer_experts)
+
+    def _subset(self, size: int, n: int) -> tuple[int, ...]:
+        """n of range(size): random (width_rule random) or the first n."""
+        if self.cfg.width_rule == "random":
+            return tuple(sorted(self.rng.choice(size, n, replace=False).tolist()))
+        return tuple(range(n))
 
     def sample_views(self) -> list[ElasticView]:
         """The views one micro-batch trains: the sampled one, preceded by the full model when
@@ -92,3 +113,30 @@ class LoadAccumulator:
         active = self.active[layer]
         seen = active > 0
         return np.where(seen, self.load[layer] / np.maximum(active, 1), 0.0), seen
+
+
+def update_router_biases(moe_layers, loads: LoadAccumulator, moe: MoEConfig) -> None:
+    """The aux-free bias update of every router that ran in the step (after the optimizer step).
+
+    Standard layers steer each expert towards the layer's mean load. Universal layers (one pool,
+    model/universal.py) steer each window slot towards the exposure-corrected target of
+    `balance_targets` (balance "universal") or the window's mean (balance "window"); then every
+    window's closed slots open by one step (universal.open_decay)."""
+    ran = [(i, layer) for i, layer in moe_layers if i in loads.load]
+    means = {i: loads.mean_load(i) for i, _ in ran}
+    uni = moe.universal
+    targets = {}
+    if uni.enabled and uni.balance == "universal" and ran:
+        windows = {i: layer.router.window for i, layer in ran}
+        targets = balance_targets(
+            {i: means[i][0][windows[i]] for i, _ in ran},
+            windows,
+            moe.num_experts,
+            {i: means[i][1][windows[i]] & layer.router.open_slots() for i, layer in ran},
+        )
+    for i, layer in ran:
+        load, seen = means[i]
+        layer.router.update_selection_bias(load, moe.bias_update_rate, seen, targets.get(i))
+    if uni.enabled:
+        for _, layer in moe_layers:
+            layer.router.open_window(uni.open_decay)

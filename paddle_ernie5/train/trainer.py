@@ -40,7 +40,7 @@ from ..model.params import count_params
 from ..optim.optimizer import AdaGC, global_clip_stats
 from ..optim.schedules import learning_rate
 from ..parallel.runtime import SingleProcess
-from .elastic import ElasticSampler, LoadAccumulator
+from .elastic import ElasticSampler, LoadAccumulator, update_router_biases
 from .logging import RunLogger, flatten, heatmap_image, load_balance
 from .loop import (
     check_numpy_rng_state,
@@ -237,10 +237,7 @@ class Trainer:
         clip = self._clip()
         self.precision.optimizer_step(self.par, self.model, self.optimizer)
         self.optimizer.clear_grad(set_to_zero=False)
-        for i, moe in self.model.moe_layers():
-            if i in loads.load:
-                load, seen = loads.mean_load(i)
-                moe.router.update_selection_bias(load, cfg.model.moe.bias_update_rate, seen)
+        update_router_biases(self.model.moe_layers(), loads, cfg.model.moe)
         advance_head_fusion(self.model)
         self.step += 1
         metrics = {k: v / cfg.train.grad_accum for k, v in sums.items()}
