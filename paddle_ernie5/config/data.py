@@ -16,6 +16,7 @@ MIXTURE_MODALITY = {
     "video_qa": "video",
     "asr": "audio",
     "tts": "audio",
+    "passkey": "text",
 }
 
 
@@ -33,6 +34,7 @@ class MixtureConfig:
     video_qa: float = 0.0  # video + question -> answer
     asr: float = 0.0  # speech -> transcript
     tts: float = 0.0  # transcript -> speech (depth-wise codec codes)
+    passkey: float = 0.0  # long-context passkey retrieval in built-in text (data/long_context.py)
 
     def weights(self) -> dict[str, float]:
         return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -57,7 +57,11 @@ class MixtureContext:
 
 SOURCES: dict[str, Callable[[MixtureContext], Source]] = {}
 # Modules that register the image/video and audio sources on import.
-SOURCE_MODULES = ("paddle_ernie5.data.vision_sources", "paddle_ernie5.data.audio_sources")
+SOURCE_MODULES = (
+    "paddle_ernie5.data.vision_sources",
+    "paddle_ernie5.data.audio_sources",
+    "paddle_ernie5.data.long_context",
+)
 
 
 def register_source(name: str):

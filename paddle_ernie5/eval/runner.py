@@ -61,6 +61,11 @@ def evaluate_run(
 
             m.update(vision_eval.vision_metrics(cfg, model, ev.tokenizer, log=log))
             report += vision_eval.report_rows(m)
+        if cfg.data.mixture.passkey > 0:  # passkey retrieval and long-text perplexity
+            from . import long_context
+
+            m.update(long_context.long_context_metrics(cfg, model, ev.tokenizer, log=log))
+            report += long_context.report_rows(m)
         name = "eval"
     with open(os.path.join(out_dir, f"{name}.md"), "w", encoding="utf-8") as f:
         f.write(report)

@@ -3,7 +3,9 @@
 Text: next-token cross-entropy and perplexity on the validation split, beside the unigram baseline.
 Decode speed: greedy tokens/s with the KV cache. Speech (ASR word accuracy, TTS intelligibility)
 and vision (image QA, judged text -> image, video direction QA), each beside chance, are in
-eval/audio.py and eval/vision_eval.py; eval/runner.py puts all of them in one table.
+eval/audio.py and eval/vision_eval.py, long-context passkey retrieval and long-text perplexity (for
+runs that train the passkey source) in eval/long_context.py; eval/runner.py puts all of them in one
+table.
 """
 
 from __future__ import annotations
