@@ -376,3 +376,23 @@ def test_expert_parallel_shards_the_pool_once_and_matches_one_process(tmp_path, 
         assert r["train"]["params"] < 1e-5 < r["train"]["moved"]
         assert r["bias"] == 0.0
         assert r["ckpt_to_single_logits"] < 1e-5
+
+
+def test_cached_decoding_follows_the_full_forward():
+    """The trajectory state is per token: decoding with a KV cache picks the tokens that full
+    forwards over the growing sequence pick."""
+    from paddle_ernie5.model.generation import generate
+
+    cfg = universal_config(experts=8, layers=4, window=4, stride=2)
+    model = model_of(cfg)
+    for _, moe in model.moe_layers():
+        paddle.assign(paddle.randn(moe.router.state_proj.shape), moe.router.state_proj)
+    seq = np.random.default_rng(0).integers(0, VOCAB, [2, 5])
+    tokens = generate(model, seq, 6, temperature=0.0).tokens
+    for _ in range(6):
+        s = seq.shape[1]
+        b = batch(2, s)
+        b["input_ids"] = paddle.to_tensor(seq)
+        nxt = model(b, with_mtp=False).logits.numpy()[:, -1].argmax(-1)
+        seq = np.concatenate([seq, nxt[:, None]], 1)
+    np.testing.assert_array_equal(np.asarray(tokens), seq[:, 5:])
