@@ -97,6 +97,18 @@ def test_bad_values_raise_one_clear_error(override, needle):
     assert needle in str(e.value)
 
 
+def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-3 (no dot) as a string; a float field takes it as the number it spells."""
+    recipe = tmp_path / "r.yaml"
+    base = os.path.join(RECIPES, "pretrain_tiny.yaml")
+    recipe.write_text(f"base: {base}\ntrain: {{lr: 2e-3}}\n")
+    assert C.load_config(str(recipe)).train.lr == 2e-3
+    cfg = C.load_config(base, ["model.moe.bias_update_rate=1e-4"])
+    assert cfg.model.moe.bias_update_rate == 1e-4
+    with pytest.raises(C.ConfigError, match="expected an integer"):
+        C.load_config(os.path.join(RECIPES, "pretrain_tiny.yaml"), ["train.max_steps=1e3"])
+
+
 def test_cli_exits_2_with_one_line_before_any_work(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(

@@ -83,6 +83,12 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}={value!r} has the wrong type: expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no dot in the mantissa) as a string, not a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}={value!r} has the wrong type: expected a number")
         return float(value)
