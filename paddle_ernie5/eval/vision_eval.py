@@ -9,7 +9,12 @@
                     (eval/vision_judge.py) reads digit, colour and background off them; chance is
                     a random digit and colours. One greedy image per caption (t2i_*) and
                     model.vision.judge_samples sampled ones (t2i_sampled_*, temperature 1: lower
-                    variance between runs)
+                    variance between runs). Beside them, the judge's accuracy on the real held-out
+                    images (judge_real_*): what a perfect generator would score
+    text -> video   captions of held-out clips are sampled into clips (video_frames frames,
+                    video_scales scales) and judged for direction (t2v_*); beside it the judge on
+                    the real clips cut to the same frames (judge_real_video_*) and on their
+                    tokenizer reconstructions at the same scales (judge_recon_video_*)
     caption information
                     teacher-forced bit loss of the held-out images without their caption minus
                     with it (nats per bit, scales weighted as in training): how much the caption
@@ -178,6 +183,7 @@ def vision_metrics(
         if v.judge and os.path.isdir(v.judge):
             out.update(text_to_image_judged(model, cfg, tokenizer, tok, max_items, temperature))
             log(f"text->image judged (all three right): {out['vision/t2i_all']:.3f}")
+            out.update(judge_on_real_images(cfg, max_items))
     if "video" in mods:
         data = encoded_digits(cfg, "video", "heldout", tok)
         n = limit(len(data))
@@ -189,6 +195,59 @@ def vision_metrics(
         out["vision/video_qa_direction_chance"] = 1 / len(DIRECTIONS)
         out["vision/video_qa_items"] = n
         log(f"video direction QA on {n} held-out clips: {out['vision/video_qa_direction']:.3f}")
+        if v.judge and os.path.isdir(v.judge):
+            out.update(text_to_video_judged(model, cfg, tokenizer, tok, data, n, temperature))
+            log(f"text->video judged direction: {out['vision/t2v_direction']:.3f}")
+    return out
+
+
+def judge_on_real_images(cfg, max_items: int = 0) -> dict:
+    """The judge's accuracy on the real held-out images (digit, colour, background): the
+    ceiling of every judged text -> image number."""
+    from ..data.digits import digit_images
+    from .vision_judge import VisionJudge
+
+    judge = VisionJudge.load(cfg.model.vision.judge)
+    images = digit_images(
+        "heldout", size=judge.cfg.image_size, cache_dir=cfg.data.cache_dir, copies=1
+    )
+    n = min(len(images), max_items) if max_items else len(images)
+    scores = judge.score(images.pixels[:n], {k: x[:n] for k, x in images.labels.items()})
+    return {f"vision/judge_real_image_{k}": scores[k] for k in ("digit", "fg", "bg")}
+
+
+VIDEO_JUDGED = ("direction", "digit", "fg", "bg", "speed")
+
+
+def text_to_video_judged(
+    model, cfg, tokenizer, tok, data, n: int, temperature: float = 0.0
+) -> dict:
+    """Captions of the first n held-out clips of `data` (encoded_digits video set) sampled into
+    clips and judged (t2v_*), beside the judge on the real clips cut to the generated frames
+    (judge_real_video_*) and on their tokenizer reconstructions (judge_recon_video_*)."""
+    from ..data.digits import DIRECTIONS, SPEEDS, digit_videos
+    from .vision_judge import VisionJudge
+
+    v = cfg.model.vision
+    judge = VisionJudge.load(v.judge)
+    truth = {k: data.labels[k][:n] for k in VIDEO_JUDGED}
+    truth["speed"] = np.searchsorted(SPEEDS, truth["speed"])
+    captions = [caption_of("video", data.labels, i) for i in range(n)]
+    clips = generate_images(
+        model, cfg, tokenizer, tok, captions, temperature=temperature, kind="video"
+    )
+    recon = decode_tokens(tok, data.tokens[:n].astype(np.float32), v.scales[: v.video_scales])
+    real = digit_videos(
+        "heldout", size=judge.cfg.image_size, frames=judge.cfg.frames, cache_dir=cfg.data.cache_dir
+    ).pixels[:n, : v.video_frames]
+    out = {}
+    for prefix, x in (("t2v", clips), ("judge_recon_video", recon), ("judge_real_video", real)):
+        pred = judge.predict(x)
+        out.update({f"vision/{prefix}_{k}": float(np.mean(pred[k] == truth[k])) for k in truth})
+    chance = {"direction": 1 / len(DIRECTIONS), "digit": 0.1, "speed": 1 / len(SPEEDS)}
+    chance.update(fg=1 / len(COLOURS), bg=1 / len(COLOURS))
+    out.update({f"vision/t2v_{k}_chance": c for k, c in chance.items()})
+    out["vision/t2v_clips"] = n
     return out
 
 
@@ -307,7 +366,19 @@ def report_rows(m: dict) -> str:
             f"| caption information (held-out images, teacher-forced), nats per bit | "
             f"{m['vision/t2i_caption_nats']:.4f} | chance 0 |"
         )
+    for k, what in (("digit", "digit"), ("fg", "digit colour"), ("bg", "background")):
+        key = f"vision/judge_real_image_{k}"
+        if key in m:
+            rows.append(f"| judge on real held-out images: {what} | {m[key]:.3f} | |")
     row("video QA: direction, held-out clips", "vision/video_qa_direction")
+    for k in VIDEO_JUDGED:
+        key = f"vision/t2v_{k}"
+        if key in m:
+            real, recon = m[f"vision/judge_real_video_{k}"], m[f"vision/judge_recon_video_{k}"]
+            rows.append(
+                f"| text->video judged: {k} (judge on the real clips / their reconstructions: "
+                f"{real:.3f} / {recon:.3f}) | {m[key]:.3f} | chance {m[key + '_chance']:.3f} |"
+            )
     return "".join(r + "\n" for r in rows)
 
 

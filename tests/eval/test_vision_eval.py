@@ -62,8 +62,15 @@ def test_vision_metrics_have_chance_levels_and_table_rows(run):
         "vision/video_qa_direction",
     ):
         assert 0.0 <= m[key] <= 1.0 and m[key] * 3 == pytest.approx(round(m[key] * 3)), key
+    assert m["vision/t2v_clips"] == 3 and m["vision/t2v_direction_chance"] == 0.25
+    for key in ("t2v", "judge_real_video", "judge_recon_video"):
+        x = m[f"vision/{key}_direction"]
+        assert 0.0 <= x <= 1.0 and x * 3 == pytest.approx(round(x * 3)), key
+    for k in ("digit", "fg", "bg"):
+        assert 0.0 <= m[f"vision/judge_real_image_{k}"] <= 1.0
     rows = vision_eval.report_rows(m)
-    assert rows.count("| chance ") == 14 and "video QA: direction" in rows
+    assert rows.count("| chance ") == 19 and "video QA: direction" in rows
+    assert "text->video judged: direction" in rows and "judge on real held-out images" in rows
 
 
 def test_sampled_judging_and_caption_information(run):
@@ -237,3 +244,43 @@ def test_routing_report_runs_on_a_debug_checkpoint(run, tmp_path):
         assert source in text
     assert "| image understanding vs video understanding | 0.98 / 0.52 / 0.64 | " in text
     assert "not measurable" in text  # no audio in this model: text vs audio cannot be measured
+
+
+def test_generated_clips_are_judged_against_their_own_captions(run, monkeypatch):
+    from paddle_ernie5.data.vision_sources import encoded_digits
+    from paddle_ernie5.eval import vision_eval, vision_judge
+
+    cfg, _ = run
+    data = encoded_digits(cfg, "video", "heldout")
+    direction = data.labels["direction"][:3]
+
+    # Generated clip i is marked by a negative pixel -1 - i; real and reconstructed clips are not.
+    def fake_generate(model, cfg, tokenizer, tok, captions, kind="image", **_):
+        assert kind == "video" and len(captions) == 3
+        x = np.zeros([len(captions), 4, 3, 2, 2], np.float32)
+        x[:, 0, 0, 0, 0] = -1 - np.arange(len(captions))
+        return x
+
+    class FakeJudge:  # generated: direction right only for clip 0; real and reconstructed: right
+        cfg = vision_judge.VisionJudgeConfig(image_size=8, width=4)
+
+        def predict(self, clips):
+            marks = np.asarray(clips)[:, 0, 0, 0, 0]
+            wrong = (direction + 1) % 4
+            got = np.where((marks < 0) & (marks != -1), wrong, direction)
+            return {
+                "direction": got,
+                **{k: data.labels[k][:3] for k in ("digit", "fg", "bg")},
+                "speed": np.searchsorted((1, 2), data.labels["speed"][:3]),
+            }
+
+    monkeypatch.setattr(vision_eval, "generate_images", fake_generate)
+    monkeypatch.setattr(
+        vision_eval, "decode_tokens", lambda tok, t, s: np.zeros([len(t), 4, 3, 2, 2], np.float32)
+    )
+    monkeypatch.setattr(vision_judge.VisionJudge, "load", staticmethod(lambda path: FakeJudge()))
+    m = vision_eval.text_to_video_judged(None, cfg, None, None, data, 3)
+    assert m["vision/t2v_direction"] == pytest.approx(1 / 3)
+    assert m["vision/judge_real_video_direction"] == 1.0
+    assert m["vision/judge_recon_video_direction"] == 1.0
+    assert m["vision/t2v_digit"] == 1.0 and m["vision/t2v_speed"] == 1.0
