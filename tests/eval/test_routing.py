@@ -82,6 +82,8 @@ def test_multimodal_routing_counts_only_the_source_modality(debug_config, monkey
         def forward(self, batch):
             return self.table(batch["input_ids"])
 
+    # Register the real sources first, or the report's own import of them would replace the toy.
+    mixture.load_source_modules()
     monkeypatch.setitem(mixture.SOURCES, "asr", Toy)
     monkeypatch.setitem(EMB._REGISTRY, "audio", AudioAsText)
     cfg = debug_config(
