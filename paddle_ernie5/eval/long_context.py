@@ -149,8 +149,8 @@ def perplexity(model, ids: np.ndarray) -> float:
 
 def generated_scores(model, examples, settings: GenerateConfig, speed_tokens: int = 0) -> dict:
     """exact / digits accuracy of greedy generation after the prefill's eviction; with
-    `speed_tokens`, also decode tokens/s on the first example (speed_tokens decode steps after the
-    first token, timed apart from the prefill)."""
+    `speed_tokens`, also decode tokens/s on the first example: `speed_tokens` decode steps after
+    the first token, each step's model forward timed (hooks), the prefill apart."""
     exact = digits = 0
     for ex in examples:
         out = generate(model, ex.prompt[None], KEY_CHARS, temperature=0.0, eviction=settings)
@@ -160,13 +160,22 @@ def generated_scores(model, examples, settings: GenerateConfig, speed_tokens: in
     n = max(len(examples), 1)
     res = {"exact": exact / n, "digits": digits / (n * KEY_CHARS)}
     if speed_tokens and examples:
-        prompt = examples[0].prompt[None]
-        t0 = time.perf_counter()
-        generate(model, prompt, 1, temperature=0.0, eviction=settings)
-        t1 = time.perf_counter()
-        generate(model, prompt, 1 + speed_tokens, temperature=0.0, eviction=settings)
-        t2 = time.perf_counter()
-        res["decode_tok_s"] = speed_tokens / max((t2 - t1) - (t1 - t0), 1e-9)
+        calls = []
+        pre = model.register_forward_pre_hook(lambda *_: calls.append([time.perf_counter()]))
+        post = model.register_forward_post_hook(lambda *_: calls[-1].append(time.perf_counter()))
+        try:
+            generate(
+                model,
+                examples[0].prompt[None],
+                1 + speed_tokens,
+                temperature=0.0,
+                eviction=settings,
+            )
+        finally:
+            pre.remove()
+            post.remove()
+        decode = sum(t1 - t0 for t0, t1 in calls[1:])  # calls[0] is the prefill
+        res["decode_tok_s"] = (len(calls) - 1) / max(decode, 1e-9)
     return res
 
 
