@@ -289,7 +289,7 @@ def test_peaked_attention_keeps_few_blocks_and_stays_close_to_dense():
     k[:, 128:256] += 2.5 * direction  # key block 1 answers every query
     q, k = paddle.to_tensor(q), paddle.to_tensor(k)
     v = paddle.to_tensor(rng.standard_normal((b, s, hk, d)).astype(np.float32))
-    sel = R.rr_block_mask(q, k, stride=16, tau=0.95, mask_heads="kv")
+    sel = R.rr_block_mask(q, k, stride=16, tau=0.95, mask_heads="kv", dense_last=0, local_blocks=0)
     allowed, forced = R.block_structure(s, s, _BLOCK, True, 1)
     want = (forced | (np.arange(8) == 1)) & allowed  # diagonal, sink and the planted block
     np.testing.assert_array_equal(sel.block_mask.numpy(), np.broadcast_to(want, (1, hk, 8, 8)))
@@ -298,6 +298,32 @@ def test_peaked_attention_keeps_few_blocks_and_stays_close_to_dense():
     sparse = flashmask_attention(q, k, v, causal=True, block_mask=sel.block_mask, backend="cpu")
     rel = np.linalg.norm(sparse.numpy() - dense) / np.linalg.norm(dense)
     assert rel < 0.1
+
+
+@pytest.mark.parametrize("local", [0, 1, 2])
+def test_local_blocks_keep_the_blocks_before_the_diagonal(local):
+    allowed, forced = R.block_structure(700, 700, _BLOCK, True, 0, local_blocks=local)
+    i, j = np.nonzero(allowed)
+    np.testing.assert_array_equal(forced[i, j], (j >= i - local))
+    q, k = _qk(1, 700, 700, 4, 2, 16, seed=2, spread=3.0)
+    keep = R.rr_block_mask(q, k, tau=0.2, local_blocks=local, dense_last=0).block_mask.numpy()
+    assert keep[0][:, forced].all()
+
+
+@pytest.mark.parametrize("dense_last", [0, 1, 3])
+@pytest.mark.parametrize("block", [128, 256])
+def test_the_last_query_blocks_keep_every_allowed_block(dense_last, block):
+    q, k = _qk(1, 1100, 1100, 4, 2, 16, seed=7, spread=3.0)
+    sel = R.rr_block_mask(q, k, stride=16, tau=0.3, block=block, dense_last=dense_last)
+    keep = sel.block_mask.numpy().astype(bool)[0]  # [2, 9, 9] on the op's 128 grid
+    allowed, _ = R.block_structure(1100, 1100, _BLOCK, True, 0)
+    nbq = -(-1100 // block)
+    dense = np.arange(9) // (block // _BLOCK) >= nbq - dense_last  # op rows in the last blocks
+    np.testing.assert_array_equal(
+        keep[:, dense], np.broadcast_to(allowed[dense], keep[:, dense].shape)
+    )
+    assert not (keep & ~allowed).any()
+    assert not keep[:, ~dense].all()  # the other rows stay sparse at tau 0.3
 
 
 # -------------------------------------------------------------------------------- bad settings
@@ -410,7 +436,7 @@ def test_generation_with_a_sparse_prefill_runs_and_reports_its_density():
     from paddle_ernie5.model.generation import generate
 
     model = _model(sparse_prefill="rr", rr_stride=8, rr_tau=0.3)
-    prompt = np.random.default_rng(2).integers(3, 61, size=(1, 500))
+    prompt = np.random.default_rng(2).integers(3, 61, size=(1, 1200))
     picked = []
     for blk in model.blocks:
         blk.attn.register_forward_post_hook(
