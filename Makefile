@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup ops espeak lint train test bench clean
+.PHONY: setup ops espeak lint train vision test bench clean
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,30 @@ espeak:
 
 train: ops
 	$(VENV)/bin/ernie5 train recipes/pretrain_tiny.yaml --eval
+
+# The vision stages in order (recipes/multimodal_tiny.yaml's header): judge, tokenizer, merger
+# pre-training, backbone. A stage whose result file exists is skipped; an interrupted one resumes
+# from its newest checkpoint (train.resume=auto). Each stage prints its wall-clock time.
+VISION_THREADS ?= 0
+VISION_SET := train.threads=$(VISION_THREADS)
+vision: runs/multimodal_tiny/eval.json
+
+define timed
+	@start=$$(date +%s); $(1) || exit 1; echo "make vision: $(2) took $$(( $$(date +%s) - start )) s"
+endef
+
+runs/vision_judge/metrics.json: | ops
+	$(call timed,$(VENV)/bin/ernie5 train recipes/vision_judge.yaml $(VISION_SET),vision judge)
+
+runs/visual_tokenizer/metrics.json: | runs/vision_judge/metrics.json
+	$(call timed,$(VENV)/bin/ernie5 train recipes/visual_tokenizer.yaml $(VISION_SET) \
+	  visual_tokenizer.judge=runs/vision_judge,visual tokenizer)
+
+runs/vision_merger/merger.safetensors: | runs/visual_tokenizer/metrics.json
+	$(call timed,$(VENV)/bin/ernie5 train recipes/vision_merger.yaml $(VISION_SET),merger pre-training)
+
+runs/multimodal_tiny/eval.json: | runs/vision_merger/merger.safetensors
+	$(call timed,$(VENV)/bin/ernie5 train recipes/multimodal_tiny.yaml $(VISION_SET) --eval,backbone)
 
 # ruff (pinned in requirements.txt, rules in pyproject.toml): lint and format check.
 lint: setup
