@@ -9,7 +9,11 @@ ours is trained here, on the training split only).
     pictures (train split) -> pre-quantisation features -> image / video embedding (patch merger,
     place embedding and place projection, exactly as in the backbone) -> mean over the picture's
     tokens -> one linear head per configured attribute of its caption (vision_merger.*_attributes;
-    by default direction and speed for clips, images not pre-trained) -> summed cross-entropy
+    by default direction and speed for clips, images not pre-trained; recipes/vision_merger.yaml
+    adds digit, digit colour and background for images) -> summed cross-entropy
+
+The colour heads delay the digit head rather than suppress it: held-out digit 0.17 after 300
+steps, 0.76 after 600, 0.90 after 1200 with both colour heads beside it.
 
 The mean of a picture's tokens is what a backbone's attention reads first, so features that
 answer through it are features the backbone can learn to use. Saved: <run_dir>/merger.safetensors
