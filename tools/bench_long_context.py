@@ -13,14 +13,14 @@ Per length L (prompts of L positions, the needle at evenly spread depths):
              from other processes spreads over all): median prefill seconds (the whole model's
              forward over the prompt), its ratio to full attention, the median selection
              seconds inside it (summed over the layers), the share of the causal 128 x 128 blocks
-             computed, teacher-forced passkey accuracy (whole key; digits) and perplexity of one
+             computed, teacher-forced passkey accuracy (whole key; characters) and perplexity of one
              L-token window of held-out text.
   KV cache   NACL at each --budgets value beside the recent window and a uniform random keep at the
              same budgets (budget 1 keeps everything): the KV cache after the prefill (MB, float32,
              all layers), greedy passkey accuracy of generation after the eviction, and decode
              tokens/s (--decode-tokens steps on the first example, timed apart from the prefill).
 
-Chance: whole key 10^-4, a digit 0.1. The load average is printed beside the timings; compare
+Chance: whole key 10^-4, a character 0.1. The load average is printed beside the timings; compare
 ratios within one run.
 """
 
@@ -63,7 +63,7 @@ def attention_rows(model, ev, length: int, n: int, taus, stride: int):
     examples = ev.examples(length, n)
     LC.prefill_answers(model, examples[0])  # warm-up (the op's first call, allocator)
     stats = {
-        name: {"exact": 0, "digits": 0, "sec": [], "sel": [], "kept": 0, "total": 0}
+        name: {"exact": 0, "chars": 0, "sec": [], "sel": [], "kept": 0, "total": 0}
         for name, _ in variants
     }
     for ex in examples:
@@ -73,7 +73,7 @@ def attention_rows(model, ev, length: int, n: int, taus, stride: int):
             right = pred == ex.answer
             row = stats[name]
             row["exact"] += int(right.all())
-            row["digits"] += int(right.sum())
+            row["chars"] += int(right.sum())
             row["sec"].append(sec)
             row["sel"].append(st["select_s"])
             row["kept"] += st["blocks_kept"]
@@ -90,7 +90,7 @@ def attention_rows(model, ev, length: int, n: int, taus, stride: int):
                 "select_s": statistics.median(row["sel"]),
                 "density": row["kept"] / row["total"] if row["total"] else 1.0,
                 "exact": row["exact"] / n,
-                "digits": row["digits"] / (4 * n),
+                "chars": row["chars"] / (4 * n),
                 "ppl": LC.perplexity(m, text),
             }
         )
@@ -119,7 +119,7 @@ def cache_rows(model, ev, length: int, n: int, budgets, decode_tokens: int):
                     "budget": budget,
                     "kv_mb": LC.kv_cache_bytes(model.cfg, prompt, budget) / 2**20,
                     "exact": s["exact"],
-                    "digits": s["digits"],
+                    "chars": s["chars"],
                     "decode_tok_s": s["decode_tok_s"],
                 }
             )
@@ -130,26 +130,26 @@ def print_attention(length: int, rows) -> None:
     print(f"\n### attention, {length} tokens ({_loadavg()})")
     print(
         "| variant | prefill s | speed-up | selection s | blocks computed | passkey exact "
-        "| digits | perplexity | ppl vs full |"
+        "| chars | perplexity | ppl vs full |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     ppl = rows[0]["ppl"]
     for r in rows:
         print(
             f"| {r['variant']} | {r['prefill_s']:.3f} | {r['speedup']:.2f}x | {r['select_s']:.3f} "
-            f"| {100 * r['density']:.1f}% | {r['exact']:.3f} | {r['digits']:.3f} "
+            f"| {100 * r['density']:.1f}% | {r['exact']:.3f} | {r['chars']:.3f} "
             f"| {r['ppl']:.3f} | {100 * (r['ppl'] / ppl - 1):+.2f}% |"
         )
 
 
 def print_cache(length: int, rows) -> None:
     print(f"\n### KV cache after the prefill, {length} tokens ({_loadavg()})")
-    print("| policy | budget | KV MB | passkey exact | digits | decode tok/s |")
+    print("| policy | budget | KV MB | passkey exact | chars | decode tok/s |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['policy']} | {r['budget']:g} | {r['kv_mb']:.2f} | {r['exact']:.3f} "
-            f"| {r['digits']:.3f} | {r['decode_tok_s']:.1f} |"
+            f"| {r['chars']:.3f} | {r['decode_tok_s']:.1f} |"
         )
 
 

@@ -2,9 +2,9 @@
 (data/long_context.py), with full attention, RRAttention block-sparse prefill and NACL eviction.
 
 Retrieval (teacher-forced): one forward over the prompt and the key's first KEY_CHARS - 1
-digits; the key is retrieved when the argmax at each of the KEY_CHARS answer positions is that
-digit, which is exactly when greedy decoding writes the whole key. `exact` is the share of keys
-retrieved whole (chance 10^-4), `digits` the share of digits right (chance 0.1).
+characters; the key is retrieved when the argmax at each of the KEY_CHARS answer positions is that
+character, which is exactly when greedy decoding writes the whole key. `exact` is the share of
+keys retrieved whole (chance 10^-4), `chars` the share of characters right (chance 0.1).
 
 Retrieval with a KV budget (NACL and the baselines, `generate` settings): greedy generation of
 KEY_CHARS tokens after a prefill that ends with the eviction, as `ernie5 generate` runs it.
@@ -79,7 +79,7 @@ def _causal_batch(ids: np.ndarray, labels: np.ndarray | None = None) -> dict:
 
 @paddle.no_grad()
 def prefill_answers(model, example) -> tuple[np.ndarray, float]:
-    """(argmax digit tokens at the KEY_CHARS answer positions, forward seconds)."""
+    """(argmax tokens at the KEY_CHARS answer positions, forward seconds)."""
     model.eval()
     at = example.answer_at
     ids = example.ids[: at + KEY_CHARS - 1]
@@ -113,15 +113,15 @@ def _causal_blocks(s: int, b: int = 128) -> int:
 
 
 def passkey_scores(model, examples) -> dict:
-    """exact / digits accuracy (teacher-forced) with the mean forward seconds and the share of
+    """exact / chars accuracy (teacher-forced) with the mean forward seconds and the share of
     attention blocks computed (1 for a dense model)."""
-    exact = digits = 0
+    exact = chars = 0
     seconds, select_s, kept, total = [], 0.0, 0, 0
     for ex in examples:
         pred, sec = prefill_answers(model, ex)
         right = pred == ex.answer
         exact += int(right.all())
-        digits += int(right.sum())
+        chars += int(right.sum())
         seconds.append(sec)
         st = selection_stats(model)
         select_s += st["select_s"]
@@ -130,7 +130,7 @@ def passkey_scores(model, examples) -> dict:
     n = max(len(examples), 1)
     return {
         "exact": exact / n,
-        "digits": digits / (n * KEY_CHARS),
+        "chars": chars / (n * KEY_CHARS),
         "prefill_s": float(np.median(seconds)) if seconds else 0.0,
         "select_s": select_s / n,
         "density": kept / total if total else 1.0,
@@ -148,17 +148,17 @@ def perplexity(model, ids: np.ndarray) -> float:
 
 
 def generated_scores(model, examples, settings: GenerateConfig, speed_tokens: int = 0) -> dict:
-    """exact / digits accuracy of greedy generation after the prefill's eviction; with
+    """exact / chars accuracy of greedy generation after the prefill's eviction; with
     `speed_tokens`, also decode tokens/s on the first example: `speed_tokens` decode steps after
     the first token, each step's model forward timed (hooks), the prefill apart."""
-    exact = digits = 0
+    exact = chars = 0
     for ex in examples:
         out = generate(model, ex.prompt[None], KEY_CHARS, temperature=0.0, eviction=settings)
         right = out.tokens[0, :KEY_CHARS] == ex.answer
         exact += int(right.all())
-        digits += int(right.sum())
+        chars += int(right.sum())
     n = max(len(examples), 1)
-    res = {"exact": exact / n, "digits": digits / (n * KEY_CHARS)}
+    res = {"exact": exact / n, "chars": chars / (n * KEY_CHARS)}
     if speed_tokens and examples:
         calls = []
         pre = model.register_forward_pre_hook(lambda *_: calls.append([time.perf_counter()]))
@@ -205,7 +205,7 @@ def long_context_metrics(
     for length in lengths:
         s = passkey_scores(model, ev.examples(length, samples))
         out[f"long/{length}/exact"] = s["exact"]
-        out[f"long/{length}/digits"] = s["digits"]
+        out[f"long/{length}/chars"] = s["chars"]
         out[f"long/{length}/ppl"] = perplexity(model, ev.text(length))
         log(f"long context {length}: passkey {s['exact']:.3f}, ppl {out[f'long/{length}/ppl']:.2f}")
     return out
@@ -218,8 +218,8 @@ def report_rows(metrics: dict) -> str:
     for length in lengths:
         m = {k.split("/")[2]: v for k, v in metrics.items() if k.startswith(f"long/{length}/")}
         rows += (
-            f"| passkey retrieval at {length} tokens (whole key; digits) | {m['exact']:.3f}; "
-            f"{m['digits']:.3f} | chance 0.0001; 0.1 |\n"
+            f"| passkey retrieval at {length} tokens (whole key; characters) | {m['exact']:.3f}; "
+            f"{m['chars']:.3f} | chance 0.0001; 0.1 |\n"
             f"| perplexity of held-out text, {length} tokens | {m['ppl']:.2f} | |\n"
         )
     return rows

@@ -50,10 +50,10 @@ def test_teacher_forced_answers_are_the_greedy_argmax_given_the_true_prefix(setu
         np.testing.assert_array_equal(pred, logits[at - 1 : at - 1 + KEY_CHARS].argmax(-1))
 
 
-def test_scores_count_whole_keys_and_digits(setup, monkeypatch):
+def test_scores_count_whole_keys_and_characters(setup, monkeypatch):
     _, _, model, examples = setup
     wrong = examples[1].answer.copy()
-    wrong[0] = wrong[0] + 1  # one digit of one key wrong
+    wrong[0] = wrong[0] + 1  # one character of one key wrong
 
     def prefill(m, ex):
         return (wrong if ex is examples[1] else ex.answer), 0.5
@@ -61,7 +61,7 @@ def test_scores_count_whole_keys_and_digits(setup, monkeypatch):
     monkeypatch.setattr(LC, "prefill_answers", prefill)
     s = LC.passkey_scores(model, examples)
     assert s["exact"] == pytest.approx(2 / 3)
-    assert s["digits"] == pytest.approx(11 / 12)
+    assert s["chars"] == pytest.approx(11 / 12)
     assert s["density"] == 1.0 and s["prefill_s"] == 0.5
 
 
@@ -99,7 +99,7 @@ def test_generated_scores_with_the_full_cache_match_teacher_forcing(setup):
     assert g["exact"] == t["exact"]  # whole key right <=> every argmax right on the true prefix
     assert g["decode_tok_s"] > 0
     half = LC.generated_scores(model, examples, GenerateConfig(kv_budget=0.5, kv_policy="recent"))
-    assert 0 <= half["digits"] <= 1
+    assert 0 <= half["chars"] <= 1
 
 
 def test_kv_cache_bytes(setup):
@@ -113,7 +113,7 @@ def test_kv_cache_bytes(setup):
 def test_metrics_and_report_rows(setup):
     cfg, tok, model, _ = setup
     m = LC.long_context_metrics(cfg, model, tok, lengths=(300,), samples=2, log=lambda *_: None)
-    assert set(m) == {"long/300/exact", "long/300/digits", "long/300/ppl"}
+    assert set(m) == {"long/300/exact", "long/300/chars", "long/300/ppl"}
     rows = LC.report_rows(m)
     assert "passkey retrieval at 300 tokens" in rows and "chance 0.0001; 0.1" in rows
     assert rows.count("\n") == 2
