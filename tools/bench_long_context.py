@@ -18,7 +18,8 @@ Per length L (prompts of L positions, the needle at evenly spread depths):
   KV cache   NACL at each --budgets value beside the recent window and a uniform random keep at the
              same budgets (budget 1 keeps everything): the KV cache after the prefill (MB, float32,
              all layers), greedy passkey accuracy of generation after the eviction, and decode
-             tokens/s (--decode-tokens steps on the first example, timed apart from the prefill).
+             tokens/s (--decode-tokens steps on the first example, the model forwards of the
+             decode steps timed; median of --speed-repeats interleaved rounds).
 
 Chance: whole key 10^-4, a character 0.1. The load average is printed beside the timings; compare
 ratios within one run.
@@ -41,7 +42,8 @@ def _args(argv=None):
     ap.add_argument("--taus", default="0.9,0.7", help="RRAttention tau values")
     ap.add_argument("--stride", type=int, default=0, help="rr_stride (0 = the run's)")
     ap.add_argument("--budgets", default="1,0.5,0.25", help="KV budgets")
-    ap.add_argument("--decode-tokens", type=int, default=16, help="decode steps timed")
+    ap.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed")
+    ap.add_argument("--speed-repeats", type=int, default=3, help="decode timings per policy")
     ap.add_argument("--no-rr", action="store_true", help="skip the attention table")
     ap.add_argument("--no-nacl", action="store_true", help="skip the KV-cache table")
     ap.add_argument("--threads", type=int, default=0, help="0 = all cores")
@@ -100,7 +102,7 @@ def attention_rows(model, ev, length: int, n: int, taus, stride: int):
     return rows
 
 
-def cache_rows(model, ev, length: int, n: int, budgets, decode_tokens: int):
+def cache_rows(model, ev, length: int, n: int, budgets, decode_tokens: int, repeats: int):
     from paddle_ernie5.config import GenerateConfig
     from paddle_ernie5.eval import long_context as LC
 
@@ -112,17 +114,25 @@ def cache_rows(model, ev, length: int, n: int, budgets, decode_tokens: int):
             if budget >= 1 and policy != "nacl":
                 continue
             settings = GenerateConfig(kv_budget=budget, kv_policy=policy)
-            s = LC.generated_scores(model, examples, settings, speed_tokens=decode_tokens)
+            s = LC.generated_scores(model, examples, settings)
             rows.append(
                 {
                     "policy": "full cache" if budget >= 1 else policy,
                     "budget": budget,
+                    "settings": settings,
                     "kv_mb": LC.kv_cache_bytes(model.cfg, prompt, budget) / 2**20,
                     "exact": s["exact"],
                     "chars": s["chars"],
-                    "decode_tok_s": s["decode_tok_s"],
+                    "speeds": [],
                 }
             )
+    for _ in range(repeats):  # interleaved rounds: load spreads over every policy
+        for r in rows:
+            r["speeds"].append(
+                LC.decode_tokens_per_s(model, examples[0].prompt, r["settings"], decode_tokens)
+            )
+    for r in rows:
+        r["decode_tok_s"] = statistics.median(r["speeds"])
     return rows
 
 
@@ -186,7 +196,10 @@ def main(argv=None) -> int:
             )
         if not args.no_nacl:
             print_cache(
-                length, cache_rows(model, ev, length, args.samples, budgets, args.decode_tokens)
+                length,
+                cache_rows(
+                    model, ev, length, args.samples, budgets, args.decode_tokens, args.speed_repeats
+                ),
             )
         print(f"({length} tokens: {time.perf_counter() - t0:.0f} s)", flush=True)
     return 0

@@ -149,8 +149,7 @@ def perplexity(model, ids: np.ndarray) -> float:
 
 def generated_scores(model, examples, settings: GenerateConfig, speed_tokens: int = 0) -> dict:
     """exact / chars accuracy of greedy generation after the prefill's eviction; with
-    `speed_tokens`, also decode tokens/s on the first example: `speed_tokens` decode steps after
-    the first token, each step's model forward timed (hooks), the prefill apart."""
+    `speed_tokens`, also `decode_tokens_per_s` on the first example."""
     exact = chars = 0
     for ex in examples:
         out = generate(model, ex.prompt[None], KEY_CHARS, temperature=0.0, eviction=settings)
@@ -160,23 +159,23 @@ def generated_scores(model, examples, settings: GenerateConfig, speed_tokens: in
     n = max(len(examples), 1)
     res = {"exact": exact / n, "chars": chars / (n * KEY_CHARS)}
     if speed_tokens and examples:
-        calls = []
-        pre = model.register_forward_pre_hook(lambda *_: calls.append([time.perf_counter()]))
-        post = model.register_forward_post_hook(lambda *_: calls[-1].append(time.perf_counter()))
-        try:
-            generate(
-                model,
-                examples[0].prompt[None],
-                1 + speed_tokens,
-                temperature=0.0,
-                eviction=settings,
-            )
-        finally:
-            pre.remove()
-            post.remove()
-        decode = sum(t1 - t0 for t0, t1 in calls[1:])  # calls[0] is the prefill
-        res["decode_tok_s"] = (len(calls) - 1) / max(decode, 1e-9)
+        res["decode_tok_s"] = decode_tokens_per_s(model, examples[0].prompt, settings, speed_tokens)
     return res
+
+
+def decode_tokens_per_s(model, prompt: np.ndarray, settings: GenerateConfig, steps: int) -> float:
+    """Greedy decode speed after the prefill's eviction: `steps` decode steps after the first
+    token, each step's model forward timed (forward hooks), the prefill apart."""
+    calls = []
+    pre = model.register_forward_pre_hook(lambda *_: calls.append([time.perf_counter()]))
+    post = model.register_forward_post_hook(lambda *_: calls[-1].append(time.perf_counter()))
+    try:
+        generate(model, prompt[None], 1 + steps, temperature=0.0, eviction=settings)
+    finally:
+        pre.remove()
+        post.remove()
+    decode = sum(t1 - t0 for t0, t1 in calls[1:])  # calls[0] is the prefill
+    return (len(calls) - 1) / max(decode, 1e-9)
 
 
 def kv_cache_bytes(model_cfg, prompt: int, budget: float, new_tokens: int = 0) -> int:
