@@ -164,18 +164,20 @@ def generated_scores(model, examples, settings: GenerateConfig, speed_tokens: in
 
 
 def decode_tokens_per_s(model, prompt: np.ndarray, settings: GenerateConfig, steps: int) -> float:
-    """Greedy decode speed after the prefill's eviction: `steps` decode steps after the first
-    token, each step's model forward timed (forward hooks), the prefill apart."""
+    """Greedy decode speed after the prefill's eviction, steady state: `steps` decode steps after
+    the first two tokens, each step's model forward timed (forward hooks). The prefill and the first
+    decode step are left out: a cache that evicted nothing moves its keys into the decode layout in
+    that step (model/generation.py StaticLayerCache), one that evicted did it in the prefill."""
     calls = []
     pre = model.register_forward_pre_hook(lambda *_: calls.append([time.perf_counter()]))
     post = model.register_forward_post_hook(lambda *_: calls[-1].append(time.perf_counter()))
     try:
-        generate(model, prompt[None], 1 + steps, temperature=0.0, eviction=settings)
+        generate(model, prompt[None], 2 + steps, temperature=0.0, eviction=settings)
     finally:
         pre.remove()
         post.remove()
-    decode = sum(t1 - t0 for t0, t1 in calls[1:])  # calls[0] is the prefill
-    return (len(calls) - 1) / max(decode, 1e-9)
+    decode = sum(t1 - t0 for t0, t1 in calls[2:])  # calls[0] the prefill, [1] the first step
+    return (len(calls) - 2) / max(decode, 1e-9)
 
 
 def kv_cache_bytes(model_cfg, prompt: int, budget: float, new_tokens: int = 0) -> int:
