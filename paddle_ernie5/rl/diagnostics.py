@@ -121,6 +121,12 @@ SUMMARISED = (
     "response_length",
     "urb/staleness",
     "reward/mean",
+    "perf/step_s",
+    "perf/rollout_s",
+    "perf/update_s",
+    "perf/rollout_tokens_per_s",
+    "perf/update_tokens_per_s",
+    "perf/update_seq_tokens_per_s",
 )
 
 

@@ -61,10 +61,14 @@ def evaluate(
     temperature: float,
     seed: int = 0,
     pass_k: int | None = None,
+    greedy_out: dict | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per task (Problem.task): reward (mean over `samples` sampled responses per prompt),
     greedy_accuracy (pass@1 of the greedy decode), pass@k (k = pass_k, default `samples`), mean
-    token entropy of the sampled responses, mean response length, number of prompts."""
+    token entropy of the sampled responses, mean response length, number of prompts.
+
+    `greedy_out`, when given, receives every prompt's greedy answer: {problem key: (task, reward,
+    response token ids)}, for comparing two policies prompt by prompt (greedy_changes)."""
     k = samples if pass_k is None else pass_k
     buckets: dict[tuple, list[tuple[Problem, Prompt]]] = defaultdict(list)
     for p in problems:
@@ -95,6 +99,9 @@ def evaluate(
             for i, (p, _) in enumerate(items):
                 sl = slice(i * reps, (i + 1) * reps)
                 r = score(tokenizer, p, [], out.tokens[sl], out.lengths[sl], stopped[sl])
+                if mode == "greedy" and greedy_out is not None:
+                    answer = tuple(int(t) for t in out.tokens[i, : out.lengths[i]])
+                    greedy_out[p.key] = (p.task, float(r[0]), answer)
                 acc = sums[p.task]
                 acc[f"{mode}_reward"] += float(r.sum())
                 acc[f"{mode}_n"] += reps
@@ -114,6 +121,28 @@ def evaluate(
             "prompts": int(a["prompts"]),
         }
         for task, a in sorted(sums.items())
+    }
+
+
+def greedy_changes(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """Per task, the share of held-out prompts whose greedy answer (evaluate's greedy_out) went
+    right -> wrong, wrong -> right, wrong -> another wrong answer, or changed at all between two
+    policies; prompts measured by both only."""
+    counts: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(5))
+    for key, (task, r0, ans0) in before.items():
+        if key not in after:
+            continue
+        _, r1, ans1 = after[key]
+        ok0, ok1, moved = r0 == 1.0, r1 == 1.0, ans0 != ans1
+        counts[task] += [1, ok0 and not ok1, ok1 and not ok0, moved and not (ok0 or ok1), moved]
+    return {
+        task: {
+            "right_to_wrong": c[1] / c[0],
+            "wrong_to_right": c[2] / c[0],
+            "wrong_to_other_wrong": c[3] / c[0],
+            "changed": c[4] / c[0],
+        }
+        for task, c in sorted(counts.items())
     }
 
 

@@ -15,6 +15,7 @@ meanwhile.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,6 +83,7 @@ class Rollout:
     routing: dict[int, np.ndarray] | None  # layer -> [G, P + N - 1, K] experts chosen at rollout
     version: int  # policy version that produced it
     hint_fraction: float = 0.0
+    seconds: float = 0.0  # wall time of sampling and scoring the group
 
 
 def stop_id(tokenizer, problem: Problem) -> int:
@@ -170,6 +172,7 @@ def rollout_group(
 ) -> Rollout:
     """Sample `group_size` responses to one query (one batched KV-cache generate call) and score
     them; `view` is the rollout's elastic view (rl.rollout_top_k)."""
+    t0 = time.perf_counter()
     prompt = build_prompt(model.cfg, tokenizer, problem, hint_fraction)
     stop = stop_id(tokenizer, problem)
     ids, extras = prompt_arrays([prompt] * group_size, tokenizer.pad_id)
@@ -198,6 +201,7 @@ def rollout_group(
         sample.routing,
         version,
         hint_fraction,
+        time.perf_counter() - t0,
     )
 
 

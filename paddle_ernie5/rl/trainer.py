@@ -14,7 +14,10 @@ before the first and after the last step (and every `rl.eval_every` steps). Ever
 training-inference mismatch (rl/diagnostics.py: |log p_train - log p_rollout|, IcePop's masked
 share, tokens routed unlike the rollout with the experts used and with the router's own choice),
 entropy, response length and reward per task to metrics.jsonl and VisualDL;
-<run_dir>/rl_summary.json holds the held-out tables and those metrics summarised over the run.
+<run_dir>/rl_summary.json holds the held-out tables, those metrics summarised over the run and
+how many held-out greedy answers RL changed (right -> wrong, wrong -> right, any change). Every
+step also logs rollout and update throughput apart (perf/rollout_tokens_per_s,
+perf/update_tokens_per_s).
 
 Controlled off-policy rollouts (rl.rollout_staleness, rl.rollout_router_noise, rl.rollout_top_k)
 make the rollout policy differ from the trained one on purpose, for measuring what router replay
@@ -55,7 +58,7 @@ from .diagnostics import (
     routing_mismatch,
     summarise_steps,
 )
-from .evaluate import evaluate
+from .evaluate import evaluate, greedy_changes
 from .hints import QueryStats
 from .objectives import grpo_advantages, gspo_loss, gspo_ratio, icepop_mask, k3_kl, wpsm_weights
 from .replay import UnbiasedReplayBuffer
@@ -160,7 +163,8 @@ class RLTrainer:
         cfg, rc = self.cfg, self.cfg.rl
         t0 = time.perf_counter()
         g, rollouts = self.buffer.next_group()
-        wait_s = time.perf_counter() - t0
+        t_update = time.perf_counter()
+        wait_s = t_update - t0
         for r in rollouts:
             self.stats.update(r.problem.key, r.rewards)
         batch = build_batch(rollouts, self.tokenizer.pad_id)
@@ -179,7 +183,8 @@ class RLTrainer:
             )
             routing = routing_mismatch(self.model, out, batch)
         mask = icepop_mask(old_logp, batch.rollout_logp_BN, valid, rc.icepop_low, rc.icepop_high)
-        adv = grpo_advantages(np.stack([r.rewards for r in rollouts])).reshape(-1)
+        rewards_QG = np.stack([r.rewards for r in rollouts])
+        adv = grpo_advantages(rewards_QG).reshape(-1)
         tokens_B = np.maximum(valid.sum(1), 1)
         resp_entropy = (ent * valid).sum(1) / tokens_B
         acc = np.array([self.stats.accuracy(rollouts[q].problem.key) for q in batch.query_B])
@@ -212,6 +217,9 @@ class RLTrainer:
             clip_hi.append(obj.clip_high_frac)
             losses.append(float(loss))
         self.step += 1
+        update_s = time.perf_counter() - t_update
+        response_tokens = int(valid.sum())
+        rollout_s = float(sum(r.seconds for r in rollouts))
 
         metrics = {
             "loss": float(np.mean(losses)),
@@ -225,9 +233,21 @@ class RLTrainer:
             **logp_gap(old_logp, batch.rollout_logp_BN, valid),
             **routing,
             "wpsm/damped_frac": float(np.mean(weight < 1)),
+            # groups whose responses all score alike: advantage 0, no learning signal
+            "grpo/flat_group_frac": float(np.mean(rewards_QG.std(axis=1) == 0)),
             "hint/query_frac": float(np.mean([r.prompt.hint_len > 0 for r in rollouts])),
             "urb/staleness": float(self.step - 1 - np.mean([r.version for r in rollouts])),
             "urb/wait_s": wait_s,
+            # Throughput: rollouts (background worker, sampling + scoring) and the update (old
+            # forward + every minibatch's forward, backward and optimizer step), both in response
+            # tokens; the update's rows also hold their prompts (update_seq_tokens_per_s).
+            "perf/rollout_s": rollout_s,
+            "perf/update_s": update_s,
+            "perf/rollout_tokens_per_s": response_tokens / max(rollout_s, 1e-9),
+            "perf/update_tokens_per_s": response_tokens / max(update_s, 1e-9),
+            "perf/update_seq_tokens_per_s": float(
+                (batch.start_B - 1 + valid.sum(1)).sum() / max(update_s, 1e-9)
+            ),
         }
         if kl_vals:
             metrics["kl/ref"] = float(np.mean(kl_vals))
@@ -238,7 +258,7 @@ class RLTrainer:
         return metrics
 
     # ------------------------------------------------------------------ loop
-    def heldout(self) -> dict[str, dict[str, float]]:
+    def heldout(self, greedy_out: dict | None = None) -> dict[str, dict[str, float]]:
         rc = self.cfg.rl
         return evaluate(
             self.model,
@@ -249,6 +269,7 @@ class RLTrainer:
             rc.temperature,
             seed=self.cfg.train.seed + 99,
             pass_k=rc.pass_k,
+            greedy_out=greedy_out,
         )
 
     def save(self) -> str:
@@ -300,9 +321,10 @@ class RLTrainer:
         # Only now that the run goes on: a refused resume leaves the directory as it was.
         C.save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         logger = RunLogger(self.run_dir, tc.visualdl)
+        answers_before: dict = {}  # greedy answer per held-out prompt (not kept over a resume)
         if not resumed:
             logger.hparams(flatten(cfg.to_dict()), ["reward/mean"])
-            summary["before"] = self.heldout()
+            summary["before"] = self.heldout(answers_before)
             self._log_heldout(logger, summary["before"])
         history = []
         self.buffer.start(self.step)
@@ -328,8 +350,12 @@ class RLTrainer:
         finally:
             bar.close()
             self.buffer.close()
-        summary["after"] = self.heldout()
+        answers_after: dict = {}
+        summary["after"] = self.heldout(answers_after)
         self._log_heldout(logger, summary["after"])
+        if answers_before:
+            # how much RL moved the greedy answers: right -> wrong, wrong -> right, any change
+            summary["greedy_changes"] = greedy_changes(answers_before, answers_after)
         logger.close()
         summary.update(
             {

@@ -11,7 +11,7 @@ from paddle_ernie5 import config as C
 from paddle_ernie5.rl import problems as P
 from paddle_ernie5.rl import verifiers as V
 from paddle_ernie5.rl.curriculum import build_curriculum, family_levels
-from paddle_ernie5.rl.evaluate import pass_at_k, table
+from paddle_ernie5.rl.evaluate import greedy_changes, pass_at_k, table
 
 CURRICULUM = ("arithmetic", "counting", "sorting", "reversal", "largest")
 
@@ -214,6 +214,37 @@ def test_pass_at_k_by_hand():
     assert pass_at_k(10, 3, 8) == 1.0  # fewer than k wrong: every k-subset holds a correct one
     with pytest.raises(ValueError):
         pass_at_k(4, 1, 8)
+
+
+def test_greedy_changes_by_hand():
+    before = {
+        "a1": ("a", 1.0, (5, 9)),  # stays right
+        "a2": ("a", 1.0, (5, 9)),  # right -> wrong
+        "a3": ("a", 0.0, (4, 9)),  # wrong -> right
+        "a4": ("a", 0.0, (3, 9)),  # wrong -> another wrong answer
+        "b1": ("b", 0.0, (7, 9)),  # stays the same wrong answer
+        "b2": ("b", 0.0, (7, 9)),  # not measured after: ignored
+    }
+    after = {
+        "a1": ("a", 1.0, (5, 9)),
+        "a2": ("a", 0.0, (6, 9)),
+        "a3": ("a", 1.0, (5, 9)),
+        "a4": ("a", 0.0, (2, 9)),
+        "b1": ("b", 0.0, (7, 9)),
+    }
+    out = greedy_changes(before, after)
+    assert out["a"] == {
+        "right_to_wrong": 0.25,
+        "wrong_to_right": 0.25,
+        "wrong_to_other_wrong": 0.25,
+        "changed": 0.75,
+    }
+    assert out["b"] == {
+        "right_to_wrong": 0.0,
+        "wrong_to_right": 0.0,
+        "wrong_to_other_wrong": 0.0,
+        "changed": 0.0,
+    }
 
 
 def test_table_lists_every_task_before_and_after():

@@ -71,6 +71,14 @@ def test_sft_then_rl_end_to_end(debug_config, tmp_path):
         *MISMATCH,
     ):
         assert all(np.isfinite(r[key]) for r in steps), key
+    # throughput: rollouts and update timed apart, in response tokens per second
+    for r in steps:
+        tokens = 4 * r["response_length"]  # 2 prompts x 2 responses
+        assert r["perf/rollout_s"] > 0 and r["perf/update_s"] > 0
+        assert r["perf/rollout_tokens_per_s"] == pytest.approx(tokens / r["perf/rollout_s"])
+        assert r["perf/update_tokens_per_s"] == pytest.approx(tokens / r["perf/update_s"])
+        assert r["perf/update_seq_tokens_per_s"] > r["perf/update_tokens_per_s"]
+        assert r["grpo/flat_group_frac"] in (0.0, 0.5, 1.0)
     # one group of look-ahead
     assert steps[0]["urb/staleness"] == 0 and steps[1]["urb/staleness"] == 1
     # replay on: the experts used never differ from the rollout's
@@ -82,6 +90,11 @@ def test_sft_then_rl_end_to_end(debug_config, tmp_path):
     assert set(summary["after"]) == {"arithmetic/L1", "arithmetic/L3", "counting"}
     assert summary["training"]["router/differ_frac"]["max"] == 0
     assert summary["training"]["entropy"]["steps"] == 2
+    assert summary["training"]["perf/update_tokens_per_s"]["steps"] == 2
+    assert set(summary["greedy_changes"]) == set(summary["after"])
+    for c in summary["greedy_changes"].values():
+        moved = c["right_to_wrong"] + c["wrong_to_right"] + c["wrong_to_other_wrong"]
+        assert moved <= c["changed"] + 1e-12 <= 1 + 1e-12
     np.testing.assert_allclose(sum(summary["tasks"].values()), 1.0)
     # counting: weight 1 over one level; arithmetic: weight 1 shared by its two levels
     assert summary["tasks"]["counting"] == pytest.approx(0.5)
