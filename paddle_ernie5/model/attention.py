@@ -137,7 +137,7 @@ class HeadFusion(nn.Layer):
     S / T heads per group (consecutive), D head_dim, P = D / 2 RoPE pairs. Source head j (group c =
     j // G, rank r = j % G) is computed with the projection
 
-        W'_j = (1 - lam) W_j + lam F_j                      lam: 0 -> 1 over fusion.steps optimizer steps
+        W'_j = (1 - lam) W_j + lam F_j         lam: 0 -> 1 over fusion.steps optimizer steps
 
     granularity "head" (the paper's scalar fusion weights):
         F_j = sum_i a[c, r, i] W_{cG+i}, a = mean_r(w[c]): the group's mean weights, shared by
@@ -152,8 +152,8 @@ class HeadFusion(nn.Layer):
       which is all the merged model caches.
 
     At lam = 0 W'_j = W_j: the source's logits. The weights are trained (fusion.weights learned,
-    DHA) or fixed (mean: "head" at the identity, the GQA mean-pooling baseline). `step` counts optimizer
-    steps (the trainer calls `advance` after each, through `advance_head_fusion`, so
+    DHA) or fixed (mean: "head" at the identity, the GQA mean-pooling baseline). `step` counts
+    optimizer steps (the trainer calls `advance` after each, through `advance_head_fusion`, so
     gradient accumulation and elastic sub-model forwards do not move it); it is a buffer, so
     checkpoints carry it and a resumed run continues the schedule."""
 

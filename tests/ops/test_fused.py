@@ -94,7 +94,7 @@ def test_rms_norm_of_a_zero_row_is_zero_with_finite_gradients():
 def _in_order_backward(x, w, r, dy):
     """The reference's backward chain in float32 with one rounding per Paddle kernel: g = dy w,
     the gradient of the broadcast multiply by r sums g x over the row one value after another,
-    rsqrt' = -0.5 d r r r, mean' = / M, pow' = * 2 * x, and the weight gradient adds rows in order."""
+    rsqrt' = -0.5 d r r r, mean' = / M, pow' = * 2 * x; the weight gradient adds rows in order."""
     f32 = np.float32
     g = dy * w
     dr = np.zeros((x.shape[0], 1), f32)
