@@ -106,6 +106,12 @@ class AttentionConfig:
     rr_sink_blocks: int = (
         1  # leading key blocks always kept (attention sinks), besides the diagonal
     )
+    # Not in RRAttention's description (ops/rr_attention.py): the last query blocks keep every
+    # allowed key block (their last rows are what a prefill is read for; the strides' sampled rows
+    # miss a single query's needle), and every query block keeps this many key blocks before its
+    # diagonal (the local context next-token prediction leans on).
+    rr_dense_last: int = 1
+    rr_local_blocks: int = 2
 
     def validate(self, at: str) -> None:
         _check(at, "num_heads", self.num_heads, self.num_heads >= 1, ">= 1")
@@ -171,6 +177,8 @@ class AttentionConfig:
             "one of head, kv, all",
         )
         _check(at, "rr_sink_blocks", self.rr_sink_blocks, self.rr_sink_blocks >= 0, ">= 0")
+        _check(at, "rr_dense_last", self.rr_dense_last, self.rr_dense_last >= 0, ">= 0")
+        _check(at, "rr_local_blocks", self.rr_local_blocks, self.rr_local_blocks >= 0, ">= 0")
         h = self.num_heads
         for name in ("k_heads", "v_heads"):
             heads = getattr(self, name)

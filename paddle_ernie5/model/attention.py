@@ -124,6 +124,8 @@ class Attention(nn.Layer):
             block=cfg.rr_block,
             mask_heads=cfg.rr_mask_heads,
             sink_blocks=cfg.rr_sink_blocks,
+            dense_last=cfg.rr_dense_last,
+            local_blocks=cfg.rr_local_blocks,
             softmax_scale=cfg.head_dim**-0.5,
             backend=cfg.backend,
         )

@@ -45,16 +45,17 @@ estimating; a query block whose sampled rows see nothing keeps every block too. 
 above the causal diagonal are never kept. A `block` larger than the op's 128 selects on the
 coarser grid and spreads each choice over its 128 x 128 op blocks.
 
-Two forced sets are not in RRAttention's description. The last query block (dense_last, default
-DENSE_LAST_BLOCKS = 1) is dense because its last rows are what a prefill is read for (the next
-token's logits; the answer of a scored prompt), and one query's needs are invisible to the sampled
-rows: in a passkey prompt only the final row attends to the needle, so the strides' other rows
-rate the needle's block low and top-tau drops it (retrieval fell from 8/8 to 7/8 keys at 4K and
-tau 0.9 without it); it costs about 2/Q of a causal prefill's blocks. The `local_blocks` (default
-LOCAL_BLOCKS = 2) key blocks before each diagonal are the recent context next-token prediction
-leans on, which a stride's sampled rows estimate poorly when many keys share the mass: at 16K
-positions and tau 0.7 they took long_context_tiny's perplexity from +2.2% to +0.1% of dense
-attention's, for 42% instead of 40% of the blocks.
+Two forced sets are not in RRAttention's description (config fields `model.attention.rr_dense_last`
+and `rr_local_blocks`). The last query block (dense_last, default DENSE_LAST_BLOCKS = 1) is dense
+because its last rows are what a prefill is read for (the next token's logits; the answer of a
+scored prompt), and one query's needs are invisible to the sampled rows: in a passkey prompt only
+the final row attends to the needle, so the strides' other rows rate the needle's block low and
+top-tau drops it (retrieval fell from 8/8 to 7/8 keys at 4K and tau 0.9 without it); it costs about
+2/Q of a causal prefill's blocks. The `local_blocks` (default LOCAL_BLOCKS = 2) key blocks before
+each diagonal are the recent context next-token prediction leans on, which a stride's sampled rows
+estimate poorly when many keys share the mass: at 16K positions and tau 0.7 they took
+long_context_tiny's perplexity from +2.2% to +0.1% of dense attention's, for 42% instead of 40% of
+the blocks.
 
 `rr_block_mask` is the entry point; `block_importance_reference` is the dense pure-Paddle
 computation of the same importances (O(S T) memory), for tests and small inputs, and

@@ -360,6 +360,8 @@ def test_bad_settings_raise_one_clear_error(kw, needle):
         (dict(sparse_prefill="xattn"), "sparse_prefill='xattn'"),
         (dict(rr_mask_heads="layer"), "rr_mask_heads"),
         (dict(rr_sink_blocks=-1), "rr_sink_blocks"),
+        (dict(rr_dense_last=-1), "rr_dense_last"),
+        (dict(rr_local_blocks=-2), "rr_local_blocks"),
     ],
 )
 def test_bad_config_is_one_config_error_naming_the_field(kw, needle):
@@ -417,6 +419,22 @@ def test_prefill_hook_runs_only_for_inference_forwards():
     assert all(s is not None and s.block_mask.shape == [1, 2, 4, 4] for s in sel)
     model(batch)  # eval mode with gradients on (e.g. a gradient probe): dense
     assert _selections(model) == [None, None]
+
+
+def test_the_forced_sets_follow_the_config_fields():
+    """model.attention.rr_dense_last / rr_local_blocks reach the selection: with both 0 and a
+    small tau fewer blocks are kept than with the defaults (1 and 2)."""
+    batch = _batch(np.random.default_rng(2).integers(3, 61, size=(1, 1024)))
+    density = {}
+    for forced in ((0, 0), (1, 2)):
+        model = _model(
+            sparse_prefill="rr", rr_tau=0.05, rr_dense_last=forced[0], rr_local_blocks=forced[1]
+        )
+        model.eval()
+        with paddle.no_grad():
+            model(batch)
+        density[forced] = [s.block_mask.astype("float32").mean().item() for s in _selections(model)]
+    assert all(a < b for a, b in zip(density[(0, 0)], density[(1, 2)])), density
 
 
 def test_generation_with_tau_one_equals_dense_and_decode_stays_dense():
