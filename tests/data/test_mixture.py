@@ -70,6 +70,8 @@ def test_too_long_document_names_the_fix():
 
 
 def test_mixture_loader_resumes_exactly(debug_config, monkeypatch):
+    # Register the real sources first, or the loader's own import of them would replace the toy.
+    mixture.load_source_modules()
     monkeypatch.setitem(mixture.SOURCES, "tts", lambda ctx: _Toy(7))
     cfg = debug_config("model.modalities=[text,audio]", "data.mixture.tts=1.0")
     from paddle_ernie5.data.loader import build_text_data
