@@ -214,24 +214,14 @@ def routing_lines(cfgs: list, run_dirs: list[str], batches: int) -> list[str]:
     over the seeds' final models; per layer window for a universal pool."""
     import itertools
 
-    from paddle_ernie5.data.loader import build_text_data, eval_batches
+    from paddle_ernie5.data.loader import eval_batches, text_data_for
     from paddle_ernie5.eval.routing import model_windows, normalised_entropy, usage, window_report
     from paddle_ernie5.io import checkpoint
     from paddle_ernie5.model.inputs import to_model_batch
     from paddle_ernie5.model.model import Ernie5Model
 
     cfg = cfgs[0]
-    dc = cfg.data
-    _, _, val = build_text_data(
-        dc.cache_dir,
-        cfg.model.vocab_size,
-        dc.seq_len,
-        cfg.train.batch_size,
-        cfg.train.seed,
-        0.0,
-        dc.val_fraction,
-        dc.split_seed,
-    )
+    _, _, val = text_data_for(cfg)
     data = [
         to_model_batch(b)
         for b in itertools.islice(eval_batches(val, cfg.train.batch_size), batches)

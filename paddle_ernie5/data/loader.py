@@ -127,6 +127,22 @@ def build_text_data(
     return tok, loader, val_packed
 
 
+def text_data_for(cfg, bpe_dropout: bool = False):
+    """`build_text_data` with a run config's settings (data.*, model.vocab_size, train.batch_size
+    and train.seed); BPE-dropout only when asked, as training uses it and evaluation does not."""
+    dc, tc = cfg.data, cfg.train
+    return build_text_data(
+        dc.cache_dir,
+        cfg.model.vocab_size,
+        dc.seq_len,
+        tc.batch_size,
+        tc.seed,
+        dc.bpe_dropout if bpe_dropout else 0.0,
+        dc.val_fraction,
+        dc.split_seed,
+    )
+
+
 def unigram_baseline(train_docs: list[list[int]], val_labels: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy (nats/token) on the val targets of an add-one unigram model fit on the
     training tokens."""

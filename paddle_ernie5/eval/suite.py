@@ -17,7 +17,7 @@ import time
 import numpy as np
 import paddle
 
-from ..data.loader import build_text_data, eval_batches, unigram_baseline
+from ..data.loader import eval_batches, text_data_for, unigram_baseline
 from ..model.generation import generate
 from ..model.inputs import to_model_batch
 from ..model.losses import compute_loss
@@ -28,19 +28,9 @@ class TextEval:
     """Validation batches prepared once, reused for every model and view."""
 
     def __init__(self, cfg, max_batches: int = 0):
-        dc, tc = cfg.data, cfg.train
-        tok, loader, val = build_text_data(
-            dc.cache_dir,
-            cfg.model.vocab_size,
-            dc.seq_len,
-            tc.batch_size,
-            tc.seed,
-            0.0,
-            dc.val_fraction,
-            dc.split_seed,
-        )
+        tok, loader, val = text_data_for(cfg)
         self.tokenizer = tok
-        batches = eval_batches(val, tc.batch_size)
+        batches = eval_batches(val, cfg.train.batch_size)
         self.batches = [
             to_model_batch(b)
             for b in (itertools.islice(batches, max_batches) if max_batches else batches)

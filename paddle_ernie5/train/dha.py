@@ -391,20 +391,10 @@ def _load(path: str, log):
 def calibration_batches(cfg, count: int) -> list[dict]:
     """The first `count` batches of the run's training stream (the validation split stays
     held out)."""
-    from ..data.loader import build_text_data
+    from ..data.loader import text_data_for
     from ..model.inputs import to_model_batch
 
-    dc, tc = cfg.data, cfg.train
-    _, loader, _ = build_text_data(
-        dc.cache_dir,
-        cfg.model.vocab_size,
-        dc.seq_len,
-        tc.batch_size,
-        tc.seed,
-        0.0,
-        dc.val_fraction,
-        dc.split_seed,
-    )
+    _, loader, _ = text_data_for(cfg)
     return [to_model_batch(loader.next_batch()) for _ in range(count)]
 
 

@@ -20,7 +20,7 @@ def export_from_checkpoint(
     from safetensors.numpy import save_file
 
     from .. import config as C
-    from ..data.loader import build_text_data, eval_batches
+    from ..data.loader import eval_batches, text_data_for
     from ..io import checkpoint
     from ..model.inputs import to_model_batch
     from ..model.model import Ernie5Model
@@ -35,17 +35,7 @@ def export_from_checkpoint(
         f"the weights in {source}",
         f"; {cfg_path} holds another model (was a run directory reused?)",
     )
-    dc = cfg.data
-    _, _, val_packed = build_text_data(
-        dc.cache_dir,
-        cfg.model.vocab_size,
-        dc.seq_len,
-        cfg.train.batch_size,
-        cfg.train.seed,
-        0.0,
-        dc.val_fraction,
-        dc.split_seed,
-    )
+    _, _, val_packed = text_data_for(cfg)
     batches = [
         to_model_batch(b)
         for b in itertools.islice(eval_batches(val_packed, cfg.train.batch_size), num_batches)

@@ -23,7 +23,7 @@ import paddle
 
 from .. import config as C
 from ..config.train import resume_settings
-from ..data.loader import build_text_data, eval_batches, unigram_baseline
+from ..data.loader import eval_batches, text_data_for, unigram_baseline
 from ..io import checkpoint
 from ..model.attention import advance_head_fusion
 from ..model.generation import generate
@@ -70,16 +70,7 @@ class Trainer:
         # First: a precision this device cannot run (fp16 on the CPU) stops before any work.
         self.precision = Precision.for_device(tc.precision, self.par.world_size)
         paddle.seed(tc.seed)
-        self.tokenizer, self.text_loader, self.val_packed = build_text_data(
-            dc.cache_dir,
-            cfg.model.vocab_size,
-            dc.seq_len,
-            tc.batch_size,
-            tc.seed,
-            dc.bpe_dropout,
-            dc.val_fraction,
-            dc.split_seed,
-        )
+        self.tokenizer, self.text_loader, self.val_packed = text_data_for(cfg, bpe_dropout=True)
         self.loader = self.text_loader
         if dc.mixture.enabled:  # multimodal sources (data/mixture.py); validation stays text
             from ..data.mixture import MixtureContext, MixtureLoader
