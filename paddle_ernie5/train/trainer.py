@@ -229,7 +229,8 @@ class Trainer:
         self.precision.optimizer_step(self.par, self.model, self.optimizer)
         self.optimizer.clear_grad(set_to_zero=False)
         update_router_biases(self.model.moe_layers(), loads, cfg.model.moe)
-        advance_head_fusion(self.model)
+        if cfg.model.attention.fusion.active:
+            advance_head_fusion(self.model)
         self.step += 1
         metrics = {k: v / cfg.train.grad_accum for k, v in sums.items()}
         metrics.update({"train/lr": lr, **clip.metrics(), "_tokens": tokens})

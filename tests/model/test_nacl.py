@@ -325,13 +325,12 @@ def test_cli_refuses_kv_flags_outside_text_continuation_before_loading_a_model(t
         cli.run(args)
 
 
-def test_cli_continues_text_with_an_evicted_cache(debug_config, tmp_path, capsys):
+def _saved_model(cfg, tmp_path) -> Path:
+    """A freshly initialised model (seed 0) saved as an exported-model folder of `cfg`."""
     from safetensors.numpy import save_file
 
-    from paddle_ernie5 import generate as cli
     from paddle_ernie5.config import save_config
 
-    cfg = debug_config()
     paddle.seed(0)
     folder = tmp_path / "model"
     folder.mkdir()
@@ -341,6 +340,14 @@ def test_cli_continues_text_with_an_evicted_cache(debug_config, tmp_path, capsys
         str(folder / "model.safetensors"),
     )
     save_config(cfg, str(folder / "config.yaml"))
+    return folder
+
+
+def test_cli_continues_text_with_an_evicted_cache(debug_config, tmp_path, capsys):
+    from paddle_ernie5 import generate as cli
+
+    cfg = debug_config()
+    folder = _saved_model(cfg, tmp_path)
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     text = "The passkey is 4312. " + "Grass is green. " * 2 + "What is the passkey?"
@@ -392,21 +399,10 @@ def test_resume_ignores_the_generate_section():
 def test_cli_reads_the_runs_generate_section_and_flags_override_it(
     debug_config, tmp_path, monkeypatch
 ):
-    from safetensors.numpy import save_file
-
     from paddle_ernie5 import generate as cli
-    from paddle_ernie5.config import save_config
 
     cfg = debug_config("generate.kv_budget=0.5", "generate.nacl_proxy_tokens=4")
-    paddle.seed(0)
-    folder = tmp_path / "model"
-    folder.mkdir()
-    state = Ernie5Model(cfg.model).state_dict()
-    save_file(
-        {k: np.ascontiguousarray(v.numpy()) for k, v in state.items()},
-        str(folder / "model.safetensors"),
-    )
-    save_config(cfg, str(folder / "config.yaml"))
+    folder = _saved_model(cfg, tmp_path)
     seen = []
     real = G.generate
 
