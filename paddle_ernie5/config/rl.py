@@ -37,9 +37,12 @@ class CurriculumConfig:
     rl.families are used. A family without a field here (image_qa, a family registered by a
     plugin) has its default levels and weight 1. Level 0 of arithmetic and counting is the
     pretraining corpus' own mix of questions; levels 1.. are the curriculum (e.g. arithmetic 1 =
-    one-digit a + b, 3 = a + b - c, 5 = two-digit a + b; counting L = lists of 3L-2..3L items;
-    sorting and reversal L = lists of L + 1 items; largest 1 = of 3 one-digit numbers, 2-4 = of 2,
-    3, 5 two-digit numbers)."""
+    one-digit a + b, 3 = a + b - c, 5 = two-digit a + b, 7-9 = two-digit a + b, three-digit a + b,
+    two-digit a - b answered units digit first; counting 1-4 = lists of 3L-2..3L items, 5-7 =
+    how many colours among 3-5, 6-8, 9-11 distinct words, answered with a running count; sorting
+    and reversal L = lists of L + 1 items; largest 1 = of 3 one-digit numbers, 2-4 = of 2, 3, 5
+    two-digit numbers). A running-count level needs rl.max_new_tokens to hold its longest
+    reference response (checked when the run starts)."""
 
     arithmetic: FamilyLevels = field(default_factory=FamilyLevels)
     counting: FamilyLevels = field(default_factory=FamilyLevels)

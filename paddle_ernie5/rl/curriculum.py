@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import config as C
-from .problems import Problem, task_name
+from .problems import Problem, has_working, task_name
 from .verifiers import get_family, split_problems
 
 
@@ -81,3 +81,20 @@ def build_curriculum(cfg: C.Config) -> Curriculum:
     if w.sum() <= 0:
         raise C.ConfigError("rl.curriculum gives every family of rl.families weight 0")
     return Curriculum(tasks, w / w.sum(), train, held)
+
+
+def check_response_budget(cur: Curriculum, tokenizer, max_new_tokens: int) -> None:
+    """A task whose reference responses carry worked steps (a running count) can only score when
+    the whole response fits in rl.max_new_tokens: refuse a budget shorter than its longest
+    reference. (Short-answer tasks are not checked: a response cut there just scores 0.)"""
+    for task in cur.tasks:
+        problems = [p for p in cur.train[task] + cur.heldout[task] if has_working(p)]
+        if not problems:
+            continue
+        prompt = get_family(problems[0].family).prompt
+        longest = max(len(prompt.solution_ids(tokenizer, p)) for p in problems)
+        if longest > max_new_tokens:
+            raise C.ConfigError(
+                f"rl.max_new_tokens={max_new_tokens} is invalid: the reference responses of task "
+                f"{task!r} (worked steps, then the answer) are up to {longest} tokens; raise it"
+            )

@@ -22,7 +22,7 @@ from ..data.text import get_text_tokenizer
 from ..model.losses import IGNORE, token_cross_entropy
 from ..optim.optimizer import apply_update, build_optimizer
 from ..train.loop import Component, Loop
-from .curriculum import build_curriculum
+from .curriculum import build_curriculum, check_response_budget
 from .evaluate import evaluate
 from .problems import Problem
 from .prompts import Prompt
@@ -72,6 +72,7 @@ class SFTRun(Component):
         self.optimizer = build_optimizer(self.model, tc)
         self.model_cfg = cfg.model
         self.curriculum = build_curriculum(cfg)
+        check_response_budget(self.curriculum, self.tok, cfg.rl.max_new_tokens)
 
     def batch(self, step: int) -> list[Problem]:
         b = self.tc.batch_size

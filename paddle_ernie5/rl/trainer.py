@@ -50,7 +50,7 @@ from ..optim.optimizer import (
 )
 from ..optim.schedules import learning_rate
 from ..train.logging import RunLogger, flatten
-from .curriculum import build_curriculum
+from .curriculum import build_curriculum, check_response_budget
 from .diagnostics import (
     logp_gap,
     masked_fraction,
@@ -100,6 +100,7 @@ class RLTrainer:
             self.ref.eval()
         self.optimizer = build_optimizer(self.model, tc)
         self.curriculum = build_curriculum(cfg)
+        check_response_budget(self.curriculum, self.tokenizer, rc.max_new_tokens)
         self.stats = QueryStats()
         self.rollout_models = RolloutModels(cfg.model)
         self.rollout_view = ElasticView(top_k=rc.rollout_top_k) if rc.rollout_top_k else FULL_VIEW

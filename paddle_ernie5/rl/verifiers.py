@@ -14,7 +14,9 @@ Built-in text families (rl/problems.py, with their levels) follow the corpus' ow
 (data/text.py), so a pretrained model already knows how to answer:  prompt "Q: What is 37 + 45? A:"
 ->  response " 82.\\n" (reward 1 for the exact integer followed by the terminating period, nothing
 else); sorting and reversal answer a list, " 1 2 3.\\n" (reward 1 for exactly the expected items,
-separated by whitespace, then the period).
+separated by whitespace, then the period). Arithmetic levels answered units digit first judge the
+digit string exactly (" 001.\\n" for 100; " 1.\\n" scores 0), and counting levels with a running
+count judge the total after the last "=" (" pens 0 red 1 = 1.\\n"; the working is not graded).
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from typing import Protocol
 from ..config import Config
 from ..data.text import in_validation
 from ..plugins import import_optional
-from .problems import Problem, family_maker, levels_of, make_problems
+from .problems import (
+    RUNNING_COUNT_LEVELS,
+    UNITS_FIRST_LEVELS,
+    Problem,
+    family_maker,
+    levels_of,
+    make_problems,
+)
 from .prompts import TEXT_PROMPT, PromptFormat
 
 
@@ -77,6 +86,49 @@ def exact_sequence(problem: Problem, response: str) -> float:
     return 1.0 if m is not None and m.group(1).split() == problem.answer.split() else 0.0
 
 
+_DIGITS_ANSWER = re.compile(r"\s*(\d+)\.\s*")
+
+
+def exact_digits(problem: Problem, response: str) -> float:
+    """1.0 when the response is exactly the answer's digit string followed by a period (leading
+    zeros are part of it: a units-first answer "001" is not "1")."""
+    m = _DIGITS_ANSWER.fullmatch(response)
+    return 1.0 if m is not None and m.group(1) == problem.answer else 0.0
+
+
+_RUNNING_COUNT = re.compile(r"\s*(.*?)\s*=\s*(\d+)\.\s*", re.DOTALL)
+_STEP = re.compile(r"(\S+) (\d+)")
+
+
+def parse_running_count(response: str) -> tuple[list[tuple[str, int]], int] | None:
+    """(steps, total) of a running-count response " pens 0 red 1 = 1.\\n": each step a word and
+    the count after it (words not in "word count" pairs are dropped), total the integer after the
+    last "="; None when there is no "= total." ending."""
+    m = _RUNNING_COUNT.fullmatch(response)
+    if m is None:
+        return None
+    steps = [(w, int(c)) for w, c in _STEP.findall(m.group(1))]
+    return steps, int(m.group(2))
+
+
+def exact_running_count(problem: Problem, response: str) -> float:
+    """1.0 when the response ends "= answer." (the worked steps before "=" are not graded)."""
+    parsed = parse_running_count(response)
+    return 1.0 if parsed is not None and parsed[1] == int(problem.answer) else 0.0
+
+
+def arithmetic_answer(problem: Problem, response: str) -> float:
+    """exact_digits at the units-first levels, exact_integer at the others."""
+    judge = exact_digits if problem.level in UNITS_FIRST_LEVELS else exact_integer
+    return judge(problem, response)
+
+
+def counting_answer(problem: Problem, response: str) -> float:
+    """exact_running_count at the running-count levels, exact_integer at the others."""
+    judge = exact_running_count if problem.level in RUNNING_COUNT_LEVELS else exact_integer
+    return judge(problem, response)
+
+
 def arithmetic_problems(n: int, seed: int, level: int = 0) -> list[Problem]:
     return make_problems("arithmetic", n, seed, level)
 
@@ -97,8 +149,8 @@ def register_family(spec: FamilySpec) -> None:
 
 
 for _name, _judge in (
-    ("arithmetic", exact_integer),
-    ("counting", exact_integer),
+    ("arithmetic", arithmetic_answer),
+    ("counting", counting_answer),
     ("sorting", exact_sequence),
     ("reversal", exact_sequence),
     ("largest", exact_integer),

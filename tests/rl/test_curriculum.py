@@ -19,6 +19,11 @@ CURRICULUM = ("arithmetic", "counting", "sorting", "reversal", "largest")
 def _true_answer(p: P.Problem) -> str:
     """The answer worked out from the prompt text alone."""
     q = p.prompt.removeprefix("Q: ").removesuffix(" A:")
+    if m := re.fullmatch(r"What is (\d+) ([-+]) (\d+), units digit first\?", q):
+        a, op, b = m.groups()
+        return str(int(a) + int(b) if op == "+" else int(a) - int(b))[::-1]
+    if m := re.fullmatch(r"How many colours are in the list ([a-z ]+)\?", q):
+        return str(sum(w in P.COLOURS for w in m.group(1).split()))
     if m := re.fullmatch(r"What is (\d+) ([-+*]) (\d+)(?: - (\d+))?\?", q):
         a, op, b, c = m.groups()
         value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
