@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup ops espeak lint train vision test bench clean
+.PHONY: setup ops espeak lint train vision long-context test bench clean
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,7 @@ VISION_SET := train.threads=$(VISION_THREADS)
 vision: runs/multimodal_tiny/eval.json
 
 define timed
-	@start=$$(date +%s); $(1) || exit 1; echo "make vision: $(2) took $$(( $$(date +%s) - start )) s"
+	@start=$$(date +%s); $(1) || exit 1; echo "make: $(2) took $$(( $$(date +%s) - start )) s"
 endef
 
 runs/vision_judge/metrics.json: | ops
@@ -55,6 +55,24 @@ runs/vision_merger/merger.safetensors: | runs/visual_tokenizer/metrics.json
 
 runs/multimodal_tiny/eval.json: | runs/vision_merger/merger.safetensors
 	$(call timed,$(VENV)/bin/ernie5 train recipes/multimodal_tiny.yaml $(VISION_SET) --eval,backbone)
+
+# The long-context passkey model (recipes/long_context_tiny.yaml's header): pretrain_tiny, then
+# the two long-context stages, each evaluated (`--eval`, passkey retrieval included). A stage whose
+# eval.json exists is skipped; an interrupted one resumes from its newest checkpoint.
+LC_THREADS ?= 0
+LC_SET := train.threads=$(LC_THREADS)
+long-context: runs/long_context_tiny/eval.json
+
+runs/pretrain_tiny/eval.json: | ops
+	$(call timed,$(VENV)/bin/ernie5 train recipes/pretrain_tiny.yaml $(LC_SET) --eval,pretrain_tiny)
+
+runs/long_context_tiny_stage1/eval.json: | runs/pretrain_tiny/eval.json
+	$(call timed,$(VENV)/bin/ernie5 train recipes/long_context_tiny_stage1.yaml $(LC_SET) \
+	  --eval,long-context stage 1)
+
+runs/long_context_tiny/eval.json: | runs/long_context_tiny_stage1/eval.json
+	$(call timed,$(VENV)/bin/ernie5 train recipes/long_context_tiny.yaml $(LC_SET) \
+	  --eval,long-context stage 2)
 
 # ruff (pinned in requirements.txt, rules in pyproject.toml): lint and format check.
 lint: setup

@@ -10,8 +10,9 @@ The key has KEY_CHARS characters, character i drawn from its own alphabet of ten
 Each key character is written as the tokenizer's byte-fallback token for it (`<0x34>` for "4"),
 a token that encoding text never produces: the built-in text never holds one, so the needle is the
 only place in the prompt where a character of slot i's alphabet occurs, and the answer's character
-i can be found by content alone ("the slot-i character"). recipes/long_context_tiny.yaml learns
-characters 2-4 within 700 steps and the first (asked for by the marker) within 1100. A key of
+i can be found by content alone ("the slot-i character"). recipes/long_context_tiny_stage1.yaml
+learns characters 2-4; the first (asked for by the marker) stays one constant answer through its
+1100 steps and is learned after the warm restart of recipes/long_context_tiny.yaml. A key of
 ordinary tokens ("4827") needs an induction circuit (find the earlier marker, copy the token after
 it), and pretrain_tiny has none (its accuracy on the second half of a repeated random sequence is
 0): such a key stayed at chance for 200 steps. The marker `$` (also a byte token) ends both the
