@@ -77,6 +77,11 @@ class VisionModelConfig:
     # `video_frames` frames, each coded with the first `video_scales` scales
     # (4 x 21 = 84 tokens at scales 1, 2, 4).
     video_frames: int = 4
+    # Frames of a clip read for understanding (video QA, the video merger); 0 = video_frames. Apart
+    # from video_frames, so that generated clips can be fewer frames at more scales (the 8x8 scale
+    # carries the motion: the judge reads direction from reconstructions of 4 frames x scales
+    # 1, 2, 4 at 0.53, of 2 frames x scales 1, 2, 4, 8 at 0.88) while understanding keeps 4.
+    video_qa_frames: int = 0
     video_scales: int = 3
     # Training robustness: each history (input) bit is flipped with this probability.
     bit_flip_prob: float = 0.05
@@ -120,6 +125,29 @@ class VisionModelConfig:
     # lose what they learned.
     freeze_merger: tuple[str, ...] = ()
     head_hidden: int = 128  # MLP width of the bit head; 0 = a linear layer
+    # Each generation position also gets a learned embedding of its place: (frame, scale, cell),
+    # batch key vis_cell. Uni-RoPE only steers attention, so without it a token's own content (its
+    # parent's bits and its scale) does not say which cell it codes: the caption's colours are
+    # drawn (they are the same in every cell) but not the digit's shape.
+    cell_embedding: bool = False
+    # Generation-side auxiliary: a linear head reads, at every generation position, the share of its
+    # cell that the digit covers (its ink: a colour-free map of the shape, from the built-in digits'
+    # pixels and colours) off the final hidden state; mean squared error x this weight (0 = off).
+    # A bit of a cell flips with the colours (the same stroke is +1 on one colour pair and -1 on
+    # another), so the bit loss alone asks for digit x cell x colours at once; the ink asks for
+    # digit x cell, and the bit head adds the colours.
+    shape_loss_weight: float = 0.0
+    # Generation-side auxiliary: linear heads read the caption's digit (and, for clips, its
+    # direction) off every generation position's final hidden state; cross-entropy x this weight
+    # (0 = off; rows whose caption was dropped have no target). The bit loss depends on the digit
+    # only through its shape in one cell under one colour pair; this asks every position for the
+    # digit itself, so that attention carries it from the caption into the picture.
+    caption_loss_weight: float = 0.0
+    # Pooled caption conditioning: every generation position's input also gets the mean of a
+    # table of its own over the caption's tokens (at most this many; 0 = off, batch key
+    # vis_prompt), as pooled text embeddings condition text-to-image models. Through attention
+    # alone the bits of a tiny model never come to depend on the caption's digit in a short run.
+    caption_pooling: int = 0
     loss_weight: float = 1.0  # weight of the bit loss in the total
     cond_drop_prob: float = 0.1  # training: caption dropped (unconditional rows for guidance)
     cfg_scale: float = 1.0  # sampling: classifier-free guidance scale (1 = off)
@@ -134,7 +162,7 @@ class VisionModelConfig:
 
     def merged_places(self, kind: str) -> int:
         """Merged groups in one picture (image) or clip (video): frame groups x rows x columns."""
-        frame_groups = -(-self.video_frames // self.merge_frames) if kind == "video" else 1
+        frame_groups = -(-self.qa_frames // self.merge_frames) if kind == "video" else 1
         return frame_groups * (self.scales[-1] // self.merge) ** 2
 
     def picture_positions(self, source: str) -> tuple[int, str]:
@@ -174,6 +202,13 @@ class VisionModelConfig:
             "increasing sides >= 1",
         )
         _check(at, "video_frames", self.video_frames, self.video_frames >= 1, ">= 1")
+        _check(
+            at,
+            "video_qa_frames",
+            self.video_qa_frames,
+            self.video_qa_frames >= 0,
+            ">= 0 (0 = video_frames)",
+        )
         _check(
             at,
             "video_scales",
@@ -219,8 +254,9 @@ class VisionModelConfig:
             at,
             "merge_frames",
             self.merge_frames,
-            self.merge_frames >= 1 and self.video_frames % self.merge_frames == 0,
-            f"a divisor of video_frames={self.video_frames}",
+            self.merge_frames >= 1 and self.qa_frames % self.merge_frames == 0,
+            f"a divisor of the understood clip's frames (video_qa_frames or video_frames) "
+            f"{self.qa_frames}",
         )
         for name in ("merger_width", "merger_heads"):
             _check(at, name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
@@ -233,6 +269,15 @@ class VisionModelConfig:
         )
         _check(at, "head_hidden", self.head_hidden, self.head_hidden >= 0, ">= 0 (0 = linear)")
         _check(at, "loss_weight", self.loss_weight, self.loss_weight >= 0, ">= 0")
+        _check(at, "shape_loss_weight", self.shape_loss_weight, self.shape_loss_weight >= 0, ">= 0")
+        _check(at, "caption_pooling", self.caption_pooling, self.caption_pooling >= 0, ">= 0")
+        _check(
+            at,
+            "caption_loss_weight",
+            self.caption_loss_weight,
+            self.caption_loss_weight >= 0,
+            ">= 0",
+        )
         _check(
             at, "cond_drop_prob", self.cond_drop_prob, 0 <= self.cond_drop_prob < 1, "0 <= p < 1"
         )
@@ -257,6 +302,17 @@ class VisionModelConfig:
         return self.scale_loss_weights or tuple(
             self.scale_loss_decay**k for k in range(len(self.scales))
         )
+
+    def generation_cells(self, kind: str) -> int:
+        """Generation positions of one image or clip: the size of the vis_cell table."""
+        if kind == "image":
+            return self.tokens_per_image
+        return self.video_frames * self.tokens_per_video_frame
+
+    @property
+    def qa_frames(self) -> int:
+        """Frames of a clip read for understanding."""
+        return self.video_qa_frames or self.video_frames
 
     @property
     def tokens_per_image(self) -> int:

@@ -37,11 +37,13 @@ from ..model.vision import (
     IMAGE_ID,
     PATCH_INDEX_KEY,
     VIDEO_ID,
+    caption_row,
     generation_positions,
     history_bits,
     span_extent,
 )
 from .digits import (
+    PALETTE,
     digit_images,
     digit_videos,
     image_caption,
@@ -126,11 +128,10 @@ def encoded_digits(cfg: Config, kind: str, split: str, tok=None) -> EncodedSet:
     """The digits of `kind` (image | video) and `split` (train | heldout), coded by the tokenizer at
     model.vision.tokenizer_dir; built once and cached under the tokenizer's fingerprint."""
     v = cfg.model.vision
-    tag = (
-        f"{kind}_{split}_f{v.video_frames}_s{v.video_scales}"
-        if kind == "video"
-        else f"{kind}_{split}"
-    )
+    tag = f"{kind}_{split}"
+    if kind == "video":
+        qa = "" if v.qa_frames == v.video_frames else f"_q{v.qa_frames}"
+        tag += f"_f{v.video_frames}{qa}_s{v.video_scales}"
     path = os.path.join(
         cfg.data.cache_dir,
         f"vision_v{CACHE_VERSION}_{tokenizer_fingerprint(v.tokenizer_dir)}_{tag}.npz",
@@ -146,8 +147,11 @@ def encoded_digits(cfg: Config, kind: str, split: str, tok=None) -> EncodedSet:
             pixels, scales = data.pixels[:, None], len(v.scales)
         else:
             data = digit_videos(split, size=size, cache_dir=cfg.data.cache_dir)
-            pixels, scales = data.pixels[:, : v.video_frames], v.video_scales
+            pixels = data.pixels[:, : max(v.video_frames, v.qa_frames)]
+            scales = v.video_scales
         tokens, feats = encode_frames(tok, pixels, scales)
+        if kind == "video":  # the tokenizer is causal in time: a prefix codes as it would alone
+            tokens, feats = tokens[:, : v.video_frames], feats[:, : v.qa_frames]
         arrays = {
             "tokens": tokens,
             "feats": feats,
@@ -156,6 +160,26 @@ def encoded_digits(cfg: Config, kind: str, split: str, tok=None) -> EncodedSet:
         cache.save(path, arrays, CACHE_VERSION)
     labels = {k[6:]: arrays[k].astype(np.int64) for k in arrays if k.startswith("label_")}
     return EncodedSet(arrays["tokens"], arrays["feats"], labels)
+
+
+def ink_maps(pixels: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """Share of every pixel the digit covers, [N, T, H, W] in [0, 1], from frames [N, T, 3, H, W]
+    in [0, 1] painted as ink * fg + (1 - ink) * bg (data/digits.py) and their colour labels."""
+    f = PALETTE[fg][:, None, :, None, None]
+    b = PALETTE[bg][:, None, :, None, None]
+    ink = ((pixels.astype(np.float32) - b) * (f - b)).sum(2) / ((f - b) ** 2).sum(2)
+    return np.clip(ink, 0.0, 1.0)
+
+
+def cell_shares(ink_NTHW: np.ndarray, scales) -> np.ndarray:
+    """Mean ink of every cell of every scale, [N, T, tokens per frame] in scale order, row-major
+    (the order of a frame's generation positions)."""
+    n, t, h, w = ink_NTHW.shape
+    out = []
+    for s in scales:
+        cells = ink_NTHW.reshape(n, t, s, h // s, s, w // s).mean(axis=(3, 5))
+        out.append(cells.reshape(n, t, s * s))
+    return np.concatenate(out, axis=-1).astype(np.float32)
 
 
 def is_heldout_combo(digit: int, fg: int, bg: int, fraction: float) -> bool:
@@ -187,9 +211,15 @@ def generation_segment(
     kind: str,
     start: int,
     rng: np.random.Generator | None = None,
+    shape_TN: np.ndarray | None = None,
+    caption_classes: tuple[int, int] | None = None,
+    caption_ids: list[int] | None = None,
 ) -> Segment:
     """The bit tokens of one image or clip as generation positions; `rng` (training) draws the
-    random masking of historical frames."""
+    random masking of historical frames; `shape_TN` (cell_shares of the picture) adds the targets
+    of the shape head (model.vision.shape_loss_weight); `caption_classes` (digit, direction; -1 =
+    none) those of the caption heads (caption_loss_weight); `caption_ids` the pooled caption
+    (caption_pooling)."""
     frames, per_frame, _ = tokens_TNb.shape
     scales = v.scales if kind == "image" else v.scales[: v.video_scales]
     n_scales = len(scales)
@@ -201,6 +231,18 @@ def generation_segment(
         "vis_target": tokens.reshape(frames * per_frame, -1),
         "vis_scale": np.tile(k + 1, frames).astype(np.int64),
     }
+    if v.cell_embedding:
+        extras["vis_cell"] = np.arange(frames * per_frame, dtype=np.int64)
+    if shape_TN is not None:
+        extras["vis_shape"] = np.asarray(shape_TN, np.float32).reshape(frames * per_frame)
+    if v.caption_pooling:
+        extras["vis_prompt"] = np.tile(
+            caption_row(caption_ids or [], v.caption_pooling), (frames * per_frame, 1)
+        )
+    if caption_classes is not None:  # stored + 1: 0 (also the padding) = no target
+        extras["vis_caption"] = np.tile(
+            np.asarray(caption_classes, np.int64) + 1, (len(k) * frames, 1)
+        )
     horizon = None
     if frames > 1:
         frame_start = np.arange(frames) * per_frame
@@ -266,10 +308,14 @@ def generation_document(
     kind: str,
     ids: dict,
     rng: np.random.Generator | None = None,
+    shape_TN: np.ndarray | None = None,
+    caption_classes: tuple[int, int] | None = None,
 ) -> list[Segment]:
     prompt = generation_prompt(caption_ids, ids["bos"], ids[DELIMITERS[kind][0]])
     start = len(prompt)
-    seg = generation_segment(tokens_TNb, v, kind, start, rng)
+    seg = generation_segment(
+        tokens_TNb, v, kind, start, rng, shape_TN, caption_classes, caption_ids
+    )
     end = start + span_extent(tokens_TNb.shape[0], v.scales[-1])
     return [text_segment(prompt), seg, text_segment([ids[DELIMITERS[kind][1]]], end)]
 
@@ -336,6 +382,30 @@ def _encoded(ctx: MixtureContext, kind: str) -> EncodedSet:
     return ctx.cache[key]
 
 
+def _shape_targets(ctx: MixtureContext, kind: str) -> np.ndarray:
+    """cell_shares of every picture of the encoded split, in its order (the pictures that
+    encoded_digits codes)."""
+    key = ("vision_shape", kind, _split(ctx))
+    if key not in ctx.cache:
+        v = ctx.cfg.model.vision
+        size = load_visual_tokenizer(v).cfg.image_size
+        split = _split(ctx)
+        if kind == "image":
+            data = digit_images(
+                split,
+                size=size,
+                cache_dir=ctx.cfg.data.cache_dir,
+                copies=2 if split == "train" else 1,
+            )
+            pixels, scales = data.pixels[:, None], v.scales
+        else:
+            data = digit_videos(split, size=size, cache_dir=ctx.cfg.data.cache_dir)
+            pixels, scales = data.pixels[:, : v.video_frames], v.scales[: v.video_scales]
+        ink = ink_maps(pixels, data.labels["fg"], data.labels["bg"])
+        ctx.cache[key] = cell_shares(ink, scales)
+    return ctx.cache[key]
+
+
 class _VisionSource:
     """What every vision source holds: the vision config, the encoded split, the delimiter ids."""
 
@@ -371,6 +441,7 @@ class GenerationSource(_VisionSource):
             )
         self.index = keep
         self._captions: dict[int, list[int]] = {}
+        self.shape = _shape_targets(ctx, self.kind) if self.v.shape_loss_weight > 0 else None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -389,8 +460,20 @@ class GenerationSource(_VisionSource):
     def document(self, index: int, rng: np.random.Generator) -> list[Segment]:
         i = int(self.index[index])
         caption = [] if self.train and rng.random() < self.v.cond_drop_prob else self.caption_ids(i)
+        classes = None
+        if self.v.caption_loss_weight > 0:
+            lab = self.data.labels
+            direction = int(lab["direction"][i]) if "direction" in lab else -1
+            classes = (int(lab["digit"][i]), direction) if caption else (-1, -1)
         return generation_document(
-            caption, self.data.tokens[i], self.v, self.kind, self.ids, rng if self.train else None
+            caption,
+            self.data.tokens[i],
+            self.v,
+            self.kind,
+            self.ids,
+            rng if self.train else None,
+            None if self.shape is None else self.shape[i],
+            classes,
         )
 
 

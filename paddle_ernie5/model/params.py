@@ -125,7 +125,8 @@ def modality_params(cfg: ModelConfig) -> tuple[int, int]:
 
 def vision_embedding_params(cfg: ModelConfig, kind: str) -> int:
     """model/vision.py: bits -> width, scale table, the patch merger of one visual modality and its
-    group-place table."""
+    group-place table (and the cell table, cell_embedding; the pooled caption table,
+    caption_pooling)."""
     v, m, d = cfg.vision, cfg.hidden_size, cfg.vision.merger_width
     group = v.merge**2 * (v.merge_frames if kind == "video" else 1)
     channels = v.bits * (2 if kind == "video" and v.merger_motion and v.merge_frames > 1 else 1)
@@ -141,10 +142,16 @@ def vision_embedding_params(cfg: ModelConfig, kind: str) -> int:
     )
     place = v.merged_places(kind) * m if v.merger_position else 0
     place += v.merged_places(kind) * d * m if v.merger_place_projection else 0
-    return (v.bits * m + m) + (len(v.scales) + 1) * m + merger + place
+    cells = v.generation_cells(kind) * m if v.cell_embedding else 0
+    cells += (cfg.vocab_size + 1) * m if v.caption_pooling else 0  # pooled caption table
+    return (v.bits * m + m) + (len(v.scales) + 1) * m + merger + place + cells
 
 
 def vision_head_params(cfg: ModelConfig) -> int:
-    """model/vision.py: RMSNorm + MLP (or linear) to per-bit logits, shared by image and video."""
+    """model/vision.py: RMSNorm + MLP (or linear) to per-bit logits, shared by image and video (and
+    the linear shape head, shape_loss_weight > 0, and caption heads, caption_loss_weight > 0)."""
     v, m, h = cfg.vision, cfg.hidden_size, cfg.vision.head_hidden
-    return m + ((m * h + h + h * v.bits + v.bits) if h else (m * v.bits + v.bits))
+    shape = m + 1 if v.shape_loss_weight > 0 else 0
+    # caption heads (model/vision.CAPTION_CLASSES): 10 digits, 4 directions
+    shape += (m + 1) * 14 if v.caption_loss_weight > 0 else 0
+    return m + ((m * h + h + h * v.bits + v.bits) if h else (m * v.bits + v.bits)) + shape

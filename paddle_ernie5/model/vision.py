@@ -28,6 +28,14 @@ Batch keys (extras of data/vision_sources.py, zero where absent):
     vis_in      [B, S, bits]   float  input bits of generation positions
     vis_target  [B, S, bits]   float  target bits (+1 / -1)
     vis_scale   [B, S]         int    1 + scale index of a generation position, 0 elsewhere
+    vis_cell    [B, S]         int    frame * tokens per frame + index in the frame of a generation
+                                      position (model.vision.cell_embedding only)
+    vis_shape   [B, S]         float  share of the position's cell the digit covers (targets of the
+                                      shape head, model.vision.shape_loss_weight > 0 only)
+    vis_prompt  [B, S, C]      int    1 + the caption's token ids at generation positions, 0 = none
+                                      (pooled caption conditioning, caption_pooling > 0 only)
+    vis_caption [B, S, 2]      int    1 + the caption's digit and direction at generation positions,
+                                      0 = none (caption heads, caption_loss_weight > 0 only)
     image_patches [B, S, merge^2, K], video_patches [B, S, merge_frames * merge^2, K]   float
     patch_index [B, S]         int    row-major (frame group, row, column) index of a merged group
 
@@ -47,6 +55,9 @@ from .heads import register_head
 from .norm import RMSNorm
 
 IMAGE_ID, VIDEO_ID = MODALITY_IDS["image"], MODALITY_IDS["video"]
+# classes of the caption heads (model.vision.caption_loss_weight): digit, direction (data/digits.py)
+CAPTION_CLASSES = (("digit", 10), ("direction", 4))
+POOLED_CAPTION_STD = 0.3  # initial std of the pooled caption table (caption_pooling)
 FEATURE_KEY = {"image": "image_patches", "video": "video_patches"}
 # place of a merged group in its picture: (frame group, row, column)
 PATCH_INDEX_KEY = "patch_index"
@@ -96,6 +107,18 @@ def generation_positions(scales, latent: int, frames: int, start: int) -> np.nda
     return np.stack([start + t, start + np.tile(y, frames), start + np.tile(x, frames)]).astype(
         np.int64
     )
+
+
+def caption_row(caption_ids: list[int], width: int) -> np.ndarray:
+    """The caption's token ids + 1, zero-padded to `width` (0 = no token): a vis_prompt row."""
+    if len(caption_ids) > width:
+        raise ValueError(
+            f"a caption of {len(caption_ids)} tokens is longer than "
+            f"model.vision.caption_pooling={width}"
+        )
+    row = np.zeros(width, np.int64)
+    row[: len(caption_ids)] = np.asarray(caption_ids, np.int64) + 1
+    return row
 
 
 def span_extent(frames: int, latent: int) -> int:
@@ -176,6 +199,24 @@ class VisualEmbedding(nn.Layer):
         init = nn.initializer.Normal(std=cfg.init_std)
         self.bits = nn.Linear(v.bits, cfg.hidden_size, weight_attr=init)
         self.scale = nn.Embedding(len(v.scales) + 1, cfg.hidden_size, weight_attr=init)
+        self.cell = (
+            nn.Embedding(v.generation_cells(self.modality), cfg.hidden_size, weight_attr=init)
+            if v.cell_embedding
+            else None
+        )
+        # Row 0: no token (masked out of the mean). Started at POOLED_CAPTION_STD, so that the mean
+        # over a caption is about as large as the bit inputs: at init_std the digit's share of the
+        # input is so small that the caption heads alone take 40 steps to start reading it (with
+        # the other losses beside them, more than 300), at 0.3 about 5.
+        self.words = (
+            nn.Embedding(
+                cfg.vocab_size + 1,
+                cfg.hidden_size,
+                weight_attr=nn.initializer.Normal(std=POOLED_CAPTION_STD),
+            )
+            if v.caption_pooling
+            else None
+        )
         self.merger = PatchMerger(
             v.bits,
             group,
@@ -195,6 +236,13 @@ class VisualEmbedding(nn.Layer):
                 self.place.parameters() if self.place is not None else []
             ):
                 p.stop_gradient = True
+
+    def pooled_caption(self, prompt_BSC):
+        """[B, S, M] mean of the word table over each position's caption tokens (zero when it has
+        none)."""
+        mask = (prompt_BSC > 0).astype("float32").unsqueeze(-1)
+        total = (self.words(prompt_BSC) * mask).sum(axis=2)
+        return total / paddle.clip(mask.sum(axis=2), min=1.0)
 
     def _understanding_rows(self, batch):
         """Flat indices of the positions that hold this modality's merged tokens (None = all of
@@ -226,6 +274,11 @@ class VisualEmbedding(nn.Layer):
                 flips = paddle.bernoulli(paddle.full_like(bits, self.flip_prob))
                 bits = bits * (1 - 2 * flips)
             x = self.bits(bits) + self.scale(batch["vis_scale"])
+            if self.cell is not None:  # the other visual modality's cells may lie past the table
+                own = (batch["token_types"] == self.type_id).astype(batch["vis_cell"].dtype)
+                x = x + self.cell(batch["vis_cell"] * own)
+            if self.words is not None:
+                x = x + self.pooled_caption(batch["vis_prompt"])
         if key in batch:
             groups = batch[key]
             b, s = groups.shape[:2]
@@ -273,7 +326,9 @@ class VideoEmbedding(VisualEmbedding):
 @register_head("visual", ("image", "video"))
 class VisualBitHead(nn.Layer):
     """Per-bit logits of the token at every position; per-bit logistic loss at generation positions,
-    weighted per token by scale (VisionModelConfig.scale_weights), reported for image and video."""
+    weighted per token by scale (VisionModelConfig.scale_weights), reported for image and video.
+    With shape_loss_weight > 0 a linear shape head beside it reads each generation position's ink
+    share (squared error, *_shape losses)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -289,6 +344,16 @@ class VisualBitHead(nn.Layer):
             )
         else:
             self.net = nn.Linear(cfg.hidden_size, v.bits, weight_attr=init)
+        self.shape_weight = v.shape_loss_weight
+        self.shape = (
+            nn.Linear(cfg.hidden_size, 1, weight_attr=init) if self.shape_weight > 0 else None
+        )
+        self.caption_weight = v.caption_loss_weight
+        self.caption = (
+            nn.Linear(cfg.hidden_size, sum(n for _, n in CAPTION_CLASSES), weight_attr=init)
+            if self.caption_weight > 0
+            else None
+        )
         # Index 1 + k: per-token weight of scale k; index 0 (no target) weighs nothing.
         self.scale_weight = (0.0,) + tuple(v.scale_weights())
         self.kinds = [
@@ -296,7 +361,13 @@ class VisualBitHead(nn.Layer):
         ]
 
     def forward(self, h_BSM, batch):
-        return {"logits": self.net(self.norm(h_BSM))}
+        h = self.norm(h_BSM)
+        out = {"logits": self.net(h)}
+        if self.shape is not None:
+            out["shape"] = self.shape(h).squeeze(-1)
+        if self.caption is not None:
+            out["caption"] = self.caption(h)
+        return out
 
     def loss(self, pred, batch):
         if "vis_target" not in batch:
@@ -318,4 +389,35 @@ class VisualBitHead(nn.Layer):
             if float(count) == 0:
                 continue
             out[f"{name}_bits"] = ((per_token * w).sum() / paddle.clip(w.sum(), min=1e-6), count)
+            if self.shape is not None and "vis_shape" in batch:
+                sel = ((batch["vis_scale"] > 0) & (batch["token_types"] == type_id)).astype(
+                    "float32"
+                )
+                err = (pred["shape"].astype("float32") - batch["vis_shape"]) ** 2
+                out[f"{name}_shape"] = ((err * sel).sum() / count, count, self.shape_weight)
+            if self.caption is not None and "vis_caption" in batch:
+                out.update(self._caption_losses(pred["caption"], batch, name, type_id))
+        return out
+
+    def _caption_losses(self, logits_BSC, batch, name: str, type_id: int) -> dict:
+        """Cross-entropy of each caption attribute at the generation positions of one kind that
+        have a target."""
+        out, lo = {}, 0
+        kind = (batch["token_types"] == type_id) & (batch["vis_scale"] > 0)
+        for j, (attr, n) in enumerate(CAPTION_CLASSES):
+            target = batch["vis_caption"][..., j]
+            sel = (kind & (target > 0)).astype("float32")
+            count = sel.sum()
+            if float(count) > 0:
+                ce = F.cross_entropy(
+                    logits_BSC[..., lo : lo + n].astype("float32"),
+                    paddle.clip(target - 1, min=0).unsqueeze(-1),
+                    reduction="none",
+                ).squeeze(-1)
+                out[f"{name}_caption_{attr}"] = (
+                    (ce * sel).sum() / count,
+                    count,
+                    self.caption_weight,
+                )
+            lo += n
         return out

@@ -20,7 +20,7 @@ import numpy as np
 import paddle
 
 from .generation import KVCache
-from .vision import IMAGE_ID, VIDEO_ID, generation_positions, parent_index
+from .vision import IMAGE_ID, VIDEO_ID, caption_row, generation_positions, parent_index
 
 
 def _prefill(model, prompt_BP: np.ndarray, cache: KVCache) -> None:
@@ -78,6 +78,13 @@ def sample_visual(
     per_frame = sum(s * s for s in scales)
     offsets = np.cumsum([0] + [s * s for s in scales])
     positions = [generation_positions(scales, v.scales[-1], frames, p.shape[1]) for p, _ in streams]
+    # pooled caption conditioning: the prompt between <bos> and <boi|bov>
+    captions = [
+        np.stack([caption_row(list(row[1:-1]), v.caption_pooling) for row in p])
+        if v.caption_pooling
+        else None
+        for p, _ in streams
+    ]
     tokens = np.zeros([b, frames, per_frame, v.bits], np.float32)
     for f in range(frames):
         hidden = None
@@ -91,7 +98,7 @@ def sample_visual(
             else:
                 bits_in = tokens[:, f, offsets[k - 1] : offsets[k]][:, parent_index(scales, k)]
             logits = []
-            for (prompt, cache), pos in zip(streams, positions):
+            for (prompt, cache), pos, caption in zip(streams, positions, captions):
                 lo = f * per_frame + offsets[k]
                 mask = (
                     None
@@ -112,6 +119,11 @@ def sample_visual(
                     "vis_in": paddle.to_tensor(bits_in),
                     "vis_scale": paddle.full([b, n], k + 1, dtype="int64"),
                 }
+                if v.cell_embedding:
+                    cells = np.arange(lo, lo + n, dtype=np.int64)
+                    batch["vis_cell"] = paddle.to_tensor(np.repeat(cells[None], b, axis=0))
+                if caption is not None:
+                    batch["vis_prompt"] = paddle.to_tensor(np.repeat(caption[:, None], n, axis=1))
                 out = model(batch, with_mtp=False, cache=cache)
                 logits.append(out.extra["visual"]["logits"].astype("float32").numpy())
             z = logits[0] if not guided else logits[1] + cfg_scale * (logits[0] - logits[1])
