@@ -13,8 +13,8 @@ Per length L (prompts of L positions, the needle at evenly spread depths):
              from other processes spreads over all): median prefill seconds (the whole model's
              forward over the prompt), its ratio to full attention, the median selection
              seconds inside it (summed over the layers), the share of the causal 128 x 128 blocks
-             computed, teacher-forced passkey accuracy (whole key; characters) and perplexity of one
-             L-token window of held-out text.
+             computed, teacher-forced passkey accuracy (whole key; characters) and perplexity of
+             --ppl-windows L-token windows of held-out text (seeded starts; all their tokens).
   KV cache   NACL at each --budgets value beside the recent window and a uniform random keep at the
              same budgets (budget 1 keeps everything): the KV cache after the prefill (MB, float32,
              all layers), greedy passkey accuracy of generation after the eviction, and decode
@@ -46,6 +46,9 @@ def _args(argv=None):
     ap.add_argument("--speed-repeats", type=int, default=3, help="decode timings per policy")
     ap.add_argument("--no-rr", action="store_true", help="skip the attention table")
     ap.add_argument("--no-nacl", action="store_true", help="skip the KV-cache table")
+    ap.add_argument(
+        "--ppl-windows", type=int, default=4, help="held-out text windows per perplexity"
+    )
     ap.add_argument("--threads", type=int, default=0, help="0 = all cores")
     return ap.parse_args(argv)
 
@@ -54,7 +57,7 @@ def _loadavg() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def attention_rows(model, ev, length: int, n: int, taus, stride: int):
+def attention_rows(model, ev, length: int, n: int, taus, stride: int, windows: int = 1):
     from paddle_ernie5.eval import long_context as LC
 
     changes = {"rr_stride": stride} if stride else {}
@@ -80,7 +83,7 @@ def attention_rows(model, ev, length: int, n: int, taus, stride: int):
             row["sel"].append(st["select_s"])
             row["kept"] += st["blocks_kept"]
             row["total"] += st["blocks_total"]
-    text = ev.text(length)
+    texts = [ev.text(length, w) for w in range(windows)]
     rows = []
     for name, m in variants:
         row = stats[name]
@@ -93,7 +96,7 @@ def attention_rows(model, ev, length: int, n: int, taus, stride: int):
                 "density": row["kept"] / row["total"] if row["total"] else 1.0,
                 "exact": row["exact"] / n,
                 "chars": row["chars"] / (4 * n),
-                "ppl": LC.perplexity(m, text),
+                "ppl": LC.pooled_perplexity(m, texts),
             }
         )
     full = rows[0]["prefill_s"]
@@ -192,7 +195,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if not args.no_rr:
             print_attention(
-                length, attention_rows(model, ev, length, args.samples, taus, args.stride)
+                length,
+                attention_rows(
+                    model, ev, length, args.samples, taus, args.stride, args.ppl_windows
+                ),
             )
         if not args.no_nacl:
             print_cache(

@@ -58,8 +58,9 @@ class LongContextEval:
     def examples(self, length: int, n: int):
         return passkey_examples(self.fmt, self.filler, length, n, self.seed)
 
-    def text(self, length: int) -> np.ndarray:
-        return long_text(self.tokenizer, self.filler, length, self.seed)
+    def text(self, length: int, window: int = 0) -> np.ndarray:
+        """Held-out text of `length` tokens; `window` picks another seeded start."""
+        return long_text(self.tokenizer, self.filler, length, self.seed + window)
 
 
 def _causal_batch(ids: np.ndarray, labels: np.ndarray | None = None) -> dict:
@@ -145,6 +146,14 @@ def perplexity(model, ids: np.ndarray) -> float:
     out = model(_causal_batch(ids), with_mtp=False)
     loss = float(compute_loss(out, paddle.to_tensor(labels[None]), model.cfg).text)
     return math.exp(min(loss, 50.0))
+
+
+def pooled_perplexity(model, windows) -> float:
+    """Perplexity of all tokens of equal-length windows together (exp of their mean loss)."""
+    lengths = {len(w) for w in windows}
+    if len(lengths) != 1:
+        raise ValueError(f"windows of different lengths {sorted(lengths)}: pool equal ones")
+    return math.exp(sum(math.log(perplexity(model, w)) for w in windows) / len(windows))
 
 
 def generated_scores(model, examples, settings: GenerateConfig, speed_tokens: int = 0) -> dict:

@@ -76,6 +76,22 @@ def test_perplexity_is_the_exp_of_the_mean_next_token_loss(setup):
     assert LC.perplexity(model, ids) == pytest.approx(want, rel=1e-4)
 
 
+def test_pooled_perplexity_is_that_of_all_the_windows_tokens(setup):
+    _, _, model, examples = setup
+    windows = [examples[0].ids[:200], examples[1].ids[100:300]]
+    losses = []
+    with paddle.no_grad():
+        for ids in windows:
+            logits = model(LC._causal_batch(ids), with_mtp=False).logits.numpy()[0]
+            logp = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+            losses.append(-logp[np.arange(199), ids[1:]])
+    want = math.exp(np.concatenate(losses).mean())
+    assert LC.pooled_perplexity(model, windows) == pytest.approx(want, rel=1e-4)
+    with pytest.raises(ValueError, match="different lengths"):
+        LC.pooled_perplexity(model, [windows[0], windows[1][:50]])
+
+
 def test_rr_with_tau_one_equals_full_attention_and_lower_tau_computes_fewer_blocks(setup):
     _, _, model, examples = setup
     ex = examples[0]
