@@ -44,6 +44,28 @@ def _ctx(cfg):
     return mixture.MixtureContext(cfg, tok, "train", loader.docs_ids_fn(0))
 
 
+PROMPTS = np.array([[2, 40, 41, 0], [2, 50, 51, 0]])  # <bos>, two caption tokens, the open tag
+
+
+def _greedy_refed(model, v, kind):
+    """Greedy tokens the sampler draws for PROMPTS, and per row the packed training document of
+    those tokens (the same caption) with its generation positions and teacher-forced bit logits."""
+    prompt = PROMPTS.copy()
+    prompt[:, -1] = IDS["<boi>" if kind == "image" else "<bov>"]
+    tokens = sample_visual(model, prompt, kind, temperature=0.0)
+    rows = []
+    for row in range(len(prompt)):
+        doc = VT.generation_document(
+            prompt[row, 1:-1].tolist(), tokens[row].astype(np.int8), v, kind, IDS
+        )
+        np_batch = pack_segments([doc], sum(len(s) for s in doc))
+        logits = (
+            model(to_model_batch(np_batch), with_mtp=False).extra["visual"]["logits"].numpy()[0]
+        )
+        rows.append((np_batch, np_batch["vis_scale"][0] > 0, logits))
+    return prompt, tokens, rows
+
+
 def test_ink_maps_recover_the_painted_ink_and_cell_shares_average_it(data_cache):
     rng = np.random.default_rng(0)
     ink = rng.random((6, 2, 8, 8)).astype(np.float32)
@@ -82,21 +104,9 @@ def test_sampling_with_cell_embedding_matches_a_full_forward(data_cache, folder,
     with paddle.no_grad():  # a table far from zero, so that a wrong cell changes the bits
         table.set_value(paddle.randn(table.shape) * 0.5)
     model.eval()
-    open_id = IDS["<boi>" if kind == "image" else "<bov>"]
-    prompt = np.array([[2, 40, 41, open_id], [2, 50, 51, open_id]])
-    tokens = sample_visual(model, prompt, kind, temperature=0.0)
-    for row in range(2):
-        doc = VT.generation_document(
-            prompt[row, 1:-1].tolist(), tokens[row].astype(np.int8), v, kind, IDS
-        )
-        np_batch = pack_segments([doc], sum(len(s) for s in doc))
-        assert np_batch["vis_cell"][0][np_batch["vis_scale"][0] > 0].tolist() == list(
-            range(v.generation_cells(kind))
-        )
-        logits = (
-            model(to_model_batch(np_batch), with_mtp=False).extra["visual"]["logits"].numpy()[0]
-        )
-        where = np_batch["vis_scale"][0] > 0
+    _, tokens, rows = _greedy_refed(model, v, kind)
+    for row, (np_batch, where, logits) in enumerate(rows):
+        assert np_batch["vis_cell"][0][where].tolist() == list(range(v.generation_cells(kind)))
         np.testing.assert_array_equal(
             np.where(logits[where] >= 0, 1.0, -1.0), tokens[row].reshape(-1, v.bits)
         )
@@ -244,19 +254,9 @@ def test_pooled_caption_is_the_mean_of_its_words_and_the_sampler_gives_the_promp
     # the sampler pools the prompt's caption as the training documents do: teacher-forcing its
     # greedy tokens reproduces them, and another caption changes them
     model.eval()
-    open_id = IDS["<boi>" if kind == "image" else "<bov>"]
-    prompt = np.array([[2, 40, 41, open_id], [2, 50, 51, open_id]])
-    tokens = sample_visual(model, prompt, kind, temperature=0.0)
-    for row in range(2):
-        doc = VT.generation_document(
-            prompt[row, 1:-1].tolist(), tokens[row].astype(np.int8), v, kind, IDS
-        )
-        np_batch = pack_segments([doc], sum(len(s) for s in doc))
-        where = np_batch["vis_scale"][0] > 0
+    prompt, tokens, rows = _greedy_refed(model, v, kind)
+    for row, (np_batch, where, logits) in enumerate(rows):
         assert (np_batch["vis_prompt"][0][where] == VT.caption_row(prompt[row, 1:-1], 6)).all()
-        logits = (
-            model(to_model_batch(np_batch), with_mtp=False).extra["visual"]["logits"].numpy()[0]
-        )
         np.testing.assert_array_equal(
             np.where(logits[where] >= 0, 1.0, -1.0), tokens[row].reshape(-1, v.bits)
         )
