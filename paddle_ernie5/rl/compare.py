@@ -8,16 +8,29 @@ unlike the rollout with the experts used and with the router's own choice).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 
+from ..errors import UserError
 from .diagnostics import SUMMARISED, summarise_steps
 
 
 def _load(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, "rl_summary.json"), encoding="utf-8") as f:
-        summary = json.load(f)
+    path = os.path.join(run_dir, "rl_summary.json")
+    if not os.path.isfile(path):
+        raise UserError(
+            f"{run_dir}: no rl_summary.json there; pass the run directories of finished "
+            "`ernie5 train recipes/rl_tiny.yaml` runs"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{path} is not a readable RL summary ({e}); re-run the RL evaluation"
+        ) from e
     if "training" not in summary:  # a summary written before the mismatch metrics existed
         summary["training"] = summarise_steps(os.path.join(run_dir, "metrics.jsonl"))
     return summary
@@ -94,5 +107,17 @@ def _before_after(summary: dict, task: str, key: str) -> str:
     return f"{before[key]:.3f} -> {after[key]:.3f}"
 
 
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="RL run directories (each with rl_summary.json)")
+    args = ap.parse_args(argv)
+    try:
+        print(table(args.runs))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    print(table(sys.argv[1:]))
+    sys.exit(main())
