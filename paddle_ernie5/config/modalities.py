@@ -58,6 +58,11 @@ class AudioModelConfig:
         return self.level_loss_weights or (1.0,) + (0.5,) * (self.levels - 1)
 
 
+# Classes of the caption heads (VisionModelConfig.caption_loss_weight): digit, direction
+# (data/digits.py).
+CAPTION_CLASSES = (("digit", 10), ("direction", 4))
+
+
 @dataclass(frozen=True, kw_only=True)
 class VisionModelConfig:
     """Images and video in the backbone (model/vision.py, data/vision_sources.py), used when

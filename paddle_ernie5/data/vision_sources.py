@@ -124,6 +124,17 @@ def encode_frames(tok, pixels: np.ndarray, num_scales: int, batch: int = 128):
     return np.concatenate(tokens), np.concatenate(feats)
 
 
+def _digit_pixels(cfg: Config, kind: str, split: str, size: int):
+    """(the built-in digit set, its frames [N, T, 3, H, W]) of `kind` and `split`: the pictures
+    encoded_digits codes, in its order (training images twice, with other random placements)."""
+    if kind == "image":
+        copies = 2 if split == "train" else 1
+        data = digit_images(split, size=size, cache_dir=cfg.data.cache_dir, copies=copies)
+        return data, data.pixels[:, None]
+    data = digit_videos(split, size=size, cache_dir=cfg.data.cache_dir)
+    return data, data.pixels
+
+
 def encoded_digits(cfg: Config, kind: str, split: str, tok=None) -> EncodedSet:
     """The digits of `kind` (image | video) and `split` (train | heldout), coded by the tokenizer at
     model.vision.tokenizer_dir; built once and cached under the tokenizer's fingerprint."""
@@ -139,16 +150,11 @@ def encoded_digits(cfg: Config, kind: str, split: str, tok=None) -> EncodedSet:
     arrays = cache.load(path, CACHE_VERSION, "encoded digits")
     if arrays is None:
         tok = tok or load_visual_tokenizer(v)
-        size = tok.cfg.image_size
+        data, pixels = _digit_pixels(cfg, kind, split, tok.cfg.image_size)
         if kind == "image":
-            data = digit_images(
-                split, size=size, cache_dir=cfg.data.cache_dir, copies=2 if split == "train" else 1
-            )
-            pixels, scales = data.pixels[:, None], len(v.scales)
+            scales = len(v.scales)
         else:
-            data = digit_videos(split, size=size, cache_dir=cfg.data.cache_dir)
-            pixels = data.pixels[:, : max(v.video_frames, v.qa_frames)]
-            scales = v.video_scales
+            pixels, scales = pixels[:, : max(v.video_frames, v.qa_frames)], v.video_scales
         tokens, feats = encode_frames(tok, pixels, scales)
         if kind == "video":  # the tokenizer is causal in time: a prefix codes as it would alone
             tokens, feats = tokens[:, : v.video_frames], feats[:, : v.qa_frames]
@@ -389,18 +395,11 @@ def _shape_targets(ctx: MixtureContext, kind: str) -> np.ndarray:
     if key not in ctx.cache:
         v = ctx.cfg.model.vision
         size = load_visual_tokenizer(v).cfg.image_size
-        split = _split(ctx)
+        data, pixels = _digit_pixels(ctx.cfg, kind, _split(ctx), size)
         if kind == "image":
-            data = digit_images(
-                split,
-                size=size,
-                cache_dir=ctx.cfg.data.cache_dir,
-                copies=2 if split == "train" else 1,
-            )
-            pixels, scales = data.pixels[:, None], v.scales
+            scales = v.scales
         else:
-            data = digit_videos(split, size=size, cache_dir=ctx.cfg.data.cache_dir)
-            pixels, scales = data.pixels[:, : v.video_frames], v.scales[: v.video_scales]
+            pixels, scales = pixels[:, : v.video_frames], v.scales[: v.video_scales]
         ink = ink_maps(pixels, data.labels["fg"], data.labels["bg"])
         ctx.cache[key] = cell_shares(ink, scales)
     return ctx.cache[key]

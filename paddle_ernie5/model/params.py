@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..config import ModelConfig
+from ..config.modalities import CAPTION_CLASSES
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
@@ -151,7 +152,6 @@ def vision_head_params(cfg: ModelConfig) -> int:
     """model/vision.py: RMSNorm + MLP (or linear) to per-bit logits, shared by image and video (and
     the linear shape head, shape_loss_weight > 0, and caption heads, caption_loss_weight > 0)."""
     v, m, h = cfg.vision, cfg.hidden_size, cfg.vision.head_hidden
-    shape = m + 1 if v.shape_loss_weight > 0 else 0
-    # caption heads (model/vision.CAPTION_CLASSES): 10 digits, 4 directions
-    shape += (m + 1) * 14 if v.caption_loss_weight > 0 else 0
-    return m + ((m * h + h + h * v.bits + v.bits) if h else (m * v.bits + v.bits)) + shape
+    aux = m + 1 if v.shape_loss_weight > 0 else 0
+    aux += (m + 1) * sum(n for _, n in CAPTION_CLASSES) if v.caption_loss_weight > 0 else 0
+    return m + ((m * h + h + h * v.bits + v.bits) if h else (m * v.bits + v.bits)) + aux

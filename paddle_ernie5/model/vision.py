@@ -50,13 +50,12 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from ..config import ModelConfig, VisionModelConfig
+from ..config.modalities import CAPTION_CLASSES
 from .embeddings import MODALITY_IDS, register_modality
 from .heads import register_head
 from .norm import RMSNorm
 
 IMAGE_ID, VIDEO_ID = MODALITY_IDS["image"], MODALITY_IDS["video"]
-# classes of the caption heads (model.vision.caption_loss_weight): digit, direction (data/digits.py)
-CAPTION_CLASSES = (("digit", 10), ("direction", 4))
 POOLED_CAPTION_STD = 0.3  # initial std of the pooled caption table (caption_pooling)
 FEATURE_KEY = {"image": "image_patches", "video": "video_patches"}
 # place of a merged group in its picture: (frame group, row, column)
