@@ -17,8 +17,14 @@ class FamilyLevels:
     # of sorting, reversal and largest, 0 for a family without levels (image_qa)
     levels: tuple[int, ...] = ()
     # Sampling weight of the family among rl.families (normalised over them); the family's levels
-    # share it equally.
+    # share it equally unless level_weights is set.
     weight: float = 1.0
+    # How the family's weight is shared by its levels: one number >= 0 per entry of `levels`, in
+    # the same order, normalised over the family ([] = equal shares). A level of weight 0 is never
+    # drawn for training but keeps its held-out prompts, so it is still measured before and after
+    # (e.g. a level whose training pool is small enough to be memorised). Every level of weight 0
+    # makes the family measurement-only.
+    level_weights: tuple[float, ...] = ()
 
     def validate(self, at: str) -> None:
         _check(
@@ -29,6 +35,22 @@ class FamilyLevels:
             "a list of distinct levels >= 0 ([] = the family's default levels)",
         )
         _check(at, "weight", self.weight, self.weight >= 0, ">= 0")
+        if self.level_weights:
+            _check(
+                at,
+                "level_weights",
+                self.level_weights,
+                len(self.level_weights) == len(self.levels)
+                and all(w >= 0 for w in self.level_weights),
+                f"one weight >= 0 per entry of levels={list(self.levels)} ([] = equal shares)",
+            )
+
+    def level_weight(self, level: int, n_levels: int) -> float:
+        """The part of the family's weight that `level` (one of its `n_levels` levels) gets."""
+        if not self.level_weights:
+            return self.weight / n_levels
+        total = sum(self.level_weights)
+        return self.weight * self.level_weights[self.levels.index(level)] / total if total else 0.0
 
 
 @dataclass(frozen=True, kw_only=True)

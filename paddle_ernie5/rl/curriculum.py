@@ -3,7 +3,8 @@ the mixture training queries are drawn from.
 
     rl.families, rl.curriculum.<family>.levels / .weight
       -> tasks "arithmetic/L1", "arithmetic/L3", "sorting/L2", "counting" (level 0 keeps the name)
-      -> task weight = family weight / number of its levels, normalised over the tasks
+      -> task weight = family weight x the level's share (rl.curriculum.<family>.level_weights,
+         else equal shares), normalised over the tasks; a task of weight 0 is measured, not drawn
       -> per task: split_problems = (training pool, held-out prompts[:rl.eval_problems])
 
 Query i of a run (U-RB slot i = group * prompts_per_step + j) is drawn by its own generator,
@@ -75,11 +76,14 @@ def build_curriculum(cfg: C.Config) -> Curriculum:
                     f"training and {len(he)} held-out problems; raise it"
                 )
             tasks.append(task)
-            weights.append(rc.curriculum.of(family).weight / len(levels))
+            weights.append(rc.curriculum.of(family).level_weight(level, len(levels)))
             train[task], held[task] = tr, he[: rc.eval_problems]
     w = np.asarray(weights, np.float64)
     if w.sum() <= 0:
-        raise C.ConfigError("rl.curriculum gives every family of rl.families weight 0")
+        raise C.ConfigError(
+            "rl.curriculum gives every family of rl.families weight 0 (its weight, or all of its "
+            "level_weights); nothing would be trained"
+        )
     return Curriculum(tasks, w / w.sum(), train, held)
 
 

@@ -267,3 +267,40 @@ def test_table_lists_every_task_before_and_after():
     text = table(after, before)
     assert "pass@1 (greedy)" in text and "pass@8" in text
     assert "0.600 -> 0.900" in text and "0.750 -> 0.750" in text and "arithmetic/L1" in text
+
+
+def test_level_weights_share_a_family_and_zero_levels_are_measured_only():
+    """rl.curriculum.<family>.level_weights splits the family's weight by level (normalised within
+    the family); a level of weight 0 is never drawn but keeps its held-out prompts."""
+    cfg = _cfg("rl.curriculum.arithmetic.level_weights=[0,1,3]")
+    cur = build_curriculum(cfg)
+    # family weights 1, 1, 1, 2 (of 5): arithmetic's 1/5 goes 0, 1/4, 3/4 to L1, L3, L5
+    expect = [0.0, 1 / 20, 3 / 20] + [1 / 10] * 2 + [1 / 5] + [2 / 20] * 4
+    np.testing.assert_allclose(cur.weights, expect)
+    draws = [cur.draw(0, i) for i in range(4000)]
+    assert not [p for p in draws if p.task == "arithmetic/L1"]
+    share = np.array([np.mean([p.task == t for p in draws]) for t in cur.tasks])
+    np.testing.assert_allclose(share, expect, atol=0.02)
+    # the weight-0 level is still measured, on the same held-out prompts as without level weights
+    plain = build_curriculum(_cfg())
+    assert [p.key for p in cur.heldout["arithmetic/L1"]] == [
+        p.key for p in plain.heldout["arithmetic/L1"]
+    ]
+    assert len(cur.heldout["arithmetic/L1"]) > 0
+    # equal level weights are the default split exactly
+    same = build_curriculum(_cfg("rl.curriculum.arithmetic.level_weights=[2,2,2]"))
+    np.testing.assert_allclose(same.weights, plain.weights, rtol=1e-12)
+    # a measurement-only family: every level of weight 0
+    off = build_curriculum(_cfg("rl.curriculum.arithmetic.level_weights=[0,0,0]"))
+    assert off.weights[:3].sum() == 0 and off.weights.sum() == pytest.approx(1)
+    with pytest.raises(C.ConfigError, match=r"level_weights.*one weight >= 0 per entry"):
+        _cfg("rl.curriculum.arithmetic.level_weights=[1,1]")
+    with pytest.raises(C.ConfigError, match=r"level_weights.*one weight >= 0 per entry"):
+        _cfg("rl.curriculum.arithmetic.level_weights=[1,-1,1]")
+    with pytest.raises(C.ConfigError, match="every family of rl.families weight 0"):
+        build_curriculum(
+            _cfg(
+                "rl.families=[arithmetic]",
+                "rl.curriculum.arithmetic.level_weights=[0,0,0]",
+            )
+        )
