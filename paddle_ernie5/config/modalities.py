@@ -153,6 +153,22 @@ class VisionModelConfig:
     # vis_prompt), as pooled text embeddings condition text-to-image models. Through attention
     # alone the bits of a tiny model never come to depend on the caption's digit in a short run.
     caption_pooling: int = 0
+    # Clips: every generation position of frame t > 0 also gets a linear embedding of frame t-1's
+    # bits at the same scale in its cell and the cells up to this many rows and columns away
+    # (wrapping round the edges, as the built-in clips do; batch key vis_prev; 0 = off). In
+    # training frame t-1 is the true frame, in sampling the generated one. Through attention alone
+    # the second frame does not copy the first (teacher-forced bit loss of frame 2 is hardly below
+    # frame 1's, and a true frame 1 is not carried over); with its neighbourhood in the input,
+    # "the previous frame shifted by the caption's direction" is a local read.
+    temporal_context: int = 0
+    # Caption -> clip documents (video_gen) roll every clip (all frames alike; the built-in clips
+    # wrap round the edges, so this is another clip of the same digit, colours and motion) so that
+    # the digit's ink centroid in the first frame sits at the frame's centre
+    # (data/vision_sources.centre_clips). The caption does not say where the digit starts; learned
+    # from clips that start anywhere, the first frame's bits are a mixture over places, and bits
+    # decoded per cell (greedy, or sampled independently) draw a flat background without a digit.
+    # Understanding (video_qa) keeps the clips as they are.
+    centre_clips: bool = False
     loss_weight: float = 1.0  # weight of the bit loss in the total
     cond_drop_prob: float = 0.1  # training: caption dropped (unconditional rows for guidance)
     cfg_scale: float = 1.0  # sampling: classifier-free guidance scale (1 = off)
@@ -278,6 +294,13 @@ class VisionModelConfig:
         _check(at, "caption_pooling", self.caption_pooling, self.caption_pooling >= 0, ">= 0")
         _check(
             at,
+            "temporal_context",
+            self.temporal_context,
+            0 <= self.temporal_context <= self.scales[-1] // 2,
+            f"0..{self.scales[-1] // 2} (cells either side; 0 = off)",
+        )
+        _check(
+            at,
             "caption_loss_weight",
             self.caption_loss_weight,
             self.caption_loss_weight >= 0,
@@ -313,6 +336,12 @@ class VisionModelConfig:
         if kind == "image":
             return self.tokens_per_image
         return self.video_frames * self.tokens_per_video_frame
+
+    @property
+    def temporal_context_width(self) -> int:
+        """Inputs of the temporal context embedding: bits of (2 r + 1)^2 cells (0 = off)."""
+        r = self.temporal_context
+        return (2 * r + 1) ** 2 * self.bits if r else 0
 
     @property
     def qa_frames(self) -> int:

@@ -40,6 +40,7 @@ from ..model.vision import (
     caption_row,
     generation_positions,
     history_bits,
+    previous_frame_context,
     span_extent,
 )
 from .digits import (
@@ -124,25 +125,48 @@ def encode_frames(tok, pixels: np.ndarray, num_scales: int, batch: int = 128):
     return np.concatenate(tokens), np.concatenate(feats)
 
 
-def _digit_pixels(cfg: Config, kind: str, split: str, size: int):
+def _digit_pixels(cfg: Config, kind: str, split: str, size: int, centred: bool = False):
     """(the built-in digit set, its frames [N, T, 3, H, W]) of `kind` and `split`: the pictures
-    encoded_digits codes, in its order (training images twice, with other random placements)."""
+    encoded_digits codes, in its order (training images twice, with other random placements);
+    `centred`: clips rolled by centre_clips."""
     if kind == "image":
         copies = 2 if split == "train" else 1
         data = digit_images(split, size=size, cache_dir=cfg.data.cache_dir, copies=copies)
         return data, data.pixels[:, None]
     data = digit_videos(split, size=size, cache_dir=cfg.data.cache_dir)
+    if centred:
+        return data, centre_clips(data.pixels, data.labels["fg"], data.labels["bg"])
     return data, data.pixels
 
 
-def encoded_digits(cfg: Config, kind: str, split: str, tok=None) -> EncodedSet:
+def centre_clips(pixels: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """Clips [N, T, 3, H, W] rolled (all frames alike; the built-in clips wrap round the edges, so
+    a roll is another clip of the same motion) so that the digit's ink centroid in the first frame
+    lies at the frame's centre. The centroid is the circular mean of the ink along each axis."""
+    ink = ink_maps(pixels[:, :1], fg, bg)[:, 0]  # [N, H, W]
+    out = np.empty_like(pixels)
+    for i, a in enumerate(ink):
+        shift = []
+        for profile in (a.sum(1), a.sum(0)):  # rows, then columns
+            n = len(profile)
+            angle = 2 * np.pi * np.arange(n) / n
+            mean = np.arctan2((profile * np.sin(angle)).sum(), (profile * np.cos(angle)).sum())
+            shift.append(int(np.round((n - 1) / 2 - mean * n / (2 * np.pi))) % n)
+        out[i] = np.roll(pixels[i], shift, axis=(-2, -1))
+    return out
+
+
+def encoded_digits(
+    cfg: Config, kind: str, split: str, tok=None, centred: bool = False
+) -> EncodedSet:
     """The digits of `kind` (image | video) and `split` (train | heldout), coded by the tokenizer at
-    model.vision.tokenizer_dir; built once and cached under the tokenizer's fingerprint."""
+    model.vision.tokenizer_dir; built once and cached under the tokenizer's fingerprint.
+    `centred` (clips only): the clips rolled by centre_clips (model.vision.centre_clips)."""
     v = cfg.model.vision
     tag = f"{kind}_{split}"
     if kind == "video":
         qa = "" if v.qa_frames == v.video_frames else f"_q{v.qa_frames}"
-        tag += f"_f{v.video_frames}{qa}_s{v.video_scales}"
+        tag += f"_f{v.video_frames}{qa}_s{v.video_scales}" + ("_centred" if centred else "")
     path = os.path.join(
         cfg.data.cache_dir,
         f"vision_v{CACHE_VERSION}_{tokenizer_fingerprint(v.tokenizer_dir)}_{tag}.npz",
@@ -150,7 +174,7 @@ def encoded_digits(cfg: Config, kind: str, split: str, tok=None) -> EncodedSet:
     arrays = cache.load(path, CACHE_VERSION, "encoded digits")
     if arrays is None:
         tok = tok or load_visual_tokenizer(v)
-        data, pixels = _digit_pixels(cfg, kind, split, tok.cfg.image_size)
+        data, pixels = _digit_pixels(cfg, kind, split, tok.cfg.image_size, centred)
         if kind == "image":
             scales = len(v.scales)
         else:
@@ -250,6 +274,7 @@ def generation_segment(
             np.asarray(caption_classes, np.int64) + 1, (len(k) * frames, 1)
         )
     horizon = None
+    masked = np.zeros(frames, bool)
     if frames > 1:
         frame_start = np.arange(frames) * per_frame
         h = np.full(frames, -1, np.int64)
@@ -261,6 +286,11 @@ def generation_segment(
             masked[-1] = False
             h = np.where(masked, frame_start + per_frame, h)
         horizon = np.repeat(h, per_frame)
+    if v.temporal_context and kind == "video":
+        prev = previous_frame_context(tokens, scales, v.temporal_context)
+        # a frame hidden from the later ones is hidden from the next one's context too
+        prev[1:][masked[:-1]] = 0.0
+        extras["vis_prev"] = prev.reshape(frames * per_frame, -1)
     type_id = IMAGE_ID if kind == "image" else VIDEO_ID
     return Segment(
         np.full(frames * per_frame, type_id, np.int64),
@@ -381,21 +411,21 @@ def _split(ctx: MixtureContext) -> str:
     return "train" if ctx.split == "train" else "heldout"
 
 
-def _encoded(ctx: MixtureContext, kind: str) -> EncodedSet:
-    key = ("vision", kind, _split(ctx))
+def _encoded(ctx: MixtureContext, kind: str, centred: bool = False) -> EncodedSet:
+    key = ("vision", kind, _split(ctx), centred)
     if key not in ctx.cache:
-        ctx.cache[key] = encoded_digits(ctx.cfg, kind, _split(ctx))
+        ctx.cache[key] = encoded_digits(ctx.cfg, kind, _split(ctx), centred=centred)
     return ctx.cache[key]
 
 
-def _shape_targets(ctx: MixtureContext, kind: str) -> np.ndarray:
+def _shape_targets(ctx: MixtureContext, kind: str, centred: bool = False) -> np.ndarray:
     """cell_shares of every picture of the encoded split, in its order (the pictures that
     encoded_digits codes)."""
-    key = ("vision_shape", kind, _split(ctx))
+    key = ("vision_shape", kind, _split(ctx), centred)
     if key not in ctx.cache:
         v = ctx.cfg.model.vision
         size = load_visual_tokenizer(v).cfg.image_size
-        data, pixels = _digit_pixels(ctx.cfg, kind, _split(ctx), size)
+        data, pixels = _digit_pixels(ctx.cfg, kind, _split(ctx), size, centred)
         if kind == "image":
             scales = v.scales
         else:
@@ -409,16 +439,20 @@ class _VisionSource:
     """What every vision source holds: the vision config, the encoded split, the delimiter ids."""
 
     kind = "image"
+    generates = False
 
     def __init__(self, ctx: MixtureContext):
         self.v = ctx.cfg.model.vision
-        self.data = _encoded(ctx, self.kind)
+        self.centred = self.generates and self.kind == "video" and self.v.centre_clips
+        self.data = _encoded(ctx, self.kind, self.centred)
         self.ids = special_ids(ctx.cfg.model.vocab_size, ctx.tokenizer)
         self.ctx = ctx
 
 
 class GenerationSource(_VisionSource):
     """caption -> image / clip (next-frame-and-scale bits)."""
+
+    generates = True
 
     def __init__(self, ctx: MixtureContext):
         super().__init__(ctx)
@@ -440,7 +474,9 @@ class GenerationSource(_VisionSource):
             )
         self.index = keep
         self._captions: dict[int, list[int]] = {}
-        self.shape = _shape_targets(ctx, self.kind) if self.v.shape_loss_weight > 0 else None
+        self.shape = (
+            _shape_targets(ctx, self.kind, self.centred) if self.v.shape_loss_weight > 0 else None
+        )
 
     def __len__(self) -> int:
         return len(self.index)

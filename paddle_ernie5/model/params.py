@@ -127,7 +127,7 @@ def modality_params(cfg: ModelConfig) -> tuple[int, int]:
 def vision_embedding_params(cfg: ModelConfig, kind: str) -> int:
     """model/vision.py: bits -> width, scale table, the patch merger of one visual modality and its
     group-place table (and the cell table, cell_embedding; the pooled caption table,
-    caption_pooling)."""
+    caption_pooling; the clips' temporal context projection, temporal_context)."""
     v, m, d = cfg.vision, cfg.hidden_size, cfg.vision.merger_width
     group = v.merge**2 * (v.merge_frames if kind == "video" else 1)
     channels = v.bits * (2 if kind == "video" and v.merger_motion and v.merge_frames > 1 else 1)
@@ -145,6 +145,7 @@ def vision_embedding_params(cfg: ModelConfig, kind: str) -> int:
     place += v.merged_places(kind) * d * m if v.merger_place_projection else 0
     cells = v.generation_cells(kind) * m if v.cell_embedding else 0
     cells += (cfg.vocab_size + 1) * m if v.caption_pooling else 0  # pooled caption table
+    cells += v.temporal_context_width * m if kind == "video" else 0  # temporal context, no bias
     return (v.bits * m + m) + (len(v.scales) + 1) * m + merger + place + cells
 
 

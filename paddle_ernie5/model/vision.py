@@ -36,6 +36,9 @@ Batch keys (extras of data/vision_sources.py, zero where absent):
                                       (pooled caption conditioning, caption_pooling > 0 only)
     vis_caption [B, S, 2]      int    1 + the caption's digit and direction at generation positions,
                                       0 = none (caption heads, caption_loss_weight > 0 only)
+    vis_prev    [B, S, n bits] float  clip positions: the previous frame's bits in the cell's
+                                      neighbourhood of n = (2r + 1)^2 cells at the same scale, zero
+                                      in the first frame (temporal_context = r > 0 only)
     image_patches [B, S, merge^2, K], video_patches [B, S, merge_frames * merge^2, K]   float
     patch_index [B, S]         int    row-major (frame group, row, column) index of a merged group
 
@@ -94,6 +97,33 @@ def history_bits(tokens_FNb: np.ndarray, scales) -> np.ndarray:
         parent = tokens_FNb[:, offsets[k - 1] : offsets[k]]
         out[:, offsets[k] : offsets[k + 1]] = parent[:, parent_index(scales, k)]
     return out
+
+
+def neighbour_index(scales, radius: int) -> np.ndarray:
+    """[tokens per frame, (2 r + 1)^2] for every token of a frame (scale order, row-major) the
+    in-frame indices of the cells of its own scale at row and column offsets -r..r, wrapping round
+    the edges (row-major offsets, the centre in the middle)."""
+    d = np.arange(-radius, radius + 1)
+    out, lo = [], 0
+    for s in scales:
+        r, c = np.divmod(np.arange(s * s), s)
+        rows = (r[:, None, None] + d[None, :, None]) % s
+        cols = (c[:, None, None] + d[None, None, :]) % s
+        out.append((lo + rows * s + cols).reshape(s * s, -1))
+        lo += s * s
+    return np.concatenate(out)
+
+
+def previous_frame_context(tokens_BFNb: np.ndarray, scales, radius: int) -> np.ndarray:
+    """Temporal context input (model.vision.temporal_context): for every token of frame f > 0 the
+    bits of frame f-1 in its cell's neighbourhood at the same scale, flattened; zeros in frame 0.
+    tokens [..., frames, tokens per frame, bits] -> [..., frames, tokens per frame, (2r+1)^2 bits].
+    Frame f's entry reads frame f-1 only, so a clip's frames can be produced one after another."""
+    idx = neighbour_index(scales, radius)
+    prev = np.zeros_like(tokens_BFNb[..., :1, :, :])
+    shifted = np.concatenate([prev, tokens_BFNb[..., :-1, :, :]], axis=-3)
+    out = shifted[..., idx, :]  # [..., F, N, n, bits]
+    return out.reshape(*out.shape[:-2], -1)
 
 
 def generation_positions(scales, latent: int, frames: int, start: int) -> np.ndarray:
@@ -216,6 +246,12 @@ class VisualEmbedding(nn.Layer):
             if v.caption_pooling
             else None
         )
+        # Clips only: images have no previous frame (vis_prev is zero at their positions).
+        self.prev = (
+            nn.Linear(v.temporal_context_width, cfg.hidden_size, weight_attr=init, bias_attr=False)
+            if v.temporal_context and self.modality == "video"
+            else None
+        )
         self.merger = PatchMerger(
             v.bits,
             group,
@@ -278,6 +314,12 @@ class VisualEmbedding(nn.Layer):
                 x = x + self.cell(batch["vis_cell"] * own)
             if self.words is not None:
                 x = x + self.pooled_caption(batch["vis_prompt"])
+            if self.prev is not None and "vis_prev" in batch:  # absent: no clip in the batch
+                prev = batch["vis_prev"]
+                if self.training and self.flip_prob > 0:  # a generated previous frame has errors
+                    flips = paddle.bernoulli(paddle.full_like(prev, self.flip_prob))
+                    prev = prev * (1 - 2 * flips)
+                x = x + self.prev(prev)
         if key in batch:
             groups = batch[key]
             b, s = groups.shape[:2]

@@ -5,6 +5,8 @@
         inputs = parent bits of scale k-1 (zeros at k = 0) --forward the whole scale--> bit logits
         (guidance: logits = u + cfg_scale * (c - u), u from a second cache holding <bos> <boi>)
         bits = sign(logits) (temperature 0) or Bernoulli(sigmoid(logits / temperature))
+    (model.vision.temporal_context: the inputs of frame f > 0 also hold the generated frame f-1's
+    bits around each cell, model/vision.previous_frame_context)
 
 A scale's positions see the whole cache and each other (causal=False, nothing masked), which is
 the scale-wise block-causal mask of training; for video, frames more than temporal_window back are
@@ -20,7 +22,14 @@ import numpy as np
 import paddle
 
 from .generation import KVCache
-from .vision import IMAGE_ID, VIDEO_ID, caption_row, generation_positions, parent_index
+from .vision import (
+    IMAGE_ID,
+    VIDEO_ID,
+    caption_row,
+    generation_positions,
+    neighbour_index,
+    parent_index,
+)
 
 
 def _prefill(model, prompt_BP: np.ndarray, cache: KVCache) -> None:
@@ -91,6 +100,10 @@ def sample_visual(
         if v.temporal_window and f > v.temporal_window:
             # hide the frames before f - window (cache columns after the prompt)
             hidden = (0, (f - v.temporal_window) * per_frame)
+        context = None
+        if v.temporal_context and kind == "video":  # frame f-1 is complete: previous_frame_context
+            prev = tokens[:, f - 1] if f > 0 else np.zeros_like(tokens[:, 0])
+            context = prev[:, neighbour_index(scales, v.temporal_context)].reshape(b, per_frame, -1)
         for k, side in enumerate(scales):
             n = side * side
             if k == 0:
@@ -124,6 +137,8 @@ def sample_visual(
                     batch["vis_cell"] = paddle.to_tensor(np.repeat(cells[None], b, axis=0))
                 if caption is not None:
                     batch["vis_prompt"] = paddle.to_tensor(np.repeat(caption[:, None], n, axis=1))
+                if context is not None:
+                    batch["vis_prev"] = paddle.to_tensor(context[:, offsets[k] : offsets[k + 1]])
                 out = model(batch, with_mtp=False, cache=cache)
                 logits.append(out.extra["visual"]["logits"].astype("float32").numpy())
             z = logits[0] if not guided else logits[1] + cfg_scale * (logits[0] - logits[1])

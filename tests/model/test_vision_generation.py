@@ -263,3 +263,150 @@ def test_pooled_caption_is_the_mean_of_its_words_and_the_sampler_gives_the_promp
     with paddle.no_grad():  # only the pooled table changes: the bits follow the caption's words
         emb.words.weight.set_value(paddle.randn(emb.words.weight.shape) * 3.0)
     assert not np.array_equal(sample_visual(model, prompt, kind, temperature=0.0), tokens)
+
+
+def test_temporal_context_is_the_previous_frames_neighbourhood_and_never_the_own_frame():
+    from paddle_ernie5.model.vision import neighbour_index, previous_frame_context
+
+    scales, r, bits = (1, 2, 4), 1, 3
+    rng = np.random.default_rng(0)
+    tokens = np.where(rng.random((3, 21, bits)) < 0.5, -1.0, 1.0)
+    ctx = previous_frame_context(tokens, scales, r)
+    assert ctx.shape == (3, 21, 9 * bits)
+    np.testing.assert_array_equal(ctx[0], 0.0)
+    # frame f, scale 4x4, cell (row 0, column 3), offset (dy, dx) = (-1, +1): frame f-1's cell
+    # (3, 0) of that scale, wrapping round both edges
+    lo, cell = 1 + 4, 0 * 4 + 3
+    for f in (1, 2):
+        np.testing.assert_array_equal(
+            ctx[f, lo + cell].reshape(9, bits)[0 * 3 + 2], tokens[f - 1, lo + 3 * 4 + 0]
+        )
+    # the centre of every neighbourhood is the same cell; the 1x1 scale is its own neighbour
+    np.testing.assert_array_equal(neighbour_index(scales, r)[:, 4], np.arange(21))
+    np.testing.assert_array_equal(neighbour_index(scales, r)[0], np.zeros(9))
+    # a frame shifted one cell right is read at offset (0, -1) of its context, at every scale
+    grids = [tokens[0, 0:1], tokens[0, 1:5], tokens[0, 5:21]]
+    moved = np.concatenate(
+        [
+            np.roll(g.reshape(s, s, bits), 1, axis=1).reshape(s * s, bits)
+            for g, s in zip(grids, scales)
+        ]
+    )
+    ctx2 = previous_frame_context(np.stack([tokens[0], moved]), scales, r)[1].reshape(21, 9, bits)
+    np.testing.assert_array_equal(ctx2[:, 1 * 3 + 0], moved)
+    # causal: frame f's own bits (and later ones) never reach its context
+    changed = tokens.copy()
+    changed[1] *= -1
+    again = previous_frame_context(changed, scales, r)
+    np.testing.assert_array_equal(again[:2], ctx[:2])
+    assert not np.array_equal(again[2], ctx[2])
+    # batched input: the same per clip
+    np.testing.assert_array_equal(previous_frame_context(tokens[None], scales, r)[0], ctx)
+
+
+def test_temporal_context_in_the_clips_documents_only_and_off_by_default(data_cache, folder):
+    from paddle_ernie5.model.vision import previous_frame_context
+
+    cfg = _cfg(
+        data_cache, folder, "model.vision.temporal_context=1", "model.vision.frame_mask_prob=0.9"
+    )
+    v = cfg.model.vision
+    assert v.temporal_context_width == 9 * v.bits
+    data = VT.encoded_digits(cfg, "video", "train")
+    clip = data.tokens[0]
+    seg = VT.generation_segment(clip, v, "video", 5)
+    scales = v.scales[: v.video_scales]
+    want = previous_frame_context(clip.astype(np.float32), scales, 1).reshape(len(seg), -1)
+    np.testing.assert_array_equal(seg.extras["vis_prev"], want)
+    # a frame hidden from the later ones (frame_mask_prob) leaves the next frame no context
+    per = v.tokens_per_video_frame
+    for seed in range(20):
+        masked = VT.generation_segment(clip, v, "video", 5, np.random.default_rng(seed))
+        for f in range(1, v.video_frames):
+            hidden = masked.horizon[(f - 1) * per] == f * per
+            rows = masked.extras["vis_prev"][f * per : (f + 1) * per]
+            assert (
+                (rows == 0).all() if hidden else np.array_equal(rows, want[f * per : (f + 1) * per])
+            )
+    image = VT.encoded_digits(cfg, "image", "train").tokens[0]
+    assert "vis_prev" not in VT.generation_segment(image, v, "image", 5).extras
+    assert (
+        "vis_prev"
+        not in VT.generation_segment(clip, _cfg(data_cache, folder).model.vision, "video", 5).extras
+    )
+    assert _cfg(data_cache, folder).model.vision.temporal_context_width == 0
+    with pytest.raises(C.ConfigError, match="temporal_context"):
+        _cfg(data_cache, folder, "model.vision.temporal_context=3")  # latent side 4: at most 2
+
+
+def test_sampling_with_temporal_context_feeds_the_generated_previous_frame(data_cache, folder):
+    """The sampler gives frame f the generated frame f-1 as the training documents give the true
+    one (teacher-forcing the sampled clip reproduces its greedy bits); the first frame has no
+    context, so it does not depend on the context projection."""
+    cfg = _cfg(
+        data_cache, folder, "model.vision.temporal_context=1", "model.vision.cell_embedding=true"
+    )
+    v = cfg.model.vision
+    paddle.seed(0)
+    model = Ernie5Model(cfg.model)
+    assert model.num_params() == count_params(cfg.model)["total"]
+    emb = model.embed.by_modality["video"]
+    assert model.embed.by_modality["image"].prev is None
+    assert emb.prev.weight.shape == [v.temporal_context_width, cfg.model.hidden_size]
+    model.eval()
+    with paddle.no_grad():
+        emb.prev.weight.set_value(paddle.zeros(emb.prev.weight.shape))
+    prompt = PROMPTS.copy()
+    prompt[:, -1] = IDS["<bov>"]
+    without = sample_visual(model, prompt, "video", temperature=0.0)
+    with paddle.no_grad():  # far from zero, so that a wrong context changes the bits
+        emb.prev.weight.set_value(paddle.randn(emb.prev.weight.shape) * 0.5)
+    _, tokens, rows = _greedy_refed(model, v, "video")
+    np.testing.assert_array_equal(tokens[:, 0], without[:, 0])
+    assert not np.array_equal(tokens[:, 1:], without[:, 1:])
+    for row, (np_batch, where, logits) in enumerate(rows):
+        assert np_batch["vis_prev"][0][where][: v.tokens_per_video_frame].max() == 0
+        np.testing.assert_array_equal(
+            np.where(logits[where] >= 0, 1.0, -1.0), tokens[row].reshape(-1, v.bits)
+        )
+
+
+def test_centred_clips_start_in_the_middle_and_keep_their_motion(data_cache, folder):
+    rng = np.random.default_rng(0)
+    blob = np.zeros((16, 16), np.float32)
+    blob[:5, :4] = rng.random((5, 4)) * 0.5 + 0.5
+    fg, bg = np.array([COLOUR_PAIRS[3][0]] * 6), np.array([COLOUR_PAIRS[3][1]] * 6)
+    clips, steps = [], [(0, -1), (0, 2), (-1, 0), (2, 0), (0, 1), (1, 0)]
+    for dy, dx in steps:
+        y0, x0 = (int(t) for t in rng.integers(0, 16, 2))
+        ink = np.stack([np.roll(blob, (y0 + dy * t, x0 + dx * t), (0, 1)) for t in range(3)])
+        clips.append(
+            ink[:, None] * PALETTE[fg[0]][:, None, None]
+            + (1 - ink[:, None]) * PALETTE[bg[0]][:, None, None]
+        )
+    clips = np.stack(clips).astype(np.float32)
+    out = VT.centre_clips(clips, fg, bg)
+    ink = VT.ink_maps(out, fg, bg)
+    rows = (ink[:, 0].sum(2) * np.arange(16)).sum(1) / ink[:, 0].sum((1, 2))
+    cols = (ink[:, 0].sum(1) * np.arange(16)).sum(1) / ink[:, 0].sum((1, 2))
+    assert np.abs(rows - 7.5).max() <= 0.5 and np.abs(cols - 7.5).max() <= 0.5
+    for i, (dy, dx) in enumerate(steps):  # every frame rolled alike: the motion is the same
+        np.testing.assert_array_equal(out[i, 1], np.roll(out[i, 0], (dy, dx), (-2, -1)))
+        assert any(  # and each clip is a roll of the one it came from
+            np.array_equal(np.roll(clips[i], (a, b), (-2, -1)), out[i])
+            for a in range(16)
+            for b in range(16)
+        )
+    # the sources: only caption -> clip documents read the centred clips; labels stay in order
+    cfg = _cfg(data_cache, folder, "model.vision.centre_clips=true")
+    ctx = _ctx(cfg)
+    gen, qa = mixture.SOURCES["video_gen"](ctx), mixture.SOURCES["video_qa"](ctx)
+    raw = VT.encoded_digits(cfg, "video", "train")
+    np.testing.assert_array_equal(qa.data.tokens, raw.tokens)
+    assert gen.data.tokens.shape == raw.tokens.shape and not np.array_equal(
+        gen.data.tokens, raw.tokens
+    )
+    for k in raw.labels:
+        np.testing.assert_array_equal(gen.data.labels[k], raw.labels[k])
+    plain = mixture.SOURCES["video_gen"](_ctx(_cfg(data_cache, folder)))
+    np.testing.assert_array_equal(plain.data.tokens, raw.tokens)
