@@ -170,6 +170,8 @@ class MixtureLoader:
         self.pad_id = ctx.tokenizer.pad_id
         self.step = 0
         self.last_sources: list[str] = []
+        # Positions each source filled in the last batch (padding not counted).
+        self.last_positions: dict[str, int] = {}
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])
@@ -177,6 +179,9 @@ class MixtureLoader:
             self.sources, self.weights, rng, self.seq_len, self.batch_size
         )
         self.last_sources = sources
+        self.last_positions = {k: 0 for k in self.sources}
+        for name, doc in zip(sources, docs):
+            self.last_positions[name] += sum(len(seg) for seg in doc)
         batch = pack_segments(docs, self.seq_len, self.pad_id)
         n = batch["input_ids"].shape[0]
         if n != self.batch_size:

@@ -84,6 +84,11 @@ def test_mixture_loader_resumes_exactly(debug_config, monkeypatch):
     a = mixture.MixtureLoader(ctx, 3, seed=7)
     first = [a.next_batch() for _ in range(3)]
     assert set(a.last_sources) <= {"text", "tts"}
+    # Positions per source (tools/text_control.py): the toy's tagged positions, and together every
+    # position that is not padding.
+    assert a.last_positions["tts"] == int((first[2]["tag"][..., 0] > 0).sum())
+    assert sum(a.last_positions.values()) == int((first[2]["input_ids"] != tok.pad_id).sum())
+    assert a.last_positions["text"] > 0
     b = mixture.MixtureLoader(ctx, 3, seed=7)
     b.load_state_dict({"step": 2})
     again = b.next_batch()
