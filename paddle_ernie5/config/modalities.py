@@ -172,6 +172,9 @@ class VisionModelConfig:
     loss_weight: float = 1.0  # weight of the bit loss in the total
     cond_drop_prob: float = 0.1  # training: caption dropped (unconditional rows for guidance)
     cfg_scale: float = 1.0  # sampling: classifier-free guidance scale (1 = off)
+    # Sampling clips: their guidance scale (0 = cfg_scale). The second frame's motion is what the
+    # caption's direction changes; guidance scales that change up.
+    video_cfg_scale: float = 0.0
     # Held-out (digit, fg, bg) combinations never used for image generation training; the judged
     # text-to-image accuracy is measured on their captions.
     heldout_combo_fraction: float = 0.15
@@ -312,6 +315,13 @@ class VisionModelConfig:
         _check(at, "cfg_scale", self.cfg_scale, self.cfg_scale >= 0, ">= 0 (1 = off)")
         _check(
             at,
+            "video_cfg_scale",
+            self.video_cfg_scale,
+            self.video_cfg_scale >= 0,
+            ">= 0 (0 = cfg_scale, 1 = off)",
+        )
+        _check(
+            at,
             "judge_samples",
             self.judge_samples,
             self.judge_samples >= 0,
@@ -336,6 +346,10 @@ class VisionModelConfig:
         if kind == "image":
             return self.tokens_per_image
         return self.video_frames * self.tokens_per_video_frame
+
+    def guidance_scale(self, kind: str) -> float:
+        """Classifier-free guidance scale of sampled images or clips (kind image | video)."""
+        return self.video_cfg_scale if kind == "video" and self.video_cfg_scale else self.cfg_scale
 
     @property
     def temporal_context_width(self) -> int:

@@ -126,7 +126,7 @@ def generate_images(
     ids = special_ids(cfg.model.vocab_size, tokenizer)
     v = cfg.model.vision
     open_id = ids[DELIMITERS[kind][0]]
-    scale = v.cfg_scale if cfg_scale is None else cfg_scale
+    scale = v.guidance_scale(kind) if cfg_scale is None else cfg_scale
     uncond = np.array([generation_prompt([], ids["bos"], open_id)])
     prompts = [generation_prompt(tokenizer.encode(c), ids["bos"], open_id) for c in captions]
     scales = v.scales if kind == "image" else v.scales[: v.video_scales]

@@ -284,3 +284,39 @@ def test_generated_clips_are_judged_against_their_own_captions(run, monkeypatch)
     assert m["vision/judge_real_video_direction"] == 1.0
     assert m["vision/judge_recon_video_direction"] == 1.0
     assert m["vision/t2v_digit"] == 1.0 and m["vision/t2v_speed"] == 1.0
+
+
+def test_clips_are_sampled_at_their_own_guidance_scale(run, monkeypatch):
+    from dataclasses import replace
+
+    from paddle_ernie5.config import ConfigError
+    from paddle_ernie5.eval import vision_eval
+
+    cfg, _ = run
+    seen = []
+
+    def fake_sample(model, prompt, kind, *, cfg_scale, **_):
+        seen.append((kind, cfg_scale))
+        frames = 1 if kind == "image" else cfg.model.vision.video_frames
+        return np.ones([len(prompt), frames, 1, cfg.model.vision.bits], np.float32)
+
+    monkeypatch.setattr(vision_eval, "sample_visual", fake_sample)
+    monkeypatch.setattr(
+        vision_eval, "decode_tokens", lambda tok, t, s: np.zeros([len(t), t.shape[1], 3, 2, 2])
+    )
+    tokenizer = type(
+        "T", (), {"bos_id": 2, "eos_id": 3, "encode": staticmethod(lambda s: [5] * len(s.split()))}
+    )()
+    v = replace(cfg.model.vision, cfg_scale=1.5, video_cfg_scale=2.5)
+    guided = replace(cfg, model=replace(cfg.model, vision=v))
+    for kind in ("image", "video"):
+        vision_eval.generate_images(None, guided, tokenizer, None, ["a b", "c d"], kind=kind)
+        vision_eval.generate_images(
+            None, guided, tokenizer, None, ["a b"], kind=kind, cfg_scale=4.0
+        )
+    assert seen == [("image", 1.5), ("image", 4.0), ("video", 2.5), ("video", 4.0)]
+    # 0 (the default): clips take cfg_scale; images never read video_cfg_scale
+    assert replace(v, video_cfg_scale=0.0).guidance_scale("video") == 1.5
+    assert cfg.model.vision.guidance_scale("video") == cfg.model.vision.cfg_scale == 1.0
+    with pytest.raises(ConfigError, match="video_cfg_scale"):
+        replace(v, video_cfg_scale=-1.0).validate("model.vision")
