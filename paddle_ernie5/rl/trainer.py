@@ -327,6 +327,8 @@ class RLTrainer:
             logger.hparams(flatten(cfg.to_dict()), ["reward/mean"])
             summary["before"] = self.heldout(answers_before)
             self._log_heldout(logger, summary["before"])
+            # kept now, so a run stopped before its end still has its "before" table on resume
+            _write_summary(summary_path, summary)
         history = []
         self.buffer.start(self.step)
         bar = _progress(self.step, tc.max_steps, tc.progress)
@@ -376,8 +378,7 @@ class RLTrainer:
                 "training": summarise_steps(os.path.join(self.run_dir, "metrics.jsonl")),
             }
         )
-        with open(summary_path, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
+        _write_summary(summary_path, summary)
         return summary
 
     def _log_heldout(self, logger, result: dict) -> None:
@@ -412,6 +413,13 @@ def _check_meta(meta: dict) -> None:
         checkpoint.check_number(record[0], f"{at}[0]")
         checkpoint.check_number(record[1], f"{at}[1]")
         checkpoint.check_int(record[2], f"{at}[2]")
+
+
+def _write_summary(path: str, summary: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _read_summary(path: str) -> dict:

@@ -206,3 +206,41 @@ def test_a_policy_that_knows_the_answer_gets_full_reward(debug_config, tmp_path,
     out, rewards = _rl(debug_config, tmp_path, known_answer, sft, 2)
     assert rewards == [1.0, 1.0]
     assert out["toy_zero/reward_before"] == out["toy_zero/reward_after"] == 1.0
+
+
+def test_a_run_stopped_before_its_end_keeps_its_before_table(
+    debug_config, tmp_path, known_answer, monkeypatch
+):
+    """The held-out "before" table is written when it is measured: a run that stops after its
+    first checkpoint and is resumed still reports before and after, and the "before" it reports is
+    the one measured at step 0."""
+    from paddle_ernie5.rl import trainer as T
+
+    sft = _sft(debug_config, tmp_path, known_answer, 5)
+    run = tmp_path / "rl"
+    args = [
+        "component=rl",
+        f"train.run_dir={run}",
+        f"train.init_from={sft}",
+        "train.max_steps=2",
+        "train.save_every=1",
+        "train.on_config_change=warn",
+        *known_answer,
+    ]
+    step = T.RLTrainer.train_step
+
+    def stop_at_second_step(self):
+        if self.step == 1:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(T.RLTrainer, "train_step", stop_at_second_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_component(debug_config(*args))
+    before = json.load(open(run / "rl_summary.json"))["before"]
+    assert set(before) == {"toy_zero"} and "after" not in json.load(open(run / "rl_summary.json"))
+    monkeypatch.setattr(T.RLTrainer, "train_step", step)
+    out = run_component(debug_config(*args))
+    summary = json.load(open(run / "rl_summary.json"))
+    assert summary["steps"] == 2 and summary["before"] == before
+    assert out["toy_zero/reward_before"] == before["toy_zero"]["reward"]
