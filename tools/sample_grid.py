@@ -34,7 +34,12 @@ def parse_args(argv=None):
         "--colours", default=DEFAULT_PAIRS, help="digit:background pairs, comma-separated"
     )
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy bits")
-    ap.add_argument("--cfg-scale", type=float, default=None, help="default: the run's cfg_scale")
+    ap.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help="default: the run's cfg_scale (clips: its video_cfg_scale, when set)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--upscale", type=int, default=4, help="pixels per generated pixel")
     ap.add_argument("--threads", type=int, default=1)
