@@ -6,6 +6,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "recipes")
 
 
+def load_tool(name: str):
+    """tools/<name>.py imported as a module (the tools are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def launch_workers(worker: str, nproc: int, out, *args, result: str = "rank{r}.json") -> list:
     """Run tests/parallel/<worker> on `nproc` gloo processes under paddle.distributed.launch with
     `args`, and return every rank's JSON result (`result` with {r} the rank). A launch that fails,

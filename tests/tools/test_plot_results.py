@@ -1,20 +1,14 @@
 """tools/plot_results.py: reads metrics.jsonl and a routing report, writes PNGs."""
 
-import importlib.util
 import json
 import math
 import os
 
-from support import ROOT
+from support import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "plot_results", os.path.join(ROOT, "tools", "plot_results.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("plot_results")
 
 
 def _run_dir(tmp_path):

@@ -1,23 +1,17 @@
 """tools/text_control.py: the text tokens a multimodal run's mixture gives the text source, and the
 text-only control that matches them."""
 
-import importlib.util
 import os
 
 import numpy as np
-from support import ROOT
+from support import ROOT, load_tool
 
 from paddle_ernie5.data import mixture
 from paddle_ernie5.data.multimodal import text_segment
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "text_control", os.path.join(ROOT, "tools", "text_control.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("text_control")
 
 
 class _Speech:
