@@ -357,3 +357,35 @@ def test_deprecated_rl_tasks_key_becomes_rl_families(tmp_path, capsys):
     assert cfg.rl.families == ("arithmetic",) and "rl.tasks=[arithmetic]" in capsys.readouterr().err
     with pytest.raises(C.ConfigError, match="sets both 'rl.tasks' and 'rl.families'"):
         C.load_config(base, ["rl.tasks=[arithmetic]", "rl.families=[counting]"])
+
+
+def _chained_recipes() -> list[tuple[str, str]]:
+    """(recipe, the recipe whose run directory its train.init_from names); a start from a
+    conversion's output (convert-dha, convert-moue) has no such recipe."""
+    cfgs = {os.path.basename(p): C.load_config(p) for p in ALL_RECIPES}
+    by_dir = {os.path.normpath(c.train.run_dir): name for name, c in cfgs.items()}
+    return [
+        (name, by_dir[os.path.normpath(c.train.init_from)])
+        for name, c in cfgs.items()
+        if getattr(c.train, "init_from", "") and os.path.normpath(c.train.init_from) in by_dir
+    ]
+
+
+def test_the_recipe_chains_include_the_multimodal_rl_one():
+    assert ("rl_multimodal_tiny.yaml", "multimodal_tiny.yaml") in _chained_recipes()
+    assert ("rl_tiny.yaml", "sft_tiny.yaml") in _chained_recipes()
+
+
+@pytest.mark.parametrize("child,parent", _chained_recipes(), ids=lambda x: x)
+def test_a_recipe_started_from_another_recipes_run_builds_the_same_tensors(child, parent):
+    """A chain such as multimodal_tiny -> rl_multimodal_tiny: `train.init_from` refuses a
+    checkpoint whose tensors differ, so the two recipes must build the same model state."""
+    from paddle_ernie5.model.model import Ernie5Model
+
+    def shapes(name):
+        model = Ernie5Model(C.load_config(os.path.join(RECIPES, name)).model)
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    mine, theirs = shapes(child), shapes(parent)
+    assert sorted(set(mine) ^ set(theirs)) == []
+    assert mine == theirs
