@@ -70,6 +70,7 @@ COLOUR_PAIRS = tuple(
     and frozenset((COLOURS[f], COLOURS[b])) not in _LOW_CONTRAST
 )
 SPEEDS = (1, 2)  # pixels per frame
+PACES = ("slowly", "quickly")  # the words for SPEEDS in captions and answers
 # (dy, dx) per pixel of speed, in the order of DIRECTIONS (left, right, up, down).
 _STEPS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 CACHE_VERSION = 2  # the cache file format (io/cache.py); bump when the build changes
@@ -129,8 +130,15 @@ def image_caption(digit: int, fg: int, bg: int) -> str:
 def video_caption(digit: int, fg: int, bg: int, direction: int, speed: int) -> str:
     """'a red 3 moving left slowly on a blue background' (speed 1 = slowly, 2 = quickly)"""
     f, b = COLOURS[fg], COLOURS[bg]
-    pace = "slowly" if speed == SPEEDS[0] else "quickly"
-    return f"{_an(f)} {f} {digit} moving {DIRECTIONS[direction]} {pace} on {_an(b)} {b} background"
+    return (
+        f"{_an(f)} {f} {digit} moving {DIRECTIONS[direction]} {pace_word(speed)} "
+        f"on {_an(b)} {b} background"
+    )
+
+
+def pace_word(speed: int) -> str:
+    """'slowly' for SPEEDS[0] (1 pixel per frame), 'quickly' for SPEEDS[1]."""
+    return PACES[SPEEDS.index(int(speed))]
 
 
 def image_questions(digit: int, fg: int, bg: int) -> list[tuple[str, str]]:
@@ -144,10 +152,9 @@ def image_questions(digit: int, fg: int, bg: int) -> list[tuple[str, str]]:
 def video_questions(
     digit: int, fg: int, bg: int, direction: int, speed: int
 ) -> list[tuple[str, str]]:
-    pace = "slowly" if speed == SPEEDS[0] else "quickly"
     return image_questions(digit, fg, bg) + [
         ("Which way does the digit move?", DIRECTIONS[direction]),
-        ("How fast does the digit move?", pace),
+        ("How fast does the digit move?", pace_word(speed)),
     ]
 
 

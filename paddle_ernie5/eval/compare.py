@@ -28,6 +28,7 @@ METRICS = (
     ("text/ppl", "text perplexity (validation)", False),
     ("vision/image_qa", "image QA (digit / colour / background)", True),
     ("vision/video_qa_direction", "video direction QA", True),
+    ("vision/video_qa_speed", "video speed QA", True),
     ("vision/t2i_all", "text->image judged, all three right (greedy)", True),
     ("vision/t2i_fg", "text->image judged: digit colour (greedy)", True),
     ("vision/t2i_bg", "text->image judged: background (greedy)", True),

@@ -32,7 +32,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from ..data.digits import COLOUR_PAIRS, COLOURS, DIRECTIONS, image_caption
+from ..data.digits import COLOUR_PAIRS, COLOURS, DIRECTIONS, PACES, image_caption, pace_word
 from ..data.multimodal import pack_segments
 from ..data.packing import IGNORE
 from ..data.vision_sources import (
@@ -53,11 +53,16 @@ CANDIDATES = {
     "What colour is the digit?": list(COLOURS),
     "What colour is the background?": list(COLOURS),
     "Which way does the digit move?": list(DIRECTIONS),
+    "How fast does the digit move?": list(PACES),
 }
 IMAGE_QUESTIONS = {
     "digit": ("What digit is this?", lambda l, i: str(l["digit"][i])),
     "fg": ("What colour is the digit?", lambda l, i: COLOURS[l["fg"][i]]),
     "bg": ("What colour is the background?", lambda l, i: COLOURS[l["bg"][i]]),
+}
+VIDEO_QUESTIONS = {
+    "direction": ("Which way does the digit move?", lambda l, i: DIRECTIONS[l["direction"][i]]),
+    "speed": ("How fast does the digit move?", lambda l, i: pace_word(l["speed"][i])),
 }
 
 
@@ -187,14 +192,17 @@ def vision_metrics(
     if "video" in mods:
         data = encoded_digits(cfg, "video", "heldout", tok)
         n = limit(len(data))
-        question = "Which way does the digit move?"
-        items = [(i, question, DIRECTIONS[data.labels["direction"][i]]) for i in range(n)]
-        out["vision/video_qa_direction"] = qa_accuracy(
-            model, cfg, tokenizer, "video", data.feats, items
-        )
-        out["vision/video_qa_direction_chance"] = 1 / len(DIRECTIONS)
+        for name, (question, truth) in VIDEO_QUESTIONS.items():
+            items = [(i, question, truth(data.labels, i)) for i in range(n)]
+            out[f"vision/video_qa_{name}"] = qa_accuracy(
+                model, cfg, tokenizer, "video", data.feats, items
+            )
+            out[f"vision/video_qa_{name}_chance"] = 1 / len(CANDIDATES[question])
         out["vision/video_qa_items"] = n
-        log(f"video direction QA on {n} held-out clips: {out['vision/video_qa_direction']:.3f}")
+        log(
+            f"video QA on {n} held-out clips: direction {out['vision/video_qa_direction']:.3f}, "
+            f"speed {out['vision/video_qa_speed']:.3f}"
+        )
         if v.judge and os.path.isdir(v.judge):
             out.update(text_to_video_judged(model, cfg, tokenizer, tok, data, n, temperature))
             log(f"text->video judged direction: {out['vision/t2v_direction']:.3f}")
@@ -371,6 +379,7 @@ def report_rows(m: dict) -> str:
         if key in m:
             rows.append(f"| judge on real held-out images: {what} | {m[key]:.3f} | |")
     row("video QA: direction, held-out clips", "vision/video_qa_direction")
+    row("video QA: speed, held-out clips", "vision/video_qa_speed")
     for k in VIDEO_JUDGED:
         key = f"vision/t2v_{k}"
         if key in m:

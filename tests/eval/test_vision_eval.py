@@ -54,12 +54,14 @@ def test_vision_metrics_have_chance_levels_and_table_rows(run):
     assert (
         m["vision/image_qa_digit_chance"] == 0.1 and m["vision/video_qa_direction_chance"] == 0.25
     )
+    assert m["vision/video_qa_speed_chance"] == 0.5
     assert m["vision/t2i_all_chance"] == pytest.approx(1 / 480)
     for key in (
         "vision/image_qa_digit",
         "vision/t2i_all",
         "vision/t2i_digit",
         "vision/video_qa_direction",
+        "vision/video_qa_speed",
     ):
         assert 0.0 <= m[key] <= 1.0 and m[key] * 3 == pytest.approx(round(m[key] * 3)), key
     assert m["vision/t2v_clips"] == 3 and m["vision/t2v_direction_chance"] == 0.25
@@ -69,7 +71,8 @@ def test_vision_metrics_have_chance_levels_and_table_rows(run):
     for k in ("digit", "fg", "bg"):
         assert 0.0 <= m[f"vision/judge_real_image_{k}"] <= 1.0
     rows = vision_eval.report_rows(m)
-    assert rows.count("| chance ") == 19 and "video QA: direction" in rows
+    assert rows.count("| chance ") == 20 and "video QA: direction" in rows
+    assert "video QA: speed" in rows
     assert "text->video judged: direction" in rows and "judge on real held-out images" in rows
 
 
