@@ -372,8 +372,9 @@ def _chained_recipes() -> list[tuple[str, str]]:
 
 
 def test_the_recipe_chains_include_the_multimodal_rl_one():
-    assert ("rl_multimodal_tiny.yaml", "multimodal_tiny.yaml") in _chained_recipes()
-    assert ("rl_tiny.yaml", "sft_tiny.yaml") in _chained_recipes()
+    chains = _chained_recipes()
+    assert ("rl_multimodal_tiny.yaml", "multimodal_tiny.yaml") in chains
+    assert ("rl_tiny.yaml", "sft_tiny.yaml") in chains
 
 
 @pytest.mark.parametrize("child,parent", _chained_recipes(), ids=lambda x: x)
