@@ -101,6 +101,10 @@ class RLConfig:
     # reward, pass@pass_k by the unbiased estimator) and one greedy decode (pass@1).
     eval_samples: int = 8
     pass_k: int = 8
+    # RL sharpens what sampling already finds: a trained task whose held-out pass@k before the first
+    # step is below this gives groups with one reward for all responses (no signal), and the run
+    # warns, naming the task. 0 = never warn.
+    min_start_pass_k: float = 0.2
     # Share of question texts (by hash) never used for training; image_qa uses the image split
     # instead.
     heldout_fraction: float = 0.2
@@ -194,7 +198,7 @@ class RLConfig:
         _check(at, "clip_high", self.clip_high, self.clip_high >= 0, ">= 0")
         _check(at, "icepop_low", self.icepop_low, 0 <= self.icepop_low <= 1, "0..1")
         _check(at, "icepop_high", self.icepop_high, self.icepop_high >= 1, ">= 1")
-        for name in ("wpsm_tau", "wpsm_alpha", "hint_p_init", "hint_below"):
+        for name in ("wpsm_tau", "wpsm_alpha", "hint_p_init", "hint_below", "min_start_pass_k"):
             _check(at, name, getattr(self, name), 0 <= getattr(self, name) <= 1, "0..1")
         for name in (
             "wpsm_eta",

@@ -124,6 +124,22 @@ def evaluate(
     }
 
 
+def weak_starts(
+    results: dict[str, dict[str, float]], trained: list[str], pass_k: int, floor: float
+) -> list[str]:
+    """The trained tasks whose held-out pass@k in `results` is below `floor`, one line each saying
+    why that matters; [] when floor is 0."""
+    key = f"pass@{pass_k}"
+    return [
+        f"{task} starts at held-out {key} {results[task][key]:.2f} "
+        f"(< rl.min_start_pass_k={floor}): most of its groups will give every response the same "
+        "reward, so RL has little to amplify there; train the policy longer first "
+        "(recipes/sft_tiny.yaml's header has the table by length) or give the task weight 0"
+        for task in trained
+        if task in results and results[task][key] < floor
+    ]
+
+
 def greedy_changes(before: dict, after: dict) -> dict[str, dict[str, float]]:
     """Per task, the share of held-out prompts whose greedy answer (evaluate's greedy_out) went
     right -> wrong, wrong -> right, wrong -> another wrong answer, or changed at all between two

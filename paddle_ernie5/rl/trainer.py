@@ -58,7 +58,7 @@ from .diagnostics import (
     routing_mismatch,
     summarise_steps,
 )
-from .evaluate import evaluate, greedy_changes
+from .evaluate import evaluate, greedy_changes, weak_starts
 from .hints import QueryStats
 from .objectives import grpo_advantages, gspo_loss, gspo_ratio, icepop_mask, k3_kl, wpsm_weights
 from .replay import UnbiasedReplayBuffer
@@ -327,6 +327,9 @@ class RLTrainer:
             logger.hparams(flatten(cfg.to_dict()), ["reward/mean"])
             summary["before"] = self.heldout(answers_before)
             self._log_heldout(logger, summary["before"])
+            trained = [t for t, w in zip(self.curriculum.tasks, self.curriculum.weights) if w > 0]
+            for line in weak_starts(summary["before"], trained, rc.pass_k, rc.min_start_pass_k):
+                self.log(f"warning: {line}")
             # kept now, so a run stopped before its end still has its "before" table on resume
             _write_summary(summary_path, summary)
         history = []

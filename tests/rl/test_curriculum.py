@@ -11,7 +11,7 @@ from paddle_ernie5 import config as C
 from paddle_ernie5.rl import problems as P
 from paddle_ernie5.rl import verifiers as V
 from paddle_ernie5.rl.curriculum import build_curriculum, family_levels
-from paddle_ernie5.rl.evaluate import greedy_changes, pass_at_k, table
+from paddle_ernie5.rl.evaluate import greedy_changes, pass_at_k, table, weak_starts
 
 CURRICULUM = ("arithmetic", "counting", "sorting", "reversal", "largest")
 
@@ -250,6 +250,23 @@ def test_greedy_changes_by_hand():
         "wrong_to_other_wrong": 0.0,
         "changed": 0.0,
     }
+
+
+def test_weak_starts_names_the_trained_tasks_below_the_floor():
+    results = {
+        "arithmetic/L7": {"pass@8": 0.12},  # trained, below: named
+        "arithmetic/L9": {"pass@8": 0.2},  # trained, at the floor: not named
+        "arithmetic/L1": {"pass@8": 0.05},  # measured only: not named
+        "sorting/L4": {"pass@8": 0.95},
+    }
+    trained = ["arithmetic/L7", "arithmetic/L9", "sorting/L4"]
+    out = weak_starts(results, trained, 8, 0.2)
+    assert len(out) == 1 and out[0].startswith("arithmetic/L7 starts at held-out pass@8 0.12 ")
+    assert "rl.min_start_pass_k=0.2" in out[0]
+    assert weak_starts(results, trained, 8, 0.0) == []
+    assert len(weak_starts(results, trained, 8, 1.0)) == 3
+    with pytest.raises(C.ConfigError, match="min_start_pass_k"):
+        _cfg("rl.min_start_pass_k=1.5")
 
 
 def test_table_lists_every_task_before_and_after():

@@ -34,7 +34,7 @@ MISMATCH = (
 TASKS = ["rl.families=[arithmetic,counting]", "rl.curriculum.arithmetic.levels=[1,3]"]
 
 
-def test_sft_then_rl_end_to_end(debug_config, tmp_path):
+def test_sft_then_rl_end_to_end(debug_config, tmp_path, capsys):
     sft = debug_config("component=sft", f"train.run_dir={tmp_path / 'sft'}", *SMALL, *TASKS)
     metrics = run_component(sft)
     assert {"arithmetic/L1/pass@8", "arithmetic/L3/reward", "counting/greedy_accuracy"} <= set(
@@ -46,10 +46,17 @@ def test_sft_then_rl_end_to_end(debug_config, tmp_path):
         f"train.init_from={tmp_path / 'sft'}",
         "rl.kl_coef=0.01",
         "rl.rollout_workers=1",
+        "rl.min_start_pass_k=0.5",
         *SMALL,
         *TASKS,
     )
+    capsys.readouterr()
     out = run_component(rl)
+    # every trained task that starts below rl.min_start_pass_k is named in one warning, no other
+    lines = capsys.readouterr().out.splitlines()
+    warned = {line.split()[1] for line in lines if line.startswith("warning: ")}
+    before = json.load(open(tmp_path / "rl" / "rl_summary.json"))["before"]
+    assert warned == {t for t, r in before.items() if r["pass@8"] < 0.5}
     assert {
         "arithmetic/L1/pass@1_before",
         "arithmetic/L3/pass@8_after",
