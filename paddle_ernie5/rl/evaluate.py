@@ -133,8 +133,8 @@ def weak_starts(
     return [
         f"{task} starts at held-out {key} {results[task][key]:.2f} "
         f"(< rl.min_start_pass_k={floor}): most of its groups will give every response the same "
-        "reward, so RL has little to amplify there; train the policy longer first "
-        "(recipes/sft_tiny.yaml's header has the table by length) or give the task weight 0"
+        "reward, so RL has little to amplify there; train the run named by train.init_from longer "
+        "first, or give the task weight 0 (rl.curriculum.<family>.weight or level_weights)"
         for task in trained
         if task in results and results[task][key] < floor
     ]
