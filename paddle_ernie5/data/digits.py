@@ -138,6 +138,11 @@ def video_caption(digit: int, fg: int, bg: int, direction: int, speed: int) -> s
 
 def pace_word(speed: int) -> str:
     """'slowly' for SPEEDS[0] (1 pixel per frame), 'quickly' for SPEEDS[1]."""
+    if int(speed) not in SPEEDS:
+        raise ValueError(
+            f"clip speed {speed} has no word: the digit clips move at {SPEEDS} pixels per frame "
+            f"({', '.join(PACES)}); a label outside them means the clip set was not built here"
+        )
     return PACES[SPEEDS.index(int(speed))]
 
 

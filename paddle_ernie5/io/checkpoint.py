@@ -492,21 +492,28 @@ def find_run(path: str) -> tuple[str, str]:
 def load_model_weights(path: str, warn=print) -> dict[str, np.ndarray]:
     """Model parameters from a checkpoint directory, the newest valid checkpoint of a run directory,
     or an exported model directory (model.safetensors without optimizer state)."""
+    return _model_weights_and_settings(path, warn)[0]
+
+
+def _model_weights_and_settings(path: str, warn=print) -> tuple[dict[str, np.ndarray], dict]:
+    """`load_model_weights` and the flat settings the checkpoint recorded (meta.json "config";
+    {} for an exported model)."""
     if not os.path.exists(path):
         raise CheckpointError(
             f"{path} does not exist (expected a run, checkpoint or exported-model directory)"
         )
     if os.path.lexists(os.path.join(path, MANIFEST)) or os.path.lexists(os.path.join(path, META)):
-        return load(path)[0]
+        state, _, meta = load(path)
+        return state, meta.get("config") or {}
     if os.path.isdir(os.path.join(path, "checkpoints")):
         found = latest_valid(os.path.join(path, "checkpoints"), warn=warn)
         if found is None:
             raise CheckpointError(f"run directory {path} has no complete checkpoint")
-        return found[1]
+        return found[1], found[3].get("config") or {}
     weights = os.path.join(path, "model.safetensors")
     if os.path.isfile(weights):
         try:
-            return load_file(weights)
+            return load_file(weights), {}
         except Exception as e:  # any parse failure means the same thing here
             raise CheckpointError(f"{weights} cannot be parsed ({e}); re-export it") from None
     raise CheckpointError(
@@ -610,18 +617,35 @@ def set_weights(model, state: dict[str, np.ndarray], what: str, hint: str = "", 
     model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
 
 
-def init_weights(model, path: str, warn=print, local=lambda state: state) -> None:
+def init_weights(
+    model, path: str, warn=print, local=lambda state: state, settings: dict | None = None
+) -> None:
     """`train.init_from`: load model weights from `path` into `model` (optimizer and data start
-    fresh). `local` maps the full state to this process's share (expert parallelism)."""
+    fresh). `local` maps the full state to this process's share (expert parallelism). `settings`
+    (this run's flat settings): when the shapes differ, the model.* settings that differ from
+    the ones the checkpoint recorded are named in the error."""
     try:
-        state = load_model_weights(path, warn=warn)
+        state, saved = _model_weights_and_settings(path, warn=warn)
     except CheckpointError as e:
         raise CheckpointError(
             f"train.init_from: {e}; train that model first or fix the path"
         ) from None
-    set_weights(
-        model, state, f"train.init_from={path}", "; its config.yaml lists the model it holds", local
-    )
+    hint = "; its config.yaml lists the model it holds"
+    changes = []
+    if saved and settings:
+        changes = config_changes(_model_part(saved), _model_part(settings))
+    if changes:
+        more = f" and {len(changes) - 8} more" if len(changes) > 8 else ""
+        hint = (
+            f"; model settings that differ from the ones it was trained with: "
+            f"{'; '.join(changes[:8])}{more}. Set them as it has them (its config.yaml lists "
+            "the model it holds)"
+        )
+    set_weights(model, state, f"train.init_from={path}", hint, local)
+
+
+def _model_part(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k.startswith("model.")}
 
 
 # ------------------------------------------------------------------------------- run lock

@@ -77,7 +77,7 @@ from .rollout import (
 def load_policy(cfg: C.Config, log=print) -> Ernie5Model:
     model = Ernie5Model(cfg.model)
     if cfg.train.init_from:
-        checkpoint.init_weights(model, cfg.train.init_from, warn=log)
+        checkpoint.init_weights(model, cfg.train.init_from, warn=log, settings=resume_settings(cfg))
         log(f"initialised policy from {cfg.train.init_from}")
     return model
 

@@ -149,7 +149,13 @@ class Trainer:
         return True
 
     def init_weights(self, path: str) -> None:
-        checkpoint.init_weights(self.model, path, warn=self.log, local=self.par.local_state)
+        checkpoint.init_weights(
+            self.model,
+            path,
+            warn=self.log,
+            local=self.par.local_state,
+            settings=resume_settings(self.cfg),
+        )
         self.log(f"initialised model weights from {path}")
 
     # ------------------------------------------------------------------ steps

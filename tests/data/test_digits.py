@@ -73,6 +73,9 @@ def test_captions_and_questions():
         qa["What colour is the background?"] == "blue"
         and qa["How fast does the digit move?"] == "slowly"
     )
+    assert [D.pace_word(s) for s in D.SPEEDS] == list(D.PACES)
+    with pytest.raises(ValueError, match="clip speed 3 has no word"):
+        D.pace_word(3)
 
 
 def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path, capsys):

@@ -57,6 +57,9 @@ def test_sft_then_rl_end_to_end(debug_config, tmp_path, capsys):
     warned = {line.split()[1] for line in lines if line.startswith("warning: ")}
     before = json.load(open(tmp_path / "rl" / "rl_summary.json"))["before"]
     assert warned == {t for t, r in before.items() if r["pass@8"] < 0.5}
+    # the debug SFT leaves its tasks far below 0.5, so the warning path runs end to end here (the
+    # tasks above a floor are covered by test_curriculum.py's by-hand case)
+    assert warned
     assert {
         "arithmetic/L1/pass@1_before",
         "arithmetic/L3/pass@8_after",

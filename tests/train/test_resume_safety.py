@@ -245,6 +245,20 @@ def test_eval_refuses_weights_that_do_not_fit_the_config_it_reads(ernie5, traine
     assert code == 2 and "does not match the model config" in err and "expert" in err
 
 
+def test_init_from_a_model_of_other_shapes_names_the_settings_that_differ(ernie5, trained):
+    args, run_dir = trained
+    code, err = ernie5(
+        *[a for a in args if not a.startswith("train.run_dir=")],
+        f"train.run_dir={run_dir.parent / 'next'}",
+        f"train.init_from={run_dir}",
+        "model.moe.expert_hidden=16",
+    )
+    assert code == 2 and "does not match the model config" in err
+    assert "model settings that differ from the ones it was trained with: " in err
+    assert "model.moe.expert_hidden: 32 -> 16." in err
+    assert not (run_dir.parent / "next" / "checkpoints").exists()
+
+
 KILL_DURING_SAVE = r"""
 import os, signal, sys
 from paddle_ernie5 import config as C
