@@ -151,6 +151,15 @@ class RLConfig:
     rollout_staleness: int = 0
     rollout_router_noise: float = 0.0
     rollout_top_k: int = 0
+    # Retention (our choice; the paper does not say how ERNIE 5.0 keeps skills RL does not train):
+    # every update adds retain_coef x the cross-entropy of retain_batch reference solutions drawn
+    # from the training pools of retain_tasks (task names as in the RL report, e.g. counting/L7;
+    # a task may have curriculum weight 0). It keeps a skill the policy already has from drifting
+    # while RL trains others: such a task's sampled groups are all right, so GRPO gives it no
+    # gradient. 0 = off.
+    retain_tasks: tuple[str, ...] = ()
+    retain_coef: float = 0.0
+    retain_batch: int = 8
 
     def validate(self, at: str) -> None:
         _check(
@@ -210,8 +219,18 @@ class RLConfig:
             "rollout_staleness",
             "rollout_router_noise",
             "rollout_top_k",
+            "retain_coef",
         ):
             _check(at, name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
+        _check(at, "retain_batch", self.retain_batch, self.retain_batch >= 1, ">= 1")
+        _check(
+            at,
+            "retain_tasks",
+            self.retain_tasks,
+            bool(self.retain_tasks) or self.retain_coef == 0,
+            f"a non-empty list of tasks (e.g. [counting/L7]) when retain_coef={self.retain_coef} "
+            "> 0",
+        )
         _check(
             at,
             "pass_k",

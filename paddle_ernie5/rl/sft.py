@@ -15,42 +15,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import paddle
 
 from .. import config as C
 from ..data.text import get_text_tokenizer
-from ..model.losses import IGNORE, token_cross_entropy
 from ..optim.optimizer import apply_update, build_optimizer
 from ..train.loop import Component, Loop
 from .curriculum import build_curriculum, check_response_budget
 from .evaluate import evaluate
 from .problems import Problem
-from .prompts import Prompt
-from .rollout import build_prompt, continuation_arrays, model_inputs
+from .supervised import solution_loss
 from .trainer import load_policy
-from .verifiers import get_family
-
-
-def sft_examples(model_cfg, tokenizer, problems) -> list[tuple[Prompt, np.ndarray]]:
-    """(prompt, reference solution ids) per problem."""
-    return [
-        (
-            build_prompt(model_cfg, tokenizer, p),
-            np.asarray(get_family(p.family).prompt.solution_ids(tokenizer, p), np.int64),
-        )
-        for p in problems
-    ]
-
-
-def sft_batch(examples, pad_id: int) -> tuple[dict, paddle.Tensor]:
-    ids, extras = continuation_arrays(
-        [p for p, _ in examples], [sol for _, sol in examples], pad_id
-    )
-    labels = np.full(ids.shape, IGNORE, np.int64)
-    for i, (prompt, sol) in enumerate(examples):
-        start = len(prompt.ids)
-        labels[i, start - 1 : start - 1 + len(sol)] = sol  # position t predicts token t + 1
-    return model_inputs(ids, extras), paddle.to_tensor(labels)
 
 
 class SFTRun(Component):
@@ -80,9 +54,7 @@ class SFTRun(Component):
 
     def step(self, step: int) -> dict[str, float]:
         tc = self.tc
-        examples = sft_examples(self.model_cfg, self.tok, self.batch(step))
-        inputs, labels = sft_batch(examples, self.tok.pad_id)
-        loss, _ = token_cross_entropy(self.model(inputs, with_mtp=False).logits, labels)
+        loss = solution_loss(self.model, self.model_cfg, self.tok, self.batch(step))
         loss.backward()
         lr, norm = apply_update(self.model, self.optimizer, step, tc)
         if not math.isfinite(float(loss)):

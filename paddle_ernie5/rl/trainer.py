@@ -6,7 +6,12 @@ One iteration = one U-RB group of `prompts_per_step` queries x `group_size` resp
       -> rewards (verifiers) -> query stats (running accuracy, AHRL pass_init)
       -> old forward (no grad, router replay): old log-probs, entropy
       -> IcePop token mask, GRPO advantages, WPSM weights
-      -> num_minibatches x [forward (router replay) -> GSPO loss (+ KL) -> backward -> AdamW step]
+      -> num_minibatches x [forward (router replay) -> GSPO loss (+ KL) (+ retention) -> backward
+                            -> AdamW step]
+
+Retention (rl.retain_*): each minibatch's loss also carries the cross-entropy of a few reference
+solutions of tasks the policy already solves (rl/supervised.py), whose all-right groups give GRPO
+no gradient; it holds them against drift while RL trains the others.
 
 Queries come from the curriculum (rl/curriculum.py: tasks = families x levels, mixed by
 rl.curriculum weights). Held-out pass@1 (greedy), pass@k and sampled reward per task are measured
@@ -72,6 +77,7 @@ from .rollout import (
     select,
     snapshot,
 )
+from .supervised import solution_loss
 
 
 def load_policy(cfg: C.Config, log=print) -> Ernie5Model:
@@ -101,6 +107,7 @@ class RLTrainer:
         self.optimizer = build_optimizer(self.model, tc)
         self.curriculum = build_curriculum(cfg)
         check_response_budget(self.curriculum, self.tokenizer, rc.max_new_tokens)
+        self.retain_pools = retain_pools(self.curriculum, rc)
         self.stats = QueryStats()
         self.rollout_models = RolloutModels(cfg.model)
         self.rollout_view = ElasticView(top_k=rc.rollout_top_k) if rc.rollout_top_k else FULL_VIEW
@@ -161,7 +168,7 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self) -> dict[str, float]:
-        cfg, rc = self.cfg, self.cfg.rl
+        cfg, rc, tc = self.cfg, self.cfg.rl, self.cfg.train
         t0 = time.perf_counter()
         g, rollouts = self.buffer.next_group()
         t_update = time.perf_counter()
@@ -195,8 +202,8 @@ class RLTrainer:
         lr = learning_rate(self.step, cfg.train)
         self.optimizer.set_lr(lr)
         self.model.train()
-        clip_lo, clip_hi, kl_vals, norms, losses = [], [], [], [], []
-        for chunk in np.array_split(np.arange(len(rollouts)), rc.num_minibatches):
+        clip_lo, clip_hi, kl_vals, retain_vals, norms, losses = [], [], [], [], [], []
+        for k, chunk in enumerate(np.array_split(np.arange(len(rollouts)), rc.num_minibatches)):
             rows = np.flatnonzero(np.isin(batch.query_B, chunk))
             mb = select(batch, rows)
             new_logp, _, _ = forward_logp(self.model, mb, rc.temperature, rc.router_replay)
@@ -204,6 +211,11 @@ class RLTrainer:
             ratio = gspo_ratio(new_logp, paddle.to_tensor(old_logp[rows]), mask_t)
             obj = gspo_loss(ratio, adv[rows], weight[rows], used[rows], rc.clip_low, rc.clip_high)
             loss = obj.loss
+            if self.retain_pools:
+                problems = draw_retained(self.retain_pools, rc.retain_batch, tc.seed, self.step, k)
+                ce = solution_loss(self.model, cfg.model, self.tokenizer, problems)
+                loss = loss + rc.retain_coef * ce
+                retain_vals.append(float(ce))
             if ref_logp is not None:
                 kl = k3_kl(new_logp, paddle.gather(ref_logp, paddle.to_tensor(rows)), mask_t)
                 loss = loss + rc.kl_coef * kl
@@ -252,6 +264,8 @@ class RLTrainer:
         }
         if kl_vals:
             metrics["kl/ref"] = float(np.mean(kl_vals))
+        if retain_vals:
+            metrics["retain/loss"] = float(np.mean(retain_vals))
         for task in self.curriculum.tasks:
             rs = [r.rewards.mean() for r in rollouts if r.problem.task == task]
             if rs:
@@ -403,6 +417,27 @@ class RLTrainer:
                 for task, r in result.items()
             )
         )
+
+
+def retain_pools(cur, rc) -> list:
+    """The training pools of rl.retain_tasks (none when rl.retain_coef is 0)."""
+    if rc.retain_coef == 0:
+        return []
+    unknown = [t for t in rc.retain_tasks if t not in cur.train]
+    if unknown:
+        raise C.ConfigError(
+            f"rl.retain_tasks={list(rc.retain_tasks)} is invalid: {', '.join(unknown)} not in "
+            f"this run's curriculum (tasks: {', '.join(cur.tasks)}; a task of weight 0 counts)"
+        )
+    return [cur.train[t] for t in rc.retain_tasks]
+
+
+def draw_retained(pools: list, n: int, seed: int, step: int, minibatch: int) -> list:
+    """n problems for the retention term of one update: a task uniformly, then one of its training
+    problems; a pure function of (seed, step, minibatch), so a resumed run draws the same."""
+    rng = np.random.default_rng([seed, 4243, step, minibatch])
+    tasks = rng.integers(len(pools), size=n)
+    return [pools[t][int(rng.integers(len(pools[t])))] for t in tasks]
 
 
 def _check_meta(meta: dict) -> None:
