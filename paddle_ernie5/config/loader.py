@@ -166,13 +166,22 @@ def _rename_deprecated(data: dict, where: str) -> None:
         node.update(renamed)
 
 
-def _merge(base: dict, over: dict) -> dict:
+def _merge(base: dict, over: dict, cls: type | None = None) -> dict:
+    """`over` merged over `base`, section by section. With `cls` (the dataclass the dicts fill), a
+    field whose metadata names `reset_by` is dropped from `base` when `over` sets that key but not
+    the field: a layer that sets a family's levels without level_weights gets equal shares, not
+    weights written for the levels it replaced."""
+    hints = typing.get_type_hints(cls) if cls is not None else {}
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            sub = hints.get(key)
+            out[key] = _merge(out[key], value, sub if dataclasses.is_dataclass(sub) else None)
         else:
             out[key] = value
+    for f in dataclasses.fields(cls) if cls is not None else ():
+        if f.metadata.get("reset_by") in over and f.name not in over:
+            out.pop(f.name, None)
     return out
 
 
@@ -204,7 +213,7 @@ def _layer(under: dict, over: dict) -> dict:
     old = _recipe_class(under.get("component", DEFAULT_COMPONENT))
     if new is not None and old is not None and new is not old:
         under = _project(under, new)
-    return _merge(under, over)
+    return _merge(under, over, new or old)
 
 
 def load_recipe_dict(path: str, _seen: tuple[str, ...] = ()) -> dict:

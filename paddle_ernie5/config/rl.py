@@ -23,8 +23,9 @@ class FamilyLevels:
     # the same order, normalised over the family ([] = equal shares). A level of weight 0 is never
     # drawn for training but keeps its held-out prompts, so it is still measured before and after
     # (e.g. a level whose training pool is small enough to be memorised). Every level of weight 0
-    # makes the family measurement-only.
-    level_weights: tuple[float, ...] = ()
+    # makes the family measurement-only. A recipe or override that sets `levels` without
+    # `level_weights` resets inherited level weights to [] (they were written for other levels).
+    level_weights: tuple[float, ...] = field(default=(), metadata={"reset_by": "levels"})
 
     def validate(self, at: str) -> None:
         _check(

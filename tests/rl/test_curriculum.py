@@ -2,6 +2,7 @@
 the task mixture, config validation, verifiers of the new families and the pass@k estimator."""
 
 import math
+import os
 import re
 
 import numpy as np
@@ -321,3 +322,29 @@ def test_level_weights_share_a_family_and_zero_levels_are_measured_only():
                 "rl.curriculum.arithmetic.level_weights=[0,0,0]",
             )
         )
+
+
+def test_setting_levels_resets_inherited_level_weights(tmp_path):
+    """Level weights belong to the levels they were written for: a layer (recipe or override)
+    that sets a family's levels without level_weights gets equal shares; one that sets both, or
+    only the weights, keeps what it says."""
+    rl_tiny = os.path.abspath("recipes/rl_tiny.yaml")
+    arith = C.load_config(rl_tiny).rl.curriculum.arithmetic
+    assert arith.levels == (1, 2, 3, 4, 7, 9) and len(arith.level_weights) == 6
+    over = C.load_config(rl_tiny, ["rl.curriculum.arithmetic.levels=[1,2]"]).rl.curriculum
+    assert over.arithmetic.levels == (1, 2) and over.arithmetic.level_weights == ()
+    assert (
+        over.sorting == C.load_config(rl_tiny).rl.curriculum.sorting
+    )  # other families as they were
+    both = C.load_config(
+        rl_tiny,
+        ["rl.curriculum.arithmetic.levels=[1,2]", "rl.curriculum.arithmetic.level_weights=[1,3]"],
+    )
+    assert both.rl.curriculum.arithmetic.level_weights == (1.0, 3.0)
+    weights = C.load_config(rl_tiny, ["rl.curriculum.arithmetic.level_weights=[1,1,1,1,1,2]"])
+    assert weights.rl.curriculum.arithmetic.levels == arith.levels
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {rl_tiny}\nrl:\n  curriculum:\n    arithmetic: {{levels: [4, 7]}}\n")
+    chained = C.load_config(str(child)).rl.curriculum.arithmetic
+    assert chained.levels == (4, 7) and chained.level_weights == ()
+    assert chained.weight == arith.weight
