@@ -1,12 +1,18 @@
 """RL's retention term (rl.retain_*): supervised replay of reference solutions of tasks the policy
 already solves, added to every update."""
 
+import glob
+import os
+
 import numpy as np
 import paddle
 import pytest
+from support import RECIPES
 
 from paddle_ernie5 import config as C
 from paddle_ernie5.rl import trainer as T
+from paddle_ernie5.rl.curriculum import family_levels
+from paddle_ernie5.rl.problems import task_name
 from paddle_ernie5.rl.supervised import solution_loss
 
 # arithmetic trained by RL, counting measured only (weight 0)
@@ -87,3 +93,16 @@ def test_retention_needs_tasks_when_on(debug_config, tmp_path):
         debug_config(*BASE, "rl.retain_batch=0")
     with pytest.raises(C.ConfigError, match="rl.retain_coef"):
         debug_config(*BASE, "rl.retain_tasks=[counting]", "rl.retain_coef=-1")
+
+
+@pytest.mark.parametrize(
+    "path", sorted(glob.glob(os.path.join(RECIPES, "*.yaml"))), ids=os.path.basename
+)
+def test_every_recipe_retains_only_tasks_of_its_curriculum(path):
+    """A recipe that inherits a retention setting must also inherit (or set) the tasks it names."""
+    cfg = C.load_config(path)
+    rc = getattr(cfg, "rl", None)
+    if rc is None or rc.retain_coef == 0:
+        return
+    tasks = [task_name(f, lv) for f in rc.families for lv in family_levels(cfg, f)]
+    assert set(rc.retain_tasks) <= set(tasks), (rc.retain_tasks, tasks)
