@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+from support import RECIPES
 
 from paddle_ernie5 import config as C
 from paddle_ernie5.rl import problems as P
@@ -328,7 +329,7 @@ def test_setting_levels_resets_inherited_level_weights(tmp_path):
     """Level weights belong to the levels they were written for: a layer (recipe or override)
     that sets a family's levels without level_weights gets equal shares; one that sets both, or
     only the weights, keeps what it says."""
-    rl_tiny = os.path.abspath("recipes/rl_tiny.yaml")
+    rl_tiny = os.path.join(RECIPES, "rl_tiny.yaml")
     arith = C.load_config(rl_tiny).rl.curriculum.arithmetic
     assert arith.levels == (1, 2, 3, 4, 7, 9) and len(arith.level_weights) == 6
     over = C.load_config(rl_tiny, ["rl.curriculum.arithmetic.levels=[1,2]"]).rl.curriculum
